@@ -1,0 +1,143 @@
+"""`onerec-fp8`: one entry point, one sub-command per pipeline step.
+
+Each sub-command lives in its own module, imported only when that sub-command runs (so
+`onerec-fp8 stack status` never pays for importing torch). A command module defines:
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    main(args: argparse.Namespace) -> dict | None
+
+`main` returns the result, printed here as one JSON object on stdout; logs and progress go
+to stderr. A command raises `onerec.errors.UserError` for input the user can fix: it is
+printed as one line and the exit code is 1. A command whose module does not exist yet exits
+2 and says which issue brings it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+
+from onerec.errors import UserError
+
+# name -> (module, one-line help, issue that brings it) or a nested table of sub-commands.
+COMMANDS: dict = {
+    "data": {
+        "synth": ("onerec.synth", "write a synthetic interaction data set", 3),
+    },
+    "train": ("onerec.train", "train a OneRec-V2 checkpoint on a data folder", 3),
+    "eval": ("onerec.evaluate", "offline recall/NDCG of a checkpoint or quantized model", 3),
+    "quantize": ("onerec.quant.quantize_command", "FP8 post-training quantization of a checkpoint", 4),
+    "analyze": ("onerec.quant.analysis", "per-layer weight/activation distribution analysis", 4),
+    "gate": {
+        "quality": ("onerec.quant.quality_gate", "FP8 vs bf16 quality gate", 4),
+        "latency": ("onerec.engine.latency_gate", "FP8 vs bf16 latency gate on the current GPU", 5),
+    },
+    "publish": ("tasks.publish", "upload a checkpoint (manifest last) and calibration data to S3", 6),
+    "stack": ("onerec.stack", "start/stop/inspect the embedded local stack (S3, MLflow, Airflow)", 2),
+    "serve": ("onerec.serve.server", "HTTP inference server for a model version or folder", 7),
+    "bench": ("onerec.engine.benchmark", "GPU benchmark: bf16 eager vs engines vs torchao", 5),
+    "pipeline": ("tasks.cli", "run one pipeline step (the same functions the DAGs call)", 6),
+}
+
+log = logging.getLogger("onerec")
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _add_commands(subparsers, table: dict, prefix: str) -> None:
+    for name, entry in table.items():
+        if isinstance(entry, dict):
+            group = subparsers.add_parser(name, help=f"{name} sub-commands")
+            inner = group.add_subparsers(dest=f"{prefix}{name}_command", metavar="COMMAND", required=True)
+            _add_commands(inner, entry, f"{prefix}{name}_")
+            continue
+        module_name, help_text, issue = entry
+        parser = subparsers.add_parser(name, help=help_text, description=help_text)
+        parser.set_defaults(_command=(f"{prefix}{name}".replace("_", " "), module_name, issue))
+        # Only the chosen command's module is imported: see _selected().
+        parser.set_defaults(_needs_arguments=module_name)
+
+
+def _selected(argv: list[str]) -> tuple[str, str, int] | None:
+    """The (command, module, issue) that argv names, found without importing any command module."""
+    table = COMMANDS
+    words = []
+    for word in argv:
+        if word.startswith("-"):
+            break
+        entry = table.get(word) if isinstance(table, dict) else None
+        if entry is None:
+            return None
+        words.append(word)
+        if isinstance(entry, dict):
+            table = entry
+            continue
+        return " ".join(words), entry[0], entry[2]
+    return None
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onerec-fp8",
+        description="FP8 post-training quantization, gates, registry and rollout for OneRec-V2.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_commands(subparsers, COMMANDS, "")
+    selected = _selected([a for a in argv if a not in ("-v", "--verbose")])
+    if selected is not None and _module_exists(selected[1]):
+        # Re-create the selected parser with the module's own arguments.
+        command, module_name, _ = selected
+        module = importlib.import_module(module_name)
+        target = subparsers
+        words = command.split()
+        for i, word in enumerate(words):
+            sub = target.choices[word]
+            if i == len(words) - 1:
+                module.add_arguments(sub)
+            else:
+                target = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    command, module_name, issue = args._command
+    if not _module_exists(module_name):
+        print(f"onerec-fp8 {command}: not implemented yet (issue #{issue})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(module_name)
+    try:
+        result = module.main(args)
+    except UserError as exc:
+        print(f"onerec-fp8 {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"onerec-fp8 {command}: interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        sys.stdout.write(json.dumps(result, indent=None, sort_keys=True, default=str) + "\n")
+        sys.stdout.flush()
+        if isinstance(result, dict) and result.get("passed") is False:
+            return 3  # a gate that ran and failed: scripts must not mistake it for success
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

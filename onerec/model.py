@@ -1,0 +1,396 @@
+"""OneRec-V2 in one file: config and presets, Context Processor, Lazy Decoder, output heads.
+
+Follows "OneRec-V2 Technical Report" (arXiv 2508.20900):
+- the user's context (a user/profile token plus the behaviour sequence) is projected once to
+  d_context = S_kv * L_kv * G_kv * d_head and split into S_kv * L_kv chunks; each chunk is
+  RMS-normalised into the keys/values of one KV set (S_kv == 1 ties K and V);
+- a Lazy Decoder block is pre-RMSNorm with residuals around: lazy cross-attention (query and
+  output projections only, grouped-query over the context K/V of set floor(l * L_kv / N)),
+  causal self-attention over the target tokens [BOS, s1, s2], and a SwiGLU FFN or an MoE;
+- one RMSNorm + Linear head per semantic-ID level; loss = mean cross-entropy over the levels.
+
+The model sees items only through their semantic IDs (the tokenizer, onerec/semantic_ids.py):
+a history item is the sum of its three level embeddings, so the parameter count does not grow
+with the item catalogue and a new item with a known code triple is understood at once.
+
+Decoding shape convention: the decoder runs on `[B, K, L]` prefixes (B users, K beams, L
+tokens). Cross-attention flattens the K*L query rows of one user into one sequence attending to
+that user's context K/V, so the context is shared by every beam without being copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _ceil_to(x: float, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)
+
+
+@dataclass
+class OneRecV2Config:
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    ffn_hidden: int = 0  # 0: SwiGLU width ceil(8/3 * d_model) to a multiple of 128
+    # Context Processor (paper defaults L_kv = 1, S_kv = 1, G_kv = n_heads)
+    L_kv: int = 1
+    S_kv: int = 1
+    G_kv: int = 0  # 0: n_heads
+    context_len: int = 3000  # history items kept (the newest); training ~512, serving ~3000
+    # Semantic IDs
+    codebook_size: int = 8192
+    n_levels: int = 3
+    # Profile features (numeric, normalised inside the model by stored mean/std buffers)
+    profile_features: list[str] = field(default_factory=list)
+    # MoE (0 routed experts: every block dense)
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    moe_top_k: int = 0
+    expert_hidden: int = 0
+    moe_start_layer: int = 0  # blocks with index >= this use MoE
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = _ceil_to(8 / 3 * self.d_model, 128)
+        if self.G_kv == 0:
+            self.G_kv = self.n_heads
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
+        if self.n_heads % self.G_kv:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of G_kv {self.G_kv}")
+        if self.S_kv not in (1, 2):
+            raise ValueError(f"S_kv must be 1 (tied K/V) or 2, got {self.S_kv}")
+        if not 1 <= self.L_kv <= self.n_layers:
+            raise ValueError(f"L_kv must be in 1..n_layers, got {self.L_kv}")
+        if self.n_routed_experts and not (0 < self.moe_top_k <= self.n_routed_experts and self.expert_hidden):
+            raise ValueError("MoE needs 0 < moe_top_k <= n_routed_experts and expert_hidden > 0")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def d_context(self) -> int:
+        return self.S_kv * self.L_kv * self.G_kv * self.d_head
+
+    @property
+    def num_profile_features(self) -> int:
+        return len(self.profile_features)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_routed_experts > 0 and layer >= self.moe_start_layer
+
+    def kv_set(self, layer: int) -> int:
+        return layer * self.L_kv // self.n_layers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OneRecV2Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown OneRecV2Config fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> OneRecV2Config:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> OneRecV2Config:
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# d_model / layers / heads from the paper; FFN width is not published (see __post_init__).
+PRESETS: dict[str, dict] = {
+    # CPU presets with the same structure, for tests, the demo and CI.
+    "tiny": dict(d_model=64, n_layers=2, n_heads=2, codebook_size=64, context_len=50),
+    "tiny-moe": dict(
+        d_model=64, n_layers=3, n_heads=2, codebook_size=64, context_len=50,
+        n_routed_experts=4, n_shared_experts=1, moe_top_k=2, expert_hidden=64, moe_start_layer=1,
+    ),
+    "small": dict(d_model=256, n_layers=4, n_heads=4, codebook_size=256, context_len=200),
+    "0.1b": dict(d_model=640, n_layers=12, n_heads=10),
+    "0.2b": dict(d_model=896, n_layers=12, n_heads=14),
+    "0.5b": dict(d_model=1408, n_layers=14, n_heads=11),
+    "1b": dict(d_model=1792, n_layers=18, n_heads=14),
+    "2b": dict(d_model=2304, n_layers=22, n_heads=18),
+    "4b": dict(d_model=2944, n_layers=26, n_heads=23),
+    "8b": dict(d_model=3584, n_layers=34, n_heads=28),
+    # MoE on the 0.5b base: 53 routed + 1 shared expert, top-3, hidden 1408, MoE after block 2.
+    "moe-4b": dict(
+        d_model=1408, n_layers=14, n_heads=11,
+        n_routed_experts=53, n_shared_experts=1, moe_top_k=3, expert_hidden=1408, moe_start_layer=2,
+    ),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: bf16 sums of squares lose too much at d_model in the thousands.
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts plus shared experts.
+
+    Dispatch is vectorised: token-expert pairs are sorted by expert once and each expert runs on
+    its contiguous slice (a loop over experts, never over tokens).
+    """
+
+    def __init__(self, cfg: OneRecV2Config):
+        super().__init__()
+        self.top_k = cfg.moe_top_k
+        self.router = nn.Linear(cfg.d_model, cfg.n_routed_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.expert_hidden) for _ in range(cfg.n_routed_experts))
+        self.shared = (
+            SwiGLU(cfg.d_model, cfg.expert_hidden * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+        self.aux_loss = torch.zeros(())
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router probabilities [N, E], top-k weights [N, k] (renormalised) and expert ids [N, k]."""
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return probs, weights / weights.sum(-1, keepdim=True), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs, weights, experts = self.route(x)
+        n_experts = probs.shape[-1]
+        if self.training:
+            # Switch-Transformer load-balancing loss: fraction routed x mean probability per expert.
+            frac = torch.bincount(experts.flatten(), minlength=n_experts).float() / experts.numel()
+            self.aux_loss = n_experts * (frac * probs.mean(0)).sum()
+        flat_expert = experts.flatten()
+        order = flat_expert.argsort(stable=True)
+        token = order // self.top_k
+        counts = torch.bincount(flat_expert, minlength=n_experts).tolist()
+        routed_in = x[token]
+        routed_out = torch.empty_like(routed_in)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                routed_out[start : start + n] = self.experts[e](routed_in[start : start + n])
+            start += n
+        routed_out = routed_out * weights.flatten()[order, None].to(routed_out.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, routed_out)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.reshape(shape)
+
+
+@dataclass
+class ContextKV:
+    """Per-user keys/values of the context, computed once per request and shared by all beams."""
+
+    keys: list[torch.Tensor]  # L_kv tensors [B, G_kv, T, d_head]
+    values: list[torch.Tensor]  # same; the same tensors as keys when S_kv == 1
+    mask: torch.Tensor  # [B, T] bool, True where a context position is real
+
+
+class ContextProcessor(nn.Module):
+    def __init__(self, cfg: OneRecV2Config):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        # A history item is the sum of its level embeddings (row level * codebook + code).
+        self.item_embedding = nn.Embedding(cfg.n_levels * cfg.codebook_size, d)
+        # Position counted back from the newest item (0 = newest): recency, not absolute index.
+        self.position_embedding = nn.Embedding(cfg.context_len, d)
+        # Always-present user token: carries the profile, and keeps an empty history attendable.
+        self.user_token = nn.Parameter(torch.zeros(d))
+        p = cfg.num_profile_features
+        self.profile_proj = nn.Linear(p, d, bias=False) if p else None
+        self.register_buffer("profile_mean", torch.zeros(p))
+        self.register_buffer("profile_std", torch.ones(p))
+        self.input_norm = RMSNorm(d, cfg.norm_eps)
+        self.proj = nn.Linear(d, cfg.d_context, bias=False)
+        chunk = cfg.G_kv * cfg.d_head
+        self.k_norms = nn.ModuleList(RMSNorm(chunk, cfg.norm_eps) for _ in range(cfg.L_kv))
+        self.v_norms = nn.ModuleList(RMSNorm(chunk, cfg.norm_eps) for _ in range(cfg.L_kv)) if cfg.S_kv == 2 else None
+
+    def embed(self, history_sids: torch.Tensor, history_mask: torch.Tensor, profile: torch.Tensor | None):
+        """[B, T, n_levels] codes (left-padded: newest last) -> context sequence [B, 1 + T, d] and mask."""
+        cfg = self.cfg
+        B, T, _ = history_sids.shape
+        if T > cfg.context_len:
+            raise ValueError(f"history length {T} exceeds context_len {cfg.context_len}")
+        offsets = torch.arange(cfg.n_levels, device=history_sids.device) * cfg.codebook_size
+        rows = (history_sids.clamp(min=0) + offsets).masked_fill(~history_mask[..., None], 0)
+        items = self.item_embedding(rows).sum(-2)
+        recency = torch.arange(T - 1, -1, -1, device=history_sids.device)
+        items = items + self.position_embedding(recency)
+        items = items * history_mask[..., None].to(items.dtype)
+        user = self.user_token.to(items.dtype).expand(B, 1, -1)
+        if self.profile_proj is not None:
+            if profile is None:
+                raise ValueError(f"this model needs profile features {cfg.profile_features}")
+            z = (profile.float() - self.profile_mean) / self.profile_std
+            user = user + self.profile_proj(z.to(self.profile_proj.weight.dtype))[:, None, :].to(items.dtype)
+        seq = torch.cat([user, items], dim=1)
+        mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=seq.device), history_mask], dim=1)
+        return seq, mask
+
+    def forward(self, history_sids, history_mask, profile=None) -> ContextKV:
+        cfg = self.cfg
+        seq, mask = self.embed(history_sids, history_mask, profile)
+        B, T, _ = seq.shape
+        chunks = self.proj(self.input_norm(seq)).split(cfg.G_kv * cfg.d_head, dim=-1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, cfg.G_kv, cfg.d_head).transpose(1, 2)
+
+        keys, values = [], []
+        for l in range(cfg.L_kv):
+            k = heads(self.k_norms[l](chunks[l * cfg.S_kv]))
+            v = heads(self.v_norms[l](chunks[l * cfg.S_kv + 1])) if self.v_norms is not None else k
+            keys.append(k)
+            values.append(v)
+        return ContextKV(keys, values, mask)
+
+
+class LazyDecoderBlock(nn.Module):
+    def __init__(self, cfg: OneRecV2Config, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.kv_set = cfg.kv_set(layer)
+        d, inner = cfg.d_model, cfg.n_heads * cfg.d_head
+        self.cross_norm = RMSNorm(d, cfg.norm_eps)
+        self.cross_q = nn.Linear(d, inner, bias=False)
+        self.cross_o = nn.Linear(inner, d, bias=False)
+        self.self_norm = RMSNorm(d, cfg.norm_eps)
+        self.self_qkv = nn.Linear(d, 3 * inner, bias=False)
+        self.self_o = nn.Linear(inner, d, bias=False)
+        self.ffn_norm = RMSNorm(d, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(d, cfg.ffn_hidden)
+
+    def cross_attention(self, x: torch.Tensor, ctx: ContextKV) -> torch.Tensor:
+        """x [B, N, d] (N = beams * tokens of one user) attends to that user's context."""
+        cfg = self.cfg
+        B, N, _ = x.shape
+        q = self.cross_q(self.cross_norm(x)).view(B, N, cfg.n_heads, cfg.d_head).transpose(1, 2)
+        k, v = ctx.keys[self.kv_set], ctx.values[self.kv_set]
+        out = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=ctx.mask[:, None, None, :],
+            enable_gqa=cfg.G_kv != cfg.n_heads,
+        )
+        return self.cross_o(out.transpose(1, 2).reshape(B, N, -1))
+
+    def self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """x [S, L, d]: S independent target sequences (users x beams), causal over L tokens."""
+        cfg = self.cfg
+        S, L, _ = x.shape
+        qkv = self.self_qkv(self.self_norm(x)).view(S, L, 3, cfg.n_heads, cfg.d_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.self_o(out.transpose(1, 2).reshape(S, L, -1))
+
+    def forward(self, x: torch.Tensor, ctx: ContextKV) -> torch.Tensor:
+        """x [B, K, L, d] -> [B, K, L, d]."""
+        B, K, L, d = x.shape
+        x = x + self.cross_attention(x.reshape(B, K * L, d), ctx).view(B, K, L, d)
+        x = x + self.self_attention(x.reshape(B * K, L, d)).view(B, K, L, d)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class OneRecV2(nn.Module):
+    def __init__(self, cfg: OneRecV2Config):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.context = ContextProcessor(cfg)
+        self.bos = nn.Parameter(torch.zeros(d))
+        # Decoder token j >= 1 is code s_j of level j-1: row (j-1) * codebook + code.
+        self.token_embedding = nn.Embedding(cfg.n_levels * cfg.codebook_size, d)
+        self.target_position = nn.Embedding(cfg.n_levels, d)
+        self.blocks = nn.ModuleList(LazyDecoderBlock(cfg, l) for l in range(cfg.n_layers))
+        self.head_norms = nn.ModuleList(RMSNorm(d, cfg.norm_eps) for _ in range(cfg.n_levels))
+        self.heads = nn.ModuleList(nn.Linear(d, cfg.codebook_size, bias=False) for _ in range(cfg.n_levels))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def encode_context(self, history_sids, history_mask, profile=None) -> ContextKV:
+        return self.context(history_sids, history_mask, profile)
+
+    def embed_targets(self, prefix: torch.Tensor) -> torch.Tensor:
+        """prefix [B, K, L-1] codes s1..s_{L-1} -> decoder input [B, K, L, d] = [BOS, s1, ...]."""
+        B, K, n = prefix.shape
+        levels = torch.arange(n, device=prefix.device) * self.cfg.codebook_size
+        tokens = self.token_embedding(prefix + levels)
+        bos = self.bos.to(tokens.dtype).expand(B, K, 1, -1)
+        x = torch.cat([bos, tokens], dim=2)
+        return x + self.target_position.weight[: n + 1].to(x.dtype)
+
+    def decode(self, prefix: torch.Tensor, ctx: ContextKV) -> torch.Tensor:
+        """Hidden states [B, K, L, d] of the target tokens [BOS, prefix...]."""
+        x = self.embed_targets(prefix)
+        for block in self.blocks:
+            x = block(x, ctx)
+        return x
+
+    def level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
+        return self.heads[level](self.head_norms[level](hidden))
+
+    def next_level_logits(self, prefix: torch.Tensor, ctx: ContextKV) -> torch.Tensor:
+        """Logits [B, K, codebook] of the next code after `prefix` [B, K, level]."""
+        level = prefix.shape[-1]
+        hidden = self.decode(prefix, ctx)[:, :, -1]
+        return self.level_logits(hidden, level)
+
+    def forward(self, history_sids, history_mask, target_sids, profile=None) -> torch.Tensor:
+        """Teacher-forced logits [B, n_levels, codebook] for the target items' codes [B, n_levels]."""
+        ctx = self.encode_context(history_sids, history_mask, profile)
+        hidden = self.decode(target_sids[:, None, :-1], ctx)[:, 0]
+        return torch.stack([self.level_logits(hidden[:, j], j) for j in range(self.cfg.n_levels)], dim=1)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, target_sids: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the semantic-ID levels."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), target_sids.flatten())
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        losses = [b.ffn.aux_loss for b in self.blocks if isinstance(b.ffn, MoE)]
+        return torch.stack(losses).mean() if losses else torch.zeros(())
