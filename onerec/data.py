@@ -1,0 +1,197 @@
+"""Interaction data: the input folder format, the leave-last-out split, request tables and batches.
+
+A data folder holds interactions.parquet or interactions.csv (user_id, item_id, timestamp; other
+columns, e.g. MovieLens' rating, are ignored), and optionally users.parquet/csv (user_id +
+numeric profile columns) and items.parquet/csv (item_id + feature columns).
+
+Everything downstream (training, evaluation, calibration, the quality gate, serving tests)
+works on one table shape, a *request table*: one row per request with columns
+    user_id (int), history (list of item ids, newest last), target (int item id),
+plus one float column per profile feature. calibration.parquet in S3 is exactly such a table.
+
+Split (leave-last-out by time, per user): the last interaction is the test target, the one
+before it the validation target, every earlier one a training target (predicted from the
+items before it). Calibration requests are drawn from the training part only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from onerec.errors import UserError
+from onerec.semantic_ids import encode_histories
+
+log = logging.getLogger(__name__)
+
+REQUEST_COLUMNS = ("user_id", "history", "target")
+
+
+def _read_table(folder: Path, stem: str, required: bool) -> pd.DataFrame | None:
+    for suffix, reader in ((".parquet", pd.read_parquet), (".csv", pd.read_csv)):
+        path = folder / f"{stem}{suffix}"
+        if path.is_file():
+            try:
+                return reader(path)
+            except Exception as exc:  # a corrupt file is the user's to fix: name it
+                raise UserError(f"{path}: cannot be read ({exc})") from None
+    if required:
+        raise UserError(f"{folder}: no {stem}.parquet or {stem}.csv")
+    return None
+
+
+@dataclass
+class Dataset:
+    interactions: pd.DataFrame  # user_id, item_id, timestamp (sorted by user, time)
+    users: pd.DataFrame | None  # user_id + numeric profile columns
+    items: pd.DataFrame | None  # item_id + feature columns
+
+    @property
+    def profile_features(self) -> list[str]:
+        if self.users is None:
+            return []
+        return [c for c in self.users.columns if c != "user_id"]
+
+    @property
+    def num_items(self) -> int:
+        return int(self.interactions["item_id"].max()) + 1
+
+
+def load_dataset(folder: str | Path) -> Dataset:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"data folder {folder} does not exist")
+    inter = _read_table(folder, "interactions", required=True)
+    missing = {"user_id", "item_id", "timestamp"} - set(inter.columns)
+    if missing:
+        raise UserError(f"{folder}/interactions: missing columns {sorted(missing)}")
+    inter = inter[["user_id", "item_id", "timestamp"]]
+    if inter.isna().any().any():
+        raise UserError(f"{folder}/interactions: has empty values")
+    for col in ("user_id", "item_id"):
+        if not pd.api.types.is_integer_dtype(inter[col]) or (inter[col] < 0).any():
+            raise UserError(f"{folder}/interactions: {col} must be non-negative integers")
+    inter = inter.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+    users = _read_table(folder, "users", required=False)
+    if users is not None:
+        if "user_id" not in users.columns:
+            raise UserError(f"{folder}/users: missing column user_id")
+        non_numeric = [c for c in users.columns if c != "user_id" and not pd.api.types.is_numeric_dtype(users[c])]
+        if non_numeric:
+            raise UserError(f"{folder}/users: profile columns must be numeric, not {non_numeric}")
+        users = users.set_index("user_id", drop=False).sort_index()
+    items = _read_table(folder, "items", required=False)
+    return Dataset(inter, users, items)
+
+
+@dataclass
+class Split:
+    train: pd.DataFrame  # request tables (module doc)
+    valid: pd.DataFrame
+    test: pd.DataFrame
+
+
+def _attach_profiles(requests: pd.DataFrame, dataset: Dataset) -> pd.DataFrame:
+    if dataset.users is None:
+        return requests
+    prof = dataset.users.reindex(requests["user_id"].to_numpy())[dataset.profile_features]
+    prof = prof.fillna(dataset.users[dataset.profile_features].mean())
+    return pd.concat([requests.reset_index(drop=True), prof.reset_index(drop=True).astype("float32")], axis=1)
+
+
+def split_leave_last_out(dataset: Dataset, max_history: int | None = None, min_interactions: int = 3) -> Split:
+    """Per user: the last item is the test target, the one before the validation target, the rest train.
+
+    Users with fewer than `min_interactions` interactions only contribute training requests.
+    `max_history` keeps the newest items of each history (the model's context length).
+    """
+    rows: dict[str, list] = {"train": [], "valid": [], "test": []}
+    inter = dataset.interactions
+    groups = inter.groupby("user_id", sort=True)["item_id"].apply(np.asarray)
+    for user, items in groups.items():
+        n = len(items)
+        held_out = 2 if n >= min_interactions else 0
+        for t in range(1, n):
+            part = "train" if t < n - held_out else ("valid" if t == n - 2 else "test")
+            start = 0 if max_history is None else max(0, t - max_history)
+            rows[part].append((int(user), items[start:t].tolist(), int(items[t])))
+    frames = {
+        part: _attach_profiles(pd.DataFrame(r, columns=list(REQUEST_COLUMNS)), dataset) for part, r in rows.items()
+    }
+    return Split(**frames)
+
+
+def calibration_requests(split: Split, n: int = 512, seed: int = 0) -> pd.DataFrame:
+    """A calibration table: `n` requests sampled from the training part (never validation/test targets)."""
+    train = split.train
+    if train.empty:
+        raise UserError("no training requests to draw calibration data from")
+    take = min(n, len(train))
+    return train.sample(n=take, random_state=seed).reset_index(drop=True)
+
+
+def read_requests(path: str | Path) -> pd.DataFrame:
+    """A request table from a parquet/csv file, or from a folder holding calibration.parquet."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "calibration.parquet"
+    if not path.is_file():
+        raise UserError(f"request table {path} does not exist")
+    try:
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot be read ({exc})") from None
+    missing = set(REQUEST_COLUMNS) - set(df.columns)
+    if missing:
+        raise UserError(f"{path}: missing columns {sorted(missing)}")
+    df["history"] = df["history"].map(lambda h: [int(i) for i in h])
+    return df
+
+
+@dataclass
+class Batch:
+    history_sids: torch.Tensor  # [B, T, n_levels] left-padded
+    history_mask: torch.Tensor  # [B, T]
+    profile: torch.Tensor | None  # [B, P] raw feature values (normalised inside the model)
+    target_sids: torch.Tensor  # [B, n_levels]; -1 rows where the target item is unknown
+    target_items: torch.Tensor  # [B]
+    user_ids: torch.Tensor  # [B]
+    unknown_items: list[int]  # history items dropped per request (unknown to the tokenizer)
+
+    def to(self, device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(
+            move(self.history_sids), move(self.history_mask), move(self.profile), move(self.target_sids),
+            move(self.target_items), move(self.user_ids), self.unknown_items,
+        )
+
+
+def make_batch(requests: pd.DataFrame, table: np.ndarray, context_len: int, profile_features: list[str]) -> Batch:
+    sids, mask, unknown = encode_histories(requests["history"].tolist(), table, context_len)
+    targets = requests["target"].to_numpy(dtype=np.int64) if "target" in requests else np.full(len(requests), -1)
+    inside = (targets >= 0) & (targets < len(table))
+    target_sids = np.full((len(targets), table.shape[1]), -1, dtype=np.int64)
+    target_sids[inside] = table[targets[inside]]
+    profile = None
+    if profile_features:
+        missing = [f for f in profile_features if f not in requests.columns]
+        if missing:
+            raise UserError(f"requests lack profile features {missing} that the model needs")
+        profile = torch.from_numpy(requests[profile_features].to_numpy(dtype=np.float32))
+    user_ids = requests["user_id"].to_numpy(dtype=np.int64) if "user_id" in requests else np.zeros(len(requests), np.int64)
+    return Batch(sids, mask, profile, torch.from_numpy(target_sids), torch.from_numpy(targets), torch.from_numpy(user_ids), unknown)
+
+
+def iter_batches(
+    requests: pd.DataFrame, table: np.ndarray, context_len: int, profile_features: list[str],
+    batch_size: int, shuffle: bool = False, seed: int = 0,
+) -> Iterator[Batch]:
+    order = np.random.default_rng(seed).permutation(len(requests)) if shuffle else np.arange(len(requests))
+    for start in range(0, len(order), batch_size):
+        yield make_batch(requests.iloc[order[start : start + batch_size]], table, context_len, profile_features)
