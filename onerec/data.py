@@ -16,6 +16,7 @@ items before it). Calibration requests are drawn from the training part only.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ def load_dataset(folder: str | Path) -> Dataset:
         non_numeric = [c for c in users.columns if c != "user_id" and not pd.api.types.is_numeric_dtype(users[c])]
         if non_numeric:
             raise UserError(f"{folder}/users: profile columns must be numeric, not {non_numeric}")
+        if users["user_id"].duplicated().any():
+            raise UserError(f"{folder}/users: user_id must be unique (one profile row per user)")
         users = users.set_index("user_id", drop=False).sort_index()
     items = _read_table(folder, "items", required=False)
     return Dataset(inter, users, items)
@@ -127,6 +130,20 @@ def split_leave_last_out(dataset: Dataset, max_history: int | None = None, min_i
     return Split(**frames)
 
 
+def training_interactions(dataset: Dataset, min_interactions: int = 3) -> pd.DataFrame:
+    """The interactions that `split_leave_last_out` uses as training targets or histories only.
+
+    Drops each user's last two interactions (the validation and test targets) when the user has
+    at least `min_interactions`; what the tokenizer and the popularity baseline may learn from.
+    """
+    inter = dataset.interactions
+    by_user = inter.groupby("user_id", sort=False)
+    n = by_user["item_id"].transform("size").to_numpy()
+    position = by_user.cumcount().to_numpy()
+    keep = (n < min_interactions) | (position < n - 2)
+    return inter[keep].reset_index(drop=True)
+
+
 def calibration_requests(split: Split, n: int = 512, seed: int = 0) -> pd.DataFrame:
     """A calibration table: `n` requests sampled from the training part (never validation/test targets)."""
     train = split.train
@@ -150,7 +167,8 @@ def read_requests(path: str | Path) -> pd.DataFrame:
     missing = set(REQUEST_COLUMNS) - set(df.columns)
     if missing:
         raise UserError(f"{path}: missing columns {sorted(missing)}")
-    df["history"] = df["history"].map(lambda h: [int(i) for i in h])
+    # CSV stores the lists as text ("[3, 5, 8]"); parquet as real lists.
+    df["history"] = df["history"].map(lambda h: [int(i) for i in (json.loads(h) if isinstance(h, str) else h)])
     return df
 
 
@@ -174,7 +192,8 @@ class Batch:
 
 def make_batch(requests: pd.DataFrame, table: np.ndarray, context_len: int, profile_features: list[str]) -> Batch:
     sids, mask, unknown = encode_histories(requests["history"].tolist(), table, context_len)
-    targets = requests["target"].to_numpy(dtype=np.int64) if "target" in requests else np.full(len(requests), -1)
+    # np.array copies: pandas may hand out read-only views, which torch.from_numpy warns about.
+    targets = np.array(requests["target"], dtype=np.int64) if "target" in requests else np.full(len(requests), -1)
     inside = (targets >= 0) & (targets < len(table))
     target_sids = np.full((len(targets), table.shape[1]), -1, dtype=np.int64)
     target_sids[inside] = table[targets[inside]]
@@ -184,7 +203,7 @@ def make_batch(requests: pd.DataFrame, table: np.ndarray, context_len: int, prof
         if missing:
             raise UserError(f"requests lack profile features {missing} that the model needs")
         profile = torch.from_numpy(requests[profile_features].to_numpy(dtype=np.float32))
-    user_ids = requests["user_id"].to_numpy(dtype=np.int64) if "user_id" in requests else np.zeros(len(requests), np.int64)
+    user_ids = np.array(requests["user_id"], dtype=np.int64) if "user_id" in requests else np.zeros(len(requests), np.int64)
     return Batch(sids, mask, profile, torch.from_numpy(target_sids), torch.from_numpy(targets), torch.from_numpy(user_ids), unknown)
 
 

@@ -2,8 +2,9 @@
 
 The plain reference: straightforward PyTorch on `OneRecV2`. Each user's context K/V is
 encoded once and shared by all of that user's beams (the decoder's cross-attention treats a
-user's beams as extra query rows, see onerec/model.py); every step re-runs the short target
-prefix (at most 3 tokens). Only prefixes of existing items survive: at each level a beam's
+user's beams as extra query rows, see onerec/model.py); each step decodes only the newest token
+of each beam, with a self-attention KV cache reordered by parent beam (`use_cache=False` re-runs
+the whole target prefix instead, through `next_level_logits`). Only prefixes of existing items survive: at each level a beam's
 candidates are the children of its prefix in the `SemanticIdIndex`, scored by gathering their
 log-probabilities, and one top-k over beams x children picks the next beams.
 """
@@ -53,6 +54,7 @@ def beam_search(
     profile: torch.Tensor | None = None,
     beam_size: int = 128,
     k: int = 10,
+    use_cache: bool = True,
 ) -> Recommendations:
     if not 1 <= k <= beam_size:
         raise ValueError(f"need 1 <= k <= beam_size, got k={k}, beam_size={beam_size}")
@@ -60,14 +62,21 @@ def beam_search(
     B = history_sids.shape[0]
     device = history_sids.device
     n_levels = model.cfg.n_levels
-    tokens = torch.zeros(B, 1, 0, dtype=torch.long, device=device)  # codes chosen so far
+    tokens = torch.zeros(B, 1, 0, dtype=torch.long, device=device)  # codes chosen so far (no cache)
     scores = torch.zeros(B, 1, device=device)
     prefix = torch.zeros(B, 1, dtype=torch.long, device=device)  # the empty prefix
+    if use_cache:
+        logits, cache = model.decode_step(None, ctx)
     for level in range(n_levels):
-        logprobs = torch.log_softmax(model.next_level_logits(tokens, ctx).float(), dim=-1)
+        if not use_cache:
+            logits = model.next_level_logits(tokens, ctx)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         parent, prefix, scores = beam_step(logprobs, scores, prefix, index, level, beam_size)
         new_codes = index.codes[level][prefix]
-        tokens = torch.cat([tokens.gather(1, parent[..., None].expand(-1, -1, level)), new_codes[..., None]], dim=-1)
+        if not use_cache:
+            tokens = torch.cat([tokens.gather(1, parent[..., None].expand(-1, -1, level)), new_codes[..., None]], dim=-1)
+        elif level + 1 < n_levels:
+            logits, cache = model.decode_step(new_codes, ctx, cache.select(parent))
     return finalize(prefix, scores, index, k)
 
 

@@ -16,6 +16,8 @@ with the item catalogue and a new item with a known code triple is understood at
 Decoding shape convention: the decoder runs on `[B, K, L]` prefixes (B users, K beams, L
 tokens). Cross-attention flattens the K*L query rows of one user into one sequence attending to
 that user's context K/V, so the context is shared by every beam without being copied.
+`decode_step` decodes incrementally: one new token per beam, with a self-attention KV cache of the
+earlier target tokens (`DecodeCache`), instead of re-running the whole prefix.
 """
 
 from __future__ import annotations
@@ -223,6 +225,32 @@ class ContextKV:
     keys: list[torch.Tensor]  # L_kv tensors [B, G_kv, T, d_head]
     values: list[torch.Tensor]  # same; the same tensors as keys when S_kv == 1
     mask: torch.Tensor  # [B, T] bool, True where a context position is real
+    # False when no position is padded: cross-attention then runs without a mask, which lets SDPA
+    # use its fastest (flash) kernels; True (the safe default) always applies the mask.
+    padded: bool = True
+
+
+@dataclass
+class DecodeCache:
+    """Self-attention keys/values of the target tokens decoded so far (incremental decoding).
+
+    One (keys, values) pair per block, each [users * beams, n_heads, tokens, d_head] with row
+    user * beams + beam. After a beam-search step, `select(parent)` keeps the rows of the chosen
+    parent beams, in the new beams' order.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    beams: int  # beams per user
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[2]
+
+    def select(self, parent: torch.Tensor) -> DecodeCache:
+        """parent [B, K'] (a beam index within its user, per new beam) -> the cache of the new beams."""
+        B, new_beams = parent.shape
+        rows = (torch.arange(B, device=parent.device)[:, None] * self.beams + parent).reshape(-1)
+        return DecodeCache([(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers], new_beams)
 
 
 class ContextProcessor(nn.Module):
@@ -254,7 +282,9 @@ class ContextProcessor(nn.Module):
             raise ValueError(f"history length {T} exceeds context_len {cfg.context_len}")
         offsets = torch.arange(cfg.n_levels, device=history_sids.device) * cfg.codebook_size
         rows = (history_sids.clamp(min=0) + offsets).masked_fill(~history_mask[..., None], 0)
-        items = self.item_embedding(rows).sum(-2)
+        # Sum of the level embeddings as one bag per item: no [B, T, n_levels, d] intermediate.
+        items = F.embedding_bag(rows.reshape(-1, cfg.n_levels), self.item_embedding.weight, mode="sum")
+        items = items.view(B, T, -1)
         recency = torch.arange(T - 1, -1, -1, device=history_sids.device)
         items = items + self.position_embedding(recency)
         items = items * history_mask[..., None].to(items.dtype)
@@ -283,7 +313,7 @@ class ContextProcessor(nn.Module):
             v = heads(self.v_norms[l](chunks[l * cfg.S_kv + 1])) if self.v_norms is not None else k
             keys.append(k)
             values.append(v)
-        return ContextKV(keys, values, mask)
+        return ContextKV(keys, values, mask, padded=not bool(mask.all()))
 
 
 class LazyDecoderBlock(nn.Module):
@@ -308,7 +338,7 @@ class LazyDecoderBlock(nn.Module):
         q = self.cross_q(self.cross_norm(x)).view(B, N, cfg.n_heads, cfg.d_head).transpose(1, 2)
         k, v = ctx.keys[self.kv_set], ctx.values[self.kv_set]
         out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=ctx.mask[:, None, None, :],
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=ctx.mask[:, None, None, :] if ctx.padded else None,
             enable_gqa=cfg.G_kv != cfg.n_heads,
         )
         return self.cross_o(out.transpose(1, 2).reshape(B, N, -1))
@@ -321,6 +351,32 @@ class LazyDecoderBlock(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.self_o(out.transpose(1, 2).reshape(S, L, -1))
+
+    def cached_self_attention(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None):
+        """x [S, d]: the newest token of S target sequences -> (output [S, d], keys/values so far).
+
+        cache: the keys/values [S, H, t, d_head] of the sequences' earlier tokens (None at BOS). The
+        newest token attends to all of them and itself, which is the causal mask's last row.
+        """
+        cfg = self.cfg
+        S, _ = x.shape
+        q, k, v = self.self_qkv(self.self_norm(x)).view(S, 3, cfg.n_heads, 1, cfg.d_head).unbind(1)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        # One query over at most n_levels keys, written out: SDPA's fused kernels are built for long
+        # sequences, and on an H100 its default pick for this shape is a slow cuDNN kernel
+        # (bench/NOTES.md). The softmax runs in fp32, as SDPA's does.
+        weights = torch.softmax((q @ k.transpose(-1, -2)).float() * cfg.d_head**-0.5, dim=-1)
+        out = weights.to(v.dtype) @ v  # [S, H, 1, d_head]
+        return self.self_o(out.reshape(S, -1)), (k, v)
+
+    def decode_step(self, x: torch.Tensor, ctx: ContextKV, cache: tuple[torch.Tensor, torch.Tensor] | None):
+        """x [B, K, d]: one new token per beam -> (x [B, K, d], this block's self-attention cache)."""
+        B, K, d = x.shape
+        x = x + self.cross_attention(x, ctx)
+        out, cache = self.cached_self_attention(x.reshape(B * K, d), cache)
+        x = x + out.view(B, K, d)
+        return x + self.ffn(self.ffn_norm(x)), cache
 
     def forward(self, x: torch.Tensor, ctx: ContextKV) -> torch.Tensor:
         """x [B, K, L, d] -> [B, K, L, d]."""
@@ -377,6 +433,31 @@ class OneRecV2(nn.Module):
         level = prefix.shape[-1]
         hidden = self.decode(prefix, ctx)[:, :, -1]
         return self.level_logits(hidden, level)
+
+    def decode_step(
+        self, codes: torch.Tensor | None, ctx: ContextKV, cache: DecodeCache | None = None,
+    ) -> tuple[torch.Tensor, DecodeCache]:
+        """One incremental decoding step -> (logits [B, K, codebook] of the next level, the new cache).
+
+        codes None (and no cache): the BOS step, one beam per user. Otherwise `codes` [B, K] are the
+        codes of level t-1 just chosen for each beam and `cache` holds tokens 0..t-1 of those same
+        beams (reordered by parent beam with `cache.select(parent)`). The logits equal
+        `next_level_logits` on the whole prefix, without re-running the earlier tokens.
+        """
+        cfg = self.cfg
+        dtype = self.token_embedding.weight.dtype
+        if codes is None:
+            level = 0
+            x = self.bos.to(dtype).expand(ctx.mask.shape[0], 1, -1)
+        else:
+            level = cache.length
+            x = self.token_embedding(codes + (level - 1) * cfg.codebook_size)
+        x = x + self.target_position.weight[level].to(x.dtype)
+        layers = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block.decode_step(x, ctx, None if cache is None else cache.layers[i])
+            layers.append(kv)
+        return self.level_logits(x, level), DecodeCache(layers, beams=x.shape[1])
 
     def forward(self, history_sids, history_mask, target_sids, profile=None) -> torch.Tensor:
         """Teacher-forced logits [B, n_levels, codebook] for the target items' codes [B, n_levels]."""

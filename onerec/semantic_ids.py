@@ -126,3 +126,249 @@ def encode_histories(
             sids[i, T - len(ids) :] = table[ids]
             mask[i, T - len(ids) :] = True
     return torch.from_numpy(sids), torch.from_numpy(mask), unknown
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the table: item embeddings -> residual k-means -> unique code triples
+# ---------------------------------------------------------------------------------------------
+
+
+def _training_part(data):
+    """Interactions (user_id, item_id, timestamp) sorted by user and time, and the items table if any.
+
+    A `onerec.data.Dataset` contributes its training part only (the leave-last-out split's
+    validation and test targets never shape the tokenizer); a DataFrame is used as it is.
+    """
+    if hasattr(data, "interactions"):
+        from onerec.data import training_interactions  # onerec.data imports this module
+
+        return training_interactions(data), data.items
+    return data.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True), None
+
+
+def cooccurrence_embeddings(
+    users: np.ndarray, items: np.ndarray, n_rows: int, dim: int = 32, window: int = 5,
+    max_contexts: int = 2048, seed: int = 0,
+) -> np.ndarray:
+    """PPMI-SVD item embeddings [n_rows, dim] from co-occurrence within `window` steps of one user.
+
+    `users`/`items` are the interactions in (user, time) order with items already mapped to
+    rows 0..n_rows-1. Contexts are the `max_contexts` most frequent items (keeps the matrix
+    dense and small); pairs are weighted 1/distance. Rows are L2-normalised (cosine geometry);
+    an item that never co-occurs gets a zero row.
+    """
+    counts = np.bincount(items, minlength=n_rows)
+    # Fewer contexts for big catalogues: the dense matrix stays around 5e7 cells (~400 MB).
+    max_contexts = min(max_contexts, max(256, int(5e7 // max(n_rows, 1))))
+    contexts = np.argsort(-counts, kind="stable")[: min(max_contexts, n_rows)]
+    column = np.full(n_rows, -1, dtype=np.int64)
+    column[contexts] = np.arange(len(contexts))
+    n_cols = len(contexts)
+    cooc = np.zeros((n_rows, n_cols), dtype=np.float64)
+    for offset in range(1, window + 1):
+        same_user = users[:-offset] == users[offset:]
+        a, b = items[:-offset][same_user], items[offset:][same_user]
+        for row, ctx in ((a, b), (b, a)):
+            col = column[ctx]
+            ok = col >= 0
+            np.add.at(cooc, (row[ok], col[ok]), 1.0 / offset)
+    total = cooc.sum()
+    if total == 0:
+        return np.zeros((n_rows, dim))
+    row_p = cooc.sum(1, keepdims=True) / total
+    col_w = cooc.sum(0) ** 0.75  # context-distribution smoothing (word2vec / Levy et al.)
+    col_p = col_w / col_w.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pmi = np.log(cooc / total) - np.log(row_p) - np.log(col_p)[None, :]
+    ppmi = np.where(cooc > 0, np.maximum(pmi, 0.0), 0.0)
+    emb = _randomized_svd_embedding(ppmi, dim, seed)
+    norm = np.linalg.norm(emb, axis=1, keepdims=True)
+    return np.divide(emb, norm, out=np.zeros_like(emb), where=norm > 0)
+
+
+def _randomized_svd_embedding(a: np.ndarray, dim: int, seed: int, power_iters: int = 3) -> np.ndarray:
+    """U_k * sqrt(S_k) of a (Halko et al.), deterministic given the seed; zero-padded to `dim` columns."""
+    k = min(dim, *a.shape)
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(a @ rng.standard_normal((a.shape[1], min(k + 10, a.shape[1]))))
+    for _ in range(power_iters):
+        q, _ = np.linalg.qr(a.T @ q)
+        q, _ = np.linalg.qr(a @ q)
+    u_small, s, _ = np.linalg.svd(q.T @ a, full_matrices=False)
+    u = (q @ u_small)[:, :k]
+    u *= np.where(u.sum(0) < 0, -1.0, 1.0)  # fix the sign of each component: deterministic output
+    emb = np.zeros((a.shape[0], dim))
+    emb[:, :k] = u * np.sqrt(s[:k])
+    return emb
+
+
+def feature_embeddings(items_table, item_ids: np.ndarray) -> np.ndarray | None:
+    """Item feature rows for `item_ids`: one-hot for categorical columns, z-scores for numeric ones.
+
+    L2-normalised per row; None when there is no usable feature column. Items missing from the
+    table get zero rows.
+    """
+    import pandas as pd
+
+    if items_table is None or "item_id" not in items_table.columns:
+        return None
+    table = items_table.drop_duplicates("item_id").set_index("item_id").reindex(item_ids)
+    blocks = []
+    for col in table.columns:
+        values = table[col]
+        if pd.api.types.is_float_dtype(values):
+            std = values.std()
+            if std and np.isfinite(std):
+                blocks.append(((values - values.mean()) / std).fillna(0.0).to_numpy()[:, None])
+        elif values.nunique() <= 256:  # integer / string codes with few values: a category
+            blocks.append(pd.get_dummies(values, dtype=np.float64).to_numpy())
+    if not blocks:
+        return None
+    feats = np.concatenate(blocks, axis=1).astype(np.float64)
+    norm = np.linalg.norm(feats, axis=1, keepdims=True)
+    return np.divide(feats, norm, out=np.zeros_like(feats), where=norm > 0)
+
+
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 25) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means: centroids [min(k, n), d] and assignments [n]. Deterministic given the rng."""
+    n = len(x)
+    k = min(k, n)
+    centroids = x[np.sort(rng.choice(n, k, replace=False))].copy()
+    assign = np.zeros(n, dtype=np.int64)
+    for _ in range(iters):
+        dist = _sq_distances(x, centroids)
+        new_assign = dist.argmin(1)
+        counts = np.bincount(new_assign, minlength=k)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, new_assign, x)
+        empty = np.flatnonzero(counts == 0)
+        centroids = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids)
+        if len(empty):  # re-seed empty clusters with the points worst served now
+            worst = np.argsort(-dist[np.arange(n), new_assign], kind="stable")[: len(empty)]
+            centroids[empty[: len(worst)]] = x[worst]
+        if np.array_equal(new_assign, assign) and not len(empty):
+            break
+        assign = new_assign
+    return centroids, _sq_distances(x, centroids).argmin(1)
+
+
+def _sq_distances(x: np.ndarray, c: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    out = np.empty((len(x), len(c)))
+    c_sq = (c**2).sum(1)
+    for s in range(0, len(x), chunk):
+        xs = x[s : s + chunk]
+        out[s : s + chunk] = (xs**2).sum(1, keepdims=True) - 2 * xs @ c.T + c_sq
+    return np.maximum(out, 0.0)
+
+
+def residual_kmeans(
+    x: np.ndarray, codebook_size: int, n_levels: int = 3, seed: int = 0, iters: int = 25,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Codes [n, n_levels] and per-level centroids: level l clusters what levels < l left unexplained."""
+    rng = np.random.default_rng(seed)
+    residual = x.astype(np.float64)
+    codes = np.zeros((len(x), n_levels), dtype=np.int64)
+    centroids = []
+    for level in range(n_levels):
+        c, assign = kmeans(residual, codebook_size, rng, iters)
+        codes[:, level] = assign
+        centroids.append(c)
+        residual = residual - c[assign]
+    return codes, centroids
+
+
+def make_unique(codes: np.ndarray, x: np.ndarray, centroids: list[np.ndarray], codebook_size: int) -> np.ndarray:
+    """Give every item a distinct code triple; items that collide move to the nearest free code.
+
+    Items are visited from the best quantized (smallest final residual) to the worst, so the
+    item closest to a triple keeps it. A later item whose triple is taken keeps its prefix and
+    takes the nearest free code at the last level (nearest to its residual there); if that
+    prefix is full it moves one level up, and so on. Codes without a centroid (a level had fewer
+    points than codes) are used last, in increasing order.
+    """
+    n, n_levels = codes.shape
+    residuals = [x.astype(np.float64)]
+    for level in range(n_levels):
+        residuals.append(residuals[-1] - centroids[level][codes[:, level]])
+    error = (residuals[-1] ** 2).sum(1)
+    order = np.lexsort((np.arange(n), error))
+    out = codes.copy()
+    taken: set[tuple[int, ...]] = set()
+    full: set[tuple[int, ...]] = set()  # prefixes with no free triple below them
+
+    def ranked(level: int, residual: np.ndarray) -> np.ndarray:
+        c = centroids[level]
+        near = np.argsort(((c - residual) ** 2).sum(1), kind="stable")
+        return np.concatenate([near, np.arange(len(c), codebook_size)])
+
+    def place(prefix: tuple[int, ...], level: int, residual: np.ndarray) -> tuple[int, ...] | None:
+        if prefix in full:
+            return None
+        for code in ranked(level, residual):
+            code = int(code)
+            cand = (*prefix, code)
+            if level == n_levels - 1:
+                if cand not in taken:
+                    return cand
+            else:
+                sub = residual - centroids[level][code] if code < len(centroids[level]) else residual
+                found = place(cand, level + 1, sub)
+                if found is not None:
+                    return found
+        full.add(prefix)
+        return None
+
+    for i in order:
+        triple = tuple(int(c) for c in codes[i])
+        if triple in taken:
+            # Move up from the last level until a prefix with room is found.
+            for keep in range(n_levels - 1, -1, -1):
+                found = place(triple[:keep], keep, residuals[keep][i])
+                if found is not None:
+                    triple = found
+                    break
+            else:
+                raise ValueError(f"more items than {codebook_size}^{n_levels} code triples")
+        taken.add(triple)
+        out[i] = triple
+    return out
+
+
+def build_semantic_ids(
+    data, codebook_size: int, seed: int = 0, n_levels: int = 3, dim: int = 32, window: int = 5,
+    feature_weight: float = 0.5, num_items: int | None = None,
+) -> np.ndarray:
+    """The semantic-id table, int32 [num_items, n_levels], from training interactions.
+
+    `data` is a `onerec.data.Dataset` (its training part is used, plus its items table if any)
+    or an interactions DataFrame (user_id, item_id, timestamp). Item embeddings are PPMI-SVD of
+    co-occurrence within user sequences, concatenated with item features (weighted by
+    `feature_weight`) where an items table is given; residual k-means gives n_levels codes per
+    item; collisions are resolved by `make_unique`. Item ids absent from the training data get
+    -1 rows. `num_items` (default: the largest id seen + 1, in the items table too) sets the
+    table length.
+    """
+    interactions, items_table = _training_part(data)
+    users = interactions["user_id"].to_numpy(np.int64)
+    item_ids = interactions["item_id"].to_numpy(np.int64)
+    known = np.unique(item_ids)
+    if not len(known):
+        raise UserError("no training interactions to build semantic ids from")
+    size = int(known.max()) + 1
+    if items_table is not None and "item_id" in items_table.columns and len(items_table):
+        size = max(size, int(items_table["item_id"].max()) + 1)
+    if num_items is not None:
+        if num_items < int(known.max()) + 1:
+            raise UserError(f"num_items {num_items} is smaller than the largest item id + 1")
+        size = num_items
+    rows = np.searchsorted(known, item_ids)
+    emb = cooccurrence_embeddings(users, rows, len(known), dim=dim, window=window, seed=seed)
+    feats = feature_embeddings(items_table, known) if feature_weight > 0 else None
+    if feats is not None:
+        emb = np.concatenate([emb, feature_weight * feats], axis=1)
+    codes, centroids = residual_kmeans(emb, codebook_size, n_levels, seed=seed)
+    codes = make_unique(codes, emb, centroids, codebook_size)
+    table = np.full((size, n_levels), UNKNOWN, dtype=np.int32)
+    table[known] = codes
+    validate_table(table, codebook_size)
+    return table

@@ -1,0 +1,165 @@
+"""`onerec-fp8 eval`: offline recall@K / NDCG@K of a checkpoint or a quantized model.
+
+Protocol: leave-last-out (onerec/data.py). Each test (or validation) request has one held-out
+target; the model's top-K comes from constrained beam search, so
+    recall@K = share of requests whose target is in the top K (hit rate, one target each),
+    ndcg@K   = mean of 1 / log2(rank + 2) over hits (rank 0-based), 0 for misses.
+Targets unknown to the tokenizer (items never seen in training) stay in the denominator as
+misses: no model can produce them, and dropping them would flatter every number.
+
+Baseline: the K items with the most training interactions (onerec.data.training_interactions),
+the same list for every user. Nothing is excluded from either list, neither the user's history
+nor anything else: the model and the baseline are scored under exactly the same rules, and the
+synthetic data sets rarely repeat an item anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _resolve_device(device):
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def recommend(model, table: np.ndarray, requests, k: int = 10, beam_size: int = 64, batch_size: int = 256,
+              device=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k item ids [N, k] (-1 where fewer than k valid items exist) and their scores [N, k]."""
+    import torch
+    from tqdm import tqdm
+
+    from onerec.data import iter_batches
+    from onerec.generate import beam_search
+    from onerec.semantic_ids import SemanticIdIndex
+
+    device = _resolve_device(device)
+    cfg = model.cfg
+    index = SemanticIdIndex.build(table, cfg.codebook_size).to(device)
+    beam_size = max(beam_size, k)
+    items, scores = [], []
+    batches = iter_batches(requests, table, cfg.context_len, cfg.profile_features, batch_size)
+    total = (len(requests) + batch_size - 1) // batch_size
+    model.eval()
+    with torch.no_grad():
+        for batch in tqdm(batches, total=total, desc="recommend", file=sys.stderr, disable=not progress, leave=False):
+            b = batch.to(device)
+            recs = beam_search(model, b.history_sids, b.history_mask, index, b.profile, beam_size=beam_size, k=k)
+            items.append(recs.items.cpu().numpy())
+            scores.append(recs.scores.float().cpu().numpy())
+    if not items:
+        return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+    return np.concatenate(items), np.concatenate(scores)
+
+
+def ranking_metrics(recommended: np.ndarray, targets: np.ndarray, k: int) -> dict:
+    """recall@k and ndcg@k for one target per row (see module doc)."""
+    top = recommended[:, :k]
+    hit = top == np.asarray(targets)[:, None]
+    rank = np.where(hit.any(1), hit.argmax(1), -1)
+    gains = np.where(rank >= 0, 1.0 / np.log2(np.maximum(rank, 0) + 2.0), 0.0)
+    n = len(top)
+    return {
+        f"recall@{k}": float(hit.any(1).mean()) if n else 0.0,
+        f"ndcg@{k}": float(gains.mean()) if n else 0.0,
+        "num_users": int(n),
+    }
+
+
+def evaluate(model, table: np.ndarray, requests, k: int = 10, beam_size: int = 64, batch_size: int = 256,
+             device=None, progress: bool = False) -> dict:
+    """recall@k, ndcg@k and num_users of the model's beam-search top-k on a request table."""
+    items, _ = recommend(model, table, requests, k, beam_size, batch_size, device, progress)
+    return ranking_metrics(items, requests["target"].to_numpy(np.int64), k)
+
+
+def popularity_baseline(dataset, requests, k: int = 10) -> dict:
+    """The most-popular-items baseline, keys prefixed `popularity_`."""
+    from onerec.data import training_interactions
+
+    counts = training_interactions(dataset)["item_id"].value_counts(sort=False)
+    # Most interactions first; ties by smaller item id (deterministic).
+    ranked = counts.reset_index().sort_values(["count", "item_id"], ascending=[False, True])["item_id"].to_numpy()
+    top = np.full(k, -1, dtype=np.int64)
+    top[: min(k, len(ranked))] = ranked[:k]
+    recommended = np.broadcast_to(top, (len(requests), k))
+    metrics = ranking_metrics(recommended, requests["target"].to_numpy(np.int64), k)
+    return {f"popularity_{key}": v for key, v in metrics.items() if key != "num_users"}
+
+
+def load_model(checkpoint: str | None = None, quantized: str | None = None, device="cpu"):
+    """(model, table, source description) from a checkpoint folder or a quantized folder."""
+    from onerec.errors import UserError
+
+    if (checkpoint is None) == (quantized is None):
+        raise UserError("give exactly one of --checkpoint or --quantized")
+    if checkpoint is not None:
+        from onerec.checkpoint import load_checkpoint
+
+        model, table = load_checkpoint(checkpoint, device=device)
+        return model, table, {"checkpoint": str(checkpoint)}
+    try:
+        from onerec.quant.export import load_quantized
+    except ImportError as exc:
+        raise UserError(f"cannot evaluate a quantized model: onerec.quant.export is not available ({exc})") from None
+    if not Path(quantized).is_dir():
+        raise UserError(f"quantized folder {quantized} does not exist")
+    model, table, recipe = load_quantized(quantized, device=device)
+    # The recipe's name only: recipe.json also carries per-layer calibration statistics.
+    name = recipe.get("recipe", {}).get("name") if isinstance(recipe.get("recipe"), dict) else recipe.get("name")
+    return model, table, {"quantized": str(quantized), "recipe": name}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint folder (config.json, model.safetensors, ...)")
+    src.add_argument("--quantized", help="quantized folder (with recipe.json)")
+    parser.add_argument("--data", required=True, help="data folder the requests come from")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--beam", type=int, default=64, help="beam size (at least k)")
+    parser.add_argument("--split", choices=("test", "valid"), default="test")
+    parser.add_argument("--max-users", type=int, default=None, help="evaluate a seeded sample of this many users")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --max-users sample")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for tiny/small)")
+
+
+def main(args: argparse.Namespace) -> dict:
+    from onerec.data import load_dataset, split_leave_last_out
+    from onerec.errors import UserError
+
+    if args.k < 1 or args.beam < 1 or args.batch_size < 1:
+        raise UserError("--k, --beam and --batch-size must be positive")
+    dataset = load_dataset(args.data)  # first: a missing data folder fails before any model load
+    device = _resolve_device(args.device)
+    model, table, source = load_model(args.checkpoint, args.quantized, device)
+    if device.type == "cpu":
+        import torch
+
+        from onerec.train import default_threads
+
+        torch.set_num_threads(args.threads or default_threads(model.cfg))
+    split = split_leave_last_out(dataset, max_history=model.cfg.context_len)
+    requests = getattr(split, args.split)
+    if requests.empty:
+        raise UserError(f"{args.data}: no {args.split} requests (users need at least 3 interactions)")
+    if args.max_users is not None and args.max_users < len(requests):
+        requests = requests.sample(n=args.max_users, random_state=args.seed).reset_index(drop=True)
+    metrics = evaluate(model, table, requests, k=args.k, beam_size=args.beam, batch_size=args.batch_size,
+                       device=device, progress=True)
+    metrics.update(popularity_baseline(dataset, requests, args.k))
+    base = metrics[f"popularity_recall@{args.k}"]
+    metrics["recall_vs_popularity"] = metrics[f"recall@{args.k}"] / base if base > 0 else None
+    return {**source, "data": str(args.data), "split": args.split, "k": args.k, "beam": max(args.beam, args.k),
+            **metrics}

@@ -1,0 +1,177 @@
+"""The quantized artifact: save_quantized / load_quantized.
+
+Folder (the data contract of docs/architecture.md):
+    config.json          OneRecV2Config (the same file as the checkpoint's)
+    recipe.json          format, recipe, per-layer FP8 layout, excluded layers and why,
+                         calibration statistics, source checkpoint manifest sha256, sizes
+    model.safetensors    FP8Linear buffers as stored (weight_fp8 float8_e4m3fn, weight_scale and
+                         input_scale fp32) + every other tensor in bf16
+    semantic_ids.npy     the tokenizer table
+    reports/             quantization.json and quantization.png (per-layer SQNR and AbsMax)
+    manifest.json        written last (onerec.checkpoint.write_manifest)
+
+A folder is recognised as quantized by its recipe.json. Loading needs nothing else: the layer
+layout in recipe.json rebuilds the FP8Linear modules, the weights load strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from onerec.checkpoint import (
+    CONFIG,
+    SEMANTIC_IDS,
+    WEIGHTS,
+    atomic_folder,
+    manifest_digest,
+    verify_manifest,
+    write_manifest,
+)
+from onerec.errors import UserError
+from onerec.model import MoE, OneRecV2, OneRecV2Config
+from onerec.quant.fp8 import FP8Linear
+from onerec.semantic_ids import load_table, validate_table
+
+log = logging.getLogger(__name__)
+
+RECIPE = "recipe.json"
+FORMAT = "onerec-fp8-quantized/1"
+HIGH_PRECISION = torch.bfloat16  # dtype of everything that is not FP8 (weights and activations)
+
+
+def is_quantized_folder(folder: str | Path) -> bool:
+    return (Path(folder) / RECIPE).is_file()
+
+
+def fp8_layers(model: torch.nn.Module) -> dict[str, FP8Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+
+def layer_layout(layer: FP8Linear) -> dict:
+    return {
+        "shape": [layer.out_features, layer.in_features], "weight": layer.weight_granularity,
+        "activation": layer.activation, "block": layer.block, "bias": layer.bias is not None,
+    }
+
+
+def size_summary(model: torch.nn.Module) -> dict:
+    """Bytes of the quantized layers as stored (FP8 + scales) vs the same layers' bf16 weights."""
+    layers = fp8_layers(model)
+    stored = sum(b.numel() * b.element_size() for m in layers.values() for b in m.buffers())
+    bf16 = sum(2 * m.in_features * m.out_features for m in layers.values())
+    return {
+        "quantized_layers_fp8_bytes": stored, "quantized_layers_bf16_bytes": bf16,
+        "ratio_vs_bf16": stored / bf16 if bf16 else None,
+    }
+
+
+def _state_for_export(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    fp8_buffer_names = {f"{name}.{b}" for name, m in fp8_layers(model).items() for b, t in m._buffers.items() if t is not None}
+    state = {}
+    for key, t in model.state_dict().items():
+        t = t.detach().cpu()
+        if key not in fp8_buffer_names and t.is_floating_point():
+            t = t.to(HIGH_PRECISION)
+        state[key] = t.contiguous()
+    return state
+
+
+def save_quantized(
+    model: OneRecV2, table: np.ndarray, report, out: str | Path, source_checkpoint: str | Path | None = None,
+    overwrite: bool = False, extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the quantized folder for `model` (already passed through quantize) and its report.
+
+    `report` is the QuantizationReport (or its dict); `extra(folder)` may add files (e.g. more
+    reports) before the manifest is written.
+    """
+    from onerec.quant import plots
+
+    report = report if isinstance(report, dict) else report.to_dict()
+    layers = fp8_layers(model)
+    if not layers:
+        raise UserError("the model has no FP8 layer: nothing was quantized (check the recipe's patterns)")
+    validate_table(table, model.cfg.codebook_size)
+    source = None
+    if source_checkpoint is not None:
+        source = {"path": str(source_checkpoint), "manifest_sha256": manifest_digest(source_checkpoint)}
+    recipe_json = {
+        "format": FORMAT,
+        "recipe": report["recipe"],
+        "layers": {name: layer_layout(m) for name, m in layers.items()},
+        "excluded": report["excluded"],
+        "calibration": report.get("calibration", {}),
+        "source_checkpoint": source,
+        "high_precision_dtype": str(HIGH_PRECISION).removeprefix("torch."),
+        "size": size_summary(model),
+        "torch_version": torch.__version__,
+    }
+    with atomic_folder(out, overwrite) as tmp:
+        model.cfg.save(tmp / CONFIG)
+        (tmp / RECIPE).write_text(json.dumps(recipe_json, indent=2, sort_keys=True) + "\n")
+        save_file(_state_for_export(model), str(tmp / WEIGHTS), metadata={"format": "pt", "quantization": FORMAT})
+        np.save(tmp / SEMANTIC_IDS, table.astype(np.int32), allow_pickle=False)
+        reports = tmp / "reports"
+        reports.mkdir()
+        (reports / "quantization.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        stats = report.get("calibration", {}).get("layers", {})
+        bars = {
+            name: {"sqnr_db": s.get("sqnr_db"), "activation_absmax": s.get("absmax"),
+                   "weight_absmax": float(layers[name].dequantized_weight().abs().max())}
+            for name, s in stats.items()
+        }
+        if bars:
+            plots.layer_bars(
+                bars, reports / "quantization.png",
+                f"{report['recipe']['name']}: per-layer SQNR and AbsMax ({len(layers)} FP8 layers, "
+                f"{len(report['excluded'])} kept in high precision)",
+            )
+        if extra is not None:
+            extra(tmp)
+        write_manifest(tmp)
+    log.info("wrote %s (%s)", out, recipe_json["size"])
+    return Path(out)
+
+
+def load_quantized(
+    qdir: str | Path, device: str | torch.device = "cpu", verify: bool = True,
+) -> tuple[OneRecV2, np.ndarray, dict]:
+    """(FP8 model in eval mode, semantic-id table, recipe.json as a dict) from a quantized folder."""
+    from onerec.quant.recipes import _replace
+
+    qdir = Path(qdir)
+    if not is_quantized_folder(qdir):
+        raise UserError(f"{qdir} is not a quantized folder (no {RECIPE})")
+    if verify:
+        verify_manifest(qdir)
+    try:
+        recipe = json.loads((qdir / RECIPE).read_text())
+        cfg = OneRecV2Config.load(qdir / CONFIG)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{qdir}: invalid {RECIPE} or {CONFIG} ({exc})") from None
+    if recipe.get("format") != FORMAT:
+        raise UserError(f"{qdir / RECIPE}: format {recipe.get('format')!r}, this code reads {FORMAT!r}")
+    with torch.device("meta"):
+        model = OneRecV2(cfg)  # no random init: every tensor comes from the file
+    for name, spec in recipe["layers"].items():
+        N, K = spec["shape"]
+        layer = FP8Linear(K, N, spec["weight"], spec["activation"], bias=spec["bias"], block=spec["block"], name=name)
+        _replace(model, name, layer)
+    model = model.to_empty(device="cpu").to(HIGH_PRECISION)
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.aux_loss = torch.zeros(())  # a plain attribute, created on "meta" above
+    state = load_file(str(qdir / WEIGHTS))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{qdir / WEIGHTS}: does not fit config.json and {RECIPE} ({str(exc).splitlines()[0]})") from None
+    table = load_table(qdir / SEMANTIC_IDS)
+    return model.to(device).eval(), table, recipe

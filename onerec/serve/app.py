@@ -1,0 +1,398 @@
+"""The inference server as a FastAPI app: recommend, KServe v2 health and metadata, Prometheus metrics.
+
+Life of a server: the app starts live (/v2/health/live answers at once), loads and verifies the
+model in a thread, then sends one warm-up request through the same batcher real traffic uses;
+only when that succeeded does /v2/health/ready answer 200. On shutdown readiness flips to 503
+first (the server module delays the exit by --drain-seconds so load balancers notice), in-flight
+requests are answered, then the batcher stops.
+
+POST /v1/recommend body: {"users": [{"history": [ids, newest last], "profile": {name: value}}],
+"k": 10, "beam": 128}. Per user the answer has the items (best first) with their scores (summed
+log-probabilities of the code triples) and what was done to the input:
+- unknown_items: history ids the model does not know (new items), dropped;
+- truncated_items: known items beyond the model's context, the oldest ones, dropped;
+- filled_profile_features: profile features the model uses but the user lacked: they take the
+  model's stored training mean, i.e. a neutral value (z-score 0 after the model's normalisation);
+- ignored_profile_features: features the model does not use (e.g. after a model change), ignored.
+None of these is an error: production traffic always carries them. Malformed bodies are (4xx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from onerec import __version__
+from onerec.errors import UserError
+from onerec.serve.batcher import BatcherStopped, DynamicBatcher
+from onerec.serve.model_store import ServedModel, load_served_model, parse_model_uri
+from onerec.serve.schemas import HARD_MAX_BEAM, HARD_MAX_USERS, RecommendRequest
+
+log = logging.getLogger(__name__)
+
+JSON_TYPES = ("application/json",)
+MAX_ERRORS_SHOWN = 10
+
+
+@dataclass
+class ServerConfig:
+    model_uri: str
+    model_name: str | None = None  # default: the registry name, else ONEREC_MODEL_NAME
+    model_version: str | None = None  # default: the registry version, else local-<manifest digest>
+    device: str = "auto"
+    cache_dir: str | None = None
+    max_batch_size: int = 64  # users per beam search
+    max_wait_ms: float = 5.0
+    max_users: int = 64  # users per request
+    max_beam: int = 512
+    default_k: int = 10
+    default_beam: int = 128
+    max_body_bytes: int = 1 << 20
+    threads: int = 0  # torch CPU threads for the beam search (0: torch's default)
+
+    def validate(self) -> None:
+        checks = [
+            (1 <= self.max_batch_size <= 65536, "max_batch_size must be in 1..65536"),
+            (0 <= self.max_wait_ms <= 10_000, "max_wait_ms must be in 0..10000"),
+            (1 <= self.max_users <= HARD_MAX_USERS, f"max_users must be in 1..{HARD_MAX_USERS}"),
+            (1 <= self.max_beam <= HARD_MAX_BEAM, f"max_beam must be in 1..{HARD_MAX_BEAM}"),
+            (1 <= self.default_k <= self.default_beam <= self.max_beam, "need 1 <= default_k <= default_beam <= max_beam"),
+            (1024 <= self.max_body_bytes <= 1 << 30, "max_body_bytes must be in 1 KiB..1 GiB"),
+            (0 <= self.threads <= 1024, "threads must be in 0..1024"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+@dataclass
+class PreparedUser:
+    history: list[int]
+    profile: np.ndarray | None  # [P] float32, complete (missing features filled)
+    filled: int
+    ignored: int
+
+
+@dataclass
+class UserResult:
+    items: list[int]
+    scores: list[float]
+    unknown_items: int
+    truncated_items: int
+    filled_profile_features: int = 0
+    ignored_profile_features: int = 0
+
+    def top(self, k: int) -> UserResult:
+        return UserResult(self.items[:k], self.scores[:k], self.unknown_items, self.truncated_items,
+                          self.filled_profile_features, self.ignored_profile_features)
+
+
+def prepare_user(served: ServedModel, history: list[int], profile: dict[str, float] | None) -> PreparedUser:
+    names = served.profile_features
+    if not names:
+        return PreparedUser(history, None, 0, len(profile or {}))
+    given = profile or {}
+    known = set(names)
+    values = served.profile_fill.copy()
+    filled = 0
+    for i, name in enumerate(names):
+        if name in given:
+            values[i] = given[name]
+        else:
+            filled += 1
+    return PreparedUser(history, values, filled, sum(1 for n in given if n not in known))
+
+
+def run_users(served: ServedModel, users: list[PreparedUser], k: int, beam: int) -> list[UserResult]:
+    """One beam search for `users` (any number): the work of one batch."""
+    import torch
+
+    from onerec.semantic_ids import encode_histories
+
+    sids, mask, unknown = encode_histories([u.history for u in users], served.table, served.context_len)
+    profile = None
+    if served.profile_features:
+        profile = torch.from_numpy(np.stack([u.profile for u in users])).to(served.device)
+    with torch.inference_mode():
+        recs = served.search(sids.to(served.device), mask.to(served.device), profile, beam, k)
+    items = recs.items.cpu().numpy()
+    scores = recs.scores.float().cpu().numpy()
+    results = []
+    for i, user in enumerate(users):
+        valid = items[i] >= 0  # fewer valid items than k: padding
+        known = len(user.history) - unknown[i]
+        results.append(UserResult(
+            items[i][valid].tolist(), [float(s) for s in scores[i][valid]], unknown[i],
+            max(0, known - served.context_len), user.filled, user.ignored,
+        ))
+    return results
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (several apps may live in one test process)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram(
+            "onerec_request_duration_seconds", "HTTP request latency by route", ["route"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.batch_users = Histogram(
+            "onerec_batch_size_users", "users per beam search (dynamic batching)", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+        )
+        self.responses = Counter("onerec_http_responses", "HTTP responses by route and status code", ["route", "code"], registry=r)
+        self.errors = Counter("onerec_http_errors", "HTTP responses with status >= 400 by code", ["code"], registry=r)
+        self.users = Counter("onerec_recommended_users", "users answered by /v1/recommend", registry=r)
+        self.unknown_items = Counter("onerec_unknown_items", "history items dropped as unknown to the model", registry=r)
+        self.truncated_items = Counter("onerec_truncated_items", "history items beyond the context, dropped", registry=r)
+        self.ready = Gauge("onerec_ready", "1 when /v2/health/ready answers 200", registry=r)
+        self.in_flight = Gauge("onerec_in_flight_requests", "recommend requests waiting or computing", registry=r)
+        self.model = Info("onerec_model", "the served model version", registry=r)
+
+
+@dataclass
+class ServerState:
+    name: str
+    served: ServedModel | None = None
+    warmed: bool = False
+    draining: bool = False
+    failed: str | None = None
+    batcher: DynamicBatcher | None = field(default=None, repr=False)
+
+    @property
+    def serving(self) -> bool:
+        return self.served is not None and self.warmed and self.failed is None
+
+    @property
+    def ready(self) -> bool:
+        return self.serving and not self.draining
+
+    def reason(self) -> str:
+        if self.failed:
+            return f"failed: {self.failed}"
+        if self.draining:
+            return "draining"
+        if self.served is None:
+            return "loading model"
+        return "ready" if self.warmed else "warming up"
+
+
+def _route(path: str) -> str:
+    if path.startswith("/v2/models/"):
+        return "/v2/models/{name}"
+    return path if path in ("/v1/recommend", "/v2/health/live", "/v2/health/ready", "/v2", "/metrics") else "other"
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def _validation_error(exc: ValidationError) -> JSONResponse:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        return _error(400, f"body is not valid JSON: {errors[0]['msg']}")
+    shown = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in errors[:MAX_ERRORS_SHOWN]]
+    first = shown[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return _error(422, f"invalid request: {where}: {first['msg']}", details=shown, n_errors=len(errors))
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it exceeds `limit` bytes (checked before and while reading, never after)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    config: ServerConfig,
+    loader: Callable[[ServerConfig], ServedModel] | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The app for `config`. `loader` (default: load_served_model) runs in a thread after startup;
+    `on_fatal` is called when loading or warm-up fails (the CLI stops the server)."""
+    config.validate()
+    ref = parse_model_uri(config.model_uri, default_name=config.model_name)
+    state = ServerState(name=config.model_name or ref.name)
+    metrics = Metrics()
+    loader = loader or (lambda c: load_served_model(c.model_uri, c.device, c.cache_dir, c.model_name, c.model_version))
+
+    def run(users, k, beam):
+        if config.threads:
+            import torch
+
+            if torch.get_num_threads() != config.threads:  # set in the batch thread itself
+                torch.set_num_threads(config.threads)
+        return run_users(state.served, users, k, beam)
+
+    async def load_and_warm_up() -> None:
+        try:
+            served = await asyncio.to_thread(loader, config)
+            state.served = served
+            state.name = served.name
+            metrics.model.info({
+                "name": served.name, "version": served.version, "kind": served.kind, "digest": served.digest,
+                "backend": served.backend, "device": served.device,
+            })
+            log.info("loaded %s version %s (%s, %s on %s); warming up", served.name, served.version,
+                     served.kind, served.backend, served.device)
+            first_item = int(np.flatnonzero((served.table >= 0).all(1))[0])
+            warm_user = prepare_user(served, [first_item], None)
+            result = await state.batcher.submit([warm_user], 1, min(config.default_beam, config.max_beam))
+            if not result or not result[0].items:
+                raise RuntimeError("warm-up request returned no item")
+            state.warmed = True
+            metrics.ready.set(1)
+            log.info("ready: %s version %s", served.name, served.version)
+        except Exception as exc:
+            state.failed = f"{type(exc).__name__}: {exc}" if not isinstance(exc, UserError) else str(exc)
+            log.error("model %s failed to load or warm up: %s", config.model_uri, state.failed)
+            if on_fatal is not None:
+                on_fatal(exc)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.batcher = DynamicBatcher(run, config.max_batch_size, config.max_wait_ms / 1000, metrics.batch_users.observe)
+        state.batcher.start()
+        loading = asyncio.create_task(load_and_warm_up(), name="onerec-load")
+        try:
+            yield
+        finally:
+            state.draining = True
+            metrics.ready.set(0)
+            if not loading.done():
+                loading.cancel()
+            await state.batcher.stop()
+
+    app = FastAPI(title="onerec-fp8 serving", version=__version__, lifespan=lifespan)
+    app.state.server = state
+    app.state.metrics = metrics
+    app.state.config = config
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = _route(request.url.path)
+        metrics.latency.labels(route).observe(time.perf_counter() - start)
+        metrics.responses.labels(route, str(response.status_code)).inc()
+        if response.status_code >= 400:
+            metrics.errors.labels(str(response.status_code)).inc()
+        return response
+
+    @app.post("/v1/recommend")
+    async def recommend(request: Request):
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in JSON_TYPES:
+            return _error(415, f"Content-Type must be application/json, not {content_type or 'missing'!r}")
+        body = await _read_body(request, config.max_body_bytes)
+        if body is None:
+            return _error(413, f"body larger than {config.max_body_bytes} bytes")
+        try:
+            req = RecommendRequest.model_validate_json(body)
+        except ValidationError as exc:
+            return _validation_error(exc)
+        if len(req.users) > config.max_users:
+            return _error(422, f"too many users: {len(req.users)} > {config.max_users} per request")
+        beam = req.beam if req.beam is not None else max(config.default_beam, req.k or 0)
+        k = req.k if req.k is not None else min(config.default_k, beam)
+        if beam > config.max_beam:
+            return _error(422, f"beam {beam} exceeds this server's maximum {config.max_beam}")
+        if not state.serving:
+            return _error(503, f"model not ready ({state.reason()})")
+        served = state.served
+        users = [prepare_user(served, u.history, u.profile) for u in req.users]
+        metrics.in_flight.inc()
+        try:
+            results = await state.batcher.submit(users, k, beam)
+        except BatcherStopped as exc:
+            return _error(503, f"not accepting requests: {exc}")
+        finally:
+            metrics.in_flight.dec()
+        metrics.users.inc(len(results))
+        metrics.unknown_items.inc(sum(r.unknown_items for r in results))
+        metrics.truncated_items.inc(sum(r.truncated_items for r in results))
+        return {
+            "model": {"name": served.name, "version": served.version, "kind": served.kind},
+            "k": k, "beam": beam,
+            "users": [r.__dict__ for r in results],
+        }
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        if state.ready:
+            return {"ready": True}
+        return JSONResponse({"ready": False, "reason": state.reason()}, status_code=503)
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "onerec-fp8", "version": __version__, "extensions": []}
+
+    def model_metadata(served: ServedModel) -> dict:
+        P = len(served.profile_features)
+        return {
+            "name": served.name, "versions": [served.version], "platform": "pytorch",
+            "inputs": [
+                {"name": "history", "datatype": "INT64", "shape": [-1, -1]},
+                {"name": "profile", "datatype": "FP32", "shape": [-1, P]},
+            ],
+            "outputs": [
+                {"name": "items", "datatype": "INT64", "shape": [-1, -1]},
+                {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+            ],
+            "parameters": {
+                "kind": served.kind, "digest": served.digest, "backend": served.backend, "device": served.device,
+                "recipe": ((served.recipe or {}).get("recipe") or {}).get("name"),
+                "context_len": served.context_len, "profile_features": served.profile_features,
+                "default_k": config.default_k, "default_beam": config.default_beam, "max_beam": config.max_beam,
+                "max_users": config.max_users, "ready": state.ready,
+            },
+        }
+
+    @app.get("/v2/models/{name}")
+    async def metadata(name: str):
+        if name != state.name:
+            return _error(404, f"unknown model {name!r}; this server serves {state.name!r}")
+        if state.served is None:
+            return _error(503, f"model {name!r} is not loaded yet ({state.reason()})")
+        return model_metadata(state.served)
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str):
+        if name != state.name:
+            return _error(404, f"unknown model {name!r}; this server serves {state.name!r}")
+        if state.ready:
+            return {"name": name, "ready": True}
+        return JSONResponse({"name": name, "ready": False, "reason": state.reason()}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,246 @@
+"""Model URI -> verified local folder -> a model ready to recommend.
+
+Accepted URIs:
+- `models:/NAME@ALIAS` or `models:/NAME/VERSION`: an MLflow registry version, downloaded by the
+  pipeline area's `tasks.registry.download_model(model_uri, dst_dir)` (imported lazily);
+- a local folder: a quantized artifact (it has recipe.json; loaded by
+  `onerec.quant.export.load_quantized`) or a bf16 checkpoint (`onerec.checkpoint.load_checkpoint`).
+
+Every file of the folder's manifest is hashed before anything is loaded, and every file the
+loaders read (json, safetensors, npy) must be listed in it: an altered or unlisted file refuses
+to load. The device is CPU (the plain `onerec.generate.beam_search`) or a CUDA GPU, where the
+engine area's fast path (`onerec.engine`) is used when it is importable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onerec.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9][\w.\-]*)(?:@(?P<alias>[\w.\-]+)|/(?P<version>\d+))$")
+RECIPE = "recipe.json"
+# suffixes of the files a loader reads: each must be covered by the manifest
+LOADED_SUFFIXES = (".json", ".safetensors", ".npy")
+DEFAULT_MODEL_NAME = "onerec-v2-fp8"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model URI."""
+
+    uri: str
+    name: str
+    alias: str | None = None
+    version: str | None = None
+    folder: Path | None = None  # set for a local folder
+
+    @property
+    def is_registry(self) -> bool:
+        return self.folder is None
+
+    def pinned_uri(self, version: str | None) -> str:
+        """`models:/NAME/VERSION` for an alias once its version is known: later alias moves cannot change it."""
+        if self.is_registry and version and str(version).isdigit():
+            return f"models:/{self.name}/{version}"
+        return self.uri
+
+
+def parse_model_uri(uri: str, default_name: str | None = None) -> ModelRef:
+    if not isinstance(uri, str) or not uri.strip():
+        raise UserError("a model URI is required (models:/NAME@ALIAS, models:/NAME/VERSION or a local folder)")
+    uri = uri.strip()
+    if uri.startswith("models:"):
+        m = REGISTRY_URI.match(uri)
+        if m is None:
+            raise UserError(f"model URI {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        return ModelRef(uri, m["name"], alias=m["alias"], version=m["version"])
+    if "://" in uri:
+        raise UserError(f"model URI {uri!r}: only models:/... registry URIs or local folders are served")
+    folder = Path(uri).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist or is not a folder")
+    name = default_name or os.environ.get("ONEREC_MODEL_NAME") or DEFAULT_MODEL_NAME
+    return ModelRef(uri, name, folder=folder.resolve())
+
+
+def registry_version(ref: ModelRef) -> str:
+    """The registry version number an alias points at now (MLflow, imported lazily)."""
+    if ref.version is not None:
+        return ref.version
+    try:
+        from mlflow import MlflowClient
+
+        return str(MlflowClient().get_model_version_by_alias(ref.name, ref.alias).version)
+    except Exception as exc:  # mlflow raises its own types; the message names the cause
+        raise UserError(f"cannot resolve {ref.uri} in the MLflow registry: {exc}") from None
+
+
+def download(ref: ModelRef, cache_dir: Path) -> Path:
+    """A registry version's local folder, fetched by the pipeline area's registry module."""
+    try:
+        from tasks.registry import download_model
+    except ImportError as exc:
+        raise UserError(
+            f"cannot serve {ref.uri}: registry download is unavailable (tasks.registry.download_model: {exc}); "
+            "serve a local folder instead"
+        ) from None
+    dst = cache_dir / f"{ref.name}-{ref.version or ref.alias}"
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(download_model(ref.uri, dst))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot download {ref.uri}: {exc}") from None
+
+
+def verify_folder(folder: Path) -> dict:
+    """Hash every manifest entry, and refuse model files the manifest does not cover."""
+    from onerec.checkpoint import MANIFEST, verify_manifest
+
+    manifest = verify_manifest(folder)
+    unlisted = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix in LOADED_SUFFIXES and p.name != MANIFEST and not p.name.startswith(".")
+        and p.relative_to(folder).as_posix() not in manifest
+    )
+    if unlisted:
+        raise UserError(f"{folder}: files not covered by the manifest: {unlisted[:5]}; refusing to load")
+    return manifest
+
+
+@dataclass
+class ServedModel:
+    """A loaded model with what the server needs around it."""
+
+    name: str
+    version: str
+    kind: str  # "fp8" (quantized folder) or "bf16" (checkpoint)
+    folder: Path
+    digest: str  # sha256 of the manifest: identifies the exact files served
+    model: object  # OneRecV2 (possibly with FP8Linear layers)
+    table: np.ndarray
+    index: object  # SemanticIdIndex on the model's device
+    device: str
+    context_len: int
+    profile_features: list[str]
+    profile_fill: np.ndarray  # per feature: the model's stored training mean, used for missing values
+    backend: str  # "engine" or "reference"
+    search: Callable = field(repr=False)  # (sids, mask, profile, beam, k) -> Recommendations
+    recipe: dict | None = None
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available here")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
+    return device
+
+
+def _reference_search(model, index) -> Callable:
+    from onerec.generate import beam_search
+
+    def search(sids, mask, profile, beam, k):
+        return beam_search(model, sids, mask, index, profile, beam_size=beam, k=k)
+
+    return search
+
+
+def _engine_search(model, index, device: str, fallback: Callable) -> Callable | None:
+    """The engine area's fast beam search (onerec.engine.engine.Engine) on a CUDA GPU, when importable.
+
+    An Engine has a fixed beam width (its steps have static shapes), so one is built per beam
+    size on first use and kept; it returns the top `beam` items, of which the caller keeps k (the
+    top-k of the same sorted beams, as onerec.generate.finalize does).
+    """
+    if not device.startswith("cuda"):
+        return None
+    try:
+        from onerec.engine.engine import Engine, EngineConfig
+    except ImportError as exc:
+        log.info("onerec.engine is not available (%s); using the reference beam search on %s", exc, device)
+        return None
+    engines: dict[int, Engine | None] = {}
+
+    def search(sids, mask, profile, beam, k):
+        if beam not in engines:
+            try:
+                engines[beam] = Engine(model, index, EngineConfig(beam_size=beam, k=beam))
+            except Exception as exc:  # a fast path that cannot build must not take serving down
+                log.warning("engine for beam %d unavailable (%s); using the reference beam search", beam, exc)
+                engines[beam] = None
+        if engines[beam] is None:
+            return fallback(sids, mask, profile, beam, k)
+        recs = engines[beam].recommend(sids, mask, profile)
+        return type(recs)(recs.items[:, :k], recs.scores[:, :k])
+
+    return search
+
+
+def load_served_model(
+    uri: str, device: str = "auto", cache_dir: str | Path | None = None,
+    name: str | None = None, version: str | None = None,
+) -> ServedModel:
+    """Resolve, verify and load `uri` (see module doc). `name`/`version` override the derived labels."""
+    import torch
+
+    from onerec.checkpoint import load_checkpoint, manifest_digest
+    from onerec.semantic_ids import SemanticIdIndex
+
+    ref = parse_model_uri(uri, default_name=name)
+    device = pick_device(device)
+    if ref.is_registry:
+        version = version or registry_version(ref)
+        ref = parse_model_uri(ref.pinned_uri(version))
+        cache = Path(cache_dir or Path(os.environ.get("ONEREC_STATE_DIR", ".onerec")) / "serving" / "cache")
+        folder = download(ref, cache)
+    else:
+        folder = ref.folder
+    log.info("verifying %s", folder)
+    verify_folder(folder)
+    digest = manifest_digest(folder)
+    recipe = None
+    if (folder / RECIPE).is_file():
+        try:
+            from onerec.quant.export import load_quantized
+        except ImportError as exc:
+            raise UserError(f"{folder} is a quantized model but onerec.quant.export is unavailable ({exc})") from None
+        model, table, recipe = load_quantized(folder, device=device, verify=False)
+        kind = "fp8"
+    else:
+        # bf16 on a GPU; float32 on CPU, where bf16 matmuls are slow and gain nothing
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model, table = load_checkpoint(folder, device=device, dtype=dtype, verify=False)
+        kind = "bf16"
+    model.eval()
+    cfg = model.cfg
+    index = SemanticIdIndex.build(table, cfg.codebook_size).to(device)
+    mean = getattr(model.context, "profile_mean", None)
+    fill = mean.detach().float().cpu().numpy() if mean is not None else np.zeros(cfg.num_profile_features, np.float32)
+    reference = _reference_search(model, index)
+    search = _engine_search(model, index, device, reference)
+    backend = "engine" if search is not None else "reference"
+    search = search or reference
+    return ServedModel(
+        name=name or ref.name,
+        version=str(version or ref.version or f"local-{digest[:12]}"),
+        kind=kind, folder=folder, digest=digest, model=model, table=table, index=index, device=device,
+        context_len=cfg.context_len, profile_features=list(cfg.profile_features), profile_fill=fill.astype(np.float32),
+        backend=backend, search=search, recipe=recipe,
+    )

@@ -1,0 +1,45 @@
+"""The request body of POST /v1/recommend, validated strictly (pydantic, unknown fields refused).
+
+Hard bounds here keep any body cheap to validate; the server's configured limits (users per
+request, largest beam) are checked on top of them (onerec.serve.app).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+MAX_ITEM_ID = 2**63 - 1  # item ids become int64
+MAX_HISTORY_ITEMS = 100_000  # per user, before the server keeps the newest context_len known items
+MAX_PROFILE_FEATURES = 256
+HARD_MAX_USERS = 4096
+HARD_MAX_BEAM = 4096
+
+ItemId = Annotated[int, Field(strict=True, ge=0, le=MAX_ITEM_ID)]
+FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+FeatureValue = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class UserRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    history: list[ItemId] = Field(max_length=MAX_HISTORY_ITEMS, description="item ids, newest last")
+    profile: dict[FeatureName, FeatureValue] | None = Field(
+        default=None, max_length=MAX_PROFILE_FEATURES,
+        description="numeric profile features by name; missing ones take the model's training mean",
+    )
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    users: list[UserRequest] = Field(min_length=1, max_length=HARD_MAX_USERS)
+    k: int | None = Field(default=None, strict=True, ge=1, le=HARD_MAX_BEAM, description="items per user")
+    beam: int | None = Field(default=None, strict=True, ge=1, le=HARD_MAX_BEAM, description="beam width")
+
+    @model_validator(mode="after")
+    def _k_within_beam(self) -> RecommendRequest:
+        if self.k is not None and self.beam is not None and self.k > self.beam:
+            raise ValueError(f"k ({self.k}) must not exceed beam ({self.beam})")
+        return self

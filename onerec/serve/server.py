@@ -1,0 +1,130 @@
+"""`onerec-fp8 serve`: the inference server for one model version (onerec.serve.app under uvicorn).
+
+    onerec-fp8 serve --model-uri models:/onerec-v2-fp8@champion --port 8080
+    onerec-fp8 serve --model-uri path/to/quantized-or-checkpoint-folder --port 8080
+
+Shutdown (SIGTERM or SIGINT): readiness flips to 503 at once, the server keeps answering for
+--drain-seconds (so a load balancer or the local proxy stops sending it traffic), then stops
+accepting connections and gives in-flight requests up to --graceful-timeout seconds to finish.
+A second signal exits at once. If the model fails to load or warm up the server stops and the
+command fails with the reason (exit 1). Logs (uvicorn's included) go to stderr; the one JSON
+line on stdout, printed at exit, summarises the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import threading
+
+from onerec.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-uri", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local quantized or bf16 folder")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 inside a container)")
+    parser.add_argument("--model-name", default=None, help="name in responses and /v2/models/{name}")
+    parser.add_argument("--model-version", default=None, help="version label (default: from the registry or the manifest)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, or cuda[:N]")
+    parser.add_argument("--cache-dir", default=None, help="where registry versions are downloaded")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="users per beam search (dynamic batching)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for batch-mates")
+    parser.add_argument("--max-users", type=int, default=64, help="users per request")
+    parser.add_argument("--max-beam", type=int, default=512)
+    parser.add_argument("--default-k", type=int, default=10)
+    parser.add_argument("--default-beam", type=int, default=128)
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); 1 avoids oversubscription on a busy small host")
+    parser.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds for in-flight requests at shutdown")
+    parser.add_argument("--drain-seconds", type=float, default=0.0, help="keep serving this long after readiness flips")
+    parser.add_argument("--access-log", action="store_true", help="log every request (stderr)")
+
+
+def _log_config() -> dict:
+    """uvicorn's logging with every handler on stderr (stdout carries only the result JSON)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for handler in config["handlers"].values():
+        handler["stream"] = "ext://sys.stderr"
+    return config
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn.Server whose first exit signal flips readiness and waits `drain_seconds` before stopping."""
+
+        def __init__(self, config, state, drain_seconds: float):
+            super().__init__(config)
+            self.state = state
+            self.drain_seconds = drain_seconds
+            self._drain_timer: threading.Timer | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit or self._drain_timer is not None:  # a second signal: stop now
+                self.should_exit = True
+                self.force_exit = True
+                return
+            self.state.draining = True
+            log.info("signal %s: not ready any more; draining for %.1f s", sig, self.drain_seconds)
+            if self.drain_seconds <= 0:
+                self.should_exit = True
+                return
+            self._drain_timer = threading.Timer(self.drain_seconds, lambda: setattr(self, "should_exit", True))
+            self._drain_timer.daemon = True
+            self._drain_timer.start()
+
+    return DrainingServer
+
+
+def main(args: argparse.Namespace) -> dict:
+    import uvicorn
+
+    from onerec.serve.app import ServerConfig, create_app
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, not {args.port}")
+    if args.graceful_timeout < 0 or args.drain_seconds < 0:
+        raise UserError("--graceful-timeout and --drain-seconds must be >= 0")
+    config = ServerConfig(
+        model_uri=args.model_uri, model_name=args.model_name, model_version=args.model_version,
+        device=args.device, cache_dir=args.cache_dir, max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms, max_users=args.max_users, max_beam=args.max_beam,
+        default_k=args.default_k, default_beam=args.default_beam, max_body_bytes=args.max_body_bytes,
+        threads=args.threads,
+    )
+    holder: dict = {}
+
+    def on_fatal(exc: BaseException) -> None:
+        holder["error"] = exc
+        server = holder.get("server")
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, on_fatal=on_fatal)  # checks the config and the URI's form before binding
+    uv_config = uvicorn.Config(
+        app, host=args.host, port=args.port, lifespan="on", log_config=_log_config(),
+        access_log=args.access_log, timeout_graceful_shutdown=args.graceful_timeout,
+    )
+    server = _draining_server_class()(uv_config, app.state.server, args.drain_seconds)
+    holder["server"] = server
+    server.run()
+    error = holder.get("error")
+    if error is not None:
+        raise UserError(f"model {args.model_uri} was not served: {error}")
+    if not server.started:
+        raise UserError(f"the server did not start on {args.host}:{args.port} (see the log above)")
+    state = app.state.server
+    served = state.served
+    return {
+        "stopped": True, "model": state.name, "version": served.version if served else None,
+        "url": f"http://{args.host}:{args.port}",
+    }

@@ -1,0 +1,223 @@
+"""S3 side of the checkpoint contract: find the newest complete checkpoint, download and verify it.
+
+    s3://BUCKET/PREFIX/checkpoints/<sortable-id>/{config.json, model.safetensors, semantic_ids.npy,
+                                                  manifest.json (written last)}
+    s3://BUCKET/PREFIX/calibration/<YYYY-MM-DD>/calibration.parquet
+
+A checkpoint folder without manifest.json is an upload in progress (or a crashed one): it is
+skipped and logged, never picked. A download lands in a temporary sibling folder and is renamed
+into place only after every file matched its sha256 in the manifest. The checkpoint's identity
+(`checkpoint_sha256`) is the sha256 of its manifest, i.e. of all its files' hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from pathlib import Path
+
+from onerec.checkpoint import (
+    MANIFEST,
+    atomic_folder,
+    manifest_digest,
+    read_manifest,
+    sha256_file,
+    verify_manifest,
+)
+from onerec.errors import UserError
+from tasks.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+MB = 1 << 20
+
+
+def s3_client(cfg: PipelineConfig):
+    """A boto3 S3 client with adaptive retries (backs off on throttling) for the configured endpoint."""
+    import boto3
+    from botocore.config import Config
+
+    retry = Config(retries={"mode": "adaptive", "max_attempts": 10}, connect_timeout=10, read_timeout=120)
+    return boto3.client("s3", endpoint_url=cfg.s3_endpoint_url, config=retry)
+
+
+def transfer_config():
+    """Multipart transfers for large weight files (parts of 64 MiB, 8 in flight)."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=64 * MB, multipart_chunksize=64 * MB, max_concurrency=8)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise UserError(f"{uri}: expected an s3://BUCKET/KEY URI")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise UserError(f"{uri}: no bucket")
+    return bucket, key
+
+
+def join_uri(prefix: str, *parts: str) -> str:
+    return posixpath.join(prefix.rstrip("/"), *parts) if prefix else posixpath.join(*parts)
+
+
+def _not_found(exc) -> bool:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+def s3_exists(client, uri: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    bucket, key = parse_s3_uri(uri)
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as exc:
+        if _not_found(exc):
+            return False
+        raise
+
+
+def read_json(client, uri: str) -> dict | None:
+    """The JSON object at `uri`, or None when there is none."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = parse_s3_uri(uri)
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if _not_found(exc):
+            return None
+        raise
+    return json.loads(body)
+
+
+def write_json(client, uri: str, obj) -> None:
+    bucket, key = parse_s3_uri(uri)
+    client.put_object(Bucket=bucket, Key=key, Body=json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def list_prefixes(client, uri: str) -> list[str]:
+    """The immediate 'sub-folder' names under an s3:// folder URI, sorted."""
+    bucket, key = parse_s3_uri(uri)
+    key = key.rstrip("/") + "/" if key else ""
+    names = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
+        names += [p["Prefix"][len(key):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    return sorted(names)
+
+
+def upload_file(client, path: str | Path, uri: str) -> None:
+    bucket, key = parse_s3_uri(uri)
+    client.upload_file(str(path), bucket, key, Config=transfer_config())
+
+
+def download_file(client, uri: str, path: str | Path) -> Path:
+    bucket, key = parse_s3_uri(uri)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    client.download_file(bucket, key, str(path), Config=transfer_config())
+    return path
+
+
+def upload_folder(client, folder: str | Path, uri: str) -> list[str]:
+    """Upload every file of a folder that holds a manifest: the files first, manifest.json LAST.
+
+    A reader that sees the manifest therefore sees every file it lists.
+    """
+    folder = Path(folder)
+    manifest = verify_manifest(folder)
+    for name in sorted(manifest):
+        upload_file(client, folder / name, join_uri(uri, name))
+        log.info("uploaded %s (%d bytes)", join_uri(uri, name), manifest[name]["bytes"])
+    upload_file(client, folder / MANIFEST, join_uri(uri, MANIFEST))
+    return sorted(manifest) + [MANIFEST]
+
+
+# --- the checkpoint contract --------------------------------------------------------------------------
+
+
+def list_checkpoints(cfg: PipelineConfig, client=None) -> list[dict]:
+    """Every checkpoint id under checkpoints/, oldest first, with whether its manifest exists."""
+    client = client or s3_client(cfg)
+    out = []
+    for ckpt_id in list_prefixes(client, cfg.checkpoints_uri):
+        uri = join_uri(cfg.checkpoints_uri, ckpt_id) + "/"
+        out.append({"checkpoint_id": ckpt_id, "checkpoint_uri": uri, "complete": s3_exists(client, uri + MANIFEST)})
+    return out
+
+
+def find_latest_checkpoint(cfg: PipelineConfig, client=None) -> dict:
+    """The newest (by sortable id) checkpoint whose manifest.json exists; incomplete ones are skipped.
+
+    Returns {checkpoint_id, checkpoint_uri, skipped: [ids]} and raises UserError when there is none.
+    """
+    client = client or s3_client(cfg)
+    skipped = []
+    for ckpt_id in reversed(list_prefixes(client, cfg.checkpoints_uri)):
+        uri = join_uri(cfg.checkpoints_uri, ckpt_id) + "/"
+        if s3_exists(client, uri + MANIFEST):
+            return {"checkpoint_id": ckpt_id, "checkpoint_uri": uri, "skipped": skipped}
+        log.warning("checkpoint %s has no %s yet (upload in progress or crashed): skipped", uri, MANIFEST)
+        skipped.append(ckpt_id)
+    raise UserError(f"no complete checkpoint under {cfg.checkpoints_uri} (skipped incomplete: {skipped})")
+
+
+def find_latest_calibration(cfg: PipelineConfig, client=None) -> str:
+    """URI of the newest calibration/<date>/calibration.parquet."""
+    client = client or s3_client(cfg)
+    root = f"{cfg.s3_root}/calibration/"
+    for date in reversed(list_prefixes(client, root)):
+        uri = join_uri(root, date, "calibration.parquet")
+        if date != "accepted" and s3_exists(client, uri):
+            return uri
+    raise UserError(f"no calibration data under {root} (expected <date>/calibration.parquet)")
+
+
+def _safe_relpath(name: str, uri: str) -> str:
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or not parts:
+        raise UserError(f"{uri}{MANIFEST}: refuses the path {name!r} (outside the checkpoint)")
+    return name
+
+
+def download_checkpoint(cfg: PipelineConfig, checkpoint_uri: str, dst: str | Path, client=None) -> dict:
+    """Download a checkpoint into `dst`, verified file by file against its manifest.
+
+    Files land in a temporary sibling of `dst` that is renamed into place only when every sha256
+    matched; a mismatch raises UserError naming the file. A `dst` that already holds the same,
+    intact checkpoint is reused. Returns {checkpoint_dir, checkpoint_sha256, files, reused}.
+    """
+    client = client or s3_client(cfg)
+    dst = Path(dst)
+    uri = checkpoint_uri.rstrip("/") + "/"
+    remote_manifest = read_json(client, uri + MANIFEST)
+    if remote_manifest is None:
+        raise UserError(f"{uri} has no {MANIFEST}: the checkpoint is incomplete")
+    if (dst / MANIFEST).is_file() and json.loads((dst / MANIFEST).read_text()) == remote_manifest:
+        try:
+            verify_manifest(dst)
+            log.info("%s already holds %s (verified): reused", dst, uri)
+            return {"checkpoint_dir": str(dst), "checkpoint_sha256": manifest_digest(dst),
+                    "files": len(remote_manifest), "reused": True}
+        except UserError as exc:
+            log.warning("local copy %s is damaged (%s): downloading again", dst, exc)
+    with atomic_folder(dst, overwrite=True) as tmp:
+        download_file(client, uri + MANIFEST, tmp / MANIFEST)
+        manifest = read_manifest(tmp)
+        for name, entry in sorted(manifest.items()):
+            path = tmp / _safe_relpath(name, uri)
+            download_file(client, uri + name, path)
+            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+                raise UserError(f"{uri}{name}: sha256/size does not match the manifest (corrupted or altered upload)")
+            log.info("downloaded and verified %s%s (%d bytes)", uri, name, entry["bytes"])
+    return {"checkpoint_dir": str(dst), "checkpoint_sha256": manifest_digest(dst), "files": len(manifest),
+            "reused": False}
+
+
+def download_calibration(cfg: PipelineConfig, calibration_uri: str, dst: str | Path, client=None) -> dict:
+    """Download the calibration table; returns {calibration_path, calibration_sha256}."""
+    client = client or s3_client(cfg)
+    path = download_file(client, calibration_uri, dst)
+    return {"calibration_path": str(path), "calibration_sha256": sha256_file(path)}

@@ -1,0 +1,253 @@
+"""MLflow registry side of the pipeline (conventions in mlflow_config/registry.md).
+
+- registered model `onerec-v2-fp8` (PipelineConfig.model_name); one MLflow run per pipeline
+  run in experiment `onerec-fp8-pipeline`, with params (checkpoint URI + sha256, recipe,
+  calibration URI + sha256, the resolved config), every gate figure as a metric, and the
+  reports (gate JSON, plots, distribution analysis, Data Docs) as artifacts under reports/;
+- gates passed: a model version (pyfunc from tasks/pyfunc_model.py, the quantized folder as
+  artifact "quantized") tagged checkpoint_uri, checkpoint_sha256, calibration_sha256, recipe,
+  gates=passed, approval=pending, and alias `challenger`;
+- gates failed: the run with its reports for forensics, no model version;
+- idempotent: a version with the same checkpoint_sha256 + recipe is never registered twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+
+from onerec.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "onerec-fp8-pipeline"
+CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
+PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
+
+
+def client(cfg):
+    """An MlflowClient on the configured tracking server (also the registry)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = cfg.tracking_uri()
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    return MlflowClient()
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _quote(value: str) -> str:
+    if "'" in value:
+        raise UserError(f"refusing a registry filter value with a quote: {value!r}")
+    return f"'{value}'"
+
+
+def find_versions(cfg, mlflow_client=None, **tags: str) -> list:
+    """Versions of the registered model whose tags equal `tags`, newest first."""
+    c = mlflow_client or client(cfg)
+    filt = " and ".join([f"name={_quote(cfg.model_name)}"] + [f"tags.{k}={_quote(v)}" for k, v in tags.items()])
+    versions = list(c.search_model_versions(filt))
+    return sorted(versions, key=lambda v: int(v.version), reverse=True)
+
+
+def find_existing(cfg, checkpoint_sha256: str, recipe: str, calibration_sha256: str | None = None,
+                  mlflow_client=None) -> dict | None:
+    """What an earlier run already did for this checkpoint + recipe, or None.
+
+    {"status": "registered", "version": ...} when a version exists (nothing will be registered),
+    {"status": "failed", "run_id": ...} when a finished run with the same calibration failed its gates
+    (the same inputs would fail again; publish new data or a new checkpoint).
+    """
+    c = mlflow_client or client(cfg)
+    versions = find_versions(cfg, c, checkpoint_sha256=checkpoint_sha256, recipe=recipe)
+    if versions:
+        v = versions[0]
+        return {"status": "registered", "version": v.version, "approval": v.tags.get("approval")}
+    if calibration_sha256:
+        exp = c.get_experiment_by_name(EXPERIMENT)
+        if exp is not None:
+            runs = c.search_runs(
+                [exp.experiment_id],
+                f"tags.checkpoint_sha256 = {_quote(checkpoint_sha256)} and tags.recipe = {_quote(recipe)} and "
+                f"tags.calibration_sha256 = {_quote(calibration_sha256)} and tags.gates = 'failed' and "
+                f"tags.model_name = {_quote(cfg.model_name)}",
+                max_results=1,
+            )
+            if runs:
+                return {"status": "failed", "run_id": runs[0].info.run_id}
+    return None
+
+
+def _metric_name(name: str) -> str:
+    # MLflow allows alphanumerics, _ - . space : / in metric names
+    return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name.replace("@", "_at_"))
+
+
+def gate_metrics(gates: dict) -> dict[str, float]:
+    """Every numeric figure of the gate results, flattened: {"quality.recall_at_10_fp8": 0.31, ...}."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, int | float) and math.isfinite(value):  # bools too: passed -> 1.0
+            out[_metric_name(prefix)] = float(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    walk("", gates)
+    return out
+
+
+def gates_passed(gates: dict, latency_gate_blocking: bool) -> bool:
+    """Quality must pass; latency must pass when it was measured, and when it could not be measured
+    it blocks only if the config says so (production: no FP8 GPU = no evidence = no candidate)."""
+    quality = gates.get("quality", {})
+    latency = gates.get("latency", {})
+    if not quality.get("passed", False):
+        return False
+    if latency.get("measurable", True) is False:
+        return not latency_gate_blocking
+    return bool(latency.get("passed", False))
+
+
+def register_candidate(
+    cfg, *, checkpoint_uri: str, checkpoint_sha256: str, calibration_uri: str, calibration_sha256: str,
+    quantized_dir: str, report_dir: str, gates: dict, run_name: str | None = None,
+) -> dict:
+    """Log the run (params, metrics, reports) and, when the gates passed, register the challenger.
+
+    Returns {registered, version, run_id, gates, reason}. Idempotent on checkpoint_sha256 + recipe.
+    """
+    import mlflow
+
+    c = client(cfg)
+    existing = find_existing(cfg, checkpoint_sha256, cfg.recipe, mlflow_client=c)
+    if existing and existing["status"] == "registered":
+        log.info("version %s already holds checkpoint %s with recipe %s: nothing registered",
+                 existing["version"], checkpoint_sha256[:12], cfg.recipe)
+        return {"registered": False, "version": existing["version"], "run_id": None,
+                "reason": "already registered", "gates": "passed"}
+
+    passed = gates_passed(gates, cfg.latency_gate_blocking)
+    tags = {
+        "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256,
+        "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
+        "recipe": cfg.recipe, "gates": "passed" if passed else "failed",
+    }
+    run_tags = {**tags, "model_name": cfg.model_name}
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name=run_name, tags=run_tags) as run:
+        mlflow.log_params({
+            "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256, "recipe": cfg.recipe,
+            "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
+            **{f"config.{k}": v for k, v in cfg.to_dict().items() if k not in ("extra",)},
+        })
+        mlflow.log_metrics(gate_metrics(gates))
+        mlflow.log_dict(gates, "reports/gates.json")
+        if Path(report_dir).is_dir():
+            mlflow.log_artifacts(report_dir, "reports")
+        if not passed:
+            log.warning("gates failed: run %s logged with its reports, no model version", run.info.run_id)
+            return {"registered": False, "version": None, "run_id": run.info.run_id, "gates": "failed",
+                    "reason": "gates failed"}
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_CODE), artifacts={"quantized": str(quantized_dir)},
+            signature=model_signature(quantized_dir),
+            # explicit: inferring requirements would load the model once more in a subprocess
+            pip_requirements=["onerec-fp8", "torch==2.13.0", "safetensors", "pandas", "numpy"],
+        )
+    version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, "approval": "pending"})
+    c.set_registered_model_alias(cfg.model_name, CHALLENGER, version.version)
+    log.info("registered %s version %s as %s (approval=pending)", cfg.model_name, version.version, CHALLENGER)
+    return {"registered": True, "version": version.version, "run_id": run.info.run_id, "gates": "passed",
+            "model_uri": f"models:/{cfg.model_name}/{version.version}", "reason": "gates passed"}
+
+
+def model_signature(folder: str | Path):
+    """Input: history (list of item ids) + the model's profile features [+ user_id]; params k, beam_size."""
+    import json
+
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    features = json.loads((Path(folder) / "config.json").read_text()).get("profile_features", [])
+    inputs = Schema([
+        ColSpec(DataType.long, "user_id", required=False),
+        ColSpec(Array(DataType.long), "history"),
+        *[ColSpec(DataType.double, f) for f in features],
+    ])
+    outputs = Schema([ColSpec(DataType.long, "user_id", required=False), ColSpec(Array(DataType.long), "items"),
+                      ColSpec(Array(DataType.double), "scores")])
+    params = ParamSchema([ParamSpec("k", DataType.long, 10), ParamSpec("beam_size", DataType.long, 64),
+                          ParamSpec("batch_size", DataType.long, 256)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def _model_folder(model_dir: Path) -> Path:
+    """The "quantized" artifact folder inside a downloaded pyfunc model (its path is in MLmodel)."""
+    import yaml
+
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    if "quantized" not in artifacts:
+        raise UserError(f"{model_dir}: the model has no 'quantized' artifact")
+    return model_dir / artifacts["quantized"]["path"]
+
+
+def download_model(model_uri: str, dst_dir: str | Path) -> Path:
+    """The local quantized (or bf16) folder of `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
+
+    Downloads the model into dst_dir (reusing an intact earlier download) and verifies the
+    folder's manifest. The tracking URI comes from the environment (MLFLOW_TRACKING_URI).
+    """
+    import mlflow
+
+    from onerec.checkpoint import verify_manifest
+    from tasks.config import load_config
+
+    if not model_uri.startswith("models:/"):
+        raise UserError(f"{model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    uri = load_config().tracking_uri()
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    dst_dir = Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    if (dst_dir / "MLmodel").is_file():
+        try:
+            folder = _model_folder(dst_dir)
+            verify_manifest(folder)
+            if _same_version(model_uri, dst_dir):
+                return folder
+        except UserError:
+            pass
+        for child in dst_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst_dir))
+    (dst_dir / ".model_uri").write_text(_resolved(model_uri))
+    folder = _model_folder(dst_dir)
+    verify_manifest(folder)
+    return folder
+
+
+def _resolved(model_uri: str) -> str:
+    """models:/NAME@ALIAS -> models:/NAME/VERSION (an alias moves; a version does not)."""
+    if "@" not in model_uri:
+        return model_uri
+    from mlflow import MlflowClient
+
+    name, alias = model_uri[len("models:/"):].split("@", 1)
+    return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+
+
+def _same_version(model_uri: str, dst_dir: Path) -> bool:
+    marker = dst_dir / ".model_uri"
+    return marker.is_file() and marker.read_text() == _resolved(model_uri)
