@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python3 bench/gpu_bench.py --out bench/results [bench options]
 
-Same options as `onerec-fp8 bench` (onerec/engine/benchmark.py), plus --diagnose-plain: time the
-plain search with the cross-attention mask dropped when no history is padded (a baseline check).
+Same options as `onerec-fp8 bench` (onerec/engine/benchmark.py), plus --diagnose-plain B1,B2: the
+plain search's self-attention written out vs SDPA backends, and without its KV cache (baseline checks).
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from onerec.engine import benchmark  # noqa: E402
 
 
 def diagnose_plain(batches, context_len=3000, beam_size=512, preset="1b") -> dict:
-    """bf16 eager with and without the (all-true) cross-attention mask: does the mask cost?"""
+    """The plain search's 1-query self-attention: written out (the model's) vs SDPA backends, and
+    the search without the KV cache (re-running the prefix), for the record."""
     import functools
 
     import torch
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from onerec.generate import beam_search
     from onerec.model import LazyDecoderBlock
@@ -32,31 +34,46 @@ def diagnose_plain(batches, context_len=3000, beam_size=512, preset="1b") -> dic
     model = benchmark.build_model(preset, context_len, torch.device("cuda"), torch.bfloat16, 0)
     table, index = benchmark.random_index(1_000_000, model.cfg.codebook_size, 3, 0)
     index = index.to("cuda")
-    original = LazyDecoderBlock.cross_attention
+    written_out = LazyDecoderBlock.cached_self_attention
+
+    def with_sdpa(backend):
+        def cached_self_attention(self, x, cache):
+            cfg = self.cfg
+            S, _ = x.shape
+            q, k, v = self.self_qkv(self.self_norm(x)).view(S, 3, cfg.n_heads, 1, cfg.d_head).unbind(1)
+            if cache is not None:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            if backend is None:
+                out = F.scaled_dot_product_attention(q, k, v)
+            else:
+                with sdpa_kernel(backend):
+                    out = F.scaled_dot_product_attention(q, k, v)
+            return self.self_o(out.reshape(S, -1)), (k, v)
+        return cached_self_attention
+
+    variants = {"written_out": written_out, "sdpa_default": with_sdpa(None),
+                "sdpa_flash": with_sdpa(SDPBackend.FLASH_ATTENTION),
+                "sdpa_efficient": with_sdpa(SDPBackend.EFFICIENT_ATTENTION),
+                "sdpa_cudnn": with_sdpa(SDPBackend.CUDNN_ATTENTION)}
     out = {}
-
-    def unmasked(self, x, ctx):
-        cfg = self.cfg
-        B, N, _ = x.shape
-        q = self.cross_q(self.cross_norm(x)).view(B, N, cfg.n_heads, cfg.d_head).transpose(1, 2)
-        k, v = ctx.keys[self.kv_set], ctx.values[self.kv_set]
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
-        return self.cross_o(o.transpose(1, 2).reshape(B, N, -1))
-
     for b in batches:
         sids, mask = benchmark.random_requests(model.cfg, b, context_len, table, b, "cuda")
-        fn = functools.partial(beam_search, model, sids, mask, index, beam_size=beam_size, k=10)
-        out[f"masked_b{b}_ms"] = benchmark.percentile(benchmark.time_calls(fn, 2, 8), 0.5)
-        LazyDecoderBlock.cross_attention = unmasked
-        try:
-            out[f"unmasked_b{b}_ms"] = benchmark.percentile(benchmark.time_calls(fn, 2, 8), 0.5)
-        finally:
-            LazyDecoderBlock.cross_attention = original
+        for name, impl in variants.items():
+            LazyDecoderBlock.cached_self_attention = impl
+            try:
+                fn = functools.partial(beam_search, model, sids, mask, index, beam_size=beam_size, k=10)
+                out[f"{name}_b{b}_ms"] = benchmark.percentile(benchmark.time_calls(fn, 2, 8), 0.5)
+            except Exception as exc:
+                out[f"{name}_b{b}_ms"] = f"{type(exc).__name__}: {exc}"[:200]
+            finally:
+                LazyDecoderBlock.cached_self_attention = written_out
+        fn = functools.partial(beam_search, model, sids, mask, index, beam_size=beam_size, k=10, use_cache=False)
+        out[f"no_cache_b{b}_ms"] = benchmark.percentile(benchmark.time_calls(fn, 1, 5), 0.5)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         sids, mask = benchmark.random_requests(model.cfg, 8, context_len, table, 8, "cuda")
         beam_search(model, sids, mask, index, beam_size=beam_size, k=10)
         torch.cuda.synchronize()
-    out["profile_b8"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    out["profile_b8"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
     del model
     torch.cuda.empty_cache()
     return out
@@ -100,6 +117,45 @@ def diagnose_attention() -> dict:
             ms = benchmark.percentile(benchmark.time_calls(fn, 3, 10), 0.5)
             out[f"{name}/split{splits}"] = {"ms": ms, "tflops": flops / ms / 1e9,
                                             "rel_err": float((got - ref).float().norm() / ref.float().norm())}
+    return out
+
+
+def engine_time_split(batch: int, context_len=3000, beam_size=512) -> dict:
+    """GPU time of one engine request by kind of kernel (GEMM, SDPA cross-attention, the rest), bf16
+    and FP8: where the FP8-vs-bf16 ratio can and cannot come from (bench/NOTES.md)."""
+    import torch
+
+    from onerec.engine.engine import Engine, EngineConfig
+
+    model = benchmark.build_model("1b", context_len, torch.device("cuda"), torch.bfloat16, 0)
+    table, index = benchmark.random_index(1_000_000, model.cfg.codebook_size, 3, 0)
+    sids, mask = benchmark.random_requests(model.cfg, batch, context_len, table, 1, "cuda")
+    out = {}
+    for fp8 in (False, True):
+        eng = Engine(model, index.to("cuda"), EngineConfig(beam_size=beam_size, fp8=fp8, cuda_graphs=False))
+        eng.recommend(sids, mask)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            eng.recommend(sids, mask)
+            torch.cuda.synchronize()
+        split = {"gemm_ms": 0.0, "cross_attention_ms": 0.0, "other_ms": 0.0}
+        top = []
+        for evt in prof.key_averages():
+            us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+            if not us:
+                continue
+            name = evt.key.lower()
+            kind = ("gemm_ms" if any(t in name for t in ("nvjet", "gemm", "cutlass", "xmma", "scaled_mm"))
+                    else "cross_attention_ms" if any(t in name for t in ("sdpa", "fmha", "flash", "attention_kernel"))
+                    and "self_attention" not in name else "other_ms")
+            split[kind] += us / 1e3
+            top.append((us / 1e3, evt.key[:80], kind))
+        split["total_ms"] = sum(v for k, v in split.items() if k.endswith("_ms"))
+        split["top_kernels"] = [{"ms": ms, "name": n, "kind": k} for ms, n, k in sorted(top, reverse=True)[:12]]
+        out["fp8" if fp8 else "bf16"] = split
+        del eng
+    del model
+    torch.cuda.empty_cache()
     return out
 
 
@@ -181,6 +237,7 @@ if __name__ == "__main__":
     parser.add_argument("--diagnose-plain", default="", help="batches for the plain-baseline diagnosis")
     parser.add_argument("--diagnose", action="store_true", help="attention backends, engine profile, torchao logits")
     parser.add_argument("--gate-smoke", action="store_true", help="run the latency gate on a random 0.1b checkpoint")
+    parser.add_argument("--time-split", type=int, default=0, help="batch for the engine's GPU time split (1b)")
     args = parser.parse_args()
     if args.diagnose:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -195,8 +252,8 @@ if __name__ == "__main__":
         print(diag["torchao_logits"], file=sys.stderr)
     if args.diagnose_plain:
         diag = diagnose_plain([int(b) for b in args.diagnose_plain.split(",")], args.context_len, args.beam_size)
-        print(diag.pop("profile_b8"), file=sys.stderr)
-        print(json.dumps(diag), file=sys.stderr)
+        print(diag["profile_b8"], file=sys.stderr)
+        print(json.dumps({k: v for k, v in diag.items() if k != "profile_b8"}), file=sys.stderr)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "diagnose_plain.json").write_text(json.dumps(diag, indent=1) + "\n")
     parser_gate = args.gate_smoke
@@ -207,4 +264,12 @@ if __name__ == "__main__":
             print(json.dumps({k: v for k, v in gate.items() if k != "thresholds"}, default=str), file=sys.stderr)
         except Exception:
             logging.exception("gate smoke failed")
+    if args.time_split:
+        try:
+            split = engine_time_split(args.time_split, args.context_len, args.beam_size)
+            (Path(args.out) / "engine_time_split.json").write_text(json.dumps(split, indent=1) + "\n")
+            for name, row in split.items():
+                print(name, {k: round(v, 2) for k, v in row.items() if k.endswith("_ms")}, file=sys.stderr)
+        except Exception:
+            logging.exception("time split failed")
     print(json.dumps(summary, indent=1, default=str))

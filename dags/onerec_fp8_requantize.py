@@ -1,7 +1,7 @@
 """onerec_fp8_requantize: newest S3 checkpoint -> verify -> validate (GX) -> FP8 -> gates -> MLflow.
 
 Runs @daily and whenever the training job publishes a checkpoint (the Asset
-s3://BUCKET/PREFIX/checkpoints). Ends at registration: a version with alias `challenger` and
+`onerec_checkpoint_published`, for s3://BUCKET/PREFIX/checkpoints/). Ends at registration: a version with alias `challenger` and
 approval=pending when the gates pass, a run with the reports and no version when they fail.
 A checkpoint already registered with the same recipe stops the run after `check_registered`.
 GPU steps run in the worker by default; with ONEREC_GPU_EXECUTOR=kubernetes each one is a
@@ -12,48 +12,17 @@ shares the work folder through the PVC `onerec-pipeline-work`.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
+from onerec_fp8_common import DEFAULT_ARGS, NO_RETRY, START_DATE, config, run_step
 
-START_DATE = datetime(2026, 1, 1)
-# I/O steps (S3, MLflow, rollout) retry with exponential backoff; checks that said no do not retry.
-DEFAULT_ARGS = {
-    "owner": "onerec-ml-platform",
-    "retries": 3,
-    "retry_delay": timedelta(seconds=20),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-}
-NO_RETRY = {"retries": 0}
-
-
-def config():
-    """PipelineConfig from the environment, overridden by the Airflow Variable `onerec_fp8_config` (JSON)."""
-    from airflow.sdk import Variable
-
-    from tasks.config import AIRFLOW_VARIABLE, load_config
-
-    return load_config(Variable.get(AIRFLOW_VARIABLE, default=None, deserialize_json=True) or None)
-
-
-def run_step(fn, *args, **kwargs):
-    """A pipeline step; a StepFailed (bad data, failed check) fails the task at once, without retries."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from tasks.requantize import StepFailed
-
-    try:
-        return fn(*args, **kwargs)
-    except StepFailed as exc:
-        raise AirflowFailException(str(exc)) from None
-
-
-# The Asset the training job's `publish` updates (s3://BUCKET/PREFIX/checkpoints).
+# The Asset the training job updates after `publish` (an asset event via Airflow's REST API:
+# POST /api/v2/assets/events). A plain name, not an s3:// URI: parsing an s3 URI would import
+# boto3 (the amazon provider's URI handler) every time this file is parsed.
 CHECKPOINT_PUBLISHED = Asset(
     name="onerec_checkpoint_published",
-    uri=f"s3://{os.environ.get('ONEREC_S3_BUCKET') or 'onerec'}/"
-    f"{(os.environ.get('ONEREC_S3_PREFIX') or 'onerec-v2').strip('/')}/checkpoints",
+    extra={"location": f"s3://{os.environ.get('ONEREC_S3_BUCKET') or 'onerec'}/"
+                       f"{(os.environ.get('ONEREC_S3_PREFIX') or 'onerec-v2').strip('/')}/checkpoints/"},
 )
 # Where GPU steps run, read at parse time: in_process (default) or kubernetes (pods with a GPU).
 GPU_EXECUTOR = os.environ.get("ONEREC_GPU_EXECUTOR") or "in_process"

@@ -8,41 +8,8 @@ aliases move back only when it succeeded.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-
 from airflow.sdk import Param, dag, task
-
-START_DATE = datetime(2026, 1, 1)
-# I/O steps (S3, MLflow, rollout) retry with exponential backoff; checks that said no do not retry.
-DEFAULT_ARGS = {
-    "owner": "onerec-ml-platform",
-    "retries": 3,
-    "retry_delay": timedelta(seconds=20),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-}
-NO_RETRY = {"retries": 0}
-
-
-def config():
-    """PipelineConfig from the environment, overridden by the Airflow Variable `onerec_fp8_config` (JSON)."""
-    from airflow.sdk import Variable
-
-    from tasks.config import AIRFLOW_VARIABLE, load_config
-
-    return load_config(Variable.get(AIRFLOW_VARIABLE, default=None, deserialize_json=True) or None)
-
-
-def run_step(fn, *args, **kwargs):
-    """A pipeline step; a StepFailed (bad data, failed check) fails the task at once, without retries."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from tasks.requantize import StepFailed
-
-    try:
-        return fn(*args, **kwargs)
-    except StepFailed as exc:
-        raise AirflowFailException(str(exc)) from None
+from onerec_fp8_common import DEFAULT_ARGS, START_DATE, config, run_step
 
 
 @dag(

@@ -132,8 +132,8 @@ def generate(cfg: SynthConfig):
 
 def synthesize(out_dir: str | Path, seed: int = 0, overwrite: bool = False, **size) -> dict:
     """Write a synthetic data folder; `size` overrides SynthConfig fields (users, items, ...)."""
-    from onerec.checkpoint import atomic_folder
     from onerec.errors import UserError
+    from onerec.manifest import atomic_folder
 
     unknown = set(size) - set(SynthConfig.__dataclass_fields__)
     if unknown:

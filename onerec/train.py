@@ -90,9 +90,10 @@ def train(
     import torch
     from tqdm import tqdm
 
-    from onerec.checkpoint import manifest_digest, save_checkpoint
+    from onerec.checkpoint import save_checkpoint
     from onerec.data import iter_batches, load_dataset, split_leave_last_out
     from onerec.errors import UserError
+    from onerec.manifest import manifest_digest
     from onerec.model import PRESETS, OneRecV2, OneRecV2Config
     from onerec.semantic_ids import build_semantic_ids
 

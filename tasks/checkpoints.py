@@ -17,7 +17,8 @@ import logging
 import posixpath
 from pathlib import Path
 
-from onerec.checkpoint import (
+from onerec.errors import UserError
+from onerec.manifest import (
     MANIFEST,
     atomic_folder,
     manifest_digest,
@@ -25,7 +26,6 @@ from onerec.checkpoint import (
     sha256_file,
     verify_manifest,
 )
-from onerec.errors import UserError
 from tasks.config import PipelineConfig
 
 log = logging.getLogger(__name__)

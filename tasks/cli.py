@@ -68,6 +68,17 @@ def _found(cfg, args) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from onerec.errors import UserError
+
+    try:
+        return run(args)
+    except (BotoCoreError, ClientError) as exc:  # unreachable endpoint, no credentials, denied
+        raise UserError(f"S3: {exc} (is the stack up, or are ONEREC_S3_* / AWS_* set?)") from None
+
+
+def run(args: argparse.Namespace) -> dict:
     from onerec.errors import UserError
     from tasks import requantize
     from tasks.config import load_config

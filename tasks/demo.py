@@ -83,8 +83,8 @@ def dags_test(dag_id: str, state: dict, log_path: str | Path, extra_env: dict | 
 
 def prepare_checkpoint(demo_dir: Path) -> dict:
     """Synthetic data, a trained tiny checkpoint and a calibration table; each reused when present."""
-    from onerec.checkpoint import verify_manifest
     from onerec.data import calibration_requests, load_dataset, split_leave_last_out
+    from onerec.manifest import verify_manifest
 
     data_dir, ckpt_dir, calibration = demo_dir / "data", demo_dir / "checkpoint", demo_dir / "calibration.parquet"
     reused = []

@@ -17,8 +17,8 @@ import datetime as dt
 import logging
 import re
 
-from onerec.checkpoint import manifest_digest, read_manifest, sha256_file, verify_manifest
 from onerec.errors import UserError
+from onerec.manifest import manifest_digest, read_manifest, sha256_file, verify_manifest
 
 log = logging.getLogger(__name__)
 

@@ -58,8 +58,9 @@ def quantize_step(cfg, checkpoint_dir: str, calibrate_path: str, out_dir: str) -
 
     An intact quantized folder of the same checkpoint and recipe is reused.
     """
-    from onerec.checkpoint import load_checkpoint, manifest_digest, verify_manifest
+    from onerec.checkpoint import load_checkpoint
     from onerec.errors import UserError
+    from onerec.manifest import manifest_digest, verify_manifest
     from onerec.quant import Calibration, make_recipe, quantize
     from onerec.quant.export import is_quantized_folder, save_quantized
 

@@ -211,7 +211,7 @@ def download_model(model_uri: str, dst_dir: str | Path) -> Path:
     """
     import mlflow
 
-    from onerec.checkpoint import verify_manifest
+    from onerec.manifest import verify_manifest
     from tasks.config import load_config
 
     if not model_uri.startswith("models:/"):

@@ -62,7 +62,9 @@ def dag_files() -> list[Path]:
 def probe(path: Path, airflow_home: Path, probe_script: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env.update(AIRFLOW_HOME=str(airflow_home), AIRFLOW__CORE__LOAD_EXAMPLES="False",
-               AIRFLOW__CORE__DAGS_FOLDER=str(DAGS), PYTHONPATH=str(REPO))
+               AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
+               # Airflow puts the dags folder on sys.path when it parses or runs DAGs: mirror that.
+               PYTHONPATH=os.pathsep.join([str(DAGS), str(REPO)]))
     result = subprocess.run([sys.executable, str(probe_script), str(path)], capture_output=True,
                             text=True, env=env, cwd=REPO, timeout=300, stdin=subprocess.DEVNULL)
     report = {"file": path.name, "returncode": result.returncode, "stderr": result.stderr[-3000:]}

@@ -198,7 +198,7 @@ def test_decode_step_with_reordered_cache_equals_full_prefix(preset):
             logits, cache = model.decode_step(codes, ctx, cache.select(parent))
             assert cache.length == level + 1 and cache.beams == beams
             want = model.next_level_logits(prefix, ctx)
-            torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])

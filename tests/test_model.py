@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from onerec.checkpoint import load_checkpoint, save_checkpoint, verify_manifest
+from onerec.checkpoint import load_checkpoint, save_checkpoint
 from onerec.errors import UserError
 from onerec.generate import beam_search
+from onerec.manifest import verify_manifest
 from onerec.model import PRESETS, MoE, OneRecV2, OneRecV2Config
 from onerec.semantic_ids import SemanticIdIndex
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from onerec.checkpoint import write_manifest
 from onerec.errors import UserError
+from onerec.manifest import write_manifest
 
 pytestmark = pytest.mark.integration
 

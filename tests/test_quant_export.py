@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from onerec.checkpoint import load_checkpoint, manifest_digest, verify_manifest
+from onerec.checkpoint import load_checkpoint
 from onerec.errors import UserError
+from onerec.manifest import manifest_digest, verify_manifest
 from onerec.quant.calibrate import Calibration
 from onerec.quant.export import load_quantized, save_quantized
 from onerec.quant.fp8 import E4M3, FP8Linear

@@ -20,8 +20,9 @@ from serving_checkpoints import (
     wait_ready,
 )
 
-from onerec.checkpoint import load_checkpoint, manifest_digest
+from onerec.checkpoint import load_checkpoint
 from onerec.generate import beam_search
+from onerec.manifest import manifest_digest
 from onerec.semantic_ids import SemanticIdIndex, encode_histories
 from onerec.serve.app import ServerConfig, create_app, prepare_user, run_users
 from onerec.serve.model_store import load_served_model

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from onerec import cli
-from onerec.checkpoint import load_checkpoint, verify_manifest
+from onerec.checkpoint import load_checkpoint
+from onerec.manifest import verify_manifest
 
 
 def run_cli(capsys, *argv) -> tuple[int, dict | None, str]:

@@ -1,17 +1,19 @@
 """`onerec-fp8 bench`: bf16 eager vs the bf16 engine vs the FP8 engine vs torchao float8, one GPU.
 
 Same GPU, same process, same random weights and inputs for every variant:
-1. bf16-eager: plain `OneRecV2` + `onerec.generate.beam_search` (the baseline a team starts from);
+1. bf16-eager: plain `OneRecV2` + `onerec.generate.beam_search` (the baseline a team starts from:
+   SDPA cross-attention on the shared context, a self-attention KV cache reordered by parent beam);
 2. bf16-engine: `onerec.engine.Engine` without FP8 (KV cache, fused kernels, CUDA graphs);
 3. fp8-engine: the same engine with FP8 GEMMs and fused activation quantization;
 4. torchao-fp8: torchao `Float8DynamicActivationFloat8WeightConfig(PerRow)` on the plain
-   model's decoder Linear layers + `torch.compile` of each block, run by the plain beam search.
+   model's decoder Linear layers + `torch.compile` of each block's decoding step, run by the plain
+   beam search.
 
 Reports p50/p99 latency per batch, requests/s, items/s (top-k items returned per second),
 useful TFLOP/s and MFU against bf16 and FP8 matmul peaks measured in the same run, peak memory,
-and the top-k overlap of each variant with bf16 eager. "Useful" FLOPs are the work of the
-KV-cached search (what the engines do); the plain search re-runs the target prefix and does
-about 2.5x more GEMM work, which is part of why it is slower.
+and the top-k overlap of each variant with bf16 eager. FLOPs are those of the KV-cached search,
+which every variant runs. With `--trained DIR` it also measures the top-k overlap of the FP8 and
+bf16 engines (and the plain search) on a trained checkpoint's real validation histories.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-kernels", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="bench/results", help="folder for the JSON, table and plot")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--trained", default="",
+                        help="folder with a trained checkpoint (ckpt/), its quantized folder (quantized/) and "
+                             "data folder (data/): FP8 vs bf16 top-k overlap on its validation users")
+    parser.add_argument("--trained-beams", default="64,512", help="beam sizes of the trained-checkpoint overlap")
     parser.add_argument("--sdpa-backends", default="",
                         help="SDPA backends in priority order for every variant, e.g. flash,efficient,cudnn,math "
                              "(default: torch's own choice)")
@@ -75,6 +81,11 @@ def main(args: argparse.Namespace) -> dict:
             time_budget_s=args.time_budget_s, check_kernels_first=args.check_kernels,
             torchao_presets=[p for p in args.torchao_presets.split(",") if p],
         )
+        if args.trained:
+            result["trained_checkpoint"] = trained_overlap(
+                Path(args.trained), [int(b) for b in args.trained_beams.split(",") if b], k=args.k)
+            result["summary"]["trained_checkpoint"] = {
+                key: v for key, v in result["trained_checkpoint"].items() if key.startswith("overlap")}
     result["settings"]["sdpa_backends"] = backends or "torch default"
     result["command"] = " ".join(["onerec-fp8", *sys.argv[1:]]) if sys.argv[0].endswith("onerec-fp8") else " ".join(sys.argv)
     paths = write_results(result, Path(args.out), args.tag)
@@ -90,9 +101,9 @@ def _with_sdpa(backends, fn, *args, **kwargs):
 def choose_plain_sdpa(model, index, cfg, context_len, table, beam_size, k, seed, device, batch) -> dict:
     """The fastest SDPA backend order for the plain search, so that the baseline is fair.
 
-    torch's default picks cuDNN for the plain model's self-attention over 1-3 target tokens with
-    ~100k (beam x head) batches, where its kernel is very slow (bench/NOTES.md); the plain
-    search gets whichever order is fastest on this GPU, measured here.
+    SDPA runs the plain model's cross-attention (its cached 1-query self-attention is written out
+    in onerec/model.py: SDPA's default picks a slow cuDNN kernel for that shape, bench/NOTES.md);
+    the plain search gets whichever order is fastest on this GPU, measured here.
     """
     from onerec.generate import beam_search
 
@@ -132,7 +143,8 @@ def _sdpa_priority(names: list[str]):
 
 
 def flop_count(cfg, context_len: int, beams: list[int], cached: bool = True) -> dict:
-    """FLOPs per user of one request (context + all steps); `cached=False`: the plain search."""
+    """FLOPs per user of one request (context + all steps); `cached=False`: a search that re-runs the
+    whole target prefix every step (`beam_search(..., use_cache=False)`)."""
     d, inner, V = cfg.d_model, cfg.n_heads * cfg.d_head, cfg.codebook_size
     T = context_len + 1  # + the user token
     if cfg.n_routed_experts:
@@ -331,10 +343,76 @@ def torchao_model(model):
     torch._dynamo.config.cache_size_limit = 1024
     torch._dynamo.config.accumulated_cache_size_limit = 4096
     # dynamic=True: one compilation serves the 3 step shapes and every batch size (static shapes
-    # cost 3-5 minutes of recompiles per batch size on an H100: bench/NOTES.md).
+    # cost 3-5 minutes of recompiles per batch size on an H100: bench/NOTES.md). The cached beam
+    # search calls each block's decode_step, not its forward.
     for block in qmodel.blocks:
-        block.compile(dynamic=True)
+        block.decode_step = torch.compile(block.decode_step, dynamic=True)
     return qmodel
+
+
+def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size: int = 256, device=None) -> dict:
+    """FP8 vs bf16 top-k overlap on a trained checkpoint's real validation histories.
+
+    `folder` holds ckpt/ (onerec-fp8 train), quantized/ (onerec-fp8 quantize) and data/ (its data
+    folder). Compares the FP8 engine on the quantized model with the bf16 engine and with the plain
+    bf16 search, and the plain search on the quantized model (what the quality gate runs) with
+    plain bf16; also recall@k of each against the validation targets.
+    """
+    import numpy as np
+    import torch
+
+    from onerec.checkpoint import load_checkpoint
+    from onerec.data import iter_batches, load_dataset, split_leave_last_out
+    from onerec.engine.engine import Engine, EngineConfig
+    from onerec.evaluate import ranking_metrics
+    from onerec.generate import beam_search
+    from onerec.quant.export import load_quantized
+    from onerec.semantic_ids import SemanticIdIndex
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, table = load_checkpoint(folder / "ckpt", device="cpu", dtype=torch.bfloat16)
+    model = model.to(device)
+    qmodel, _, recipe = load_quantized(folder / "quantized")
+    qmodel = qmodel.to(device)
+    cfg = model.cfg
+    requests = split_leave_last_out(load_dataset(folder / "data"), max_history=cfg.context_len).valid
+    targets = requests["target"].to_numpy(np.int64)
+    index = SemanticIdIndex.build(table, cfg.codebook_size).to(device)
+    out: dict = {"model": f"d_model {cfg.d_model}, {cfg.n_layers} blocks, codebook {cfg.codebook_size}, "
+                          f"context {cfg.context_len}, {len(table)} items",
+                 "users": len(requests), "k": k, "recipe": (recipe.get("recipe") or {}).get("name", "?"), "by_beam": {}}
+    for beam in beam_sizes:
+        # graphs off: the histories' lengths vary by batch; graphs do not change the numerics
+        engine_cfg = EngineConfig(beam_size=beam, k=k, cuda_graphs=False)
+        runs = {
+            "bf16-eager": lambda b, beam=beam: beam_search(model, b.history_sids, b.history_mask, index, b.profile,
+                                                            beam_size=beam, k=k),
+            "fp8-eager": lambda b, beam=beam: beam_search(qmodel, b.history_sids, b.history_mask, index, b.profile,
+                                                           beam_size=beam, k=k),
+            "bf16-engine": Engine(model, index, engine_cfg).recommend,
+            "fp8-engine": Engine(qmodel, index, engine_cfg).recommend,
+        }
+        items = {name: [] for name in runs}
+        for batch in iter_batches(requests, table, cfg.context_len, cfg.profile_features, batch_size):
+            b = batch.to(device)
+            for name, fn in runs.items():
+                recs = fn(b) if "eager" in name else fn(b.history_sids, b.history_mask, b.profile)
+                items[name].append(recs.items.cpu())
+        items = {name: torch.cat(v) for name, v in items.items()}
+        row = {
+            "overlap_fp8_engine_vs_bf16_engine": overlap(items["fp8-engine"], items["bf16-engine"]),
+            "overlap_fp8_engine_vs_bf16_eager": overlap(items["fp8-engine"], items["bf16-eager"]),
+            "overlap_bf16_engine_vs_bf16_eager": overlap(items["bf16-engine"], items["bf16-eager"]),
+            "overlap_fp8_eager_vs_bf16_eager": overlap(items["fp8-eager"], items["bf16-eager"]),
+        }
+        for name, v in items.items():
+            row[f"recall@{k}_{name}"] = ranking_metrics(v.numpy(), targets, k)[f"recall@{k}"]
+        out["by_beam"][str(beam)] = row
+        log.info("trained checkpoint, beam %d: %s", beam, row)
+    for key in next(iter(out["by_beam"].values()), {}):
+        if key.startswith("overlap"):
+            out[f"{key}_min"] = min(row[key] for row in out["by_beam"].values())
+    return out
 
 
 def overlap(a, b) -> float:
@@ -409,7 +487,6 @@ def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, 
     }
     beams = engines["bf16-engine"].beams
     flops_cached = flop_count(cfg, context_len, beams, cached=True)
-    flops_plain = flop_count(cfg, context_len, beams, cached=False)
     ao = None
     plain_sdpa = choose_plain_sdpa(model, index, cfg, context_len, table, beam_size, k, seed, device,
                                    batch=max([b for b in batches if b <= 8] or [min(batches)]))
@@ -447,7 +524,6 @@ def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, 
                 continue
             p50, p99 = percentile(times, 0.5), percentile(times, 0.99)
             tflops = flops_cached["total"] * batch / (p50 / 1e3) / 1e12
-            executed = flops_plain if variant in ("bf16-eager", "torchao-fp8") else flops_cached
             run = {
                 "preset": preset, "batch": batch, "variant": variant,
                 "p50_ms": p50, "p99_ms": p99, "mean_ms": sum(times) / len(times), "times_ms": times,
@@ -456,7 +532,7 @@ def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, 
                 "useful_tflops": tflops,
                 "mfu_vs_bf16_peak": tflops / peaks["bf16_tflops"],
                 "mfu_vs_fp8_peak": tflops / peaks["fp8_tflops"],
-                "executed_tflop_per_request": executed["total"] / 1e12,
+                "executed_tflop_per_request": flops_cached["total"] / 1e12,
                 "peak_memory_gib": peak_mem / 2**30,
             }
             if variant == "bf16-eager":
@@ -467,7 +543,7 @@ def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, 
             log.info("%s b=%d %s: p50 %.2f ms p99 %.2f ms", preset, batch, variant, p50, p99)
     result.setdefault("models", {})[preset] = {
         "config": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
-        "beams_per_step": beams, "flops_per_user_cached": flops_cached, "flops_per_user_plain": flops_plain,
+        "beams_per_step": beams, "flops_per_user_cached": flops_cached,
     }
 
 
@@ -511,6 +587,12 @@ def markdown_table(result: dict) -> str:
         parts = [f"{k} {v:.2f}" for k, v in s.items() if v is not None and "vs" in k]
         if parts:
             lines.append(f"\n{preset}: " + ", ".join(parts))
+    trained = result.get("trained_checkpoint")
+    if trained:
+        lines.append(f"\ntrained checkpoint ({trained['model']}; {trained['users']} validation users, "
+                     f"{trained['recipe']}): top-{trained['k']} overlap")
+        for beam, row in trained["by_beam"].items():
+            lines.append(f"  beam {beam}: " + ", ".join(f"{key} {v:.3f}" for key, v in row.items()))
     for s in result.get("skipped", []):
         lines.append(f"\nskipped {s['preset']} b={s['batch']} {s['variant']}: {s['why'][:200]}")
     return "\n".join(lines)

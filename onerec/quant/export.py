@@ -8,7 +8,7 @@ Folder (the data contract of docs/architecture.md):
                          input_scale fp32) + every other tensor in bf16
     semantic_ids.npy     the tokenizer table
     reports/             quantization.json and quantization.png (per-layer SQNR and AbsMax)
-    manifest.json        written last (onerec.checkpoint.write_manifest)
+    manifest.json        written last (onerec.manifest.write_manifest)
 
 A folder is recognised as quantized by its recipe.json. Loading needs nothing else: the layer
 layout in recipe.json rebuilds the FP8Linear modules, the weights load strictly.
@@ -25,16 +25,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from onerec.checkpoint import (
-    CONFIG,
-    SEMANTIC_IDS,
-    WEIGHTS,
-    atomic_folder,
-    manifest_digest,
-    verify_manifest,
-    write_manifest,
-)
+from onerec.checkpoint import CONFIG, SEMANTIC_IDS, WEIGHTS
 from onerec.errors import UserError
+from onerec.manifest import atomic_folder, manifest_digest, verify_manifest, write_manifest
 from onerec.model import MoE, OneRecV2, OneRecV2Config
 from onerec.quant.fp8 import FP8Linear
 from onerec.semantic_ids import load_table, validate_table

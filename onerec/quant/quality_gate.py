@@ -168,9 +168,10 @@ def run_quality_gate(
     """The quality gate as a function (the pipeline step calls this); see the module doc."""
     import torch
 
-    from onerec.checkpoint import load_checkpoint, manifest_digest
+    from onerec.checkpoint import load_checkpoint
     from onerec.data import load_dataset, split_leave_last_out
     from onerec.errors import UserError
+    from onerec.manifest import manifest_digest
     from onerec.quant.export import load_quantized
     from onerec.quant.recipes import _replace
 

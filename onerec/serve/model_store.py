@@ -106,7 +106,7 @@ def download(ref: ModelRef, cache_dir: Path) -> Path:
 
 def verify_folder(folder: Path) -> dict:
     """Hash every manifest entry, and refuse model files the manifest does not cover."""
-    from onerec.checkpoint import MANIFEST, verify_manifest
+    from onerec.manifest import MANIFEST, verify_manifest
 
     manifest = verify_manifest(folder)
     unlisted = sorted(
@@ -200,7 +200,8 @@ def load_served_model(
     """Resolve, verify and load `uri` (see module doc). `name`/`version` override the derived labels."""
     import torch
 
-    from onerec.checkpoint import load_checkpoint, manifest_digest
+    from onerec.checkpoint import load_checkpoint
+    from onerec.manifest import manifest_digest
     from onerec.semantic_ids import SemanticIdIndex
 
     ref = parse_model_uri(uri, default_name=name)

@@ -1,0 +1,41 @@
+"""What the onerec-fp8 DAGs share: start date, retry policy, config loading, step failure mapping.
+
+Not a DAG file (listed in .airflowignore); the DAG files import it from the dags folder, which
+Airflow puts on sys.path.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+START_DATE = datetime(2026, 1, 1)
+# I/O steps (S3, MLflow, rollout) retry with exponential backoff; checks that said no do not retry.
+DEFAULT_ARGS = {
+    "owner": "onerec-ml-platform",
+    "retries": 3,
+    "retry_delay": timedelta(seconds=20),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+NO_RETRY = {"retries": 0}
+
+
+def config():
+    """PipelineConfig from the environment, overridden by the Airflow Variable `onerec_fp8_config` (JSON)."""
+    from airflow.sdk import Variable
+
+    from tasks.config import AIRFLOW_VARIABLE, load_config
+
+    return load_config(Variable.get(AIRFLOW_VARIABLE, default=None, deserialize_json=True) or None)
+
+
+def run_step(fn, *args, **kwargs):
+    """A pipeline step; a StepFailed (bad data, failed check) fails the task at once, without retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks.requantize import StepFailed
+
+    try:
+        return fn(*args, **kwargs)
+    except StepFailed as exc:
+        raise AirflowFailException(str(exc)) from None
