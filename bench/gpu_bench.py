@@ -20,12 +20,11 @@ from onerec.engine import benchmark  # noqa: E402
 
 
 def diagnose_plain(batches, context_len=3000, beam_size=512, preset="1b") -> dict:
-    """The plain search's 1-query self-attention: written out (the model's) vs SDPA backends, and
-    the search without the KV cache (re-running the prefix), for the record."""
+    """The plain search's 1-query self-attention: the model's SDPA call (default backend) vs forced
+    SDPA backends and written-out versions, and the search without its KV cache, for the record."""
     import functools
 
     import torch
-    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from onerec.generate import beam_search
@@ -34,27 +33,35 @@ def diagnose_plain(batches, context_len=3000, beam_size=512, preset="1b") -> dic
     model = benchmark.build_model(preset, context_len, torch.device("cuda"), torch.bfloat16, 0)
     table, index = benchmark.random_index(1_000_000, model.cfg.codebook_size, 3, 0)
     index = index.to("cuda")
-    written_out = LazyDecoderBlock.cached_self_attention
+    original = LazyDecoderBlock.cached_self_attention
 
-    def with_sdpa(backend):
+    def variant(attend):
         def cached_self_attention(self, x, cache):
             cfg = self.cfg
             S, _ = x.shape
-            q, k, v = self.self_qkv(self.self_norm(x)).view(S, 3, cfg.n_heads, 1, cfg.d_head).unbind(1)
-            if cache is not None:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            if backend is None:
-                out = F.scaled_dot_product_attention(q, k, v)
-            else:
-                with sdpa_kernel(backend):
-                    out = F.scaled_dot_product_attention(q, k, v)
-            return self.self_o(out.reshape(S, -1)), (k, v)
+            qkv = self.self_qkv(self.self_norm(x)).view(S, 3, cfg.n_heads, 1, cfg.d_head)
+            kv = qkv[:, 1:] if cache is None else torch.cat([cache, qkv[:, 1:]], dim=3)
+            out = attend(qkv[:, 0], kv[:, 0], kv[:, 1], cfg.d_head**-0.5)
+            return self.self_o(out.reshape(S, -1)), kv
         return cached_self_attention
 
-    variants = {"written_out": written_out, "sdpa_default": with_sdpa(None),
-                "sdpa_flash": with_sdpa(SDPBackend.FLASH_ATTENTION),
-                "sdpa_efficient": with_sdpa(SDPBackend.EFFICIENT_ATTENTION),
-                "sdpa_cudnn": with_sdpa(SDPBackend.CUDNN_ATTENTION)}
+    def forced(backend):
+        def attend(q, k, v, scale):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return attend
+
+    def matmul(q, k, v, scale):
+        return torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(v.dtype) @ v
+
+    def elementwise(q, k, v, scale):
+        w = torch.softmax((q * k).sum(-1, dtype=torch.float32) * scale, dim=-1)  # [S, H, t]
+        return (w.to(v.dtype)[..., None] * v).sum(-2, keepdim=True)
+
+    variants = {"model_sdpa_default": original, "sdpa_flash": variant(forced(SDPBackend.FLASH_ATTENTION)),
+                "sdpa_efficient": variant(forced(SDPBackend.EFFICIENT_ATTENTION)),
+                "sdpa_math": variant(forced(SDPBackend.MATH)), "sdpa_cudnn": variant(forced(SDPBackend.CUDNN_ATTENTION)),
+                "written_out_matmul": variant(matmul), "written_out_elementwise": variant(elementwise)}
     out = {}
     for b in batches:
         sids, mask = benchmark.random_requests(model.cfg, b, context_len, table, b, "cuda")
@@ -66,14 +73,16 @@ def diagnose_plain(batches, context_len=3000, beam_size=512, preset="1b") -> dic
             except Exception as exc:
                 out[f"{name}_b{b}_ms"] = f"{type(exc).__name__}: {exc}"[:200]
             finally:
-                LazyDecoderBlock.cached_self_attention = written_out
+                LazyDecoderBlock.cached_self_attention = original
         fn = functools.partial(beam_search, model, sids, mask, index, beam_size=beam_size, k=10, use_cache=False)
         out[f"no_cache_b{b}_ms"] = benchmark.percentile(benchmark.time_calls(fn, 1, 5), 0.5)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         sids, mask = benchmark.random_requests(model.cfg, 8, context_len, table, 8, "cuda")
         beam_search(model, sids, mask, index, beam_size=beam_size, k=10)
         torch.cuda.synchronize()
-    out["profile_b8"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+    events = prof.key_averages()
+    out["profile_b8"] = events.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+    out["profile_b8_kernels"] = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
     del model
     torch.cuda.empty_cache()
     return out
@@ -250,14 +259,16 @@ if __name__ == "__main__":
         for k, v in diag["attention"].items():
             print(k, v, file=sys.stderr)
         print(diag["torchao_logits"], file=sys.stderr)
-    if args.diagnose_plain:
-        diag = diagnose_plain([int(b) for b in args.diagnose_plain.split(",")], args.context_len, args.beam_size)
-        print(diag["profile_b8"], file=sys.stderr)
-        print(json.dumps({k: v for k, v in diag.items() if k != "profile_b8"}), file=sys.stderr)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "diagnose_plain.json").write_text(json.dumps(diag, indent=1) + "\n")
     parser_gate = args.gate_smoke
     summary = benchmark.main(args)
+    if args.diagnose_plain:  # after the benchmark: a failure here must not cost its numbers
+        try:
+            diag = diagnose_plain([int(b) for b in args.diagnose_plain.split(",")], args.context_len, args.beam_size)
+            (Path(args.out) / "diagnose_plain.json").write_text(json.dumps(diag, indent=1) + "\n")
+            print(diag["profile_b8"], file=sys.stderr)
+            print(json.dumps({k: v for k, v in diag.items() if k != "profile_b8"}), file=sys.stderr)
+        except Exception:
+            logging.exception("plain diagnosis failed")
     if parser_gate:
         try:
             gate = gate_smoke(Path(args.out))

@@ -144,6 +144,23 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# CUDA attention kernels put the batch (x heads) on a grid dimension that caps out near 2**16:
+# at 2**16 or more sequences (e.g. 256 users x 512 beams of target tokens) cuDNN fails
+# (pytorch/pytorch#181085, torch 2.11) and flash/efficient report "invalid argument" (seen on an
+# H100). Splitting the batch computes exactly the same thing.
+SDPA_MAX_BATCH = 2**15
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_batch: int = SDPA_MAX_BATCH, **kwargs):
+    """F.scaled_dot_product_attention over [S, H, L, d_head], in chunks of at most `max_batch` sequences."""
+    if q.shape[0] <= max_batch:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if isinstance(kwargs.get("attn_mask"), torch.Tensor):
+        raise ValueError("attention(): chunking with a tensor attn_mask is not supported")
+    chunks = zip(q.split(max_batch), k.split(max_batch), v.split(max_batch), strict=True)
+    return torch.cat([F.scaled_dot_product_attention(qc, kc, vc, **kwargs) for qc, kc, vc in chunks])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -151,6 +168,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            # One op (one kernel on CUDA) instead of eight: F.rms_norm computes in fp32 for bf16
+            # inputs, the same result as the explicit ops below (tests/test_engine.py checks it).
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32: bf16 sums of squares lose too much at d_model in the thousands.
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -234,23 +255,23 @@ class ContextKV:
 class DecodeCache:
     """Self-attention keys/values of the target tokens decoded so far (incremental decoding).
 
-    One (keys, values) pair per block, each [users * beams, n_heads, tokens, d_head] with row
+    One tensor per block, [users * beams, 2 (keys, values), n_heads, tokens, d_head] with row
     user * beams + beam. After a beam-search step, `select(parent)` keeps the rows of the chosen
     parent beams, in the new beams' order.
     """
 
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    layers: list[torch.Tensor]
     beams: int  # beams per user
 
     @property
     def length(self) -> int:
-        return self.layers[0][0].shape[2]
+        return self.layers[0].shape[3]
 
     def select(self, parent: torch.Tensor) -> DecodeCache:
         """parent [B, K'] (a beam index within its user, per new beam) -> the cache of the new beams."""
         B, new_beams = parent.shape
         rows = (torch.arange(B, device=parent.device)[:, None] * self.beams + parent).reshape(-1)
-        return DecodeCache([(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers], new_beams)
+        return DecodeCache([kv.index_select(0, rows) for kv in self.layers], new_beams)
 
 
 class ContextProcessor(nn.Module):
@@ -349,28 +370,23 @@ class LazyDecoderBlock(nn.Module):
         S, L, _ = x.shape
         qkv = self.self_qkv(self.self_norm(x)).view(S, L, 3, cfg.n_heads, cfg.d_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = attention(q, k, v, is_causal=True)
         return self.self_o(out.transpose(1, 2).reshape(S, L, -1))
 
-    def cached_self_attention(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None):
+    def cached_self_attention(self, x: torch.Tensor, cache: torch.Tensor | None):
         """x [S, d]: the newest token of S target sequences -> (output [S, d], keys/values so far).
 
-        cache: the keys/values [S, H, t, d_head] of the sequences' earlier tokens (None at BOS). The
+        cache: keys/values [S, 2, H, t, d_head] of the sequences' earlier tokens (None at BOS). The
         newest token attends to all of them and itself, which is the causal mask's last row.
         """
         cfg = self.cfg
         S, _ = x.shape
-        q, k, v = self.self_qkv(self.self_norm(x)).view(S, 3, cfg.n_heads, 1, cfg.d_head).unbind(1)
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        # One query over at most n_levels keys, written out: SDPA's fused kernels are built for long
-        # sequences, and on an H100 its default pick for this shape is a slow cuDNN kernel
-        # (bench/NOTES.md). The softmax runs in fp32, as SDPA's does.
-        weights = torch.softmax((q @ k.transpose(-1, -2)).float() * cfg.d_head**-0.5, dim=-1)
-        out = weights.to(v.dtype) @ v  # [S, H, 1, d_head]
-        return self.self_o(out.reshape(S, -1)), (k, v)
+        qkv = self.self_qkv(self.self_norm(x)).view(S, 3, cfg.n_heads, 1, cfg.d_head)
+        kv = qkv[:, 1:] if cache is None else torch.cat([cache, qkv[:, 1:]], dim=3)
+        out = attention(qkv[:, 0], kv[:, 0], kv[:, 1])  # [S, H, 1, d_head]
+        return self.self_o(out.reshape(S, -1)), kv
 
-    def decode_step(self, x: torch.Tensor, ctx: ContextKV, cache: tuple[torch.Tensor, torch.Tensor] | None):
+    def decode_step(self, x: torch.Tensor, ctx: ContextKV, cache: torch.Tensor | None):
         """x [B, K, d]: one new token per beam -> (x [B, K, d], this block's self-attention cache)."""
         B, K, d = x.shape
         x = x + self.cross_attention(x, ctx)

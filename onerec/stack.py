@@ -624,7 +624,14 @@ def down(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
         for service, pids in stopped.items():
             log.info("%s: stopped (pids %s)", service, pids)
         state = _write_state(cfg, ports)
-        return {"state_dir": str(cfg.state_dir), "stopped": stopped, "running": sorted(state["services"])}
+    result = {"state_dir": str(cfg.state_dir), "stopped": stopped, "running": sorted(state["services"])}
+    if set(services) == set(SERVICES) and (cfg.state_dir / "serving").is_dir():
+        # The local rollout target's server and proxy live in the same state dir: a full `down`
+        # leaves nothing of the local setup running.
+        from tasks.rollout import stop as stop_local_serving
+
+        result["serving"] = stop_local_serving(cfg.state_dir)
+    return result
 
 
 def status(cfg: StackConfig) -> dict:

@@ -203,7 +203,7 @@ def run_demo() -> dict:
           f"  Airflow (DAGs, runs, rollback):   {airflow_url}  (user {creds.get('username', 'admin')}, "
           f"password in {creds.get('passwords_file', 'the stack state dir')})\n"
           f"  serving endpoint:                 {answer['url']}/v1/recommend\n"
-          "  runbook: docs/runbook.md ; stop: `.venv/bin/python -m tasks.rollout stop` then `onerec-fp8 stack down`",
+          "  runbook: docs/runbook.md ; stop everything (stack and local serving): `.venv/bin/onerec-fp8 stack down`",
           file=sys.stderr)
     return {"champion": champion.version, "model": cfg.model_name, "served_version": served.get("version"),
             "mlflow": mlflow_url, "airflow": airflow_url, "serving": answer["url"]}

@@ -216,3 +216,13 @@ def test_cached_beam_search_equals_uncached(preset, beam_size):
     b = beam_search(plain, sids, mask, index, beam_size=beam_size, k=8, use_cache=False)
     assert torch.equal(a.items, b.items)
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_in_chunks_equals_one_call():
+    """The batch split that keeps CUDA attention kernels under their grid limit computes the same thing."""
+    from onerec.model import attention
+
+    q, k, v = (torch.randn(37, 2, 3, 8) for _ in range(3))
+    whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    chunked = attention(q, k, v, max_batch=5, is_causal=True)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
