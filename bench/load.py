@@ -23,7 +23,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+
+from onerec.processes import free_port
 
 
 def check_loopback(url: str) -> None:
@@ -42,12 +43,6 @@ def check_loopback(url: str) -> None:
         ok = False
     if not ok:
         raise SystemExit(f"bench/load.py only targets loopback addresses, not {host!r}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, server_args: list[str], timeout_s: float = 180) -> tuple[subprocess.Popen, str]:

@@ -202,7 +202,7 @@ def make_batch(requests: pd.DataFrame, table: np.ndarray, context_len: int, prof
         missing = [f for f in profile_features if f not in requests.columns]
         if missing:
             raise UserError(f"requests lack profile features {missing} that the model needs")
-        profile = torch.from_numpy(requests[profile_features].to_numpy(dtype=np.float32))
+        profile = torch.from_numpy(np.array(requests[profile_features], dtype=np.float32))  # a writable copy
     user_ids = np.array(requests["user_id"], dtype=np.int64) if "user_id" in requests else np.zeros(len(requests), np.int64)
     return Batch(sids, mask, profile, torch.from_numpy(target_sids), torch.from_numpy(targets), torch.from_numpy(user_ids), unknown)
 
