@@ -52,7 +52,8 @@ def quality_gate_step(cfg, checkpoint_dir: str, quantized_dir: str, eval_data_di
 
 def latency_gate_step(cfg, checkpoint_dir: str, quantized_dir: str, report_dir: str) -> dict:
     """FP8 vs bf16 latency on this machine's GPU; `measurable` is False without an FP8 GPU."""
-    argv = ["--checkpoint", checkpoint_dir, "--quantized", quantized_dir, *shlex.split(cfg.latency_gate_args)]
+    argv = ["--checkpoint", checkpoint_dir, "--quantized", quantized_dir,
+            "--report-dir", str(Path(report_dir) / "latency_gate"), *shlex.split(cfg.latency_gate_args)]
     if importlib.util.find_spec("onerec.engine.latency_gate") is None:
         # no engine in this install: nothing can be measured, which blocks unless configured not to
         result = {"gate": "latency", "measurable": False, "passed": None,

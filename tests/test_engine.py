@@ -157,6 +157,29 @@ def test_latency_gate_on_cpu_is_not_measurable(tmp_path, capsys):
     assert code == 0 and out["measurable"] is False
 
 
+def test_latency_gate_report_dir_has_json_and_png(tmp_path, capsys):
+    from onerec.cli import main
+    from onerec.engine.latency_gate import LatencyGateConfig, plot
+
+    report = tmp_path / "report"
+    code = main(["gate", "latency", "--checkpoint", str(tmp_path), "--quantized", str(tmp_path),
+                 "--report-dir", str(report)])
+    capsys.readouterr()
+    assert code == 0
+    assert json.loads((report / "latency_gate.json").read_text())["measurable"] is False
+    assert (report / "latency_gate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the measurable case, as the GPU produces it
+    measured = {
+        "measurable": True, "passed": False, "device": "GPU", "latency_ratio": 1.1, "throughput_ratio": 0.9,
+        "thresholds": {"max_latency_ratio": LatencyGateConfig.max_latency_ratio,
+                       "min_throughput_ratio": LatencyGateConfig.min_throughput_ratio},
+        "latency_ms": {name: {b: {"p50_ms": 3.0 * b, "requests_per_s": 100.0 / b} for b in (1, 8)}
+                       for name in ("bf16", "fp8")},
+    }
+    png = plot(measured, tmp_path / "measured.png")
+    assert png.stat().st_size > 10_000
+
+
 def test_bench_refuses_without_gpu(capsys):
     from onerec.cli import main
 

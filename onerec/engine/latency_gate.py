@@ -23,9 +23,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LatencyGateConfig:
-    # FP8 p50 latency at the smallest batch must be at most this fraction of bf16's
-    max_latency_ratio: float = 0.95
-    # FP8 requests/s at the largest batch must be at least this multiple of bf16's
+    # FP8 p50 latency at the smallest batch may be at most this multiple of bf16's. At one user
+    # the GEMMs are too small for FP8 to gain (H100, 1b: 7.81 vs 7.91 ms, bench/README.md), so the
+    # gate asks "not slower", not "faster"...
+    max_latency_ratio: float = 1.05
+    # ...and the gain where FP8 pays: FP8 requests/s at the largest batch must be at least this
+    # multiple of bf16's (H100, 1b, 8 users: 1.26x; 0.1b: 0.96x, which fails, rightly).
     min_throughput_ratio: float = 1.10
     batch_sizes: tuple[int, ...] = (1, 8)
     beam_size: int = 512
@@ -101,6 +104,44 @@ def measure_latency(
     }
 
 
+def plot(result: dict, path: str | Path) -> Path:
+    """PNG for the reviewer: p50 latency and requests/s per batch, bf16 vs FP8, with the thresholds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not result.get("measurable"):
+        fig, ax = plt.subplots(figsize=(7, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"latency gate not measurable:\n{result.get('reason', '?')}", ha="center", va="center")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+    lat = result["latency_ms"]
+    batches = sorted(lat["bf16"], key=int)
+    x = range(len(batches))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for offset, name, color in ((-0.2, "bf16", "#9e9e9e"), (0.2, "fp8", "#1f77b4")):
+        ax1.bar([i + offset for i in x], [lat[name][b]["p50_ms"] for b in batches], 0.4, label=name, color=color)
+        ax2.bar([i + offset for i in x], [lat[name][b]["requests_per_s"] for b in batches], 0.4, label=name, color=color)
+    for ax, ylabel in ((ax1, "p50 latency (ms)"), (ax2, "requests/s")):
+        ax.set_xticks(list(x), [f"{b} users" for b in batches])
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    t = result["thresholds"]
+    ax1.set_title(f"FP8/bf16 p50 = {result['latency_ratio']:.2f} (max {t['max_latency_ratio']})")
+    ax2.set_title(f"FP8/bf16 throughput = {result['throughput_ratio']:.2f} (min {t['min_throughput_ratio']})")
+    verdict = "PASSED" if result["passed"] else "FAILED"
+    fig.suptitle(f"latency gate {verdict} on {result.get('device', '?')}", color="green" if result["passed"] else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="bf16 checkpoint folder")
     parser.add_argument("--quantized", required=True, help="quantized folder made from it")
@@ -112,6 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-len", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--out", default=None, help="also write the result JSON here")
+    parser.add_argument("--report-dir", default=None, help="write latency_gate.json and latency_gate.png here")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -129,4 +171,9 @@ def main(args: argparse.Namespace) -> dict:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    if args.report_dir:
+        report = Path(args.report_dir)
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "latency_gate.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        result["plot"] = str(plot(result, report / "latency_gate.png"))
     return result
