@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onerec.errors import UserError
+from onerec.processes import file_lock, is_alive, spawn_detached, stop_processes
 
 log = logging.getLogger("onerec.stack")
 
@@ -52,7 +51,6 @@ AIRFLOW_USER = "admin"
 LOCAL_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 STACK_FILE = "stack.json"
 
-_children: dict[int, subprocess.Popen] = {}  # processes started by this Python process, reaped on stop
 _abort = threading.Event()  # set when one of the parallel service starts failed
 
 
@@ -142,117 +140,26 @@ def _records(cfg: StackConfig, service: str | None = None) -> list[dict]:
     return records
 
 
-def _process(record: dict):
-    """The live psutil.Process of a record, or None (exited, zombie, or the pid was reused)."""
-    import psutil
-
-    try:
-        proc = psutil.Process(record["pid"])
-        if abs(proc.create_time() - record["create_time"]) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc
-    except psutil.Error:
-        return None
-
-
-def _alive(record: dict) -> bool:
-    return _process(record) is not None
-
-
 def _spawn(cfg: StackConfig, name: str, service: str, port: int, cmd: list[str], env: dict) -> dict:
-    import psutil
-
     log_path = _log_path(cfg, name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
-        out.flush()
-        # Own session = own process group, so `down` can signal the whole group at once.
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=cfg.state_dir, start_new_session=True,
-        )
-    _children[proc.pid] = proc
-    record = {
-        "name": name, "service": service, "port": port, "pid": proc.pid,
-        "create_time": psutil.Process(proc.pid).create_time(), "log": str(log_path), "cmd": cmd,
-    }
+    # Own session = own process group, so `down` can signal the whole group at once.
+    record = {"name": name, "service": service, "port": port,
+              **spawn_detached(cmd, log_path, env=env, cwd=cfg.state_dir)}
     _run_dir(cfg).mkdir(parents=True, exist_ok=True)
     _write_json(_run_dir(cfg) / f"{name}.json", record)
-    log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
+    log.debug("started %s (pid %d): %s", name, record["pid"], " ".join(cmd))
     return record
 
 
-def _tree(records: list[dict]) -> list:
-    """Every live process of these records: the leaders, their descendants, their groups' members.
-
-    Descendants are collected too because Airflow's task supervisor puts each task in a new
-    process group, out of reach of a killpg on the component's group.
-    """
-    import psutil
-
-    found: dict[int, psutil.Process] = {}
-    groups = set()
+def _stop(cfg: StackConfig, records: list[dict]) -> None:
+    """Stop these records' processes and everything they spawned (see stop_processes), forget them."""
+    stop_processes(records, cfg.grace_s)
     for record in records:
-        leader = _process(record)
-        if leader is None:
-            continue
-        for proc in [leader, *leader.children(recursive=True)]:
-            found[proc.pid] = proc
-            with contextlib.suppress(OSError):
-                groups.add(os.getpgid(proc.pid))
-    if groups:
-        for proc in psutil.process_iter():
-            with contextlib.suppress(OSError, psutil.Error):
-                if os.getpgid(proc.pid) in groups:
-                    found.setdefault(proc.pid, proc)
-    return list(found.values())
-
-
-def _stop(cfg: StackConfig, records: list[dict]) -> list[int]:
-    """Stop these records' processes and everything they spawned. Returns the leaders' pids.
-
-    SIGTERM to every group and process; the leaders get `grace_s` to shut down cleanly; then
-    SIGKILL for whatever is left (Airflow's LocalExecutor workers ignore SIGTERM).
-    """
-    import psutil
-
-    leaders = [proc for record in records if (proc := _process(record)) is not None]
-    procs = _tree(records)
-    groups = set()
-    for proc in procs:
-        with contextlib.suppress(OSError):
-            groups.add(os.getpgid(proc.pid))
-    groups.discard(os.getpgid(0))  # never signal the caller's own group
-
-    def send(sig: int) -> None:
-        for group in groups:
-            with contextlib.suppress(OSError):
-                os.killpg(group, sig)
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(sig)
-
-    send(signal.SIGTERM)
-    _, slow = psutil.wait_procs(leaders, timeout=cfg.grace_s)
-    _, procs = psutil.wait_procs(procs, timeout=1.0)
-    if procs:
-        if slow:
-            log.info("%d process(es) still running %.0fs after SIGTERM: SIGKILL", len(slow), cfg.grace_s)
-        send(signal.SIGKILL)
-        _, procs = psutil.wait_procs(procs, timeout=5.0)
-    if procs:
-        raise UserError(f"could not stop pids {[p.pid for p in procs]}")
-    stopped = []
-    for record in records:
-        stopped.append(record["pid"])
-        child = _children.pop(record["pid"], None)
-        if child is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=5)  # reap, so no zombie stays behind in a long-lived caller
         with contextlib.suppress(FileNotFoundError):
             (_run_dir(cfg) / f"{record['name']}.json").unlink()
-    return stopped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +230,7 @@ def _wait(service: str, records: list[dict], ready: Callable[[], bool], timeout_
     deadline = time.monotonic() + timeout_s
     while True:
         for record in records:
-            if not _alive(record):
+            if not is_alive(record):
                 log.error("%s exited during start; last lines of %s:\n%s", record["name"], record["log"], _tail(record["log"]))
                 raise UserError(f"{service}: {record['name']} exited during start; see {record['log']}")
         if ready():
@@ -347,13 +254,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port() -> int:
-    """A currently free loopback port (for tests and for Airflow's internal log servers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,9 +392,7 @@ def _start_timed(cfg: StackConfig, service: str, port: int, env: dict) -> list[d
 @contextlib.contextmanager
 def _locked(cfg: StackConfig):
     """One `up`/`down` at a time per state dir."""
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    with open(cfg.state_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(cfg.state_dir / ".lock"):
         yield
 
 
@@ -503,7 +401,7 @@ def _resolve_ports(cfg: StackConfig) -> dict[str, int]:
     explicit = dict(cfg.ports or {})
     ports = {}
     for service in SERVICES:
-        running = [r["port"] for r in _records(cfg, service) if _alive(r)]
+        running = [r["port"] for r in _records(cfg, service) if is_alive(r)]
         if service in explicit:
             ports[service] = int(explicit[service])
         elif running:
@@ -571,7 +469,7 @@ def up(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
         for service in services:
             records = _records(cfg, service)
             url = f"http://127.0.0.1:{ports[service]}"
-            if (records and all(_alive(r) for r in records) and records[0]["port"] == ports[service]
+            if (records and all(is_alive(r) for r in records) and records[0]["port"] == ports[service]
                     and _service_healthy(service, url, cfg)):
                 log.info("%s: already running and healthy at %s (reused)", service, url)
                 continue
@@ -643,7 +541,7 @@ def status(cfg: StackConfig) -> dict:
             report[service] = {"running": False, "healthy": False}
             continue
         records = _records(cfg, service)
-        running = all(_alive(r) for r in records)
+        running = all(is_alive(r) for r in records)
         healthy = running and _service_healthy(service, state["url"], cfg)
         report[service] = {**state, "running": running, "healthy": healthy}
         if service == "airflow" and running:

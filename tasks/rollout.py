@@ -32,13 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +43,7 @@ import time
 from pathlib import Path
 
 from onerec.errors import UserError
+from onerec.processes import file_lock, free_port, is_alive, spawn_detached, stop_processes
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls would log every request
@@ -109,65 +107,12 @@ def _state_dir(state_dir: str | Path | None) -> Path:
     return path
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks (/proc/PID/stat field 22): with the pid, its identity."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return None if fields[0] == "Z" else fields[19]
-
-
-def _alive(pid: int | None, start_time: str | None) -> bool:
-    if not pid:
-        return False
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
-    now = _start_time(pid)
-    return now is not None and now == start_time
-
-
-def _terminate(record: dict, timeout_s: float) -> None:
-    """SIGTERM the process group we started (checked by pid + start time), SIGKILL after `timeout_s`."""
-    pid, start = record.get("pid"), record.get("start_time")
-    if not _alive(pid, start):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not _alive(pid, start):
-            return
-        time.sleep(0.1)
-    log.warning("pid %s did not stop in %.0f s; killing its process group", pid, timeout_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    for _ in range(50):
-        if not _alive(pid, start):
-            return
-        time.sleep(0.1)
-
-
-def _spawn(cmd: list[str], log_path: Path) -> tuple[int, str]:
-    """Start `cmd` detached in its own session/process group (it outlives the caller); (pid, start time)."""
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd=REPO_ROOT,
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    for _ in range(100):
-        start = _start_time(proc.pid)
-        if start is not None:
-            return proc.pid, start
-        time.sleep(0.01)
-    raise RolloutError(f"{cmd[2]} exited at once; see {log_path}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _spawn(cmd: list[str], log_path: Path) -> dict:
+    """Start `cmd` detached in its own process group (it outlives the caller); {pid, create_time}."""
+    proc = spawn_detached(cmd, log_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=REPO_ROOT)
+    if not is_alive(proc):
+        raise RolloutError(f"{cmd[2]} exited at once; see {log_path}")
+    return {"pid": proc["pid"], "create_time": proc["create_time"]}
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -182,7 +127,7 @@ def _wait_http(url: str, record: dict, timeout_s: float, log_path: Path) -> None
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not _alive(record["pid"], record["start_time"]):
+        if not is_alive(record):
             raise RolloutError(f"the process for {url} exited before it was ready; log {log_path}:\n{_tail(log_path)}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2.0).status_code == 200:
@@ -191,15 +136,9 @@ def _wait_http(url: str, record: dict, timeout_s: float, log_path: Path) -> None
     raise RolloutError(f"{url} not ready after {timeout_s:.0f} s; log {log_path}:\n{_tail(log_path)}")
 
 
-@contextlib.contextmanager
 def _locked(folder: Path):
     """One rollout at a time per state dir (a promote and a rollback must not interleave)."""
-    with open(folder / "rollout.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return file_lock(folder / "rollout.lock")
 
 
 def _read_state(folder: Path) -> dict:
@@ -218,7 +157,7 @@ def _write_state(folder: Path, state: dict) -> None:
 def _proxy_up(proxy: dict | None) -> bool:
     import httpx
 
-    if not proxy or not _alive(proxy.get("pid"), proxy.get("start_time")):
+    if not proxy or not is_alive(proxy):
         return False
     try:
         return httpx.get(proxy["url"] + "/_proxy/status", timeout=2.0).json().get("pid") == proxy["pid"]
@@ -232,19 +171,18 @@ def _ensure_proxy(folder: Path, state: dict, port: int | None) -> dict:
     if _proxy_up(proxy) and proxy["port"] == port:
         return proxy
     if proxy:
-        _terminate(proxy, 10)
+        stop_processes([proxy], 10)
     log_path = folder / "proxy.log"
     cmd = [sys.executable, "-m", "onerec.serve.proxy", "--port", str(port), "--state-file", str(folder / "proxy-upstream.json")]
-    pid, start = _spawn(cmd, log_path)
-    proxy = {"pid": pid, "start_time": start, "port": port, "url": f"http://127.0.0.1:{port}", "log": str(log_path)}
+    proxy = {**_spawn(cmd, log_path), "port": port, "url": f"http://127.0.0.1:{port}", "log": str(log_path)}
     try:
         _wait_http(proxy["url"] + "/_proxy/status", proxy, 30, log_path)
     except RolloutError:
-        _terminate(proxy, 5)
+        stop_processes([proxy], 5)
         raise
     state["proxy"] = proxy
     _write_state(folder, state)
-    log.info("local endpoint (proxy) on %s, pid %s", proxy["url"], pid)
+    log.info("local endpoint (proxy) on %s, pid %s", proxy["url"], proxy["pid"])
     return proxy
 
 
@@ -279,14 +217,13 @@ def _local_rollout(
         state = _read_state(folder)
         proxy = _ensure_proxy(folder, state, port)
         revision = state["revision"] + 1
-        server_port = _free_port()
+        server_port = free_port()
         log_path = folder / f"server-r{revision}.log"
         cmd = _server_command(model_uri, version, server_port, folder, device, threads, list(server_args or []))
         log.info("%s revision %d: %s version %s on port %d", action, revision, model_uri, version, server_port)
-        pid, start = _spawn(cmd, log_path)
         record = {
-            "revision": revision, "action": action, "model_uri": model_uri, "version": version, "pid": pid,
-            "start_time": start, "port": server_port, "url": f"http://127.0.0.1:{server_port}", "log": str(log_path),
+            "revision": revision, "action": action, "model_uri": model_uri, "version": version, **_spawn(cmd, log_path),
+            "port": server_port, "url": f"http://127.0.0.1:{server_port}", "log": str(log_path),
             "deployed_at": _now(),
         }
         try:
@@ -295,21 +232,21 @@ def _local_rollout(
         except BaseException:
             # the old server never stopped serving: put the proxy back if it moved, stop the new one
             old = state.get("current")
-            if old and _alive(old.get("pid"), old.get("start_time")):
+            if old and is_alive(old):
                 with contextlib.suppress(RolloutError):
                     _switch(proxy, old["url"])
-            _terminate(record, stop_timeout_s)
+            stop_processes([record], stop_timeout_s)
             raise
         old = state.get("current")
         state.update(revision=revision, current=record)
-        state["history"].append({k: v for k, v in record.items() if k not in ("pid", "start_time")})
+        state["history"].append({k: v for k, v in record.items() if k not in ("pid", "create_time")})
         _write_state(folder, state)
         if old:
             log.info("stopping revision %s (version %s, pid %s)", old["revision"], old["version"], old["pid"])
-            _terminate(old, stop_timeout_s)
+            stop_processes([old], stop_timeout_s)
     return {
         "target": "local", "action": action, "revision": revision, "url": proxy["url"], "version": version,
-        "model_uri": model_uri, "server_url": record["url"], "pid": pid,
+        "model_uri": model_uri, "server_url": record["url"], "pid": record["pid"],
         "replaced": None if not old else {"revision": old["revision"], "version": old["version"]},
     }
 
@@ -341,7 +278,7 @@ def local_status(state_dir=None, **_) -> dict:
     return {
         "target": "local", "revision": state["revision"], "url": (state.get("proxy") or {}).get("url"),
         "proxy_alive": _proxy_up(state.get("proxy")),
-        "current": None if not current else {**current, "alive": _alive(current.get("pid"), current.get("start_time"))},
+        "current": None if not current else {**current, "alive": is_alive(current)},
         "history": [{k: r[k] for k in ("revision", "action", "version", "model_uri", "deployed_at")} for r in state["history"]],
     }
 
@@ -354,7 +291,7 @@ def stop(state_dir=None, timeout_s: float = 30) -> dict:
         stopped = []
         for key in ("current", "proxy"):
             if state.get(key):
-                _terminate(state[key], timeout_s)
+                stop_processes([state[key]], timeout_s)
                 stopped.append(key)
         state.update(current=None, proxy=None)
         _write_state(folder, state)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from onerec.checkpoint import save_checkpoint
 from onerec.model import OneRecV2, OneRecV2Config
+from onerec.processes import free_port
 
 PROFILE_FEATURES = ["age", "activity"]
 PROFILE_MEAN = [30.0, 2.0]
@@ -32,12 +32,6 @@ def random_tiny_checkpoint(out: Path, seed: int = 0, num_items: int = 300, profi
     table = np.stack([codes // (c * c), (codes // c) % c, codes % c], 1).astype(np.int32)
     table[rng.choice(num_items, num_items // 15, replace=False)] = -1  # gaps in the id range
     return save_checkpoint(model, table, out)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -74,7 +74,8 @@ def environment(values: dict[str, str]):
 @pytest.fixture(scope="module")
 def stack(s3_and_mlflow, tmp_path_factory):
     """The session's S3 + MLflow in os.environ, a free port for the local serving endpoint."""
-    from onerec.stack import free_port, stack_env
+    from onerec.processes import free_port
+    from onerec.stack import stack_env
 
     work = tmp_path_factory.mktemp("pipeline_work")
     env = {**stack_env(s3_and_mlflow), "ONEREC_STATE_DIR": str(work), "ONEREC_LOCAL_SERVE_PORT": str(free_port())}

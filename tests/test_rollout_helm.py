@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from serving_checkpoints import free_port
 
+from onerec.processes import free_port
 from tasks import rollout
 
 

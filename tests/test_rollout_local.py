@@ -9,8 +9,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-from serving_checkpoints import free_port, random_tiny_checkpoint
+from fixtures.stack import alive
+from serving_checkpoints import random_tiny_checkpoint
 
+from onerec.processes import free_port
 from tasks import rollout
 
 BODY = {"users": [{"history": [1, 2, 3, 4]}], "k": 3, "beam": 8}
@@ -96,13 +98,12 @@ def test_local_target_replaces_and_rolls_back_with_no_failed_request(tmp_path):
         current = rollout.status(target="local", state_dir=state)
         assert current["revision"] == 3 and current["current"]["version"] == "1" and current["current"]["alive"]
         assert current["proxy_alive"] and [h["version"] for h in current["history"]] == ["1", "2", "1"]
-        assert rollout._start_time(first["pid"]) is None and rollout._start_time(second["pid"]) is None
+        assert not alive([first["pid"], second["pid"]])
     finally:
         stop.set()
         stopped = rollout.stop(state_dir=state)
     assert set(stopped["stopped"]) == {"current", "proxy"}
-    for pid in pids:
-        assert rollout._start_time(pid) is None, f"pid {pid} still running"
+    assert not alive(pids), f"pids {alive(pids)} still running"
 
 
 def test_rollback_with_no_earlier_revision_is_refused(tmp_path):

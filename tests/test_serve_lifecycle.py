@@ -12,9 +12,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-from serving_checkpoints import free_port, random_tiny_checkpoint, serve_in_thread, wait_ready
+from serving_checkpoints import random_tiny_checkpoint, serve_in_thread, wait_ready
 
 from onerec.errors import UserError
+from onerec.processes import free_port
 from onerec.serve.app import ServerConfig, create_app
 from onerec.serve.model_store import load_served_model, parse_model_uri
 
