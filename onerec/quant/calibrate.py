@@ -200,6 +200,16 @@ def _progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False)
 
 
+def _pass_with_hooks(model: nn.Module, handles: list, calibration: Calibration, desc: str) -> None:
+    """Run the model over the calibration batches, then remove the hooks (also on error)."""
+    try:
+        for batch in _progress(calibration.batches(model), calibration.num_batches(model), desc):
+            run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def observe_activations(
     model: nn.Module, layers: list[str], calibration: Calibration, desc: str = "calibrate",
@@ -210,12 +220,7 @@ def observe_activations(
         model.get_submodule(name).register_forward_pre_hook(lambda _m, args, o=obs: o.update(args[0]))
         for name, obs in observers.items()
     ]
-    try:
-        for batch in _progress(calibration.batches(model), calibration.num_batches(model), desc):
-            run_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _pass_with_hooks(model, handles, calibration, desc)
     return observers
 
 
@@ -241,12 +246,7 @@ def measure_sqnr(
         return fn
 
     handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in fp8_layers]
-    try:
-        for batch in _progress(calibration.batches(model), calibration.num_batches(model), desc):
-            run_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _pass_with_hooks(model, handles, calibration, desc)
     return {name: sqnr_db(signal[name], noise[name]) for name in fp8_layers}
 
 
