@@ -148,3 +148,15 @@ def test_nan_or_inf_weights_raise_naming_the_layer():
         lin.weight[2, 3] = float("inf")
     with pytest.raises(UserError, match=r"blocks\.1\.self_o"):
         FP8Linear.from_linear(lin, "block", "block", name="blocks.1.self_o")
+
+
+def test_rowwise_fallback_for_cpu_builds_without_rowwise_scaled_mm(monkeypatch):
+    """torch 2.11's CPU _scaled_mm takes per-tensor scales only: the fallback computes the same product."""
+    from onerec.quant import fp8
+
+    x_fp8, x_scale = fp8.quantize_per_token(torch.randn(32, 64))
+    w_fp8, w_scale = fp8.quantize_per_channel(torch.randn(48, 64))
+    fused = fp8.scaled_mm_rowwise(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
+    monkeypatch.setattr(fp8, "cpu_has_rowwise_scaled_mm", lambda: False)
+    fallback = fp8.scaled_mm_rowwise(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
+    torch.testing.assert_close(fallback, fused, rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ torch._scaled_mm (the FP8 GEMM; torch 2.13 runs it on CPU too, tensor-wise and r
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -107,6 +108,17 @@ def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
     return x_fp8.float() * scale
 
 
+@functools.cache
+def cpu_has_rowwise_scaled_mm() -> bool:
+    """torch 2.13's CPU build runs row-wise scaled FP8 GEMMs; older ones (2.11) only per-tensor."""
+    a = torch.ones(16, 16).to(E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+        return True
+    except RuntimeError:
+        return False
+
+
 def scaled_mm_rowwise(
     x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
@@ -121,6 +133,9 @@ def scaled_mm_rowwise(
     # _scaled_mm has no mixed tensor-wise x row-wise mode: a per-tensor scale becomes a column.
     scale_a = x_scale.float().reshape(-1, 1).expand(M, 1).contiguous()
     scale_b = w_scale.float().reshape(1, N).contiguous()
+    if not x_fp8.is_cuda and not cpu_has_rowwise_scaled_mm():
+        # The same product of FP8 values with FP32 accumulation, without the fused kernel.
+        return ((x_fp8.float() * scale_a) @ (w_fp8.float() * scale_b.t()).t()).to(out_dtype)
     gemm_dtype = torch.bfloat16 if x_fp8.is_cuda else out_dtype  # CUDA row-wise: bf16 output only
     out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=gemm_dtype)
     return out.to(out_dtype)
