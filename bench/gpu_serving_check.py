@@ -27,6 +27,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from onerec.data import iter_batches, load_dataset, split_leave_last_out
+    from onerec.evaluate import topk_overlap
+    from onerec.generate import beam_search
     from onerec.serve.model_store import load_served_model
 
     result = {
@@ -42,17 +44,14 @@ def main() -> int:
         requests = requests.head(args.users)
         row = {"backend": served.backend, "kind": served.kind}
         for beam in [int(b) for b in args.beams.split(",")]:
-            same, total = 0, 0
+            fast_items, ref_items = [], []
             for batch in iter_batches(requests, served.table, cfg.context_len, cfg.profile_features, 64):
                 b = batch.to("cuda")
                 fast = served.search(b.history_sids, b.history_mask, b.profile, beam, 10)
-                from onerec.generate import beam_search
-
                 ref = beam_search(served.model, b.history_sids, b.history_mask, served.index, b.profile, beam_size=beam, k=10)
-                for f, r in zip(fast.items.cpu().numpy(), ref.items.cpu().numpy(), strict=True):
-                    same += len(set(f.tolist()) & set(r.tolist()))
-                    total += 10
-            overlap = same / total
+                fast_items.append(fast.items.cpu().numpy())
+                ref_items.append(ref.items.cpu().numpy())
+            overlap = topk_overlap(np.concatenate(fast_items), np.concatenate(ref_items), 10)
             row[f"top10_overlap_engine_vs_reference_beam{beam}"] = overlap
             ok &= served.backend == "engine" and overlap >= 0.95
         result["models"][kind] = row

@@ -33,6 +33,14 @@ def _resolve_device(device):
     return torch.device(device)
 
 
+def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Mean over rows of |set(a[:k]) & set(b[:k])| / k (padding -1 never counts)."""
+    if len(a) == 0:
+        return 1.0
+    shared = [len((set(x[:k].tolist()) & set(y[:k].tolist())) - {-1}) for x, y in zip(a, b, strict=True)]
+    return float(np.mean(shared)) / k
+
+
 def recommend(model, table: np.ndarray, requests, k: int = 10, beam_size: int = 64, batch_size: int = 256,
               device=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-k item ids [N, k] (-1 where fewer than k valid items exist) and their scores [N, k]."""

@@ -138,6 +138,14 @@ def stop_processes(records: list[dict], grace_s: float) -> None:
                 child.wait(timeout=5)  # reap, so no zombie stays behind in a long-lived caller
 
 
+def log_tail(path: str | Path, lines: int = 15) -> str:
+    """The last `lines` lines of a process's log, for error messages ("" if it cannot be read)."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that is free on `host` right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

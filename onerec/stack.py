@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onerec.errors import UserError
-from onerec.processes import file_lock, is_alive, spawn_detached, stop_processes
+from onerec.processes import file_lock, is_alive, log_tail, spawn_detached, stop_processes
 
 log = logging.getLogger("onerec.stack")
 
@@ -218,20 +218,13 @@ def _service_healthy(service: str, url: str, cfg: StackConfig) -> bool:
     return _airflow_healthy(url)
 
 
-def _tail(path: str | Path, lines: int = 8) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def _wait(service: str, records: list[dict], ready: Callable[[], bool], timeout_s: float) -> None:
     """Block until `ready()`; a clear error naming the log file if a process exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     while True:
         for record in records:
             if not is_alive(record):
-                log.error("%s exited during start; last lines of %s:\n%s", record["name"], record["log"], _tail(record["log"]))
+                log.error("%s exited during start; last lines of %s:\n%s", record["name"], record["log"], log_tail(record["log"], lines=8))
                 raise UserError(f"{service}: {record['name']} exited during start; see {record['log']}")
         if ready():
             return
@@ -240,7 +233,7 @@ def _wait(service: str, records: list[dict], ready: Callable[[], bool], timeout_
         if time.monotonic() > deadline:
             logs = ", ".join(r["log"] for r in records)
             for record in records:
-                log.error("last lines of %s:\n%s", record["log"], _tail(record["log"]))
+                log.error("last lines of %s:\n%s", record["log"], log_tail(record["log"], lines=8))
             raise UserError(f"{service} did not become healthy within {timeout_s:g}s; see {logs}")
         time.sleep(0.5)
 
@@ -359,7 +352,7 @@ def _start_airflow(cfg: StackConfig, port: int, env: dict) -> list[dict]:
             subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], stdout=out, stderr=subprocess.STDOUT,
                            stdin=subprocess.DEVNULL, env=env, cwd=cfg.state_dir, timeout=cfg.timeout_s, check=True)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            log.error("last lines of %s:\n%s", init_log, _tail(init_log))
+            log.error("last lines of %s:\n%s", init_log, log_tail(init_log, lines=8))
             raise UserError(f"airflow: `airflow db migrate` failed ({exc}); see {init_log}") from None
     records = []
     for component in AIRFLOW_COMPONENTS:

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from onerec.errors import UserError
-from onerec.processes import file_lock, free_port, is_alive, spawn_detached, stop_processes
+from onerec.processes import file_lock, free_port, is_alive, log_tail, spawn_detached, stop_processes
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls would log every request
@@ -115,25 +115,18 @@ def _spawn(cmd: list[str], log_path: Path) -> dict:
     return {"pid": proc["pid"], "create_time": proc["create_time"]}
 
 
-def _tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
 def _wait_http(url: str, record: dict, timeout_s: float, log_path: Path) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not is_alive(record):
-            raise RolloutError(f"the process for {url} exited before it was ready; log {log_path}:\n{_tail(log_path)}")
+            raise RolloutError(f"the process for {url} exited before it was ready; log {log_path}:\n{log_tail(log_path)}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2.0).status_code == 200:
                 return
         time.sleep(0.2)
-    raise RolloutError(f"{url} not ready after {timeout_s:.0f} s; log {log_path}:\n{_tail(log_path)}")
+    raise RolloutError(f"{url} not ready after {timeout_s:.0f} s; log {log_path}:\n{log_tail(log_path)}")
 
 
 def _locked(folder: Path):

@@ -131,7 +131,8 @@ def test_topk_overlap_and_thresholds_file(tmp_path):
     import numpy as np
 
     from onerec.errors import UserError
-    from onerec.quant.quality_gate import QualityGateConfig, topk_overlap
+    from onerec.evaluate import topk_overlap
+    from onerec.quant.quality_gate import QualityGateConfig
 
     a = np.array([[1, 2, 3, 4], [5, 6, -1, -1]])
     b = np.array([[4, 3, 9, 8], [5, 7, -1, -1]])

@@ -423,12 +423,10 @@ def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size
 
 
 def overlap(a, b) -> float:
-    """Mean |top-k(a) & top-k(b)| / k over users (item ids; -1 ignored)."""
-    total = 0.0
-    for ra, rb in zip(a.tolist(), b.tolist(), strict=True):
-        sa, sb = {i for i in ra if i >= 0}, {i for i in rb if i >= 0}
-        total += len(sa & sb) / max(1, len(ra))
-    return total / max(1, len(a))
+    """Mean top-k overlap of two [users, k] item tensors (onerec.evaluate.topk_overlap)."""
+    from onerec.evaluate import topk_overlap
+
+    return topk_overlap(a.cpu().numpy(), b.cpu().numpy(), a.shape[1])
 
 
 def run_benchmark(

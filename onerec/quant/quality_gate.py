@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onerec.evaluate import topk_overlap
+
 log = logging.getLogger(__name__)
 
 
@@ -68,14 +70,6 @@ class QualityGateConfig:
 
 def _relative_change(fp8: float, bf16: float) -> float | None:
     return (fp8 - bf16) / bf16 if bf16 > 0 else None
-
-
-def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    """Mean over rows of |set(a[:k]) & set(b[:k])| / k (padding -1 never counts)."""
-    if len(a) == 0:
-        return 1.0
-    shared = [len((set(x[:k].tolist()) & set(y[:k].tolist())) - {-1}) for x, y in zip(a, b, strict=True)]
-    return float(np.mean(shared)) / k
 
 
 def level_kl(bf16_model, fp8_model, calibration) -> list[float]:
