@@ -22,15 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from onerec.devices import resolve_device
+
 log = logging.getLogger(__name__)
-
-
-def _resolve_device(device):
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
@@ -51,7 +45,7 @@ def recommend(model, table: np.ndarray, requests, k: int = 10, beam_size: int = 
     from onerec.generate import beam_search
     from onerec.semantic_ids import SemanticIdIndex
 
-    device = _resolve_device(device)
+    device = resolve_device(device)
     cfg = model.cfg
     index = SemanticIdIndex.build(table, cfg.codebook_size).to(device)
     beam_size = max(beam_size, k)
@@ -150,7 +144,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.k < 1 or args.beam < 1 or args.batch_size < 1:
         raise UserError("--k, --beam and --batch-size must be positive")
     dataset = load_dataset(args.data)  # first: a missing data folder fails before any model load
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     model, table, source = load_model(args.checkpoint, args.quantized, device)
     if device.type == "cpu":
         import torch

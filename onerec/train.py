@@ -92,6 +92,7 @@ def train(
 
     from onerec.checkpoint import save_checkpoint
     from onerec.data import iter_batches, load_dataset, split_leave_last_out
+    from onerec.devices import resolve_device
     from onerec.errors import UserError
     from onerec.manifest import manifest_digest
     from onerec.model import PRESETS, OneRecV2, OneRecV2Config
@@ -105,9 +106,7 @@ def train(
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available")
+    device = resolve_device(device)
 
     dataset = load_dataset(data_dir)
     cfg = OneRecV2Config.from_preset(preset, profile_features=dataset.profile_features)

@@ -33,9 +33,9 @@ def load_folder(folder: str | Path, device: str = "cpu"):
 
 class OneRecPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        import torch
+        from onerec.devices import resolve_device
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = str(resolve_device())
         self.model, self.table = load_folder(context.artifacts["quantized"], self.device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

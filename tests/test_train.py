@@ -109,3 +109,19 @@ def test_eval_refuses_existing_out_and_bad_sources(trained_tiny, tmp_path, capsy
     assert code == 1 and "already exists" in err
     code, _, err = run_cli(capsys, "eval", "--quantized", tmp_path / "missing-q", "--data", trained_tiny.data_dir)
     assert code == 1 and len(err.strip().splitlines()) == 1
+
+
+def test_resolve_device_rules():
+    import torch
+
+    from onerec.devices import resolve_device
+    from onerec.errors import UserError
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device().type == resolve_device("auto").type == expected
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(UserError, match="auto, cpu or cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            resolve_device("cuda:0")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onerec.devices import resolve_device
 from onerec.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -141,18 +142,6 @@ class ServedModel:
     recipe: dict | None = None
 
 
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is available here")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
-    return device
-
-
 def _reference_search(model, index) -> Callable:
     from onerec.generate import beam_search
 
@@ -205,7 +194,7 @@ def load_served_model(
     from onerec.semantic_ids import SemanticIdIndex
 
     ref = parse_model_uri(uri, default_name=name)
-    device = pick_device(device)
+    device = str(resolve_device(device))
     if ref.is_registry:
         version = version or registry_version(ref)
         ref = parse_model_uri(ref.pinned_uri(version))
