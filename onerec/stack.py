@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from onerec import mlflow_auth
 from onerec.errors import UserError
 from onerec.processes import file_lock, is_alive, log_tail, spawn_detached, stop_processes
 
@@ -115,6 +116,10 @@ def contract_env(cfg: StackConfig, ports: dict[str, int]) -> dict[str, str]:
         "ONEREC_ROLLOUT_TARGET": cfg.rollout_target,
         **LOCAL_AWS_ENV,
         "MLFLOW_S3_ENDPOINT_URL": s3_url,
+        # paths of 0600 files, never the secrets themselves
+        "ONEREC_MLFLOW_CREDENTIALS_FILE": str(mlflow_auth.credentials_file(cfg.state_dir, "service")),
+        "ONEREC_MLFLOW_APPROVERS": mlflow_auth.APPROVER,
+        "ONEREC_PROVENANCE_KEY_FILE": str(mlflow_auth.secrets_dir(cfg.state_dir) / "provenance.key"),
     }
 
 
@@ -286,12 +291,14 @@ def _start_mlflow(cfg: StackConfig, port: int, env: dict) -> list[dict]:
         "--backend-store-uri", f"sqlite:///{cfg.state_dir / 'mlflow.db'}",
         "--artifacts-destination", f"s3://{cfg.bucket}/mlflow",
         "--serve-artifacts", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+        "--app-name", "basic-auth",  # accounts and the approval rule: onerec.mlflow_auth
     ]
     # The GenAI job runner (a pool of huey consumers) is of no use here and costs ~1 GB.
-    env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **mlflow_auth.server_env(cfg.state_dir)}
     record = _spawn(cfg, "mlflow", "mlflow", port, cmd, env)
     url = f"http://127.0.0.1:{port}"
     _wait("mlflow", [record], lambda: _mlflow_healthy(url), cfg.timeout_s)
+    mlflow_auth.ensure_accounts(url, cfg.state_dir)
     return [record]
 
 
@@ -420,9 +427,7 @@ def _service_state(cfg: StackConfig, service: str) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    mlflow_auth.write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _write_state(cfg: StackConfig, ports: dict[str, int]) -> dict:
@@ -432,6 +437,10 @@ def _write_state(cfg: StackConfig, ports: dict[str, int]) -> dict:
     if "airflow" in services:
         passwords_file, password = _airflow_password(cfg)
         credentials["airflow"] = {"username": AIRFLOW_USER, "password": password, "passwords_file": str(passwords_file)}
+    if "mlflow" in services:
+        credentials["mlflow"] = {role: {**mlflow_auth.credentials(cfg.state_dir, role),
+                                        "file": str(mlflow_auth.credentials_file(cfg.state_dir, role))}
+                                 for role in mlflow_auth.ACCOUNTS}
     script = Path(sys.executable).parent / "onerec-fp8"
     on_path = shutil.which("onerec-fp8") == str(script)
     stop = f"{'onerec-fp8' if on_path or not script.exists() else script} stack down"
@@ -554,7 +563,12 @@ def _print_banner(state: dict) -> None:
         cred = state["credentials"]["airflow"]
         lines.append(f"  Airflow UI  {services['airflow']['url']}   user {cred['username']}  password {cred['password']}")
     if "mlflow" in services:
-        lines.append(f"  MLflow UI   {services['mlflow']['url']}")
+        accounts = state["credentials"]["mlflow"]
+        lines.append(f"  MLflow UI   {services['mlflow']['url']}   approver: user {accounts['approver']['username']}  "
+                     f"password {accounts['approver']['password']}")
+        lines.append(f"              read-only: user {accounts['viewer']['username']}  password "
+                     f"{accounts['viewer']['password']}; admin and pipeline service account: "
+                     f"{Path(accounts['admin']['file']).parent}/mlflow-*.json")
     if "s3" in services:
         cred = state["credentials"]["s3"]
         lines.append(f"  S3 (moto)   {services['s3']['url']}   bucket {state['env']['ONEREC_S3_BUCKET']}  "

@@ -1,11 +1,26 @@
-"""Approval: what an engineer decided in the MLflow UI, and expiry of stale candidates.
+"""Approval: the state machine of a registered version and the decision an approver makes in the MLflow UI.
 
-The approval is the version tag `approval=approved` (or `rejected`) that an engineer sets on the
-version's page in the MLflow UI (the UI calls POST /api/2.0/mlflow/model-versions/set-tag).
-Nothing in the pipeline approves. The promote DAG asks `approved_not_deployed` which versions
-to roll out and calls `expire_stale` so that a forgotten candidate cannot be approved weeks
-later by accident: a pending version older than `approval_max_age_hours` becomes
-approval=expired and loses the challenger alias. A rejected challenger loses the alias too.
+    pending -> approved -> deployed -> rolled_back
+    pending -> rejected | expired
+
+rejected, expired and rolled_back are terminal: such a version is never promoted again. A
+superseded champion stays `deployed`, which is what rollback may restore.
+
+Where the state lives. Not in registry tags (any account with EDIT on the model rewrites those)
+but in the pipeline's own store: one record per version, s3://BUCKET/PREFIX/registry/<model>/<version>.json,
+with the whole history (state, when, by whom, why), signed with the provenance key
+(tasks.provenance). An account that can edit the registry cannot move a version out of a terminal
+state, cannot make a forged version a candidate (it has no record), and cannot replay a record
+of another version (the signature covers the model and version). The version tag `state` mirrors
+the record for the UI and is never read back.
+
+The decision. An approver sets the version tag `approval` in the MLflow UI; the MLflow server
+lets only approver accounts set it and records who did in `approval_by` (onerec.mlflow_auth).
+`review` reads the tag case- and whitespace-tolerantly (`Approved ` is approved); any other value
+is flagged on the version (`approval_problem`, naming the problem), and nothing happens until it
+is fixed. An approval also needs `approval_by` to be one of the configured approvers.
+Pending versions older than approval_max_age_hours expire and lose the challenger alias, as do
+rejected ones.
 """
 
 from __future__ import annotations
@@ -13,21 +28,95 @@ from __future__ import annotations
 import logging
 import time
 
+from onerec.errors import UserError
 from tasks.registry import CHALLENGER, client, find_versions, now_iso
 
 log = logging.getLogger(__name__)
 
+TRANSITIONS = {"pending": ("approved", "rejected", "expired"), "approved": ("deployed",), "deployed": ("rolled_back",)}
+TERMINAL = ("rejected", "expired", "rolled_back")
+DECISIONS = ("pending", "approved", "rejected")  # what an approver may write into `approval`
+REFUSED_TAG, PROBLEM_TAG, STATE_TAG = "promotion_refused", "approval_problem", "state"
 
-def approved_not_deployed(cfg, mlflow_client=None) -> list[dict]:
-    """Approved versions that passed the gates and were never deployed, newest first."""
-    c = mlflow_client or client(cfg)
-    out = []
-    for v in find_versions(cfg, c, approval="approved", gates="passed"):
-        if "deployed_at" in v.tags:
-            continue
-        out.append({"version": v.version, "checkpoint_sha256": v.tags.get("checkpoint_sha256"),
-                    "created": v.creation_timestamp})
-    return out
+
+class StateError(UserError):
+    """A transition the state machine does not allow, or a record that does not verify."""
+
+
+# --- the record in the pipeline's store -----------------------------------------------------------------
+
+
+def record_uri(cfg, version: str) -> str:
+    return f"{cfg.s3_root}/registry/{cfg.model_name}/{version}.json"
+
+
+def _signed(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "signature"}
+
+
+def read_record(cfg, version: str, s3=None) -> dict | None:
+    """The version's verified record, None when the pipeline never registered it."""
+    from tasks.checkpoints import read_json, s3_client
+    from tasks.provenance import load_key, verifies
+
+    record = read_json(s3 or s3_client(cfg), record_uri(cfg, str(version)))
+    if record is None:
+        return None
+    if (record.get("model"), record.get("version")) != (cfg.model_name, str(version)) or not verifies(
+            load_key(cfg), "state", _signed(record), record.get("signature")):
+        raise StateError(f"the state record of {cfg.model_name} version {version} ({record_uri(cfg, version)}) "
+                         "does not verify: it was not written by the pipeline")
+    return record
+
+
+def _write(cfg, c, record: dict, s3=None) -> dict:
+    from tasks.checkpoints import s3_client, write_json
+    from tasks.provenance import load_key, sign
+
+    record = {**_signed(record)}
+    record["signature"] = sign(load_key(cfg, create=True), "state", record)
+    write_json(s3 or s3_client(cfg), record_uri(cfg, record["version"]), record)
+    c.set_model_version_tag(cfg.model_name, record["version"], STATE_TAG, record["state"])
+    return record
+
+
+def start(cfg, c, version: str, run_id: str, s3=None) -> dict:
+    """At registration: the version's record, state pending."""
+    record = {"model": cfg.model_name, "version": str(version), "run_id": run_id, "state": "pending",
+              "history": [{"state": "pending", "at": now_iso(), "by": "pipeline", "note": f"registered by run {run_id}"}]}
+    return _write(cfg, c, record, s3)
+
+
+def transition(cfg, c, version: str, to: str, by: str, note: str = "", s3=None, **details) -> dict:
+    """Move the version's record to `to`; StateError when the machine does not allow it."""
+    record = read_record(cfg, version, s3)
+    if record is None:
+        raise StateError(f"{cfg.model_name} version {version} has no pipeline state record: it was not "
+                         "registered by the pipeline")
+    if to not in TRANSITIONS.get(record["state"], ()):
+        terminal = " (terminal)" if record["state"] in TERMINAL else ""
+        raise StateError(f"{cfg.model_name} version {version} is {record['state']}{terminal}; it cannot become {to}")
+    entry = {"state": to, "at": now_iso(), "by": by, "note": note[:500], **details}
+    return _write(cfg, c, {**record, "state": to, "history": [*record["history"], entry]}, s3)
+
+
+def refuse(cfg, c, version: str, reason: str) -> str:
+    """Record a refusal on the version (visible in the UI) and return the message."""
+    message = f"{now_iso()} {reason}"[:5000]
+    c.set_model_version_tag(cfg.model_name, str(version), REFUSED_TAG, message)
+    log.warning("refused %s version %s: %s", cfg.model_name, version, reason)
+    return reason
+
+
+# --- the approver's decision ------------------------------------------------------------------------------
+
+
+def normalize_decision(value: str | None) -> str | None:
+    """`approval` as written by a person: case and surrounding whitespace ignored; None if not a decision."""
+    if value is None:
+        return None
+    value = value.strip().lower()
+    return value if value in DECISIONS else None
 
 
 def _remove_alias_if_on(c, name: str, alias: str, version: str) -> bool:
@@ -43,32 +132,105 @@ def _remove_alias_if_on(c, name: str, alias: str, version: str) -> bool:
     return False
 
 
-def expire_stale(cfg, mlflow_client=None, now_s: float | None = None) -> dict:
-    """Pending versions older than approval_max_age_hours -> approval=expired, challenger alias removed.
+def _set_problem(c, name: str, version: str, tags: dict, problem: str | None) -> None:
+    if problem and tags.get(PROBLEM_TAG) != problem:
+        c.set_model_version_tag(name, version, PROBLEM_TAG, problem)
+        log.warning("%s version %s: %s", name, version, problem)
+    elif not problem and PROBLEM_TAG in tags:
+        c.delete_model_version_tag(name, version, PROBLEM_TAG)
 
-    Rejected versions lose the challenger alias too. Returns {expired: [...], unaliased: [...]}.
+
+def review(cfg, mlflow_client=None, now_s: float | None = None, s3=None) -> dict:
+    """Apply the approvers' decisions and expiry to every version's record.
+
+    Returns {approved, rejected, expired, flagged, refused, unaliased} (version lists).
     """
+    from tasks.checkpoints import s3_client
+
     c = mlflow_client or client(cfg)
+    s3 = s3 or s3_client(cfg)
+    name = cfg.model_name
     now_ms = (now_s if now_s is not None else time.time()) * 1000
     max_age_ms = cfg.approval_max_age_hours * 3600 * 1000
-    expired, unaliased = [], []
-    for v in find_versions(cfg, c, approval="pending"):
+    out = {k: [] for k in ("approved", "rejected", "expired", "flagged", "refused", "unaliased")}
+    for v in reversed(find_versions(cfg, c)):
+        raw = v.tags.get("approval")
+        decision = normalize_decision(raw)
+        try:
+            record = read_record(cfg, v.version, s3)
+        except StateError as exc:
+            record, problem = None, str(exc)
+        else:
+            problem = None
+        if record is None:
+            # not the pipeline's: never a candidate, whatever its tags say
+            if decision == "approved" and REFUSED_TAG not in v.tags:
+                refuse(cfg, c, v.version, problem or "no pipeline state record: this version was not registered by "
+                                                     "the pipeline and is never promoted")
+                out["refused"].append(v.version)
+            continue
+        state = record["state"]
+        if state != "pending":
+            if state in TERMINAL and decision == "approved" and REFUSED_TAG not in v.tags:
+                refuse(cfg, c, v.version, f"approval ignored: the version is {state}, a terminal state; "
+                                          "it is never promoted again")
+                out["refused"].append(v.version)
+            continue
+        if raw is not None and decision is None:
+            _set_problem(c, name, v.version, v.tags,
+                         f"approval={raw!r} is not a decision: write approved or rejected (case and spaces "
+                         "do not matter); nothing happens until then")
+            out["flagged"].append(v.version)
+        elif decision == "approved":
+            by = v.tags.get("approval_by")
+            if by not in cfg.approvers:
+                _set_problem(c, name, v.version, v.tags,
+                             f"approval by {by or 'an unknown account'} does not count: approvers are "
+                             f"{', '.join(cfg.approvers)}")
+                out["flagged"].append(v.version)
+            else:
+                _set_problem(c, name, v.version, v.tags, None)
+                transition(cfg, c, v.version, "approved", by=by, note=f"approval={raw!r}", s3=s3,
+                           approved_at=v.tags.get("approval_at"))
+                out["approved"].append(v.version)
+                continue
+        elif decision == "rejected":
+            _set_problem(c, name, v.version, v.tags, None)
+            transition(cfg, c, v.version, "rejected", by=v.tags.get("approval_by", "unknown"), s3=s3)
+            out["rejected"].append(v.version)
+            if _remove_alias_if_on(c, name, CHALLENGER, v.version):
+                out["unaliased"].append(v.version)
+            continue
         if now_ms - v.creation_timestamp > max_age_ms:
-            c.set_model_version_tag(cfg.model_name, v.version, "approval", "expired")
-            c.set_model_version_tag(cfg.model_name, v.version, "expired_at", now_iso())
-            _remove_alias_if_on(c, cfg.model_name, CHALLENGER, v.version)
-            log.info("version %s was pending for more than %.0f h: approval=expired", v.version,
-                     cfg.approval_max_age_hours)
-            expired.append(v.version)
-    for v in find_versions(cfg, c, approval="rejected"):
-        if _remove_alias_if_on(c, cfg.model_name, CHALLENGER, v.version):
-            log.info("version %s was rejected: challenger alias removed", v.version)
-            unaliased.append(v.version)
-    return {"expired": expired, "unaliased": unaliased}
+            transition(cfg, c, v.version, "expired", by="pipeline", s3=s3,
+                       note=f"pending for more than {cfg.approval_max_age_hours:g} h")
+            c.set_model_version_tag(name, v.version, "expired_at", now_iso())
+            out["expired"].append(v.version)
+            if _remove_alias_if_on(c, name, CHALLENGER, v.version):
+                out["unaliased"].append(v.version)
+    for key in ("approved", "rejected", "expired", "flagged", "refused"):
+        if out[key]:
+            log.info("%s: %s %s", name, key, out[key])
+    return out
 
 
-def set_approval(cfg, version: str, decision: str, mlflow_client=None) -> None:
-    """For tests and scripts only: the same tag the MLflow UI sets. Production approves in the UI."""
-    if decision not in ("approved", "rejected"):
-        raise ValueError(f"decision must be approved or rejected, not {decision!r}")
-    (mlflow_client or client(cfg)).set_model_version_tag(cfg.model_name, str(version), "approval", decision)
+def expire_stale(cfg, mlflow_client=None, now_s: float | None = None) -> dict:
+    """`onerec-fp8 pipeline expire` and the promote DAG's first step: the whole review (expiry included)."""
+    return review(cfg, mlflow_client, now_s)
+
+
+def versions_in_state(cfg, state: str, mlflow_client=None, s3=None) -> list[str]:
+    """Versions whose verified record is in `state`, newest first."""
+    from tasks.checkpoints import s3_client
+
+    c = mlflow_client or client(cfg)
+    s3 = s3 or s3_client(cfg)
+    out = []
+    for v in find_versions(cfg, c):
+        try:
+            record = read_record(cfg, v.version, s3)
+        except StateError:
+            continue
+        if record is not None and record["state"] == state:
+            out.append(v.version)
+    return out

@@ -59,6 +59,10 @@ class PipelineConfig:
     latency_gate_blocking: bool = True  # production: a gate that cannot measure blocks; the local demo: False
     # approval and rollout
     approval_max_age_hours: float = 72.0  # a pending candidate older than this expires
+    mlflow_approvers: str = "approver"  # MLflow accounts whose approval counts (comma-separated)
+    # secrets: paths of 0600 files (Kubernetes: mounted Secrets), never the values
+    mlflow_credentials_file: str | None = None  # None: <state_dir>/secrets/mlflow-service.json, else MLFLOW_TRACKING_*
+    provenance_key_file: str | None = None  # None: <state_dir>/secrets/provenance.key
     # where the GPU steps run: in the Airflow worker, or as a Kubernetes pod per step
     gpu_executor: str = "in_process"  # in_process | kubernetes
     gpu_image: str = "onerec-fp8-gpu:0.1.0"  # built from containers/Dockerfile.gpu-worker
@@ -113,6 +117,10 @@ class PipelineConfig:
     def work_dir(self) -> Path:
         """Local scratch for a run's downloads and outputs (shared by the in-process DAG tasks)."""
         return Path(self.state_dir) / "pipeline"
+
+    @property
+    def approvers(self) -> list[str]:
+        return [name.strip() for name in self.mlflow_approvers.split(",") if name.strip()]
 
     def tracking_uri(self) -> str | None:
         if self.mlflow_tracking_uri:

@@ -114,14 +114,17 @@ def prepare_checkpoint(demo_dir: Path) -> dict:
     return {"data": str(data_dir), "checkpoint": str(ckpt_dir), "calibration": str(calibration), "reused": reused}
 
 
-def approve_as_the_ui_does(tracking_uri: str, name: str, version: str) -> None:
-    """The exact call the MLflow UI makes when an engineer adds the tag approval=approved."""
+def approve_as_the_ui_does(tracking_uri: str, name: str, version: str, auth: tuple[str, str],
+                           value: str = "approved"):
+    """The exact call the MLflow UI makes when an approver (signed in as `auth`) adds the tag approval=approved.
+
+    Returns the HTTP response (403 for an account that is not an approver).
+    """
     import httpx
 
-    response = httpx.post(f"{tracking_uri}/api/2.0/mlflow/model-versions/set-tag",
-                          json={"name": name, "version": str(version), "key": "approval", "value": "approved"},
-                          timeout=30)
-    response.raise_for_status()
+    return httpx.post(f"{tracking_uri}/ajax-api/2.0/mlflow/model-versions/set-tag",
+                      json={"name": name, "version": str(version), "key": "approval", "value": value},
+                      auth=auth, timeout=30, trust_env=False)
 
 
 def run_demo() -> dict:
@@ -171,10 +174,13 @@ def run_demo() -> dict:
         print("           In production a PERSON does this: open the version in the MLflow UI,\n"
               f"           {version_url}\n"
               "           read the gate reports and Data Docs (artifacts of the run), and add the tag\n"
-              "           approval=approved. The demo makes the same REST call the UI makes:\n"
-              "           POST /api/2.0/mlflow/model-versions/set-tag {key: approval, value: approved}",
+              "           approval=approved, signed in as an approver. The demo makes the same REST call\n"
+              "           the UI makes, as the stack's approver account:\n"
+              "           POST /ajax-api/2.0/mlflow/model-versions/set-tag {key: approval, value: approved}",
               file=sys.stderr)
-        approve_as_the_ui_does(mlflow_url, cfg.model_name, version.version)
+        approver = state["credentials"]["mlflow"]["approver"]
+        approve_as_the_ui_does(mlflow_url, cfg.model_name, version.version,
+                               (approver["username"], approver["password"])).raise_for_status()
         _done(t, "approval=approved")
     else:
         _done(t, f"already decided: approval={version.tags.get('approval')}")

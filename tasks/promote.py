@@ -1,5 +1,10 @@
 """Promote: roll out an approved version, then move the aliases (only after the rollout succeeded).
 
+Before anything moves, the version must be `approved` in its state record (tasks.approval) and its
+provenance must verify against the downloaded model and the run's gate report (tasks.provenance);
+the scheduled path also refuses a version older than the champion. A refusal is a tag on the
+version (promotion_refused) and an error; nothing is deployed and no alias moves.
+
     champion          -> the promoted version
     previous-champion -> the version that was champion before (what rollback restores)
     challenger        -> removed when it pointed at the promoted version
@@ -12,7 +17,6 @@ from __future__ import annotations
 
 import logging
 
-from onerec.errors import UserError
 from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, client, now_iso
 
 log = logging.getLogger(__name__)
@@ -32,21 +36,52 @@ def alias_version(c, name: str, alias: str) -> str | None:
         return None
 
 
-def promote(cfg, version: str, mlflow_client=None) -> dict:
-    """Deploy `version` with the configured rollout target, then move champion/previous-champion."""
+def check_promotable(cfg, c, version: str, champion: str | None, scheduled: bool) -> dict:
+    """Everything promote requires of `version`, or StateError/ProvenanceError (recorded on the version)."""
+    from tasks.approval import StateError, read_record, refuse
+    from tasks.provenance import ProvenanceError, verify_version
+
+    name = cfg.model_name
+    try:
+        record = read_record(cfg, version)
+        if record is None:
+            raise StateError(f"{name} version {version} has no pipeline state record: it was not registered by the "
+                             "pipeline and is never promoted")
+        if record["state"] != "approved":
+            raise StateError(f"{name} version {version} is {record['state']}, not approved; only an approved "
+                             "version is promoted (terminal states: rejected, expired, rolled_back)")
+        if scheduled and champion and int(version) < int(champion):
+            raise StateError(f"{name} version {version} is older than the champion {champion}: only a rollback "
+                             "deploys an older version")
+        verified = verify_version(cfg, c, c.get_model_version(name, version))
+    except (StateError, ProvenanceError) as exc:
+        refuse(cfg, c, version, str(exc))
+        raise
+    return {"record": record, **verified}
+
+
+def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> dict:
+    """Deploy `version` with the configured rollout target, then move champion/previous-champion.
+
+    Only an approved version (state record) whose provenance verifies is deployed; the scheduled
+    path also refuses a version older than the champion.
+    """
+    from tasks.approval import transition
+
     c = mlflow_client or client(cfg)
     name, version = cfg.model_name, str(version)
-    mv = c.get_model_version(name, version)
-    if mv.tags.get("approval") != "approved" or mv.tags.get("gates") != "passed":
-        raise UserError(f"{name} version {version} is not approved with passed gates "
-                        f"(approval={mv.tags.get('approval')}, gates={mv.tags.get('gates')})")
     champion = alias_version(c, name, CHAMPION)
+    checked = check_promotable(cfg, c, version, champion, scheduled)
+    approved = checked["record"]["history"][-1]
     model_uri = f"models:/{name}/{version}"
-    log.info("rolling out %s with target %s (current champion: %s)", model_uri, cfg.rollout_target, champion)
+    log.info("rolling out %s with target %s (current champion: %s; approved by %s at %s)", model_uri,
+             cfg.rollout_target, champion, approved.get("by"), approved.get("approved_at") or approved.get("at"))
     from tasks import rollout as rollout_api
 
     rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, **rollout_options(cfg))
     # Only now, with the rollout done, the registry says so.
+    transition(cfg, c, version, "deployed", by="pipeline", note=f"rollout revision {rollout.get('revision', '')}",
+               previous_champion=champion)
     if champion and champion != version:
         c.set_registered_model_alias(name, PREVIOUS, champion)
         c.set_model_version_tag(name, version, "previous_champion_version", champion)
@@ -56,20 +91,39 @@ def promote(cfg, version: str, mlflow_client=None) -> dict:
     c.set_model_version_tag(name, version, "deployed_at", now_iso())
     c.set_model_version_tag(name, version, "helm_revision", str(rollout.get("revision", "")))
     log.info("%s version %s is champion (previous champion: %s)", name, version, champion)
-    return {"promoted": version, "previous_champion": champion, "rollout": rollout}
+    return {"promoted": version, "previous_champion": champion, "approved_by": approved.get("by"),
+            "approved_at": approved.get("approved_at") or approved.get("at"),
+            "registering_run": checked["record"]["run_id"], "evidence": checked["evidence"], "rollout": rollout}
 
 
 def promote_newest_approved(cfg, mlflow_client=None) -> dict:
-    """The promote DAG's step: expire stale candidates, then promote the newest approved version."""
-    from tasks.approval import approved_not_deployed, expire_stale
+    """The promote DAG's step: apply decisions and expiry, then promote the newest approved version.
+
+    Raises StepFailed (after promoting what it could) when a version was refused in this pass, so
+    that on-call hears of a forged, tampered or dead version someone tried to push through.
+    """
+    from tasks.approval import REFUSED_TAG, StateError, review, versions_in_state
+    from tasks.provenance import ProvenanceError
+    from tasks.requantize import StepFailed
 
     c = mlflow_client or client(cfg)
-    expiry = expire_stale(cfg, c)
-    candidates = approved_not_deployed(cfg, c)
-    if not candidates:
-        return {"promoted": None, "reason": "no approved version waiting", **expiry}
-    newest = candidates[0]["version"]
-    skipped = [cand["version"] for cand in candidates[1:]]
-    if skipped:
-        log.info("older approved versions %s are superseded by %s", skipped, newest)
-    return {**promote(cfg, newest, c), "superseded": skipped, **expiry}
+    reviewed = review(cfg, c)
+    refused = list(reviewed["refused"])
+    approved = versions_in_state(cfg, "approved", c)
+    # a refused version waits until a person deletes its promotion_refused tag (it is verified again then)
+    held = [v for v in approved if REFUSED_TAG in c.get_model_version(cfg.model_name, v).tags]
+    candidates = [v for v in approved if v not in held]
+    result: dict = {"promoted": None, "reason": "no approved version waiting", "held": held, **reviewed}
+    if candidates:
+        newest, superseded = candidates[0], candidates[1:]
+        if superseded:
+            log.info("older approved versions %s are superseded by %s", superseded, newest)
+        try:
+            result = {**promote(cfg, newest, c, scheduled=True), "superseded": superseded, "held": held, **reviewed}
+        except (StateError, ProvenanceError) as exc:
+            refused.append(newest)
+            result["reason"] = str(exc)
+    if refused:
+        raise StepFailed(f"{cfg.model_name}: refused version(s) {refused} (see the tag promotion_refused on each); "
+                         f"promoted: {result['promoted']}")
+    return result

@@ -6,7 +6,9 @@
   reports (gate JSON, plots, distribution analysis, Data Docs) as artifacts under reports/;
 - gates passed: a model version (pyfunc from tasks/pyfunc_model.py, the quantized folder as
   artifact "quantized") tagged checkpoint_uri, checkpoint_sha256, calibration_sha256, recipe,
-  gates=passed, approval=pending, and alias `challenger`;
+  gates=passed (or passed-latency-unmeasured), approval=pending, the signed `provenance`
+  (tasks.provenance), a state record `pending` (tasks.approval), the reviewer's description
+  (tasks.review_page) and alias `challenger`;
 - gates failed: the run with its reports for forensics, no model version;
 - idempotent: a version with the same checkpoint_sha256 + recipe is never registered twice.
 """
@@ -29,11 +31,33 @@ CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
 PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 
 
+def use_service_account(cfg) -> None:
+    """Sign this process in to MLflow as the pipeline's service account.
+
+    MLflow's client reads credentials only from MLFLOW_TRACKING_USERNAME/PASSWORD (or
+    ~/.mlflow/credentials), so a pipeline process that finds them unset takes them from its 0600
+    credentials file (mlflow_credentials_file; default <state_dir>/secrets/mlflow-service.json).
+    In Kubernetes the two variables come from a Secret and no file is needed.
+    """
+    import json
+    import os
+
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return
+    path = Path(cfg.mlflow_credentials_file or Path(cfg.state_dir) / "secrets" / "mlflow-service.json")
+    if not path.is_file():
+        return  # an MLflow without authentication (or credentials from elsewhere)
+    creds = json.loads(path.read_text())
+    os.environ["MLFLOW_TRACKING_USERNAME"] = creds["username"]
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = creds["password"]
+
+
 def client(cfg):
-    """An MlflowClient on the configured tracking server (also the registry)."""
+    """An MlflowClient on the configured tracking server (also the registry), as the service account."""
     import mlflow
     from mlflow import MlflowClient
 
+    use_service_account(cfg)
     uri = cfg.tracking_uri()
     if uri:
         mlflow.set_tracking_uri(uri)
@@ -136,11 +160,14 @@ def register_candidate(
         return {"registered": False, "version": existing["version"], "run_id": None,
                 "reason": "already registered", "gates": "passed"}
 
+    from tasks import approval, provenance
+    from tasks.review_page import gates_label, version_description
+
     passed = gates_passed(gates, cfg.latency_gate_blocking)
     tags = {
         "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256,
         "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
-        "recipe": cfg.recipe, "gates": "passed" if passed else "failed",
+        "recipe": cfg.recipe, "gates": gates_label(gates) if passed else "failed",
     }
     run_tags = {**tags, "model_name": cfg.model_name}
     mlflow.set_experiment(EXPERIMENT)
@@ -151,13 +178,15 @@ def register_candidate(
             **{f"config.{k}": v for k, v in cfg.to_dict().items() if k not in ("extra",)},
         })
         mlflow.log_metrics(gate_metrics(gates))
-        mlflow.log_dict(gates, "reports/gates.json")
-        if Path(report_dir).is_dir():
-            mlflow.log_artifacts(report_dir, "reports")
+        # the exact bytes the provenance signs (promote re-reads them from the run)
+        _, gates_sha256 = provenance.write_gates_report(gates, report_dir)
+        mlflow.log_artifacts(report_dir, "reports")
         if not passed:
             log.warning("gates failed: run %s logged with its reports, no model version", run.info.run_id)
             return {"registered": False, "version": None, "run_id": run.info.run_id, "gates": "failed",
                     "reason": "gates failed"}
+        description = version_description(cfg, gates, quantized_dir, run.info.experiment_id, run.info.run_id,
+                                          cfg.tracking_uri())
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE), artifacts={"quantized": str(quantized_dir)},
             signature=model_signature(quantized_dir),
@@ -165,9 +194,12 @@ def register_candidate(
             pip_requirements=["onerec-fp8", "torch==2.13.0", "safetensors", "pandas", "numpy"],
         )
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, "approval": "pending"})
+    c.update_model_version(cfg.model_name, version.version, description=description)
+    provenance.sign_version(cfg, c, version.version, run.info.run_id, quantized_dir, gates_sha256)
+    approval.start(cfg, c, version.version, run.info.run_id)
     c.set_registered_model_alias(cfg.model_name, CHALLENGER, version.version)
     log.info("registered %s version %s as %s (approval=pending)", cfg.model_name, version.version, CHALLENGER)
-    return {"registered": True, "version": version.version, "run_id": run.info.run_id, "gates": "passed",
+    return {"registered": True, "version": version.version, "run_id": run.info.run_id, "gates": tags["gates"],
             "model_uri": f"models:/{cfg.model_name}/{version.version}", "reason": "gates passed"}
 
 
@@ -216,7 +248,9 @@ def download_model(model_uri: str, dst_dir: str | Path) -> Path:
 
     if not model_uri.startswith("models:/"):
         raise UserError(f"{model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    uri = load_config().tracking_uri()
+    cfg = load_config()
+    use_service_account(cfg)
+    uri = cfg.tracking_uri()
     if uri:
         mlflow.set_tracking_uri(uri)
     dst_dir = Path(dst_dir)

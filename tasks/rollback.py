@@ -6,15 +6,20 @@ the aliases move back:
     previous-champion -> what was champion before the restored one (its previous_champion_version
                          tag), or removed when unknown
 and the version rolled back FROM gets rolled_back_at, rollback_reason, rolled_back_by (it keeps
-deployed_at, so the promote DAG never rolls it out again). A failed rollout changes nothing.
+deployed_at) and its state record becomes rolled_back, a terminal state: it is never promoted or
+restored again. Only a version whose record is `deployed` (it was champion once and was not
+rolled back) and whose provenance verifies can be restored. A failed rollout changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from onerec.errors import UserError
+from tasks.approval import StateError, read_record, transition
 from tasks.promote import alias_version, rollout_options
+from tasks.provenance import verify_version
 from tasks.registry import CHAMPION, PREVIOUS, client, now_iso
 
 log = logging.getLogger(__name__)
@@ -23,6 +28,9 @@ log = logging.getLogger(__name__)
 def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", mlflow_client=None) -> dict:
     if not reason or not reason.strip():
         raise UserError("a rollback needs a reason (it is recorded on the version)")
+    if version is not None and not str(version).strip().isdigit():
+        raise UserError(f"version must be a registry version number (digits only), not {version!r}")
+    version = str(version).strip() if version is not None else None
     c = mlflow_client or client(cfg)
     name = cfg.model_name
     current = alias_version(c, name, CHAMPION)
@@ -32,8 +40,12 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
     if target == current:
         raise UserError(f"version {target} is already the champion")
     mv = c.get_model_version(name, target)
-    if mv.tags.get("gates") != "passed":
-        raise UserError(f"version {target} did not pass the gates; refusing to deploy it")
+    record = read_record(cfg, target)
+    if record is None or record["state"] != "deployed":
+        state = record["state"] if record else "not registered by the pipeline"
+        raise StateError(f"version {target} is {state}: only a version that was deployed and not rolled back "
+                         "can be restored")
+    verify_version(cfg, c, mv)  # the same evidence promote checks
     model_uri = f"models:/{name}/{target}"
     log.info("rolling back %s from version %s to %s (reason: %s, by %s)", name, current, target, reason, by)
     from tasks import rollout as rollout_api
@@ -50,6 +62,8 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
         c.delete_registered_model_alias(name, PREVIOUS)
     c.set_model_version_tag(name, target, "helm_revision", str(rollout.get("revision", "")))
     if current:
+        with contextlib.suppress(StateError):  # a champion from before the state records: tags only
+            transition(cfg, c, current, "rolled_back", by=by, note=reason.strip())
         for key, value in (("rolled_back_at", now_iso()), ("rollback_reason", reason.strip()[:500]),
                            ("rolled_back_by", by)):
             c.set_model_version_tag(name, current, key, value)

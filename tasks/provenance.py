@@ -1,0 +1,145 @@
+"""Provenance of a registered version: evidence the pipeline signs at registration, promote re-checks.
+
+The evidence binds one model version to what the pipeline gated:
+
+    model, version, run_id        which registry entry and which pipeline run registered it
+    model_manifest_sha256         the quantized folder's manifest digest (onerec.manifest)
+    checkpoint_sha256, recipe     what was quantized, and how
+    gates_report_sha256           the run's reports/gates.json, byte for byte
+
+and its HMAC-SHA256 under the pipeline's provenance key is the version tag `provenance`. The key
+is a 0600 file (a mounted Secret in Kubernetes) that MLflow never sees, so an account that can
+write registry tags (the UI, the REST API) can neither produce the tag for a version of its own
+nor move a valid one to another version, checkpoint, recipe or gate report. Promote downloads
+the model and the run's gate report, recomputes everything and refuses on any difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from onerec.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_TAG = "provenance"
+SCHEME = "hmac-sha256-v1"
+GATES_REPORT = "reports/gates.json"
+
+
+class ProvenanceError(UserError):
+    """The version's evidence does not verify: it is not what the pipeline registered."""
+
+
+def key_file(cfg) -> Path:
+    return Path(cfg.provenance_key_file or Path(cfg.state_dir) / "secrets" / "provenance.key")
+
+
+def load_key(cfg, create: bool = False) -> bytes:
+    """The pipeline's signing key. Registration creates it when missing (a fresh local state dir);
+    promote never does: without the key nothing verifies, so nothing is promoted."""
+    path = key_file(cfg)
+    if not path.is_file():
+        if not create:
+            raise ProvenanceError(f"no provenance key at {path}: nothing can be verified "
+                                  "(set provenance_key_file / ONEREC_PROVENANCE_KEY_FILE)")
+        from onerec.mlflow_auth import secret_token
+
+        log.warning("no provenance key at %s: generating one (versions signed with another key will not verify)",
+                    path)
+        secret_token(path)
+    if path.stat().st_mode & 0o077:
+        raise ProvenanceError(f"{path} is readable by other users; chmod 600 it")
+    key = path.read_text().strip().encode()
+    if len(key) < 32:
+        raise ProvenanceError(f"{path}: the provenance key is too short (at least 32 characters)")
+    return key
+
+
+def _mac(key: bytes, purpose: str, record: dict) -> str:
+    payload = purpose.encode() + b"\n" + json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, payload, hashlib.sha256).hexdigest()
+
+
+def sign(key: bytes, purpose: str, record: dict) -> str:
+    return f"{SCHEME}:{_mac(key, purpose, record)}"
+
+
+def verifies(key: bytes, purpose: str, record: dict, signature: str | None) -> bool:
+    return bool(signature) and hmac.compare_digest(sign(key, purpose, record), str(signature))
+
+
+def evidence(*, model: str, version: str, run_id: str, model_manifest_sha256: str, checkpoint_sha256: str,
+             recipe: str, gates_report_sha256: str) -> dict:
+    return {"model": model, "version": str(version), "run_id": run_id,
+            "model_manifest_sha256": model_manifest_sha256, "checkpoint_sha256": checkpoint_sha256,
+            "recipe": recipe, "gates_report_sha256": gates_report_sha256}
+
+
+def write_gates_report(gates: dict, report_dir: str | Path) -> tuple[Path, str]:
+    """reports/gates.json as the run will keep it, and the sha256 of exactly those bytes."""
+    path = Path(report_dir) / "gates.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(gates, indent=2, sort_keys=True, default=str) + "\n").encode()
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def sign_version(cfg, c, version: str, run_id: str, quantized_dir: str | Path, gates_report_sha256: str) -> dict:
+    """At registration: the evidence of `version`, its signature as the version tag `provenance`."""
+    from onerec.manifest import manifest_digest
+
+    record = evidence(model=cfg.model_name, version=version, run_id=run_id,
+                      model_manifest_sha256=manifest_digest(quantized_dir),
+                      checkpoint_sha256=c.get_model_version(cfg.model_name, version).tags["checkpoint_sha256"],
+                      recipe=cfg.recipe, gates_report_sha256=gates_report_sha256)
+    c.set_model_version_tag(cfg.model_name, version, "model_manifest_sha256", record["model_manifest_sha256"])
+    c.set_model_version_tag(cfg.model_name, version, "gates_report_sha256", gates_report_sha256)
+    c.set_model_version_tag(cfg.model_name, version, PROVENANCE_TAG, sign(load_key(cfg, create=True), "version", record))
+    return record
+
+
+def verify_version(cfg, c, mv) -> dict:
+    """At promote and rollback: recompute the evidence from the registry's artifacts; ProvenanceError if it
+    does not verify or the gate report (re-read, under the current policy) did not pass.
+
+    Returns {"evidence": ..., "gates": <the gate report>}.
+    """
+    from onerec.manifest import manifest_digest
+    from tasks.registry import download_model, gates_passed
+
+    name, version = cfg.model_name, str(mv.version)
+    signature = mv.tags.get(PROVENANCE_TAG)
+    if not signature:
+        raise ProvenanceError(f"{name} version {version} carries no pipeline provenance: it was not registered "
+                              "by the pipeline")
+    if not mv.run_id:
+        raise ProvenanceError(f"{name} version {version} names no registering run")
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="onerec-gates-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=GATES_REPORT, dst_path=tmp)
+        except Exception as exc:  # MlflowException, or the artifact store's own error
+            raise ProvenanceError(f"{name} version {version}: the run's {GATES_REPORT} cannot be read ({exc})") from None
+        data = Path(local).read_bytes()
+    try:
+        gates = json.loads(data)
+    except json.JSONDecodeError:
+        raise ProvenanceError(f"{name} version {version}: {GATES_REPORT} is not JSON") from None
+    folder = download_model(f"models:/{name}/{version}", Path(cfg.work_dir) / "verify" / name / version)
+    record = evidence(model=name, version=version, run_id=mv.run_id, model_manifest_sha256=manifest_digest(folder),
+                      checkpoint_sha256=mv.tags.get("checkpoint_sha256", ""), recipe=mv.tags.get("recipe", ""),
+                      gates_report_sha256=hashlib.sha256(data).hexdigest())
+    if not verifies(load_key(cfg), "version", record, signature):
+        raise ProvenanceError(f"{name} version {version}: the provenance does not verify (the model, checkpoint, "
+                              "recipe, gate report or registering run differ from what the pipeline signed)")
+    if not gates_passed(gates, cfg.latency_gate_blocking):
+        raise ProvenanceError(f"{name} version {version}: its gate report did not pass "
+                              f"(latency_gate_blocking={cfg.latency_gate_blocking})")
+    return {"evidence": record, "gates": gates}

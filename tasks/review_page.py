@@ -1,0 +1,65 @@
+"""The reviewer's page: the model version description registration writes, and the `gates` label.
+
+The approver decides on the version's page in the MLflow UI; the description puts there what
+they must read first: the quality verdict and its figures, whether latency was measured (and its
+ratios), the recipe, the layers kept in bf16, where the reports are, and the one approval step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def gates_label(gates: dict) -> str:
+    """`passed`, or `passed-latency-unmeasured` when the latency gate could not measure (no FP8 GPU)."""
+    return "passed-latency-unmeasured" if gates.get("latency", {}).get("measurable") is False else "passed"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def kept_in_bf16(quantized_dir: str | Path) -> list[str]:
+    """The layers the recipe left in bf16 (recipe.json `excluded`), with the reason when recorded."""
+    path = Path(quantized_dir) / "recipe.json"
+    if not path.is_file():
+        return []
+    excluded = json.loads(path.read_text()).get("excluded") or {}
+    if isinstance(excluded, dict):
+        return [f"{name} ({why})" if why else name for name, why in sorted(excluded.items())]
+    return [str(item) for item in excluded]
+
+
+def version_description(cfg, gates: dict, quantized_dir: str | Path, experiment_id: str, run_id: str,
+                        tracking_uri: str | None) -> str:
+    quality, latency = gates.get("quality", {}), gates.get("latency", {})
+    figures = {k: v for k, v in quality.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    lines = [
+        f"**Gates: {gates_label(gates)}** (recipe `{cfg.recipe}`)",
+        "",
+        f"- Quality: {'PASSED' if quality.get('passed') else 'FAILED'} on {_fmt(quality.get('num_users'))} users: "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(figures.items()) if k != "num_users"),
+    ]
+    if latency.get("measurable") is False:
+        lines.append(f"- Latency: NOT MEASURED ({latency.get('reason', 'no FP8 GPU')}); "
+                     f"latency_gate_blocking={cfg.latency_gate_blocking}")
+    else:
+        lines.append(f"- Latency: {'PASSED' if latency.get('passed') else 'FAILED'}: FP8/bf16 p50 "
+                     f"{_fmt(latency.get('latency_ratio'))}, throughput {_fmt(latency.get('throughput_ratio'))} "
+                     f"on {latency.get('device', '?')}")
+    kept = kept_in_bf16(quantized_dir)
+    lines.append(f"- Layers kept in bf16: {', '.join(kept) if kept else 'none'}")
+    run_link = f"{tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}" if tracking_uri else f"run {run_id}"
+    lines += [
+        f"- Reports (artifacts of the registering run, {run_link}): reports/quality_gate/ (plots), "
+        "reports/latency_gate/, reports/validation/data_docs/index.html (Great Expectations), "
+        "reports/quantization/, reports/gates.json",
+        "",
+        "**To approve**: add the tag `approval` = `approved` (or `rejected`) on this page, signed in as an "
+        "approver. Do NOT use the \"Promote model\" button: it copies the version to another model and "
+        "approves nothing.",
+    ]
+    return "\n".join(lines)
