@@ -1,4 +1,5 @@
-"""What the onerec-fp8 DAGs share: start date, retry policy, config loading, step failure mapping.
+"""What the onerec-fp8 DAGs share: start date, retry policy, timeouts, failure notifications, config
+loading, step failure mapping.
 
 Not a DAG file (listed in .airflowignore); the DAG files import it from the dags folder, which
 Airflow puts on sys.path.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from airflow.sdk import BaseNotifier
+
 START_DATE = datetime(2026, 1, 1)
 # I/O steps (S3, MLflow, rollout) retry with exponential backoff; checks that said no do not retry.
 DEFAULT_ARGS = {
@@ -16,8 +19,29 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(seconds=20),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=10),
+    # a hung step (GPU, Helm, S3) fails instead of holding max_active_runs=1 forever
+    "execution_timeout": timedelta(minutes=30),
 }
 NO_RETRY = {"retries": 0}
+GPU_STEP = {"retries": 0, "execution_timeout": timedelta(hours=3)}  # quantize and the gates
+
+
+class OnCallNotifier(BaseNotifier):
+    """A failed DAG run (a failed task or the dagrun_timeout) -> mail / webhook to on-call (tasks.notify)."""
+
+    def notify(self, context) -> None:
+        from tasks.notify import send_failure
+
+        dag_run = context.get("dag_run")
+        dag_id = getattr(context.get("dag"), "dag_id", None) or getattr(dag_run, "dag_id", "?")
+        run_id = context.get("run_id") or getattr(dag_run, "run_id", "?")
+        reason = context.get("reason") or "a task failed"
+        send_failure(f"[onerec-fp8] {dag_id} failed: {run_id}",
+                     f"DAG {dag_id}, run {run_id}: {reason}.\n"
+                     "Task logs: the Airflow UI (Browse > DAG Runs). Runbook: docs/runbook.md.")
+
+
+ON_FAILURE = [OnCallNotifier()]
 
 
 def config():

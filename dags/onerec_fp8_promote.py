@@ -1,22 +1,28 @@
-"""onerec_fp8_promote: roll out what an engineer approved in the MLflow UI.
+"""onerec_fp8_promote: roll out what an approver approved in the MLflow UI.
 
-Every 5 minutes: expire pending candidates older than approval_max_age_hours, then promote the
-newest version with approval=approved that was never deployed (rollout target: local or helm),
-moving champion / previous-champion only after the rollout succeeded. Nothing approves here:
-the approval is the version tag an engineer sets in the MLflow UI (docs/runbook.md).
+Triggered by the asset `onerec_model_approved` (the approval relay posts it when the `approval`
+tag is set on a version) and hourly as a safety net. Applies the approvers' decisions and
+expiry to the versions' state records, then promotes the newest approved version whose
+provenance verifies (rollout target: local or helm), moving champion / previous-champion only
+after the rollout succeeded. A refused version (forged, tampered, dead, older than the champion)
+fails the run, so on-call hears of it. Nothing approves here (docs/runbook.md).
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import dag, task
-from onerec_fp8_common import DEFAULT_ARGS, START_DATE, config, run_step
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
+from onerec_fp8_common import DEFAULT_ARGS, NO_RETRY, ON_FAILURE, START_DATE, config, run_step
+
+MODEL_APPROVED = Asset(name="onerec_model_approved")  # tasks.airflow_events.MODEL_APPROVED
 
 
 @dag(
     dag_id="onerec_fp8_promote",
-    schedule=timedelta(minutes=5),
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("@hourly", timezone="UTC"), assets=[MODEL_APPROVED]),
+    dagrun_timeout=timedelta(hours=1),
+    on_failure_callback=ON_FAILURE,
     start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
@@ -31,7 +37,7 @@ def onerec_fp8_promote():
 
         return expire_stale(config())
 
-    @task
+    @task(**NO_RETRY)
     def promote_newest_approved() -> dict:
         from tasks.promote import promote_newest_approved
 

@@ -12,9 +12,10 @@ shares the work folder through the PVC `onerec-pipeline-work`.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
-from onerec_fp8_common import DEFAULT_ARGS, NO_RETRY, START_DATE, config, run_step
+from onerec_fp8_common import DEFAULT_ARGS, GPU_STEP, NO_RETRY, ON_FAILURE, START_DATE, config, run_step
 
 # The Asset the training job updates after `publish` (an asset event via Airflow's REST API:
 # POST /api/v2/assets/events). A plain name, not an s3:// URI: parsing an s3 URI would import
@@ -34,6 +35,8 @@ GPU_EXECUTOR = os.environ.get("ONEREC_GPU_EXECUTOR") or "in_process"
     start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
+    dagrun_timeout=timedelta(hours=8),
+    on_failure_callback=ON_FAILURE,
     default_args=DEFAULT_ARGS,
     tags=["onerec", "fp8", "requantize"],
     doc_md=__doc__,
@@ -83,19 +86,19 @@ def onerec_fp8_requantize():
         quantized, quality, latency = _gpu_pods(fetched)
         validation >> quantized
     else:
-        @task(**NO_RETRY)
+        @task(**GPU_STEP)
         def quantize(fetched: dict) -> dict:
             from tasks.requantize import quantize_step
 
             return run_step(quantize_step, config(), fetched)
 
-        @task(**NO_RETRY)
+        @task(**GPU_STEP)
         def quality_gate(fetched: dict, quantized: dict) -> dict:
             from tasks.requantize import quality_step
 
             return run_step(quality_step, config(), fetched, quantized)
 
-        @task(**NO_RETRY)
+        @task(**GPU_STEP)
         def latency_gate(fetched: dict, quantized: dict) -> dict:
             from tasks.requantize import latency_step
 
@@ -124,7 +127,7 @@ def _gpu_pods(fetched):
         volumes=[k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
             claim_name="onerec-pipeline-work"))],
         volume_mounts=[k8s.V1VolumeMount(name="work", mount_path=state_dir)],
-        retries=0,
+        **GPU_STEP,
     )
 
     def pod(step: str, inputs: str):

@@ -1,11 +1,15 @@
 """`onerec-fp8 stack up|down|status`: the embedded local stack on loopback.
 
-Three services, each a real server started as its own process group:
+Five services, each a real server started as its own process group:
 
 - s3:      moto's server, with the versioned bucket `onerec` created at start;
-- mlflow:  MLflow tracking + registry, SQLite in the state dir, artifacts proxied into s3;
+- smtp:    a mail sink (onerec.smtp_sink): the DAGs' failure notifications land in <state_dir>/mail/;
+- mlflow:  MLflow tracking + registry with its basic-auth app (accounts and the approval rule:
+           onerec.mlflow_auth), SQLite in the state dir, artifacts proxied into s3;
 - airflow: api-server, scheduler, dag-processor and triggerer (LocalExecutor, SQLite), dags
-           folder = dags/ of this repo, with the stack's env so DAG tasks reach s3 and MLflow.
+           folder = dags/ of this repo, with the stack's env so DAG tasks reach s3 and MLflow;
+- relay:   the approval relay (tasks.approval_relay): MLflow's registry webhook -> Airflow asset
+           event, so an approval triggers the promote DAG at once.
 
 Everything lives in the state dir (default .onerec/ in the repo): logs/<process>.log, one
 run/<process>.json per started process (written right after it starts, so `down` finds it even
@@ -43,9 +47,9 @@ log = logging.getLogger("onerec.stack")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STATE_DIR = REPO_ROOT / ".onerec"
-SERVICES = ("s3", "mlflow", "airflow")  # start order; `down` stops in reverse
-DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "airflow": 8080}
-PORT_ENV = {"s3": "ONEREC_S3_PORT", "mlflow": "ONEREC_MLFLOW_PORT", "airflow": "ONEREC_AIRFLOW_PORT"}
+SERVICES = ("s3", "smtp", "mlflow", "airflow", "relay")  # start order; `down` stops in reverse
+DEFAULT_PORTS = {"s3": 9000, "smtp": 8025, "mlflow": 5000, "airflow": 8080, "relay": 8090}
+PORT_ENV = {s: f"ONEREC_{s.upper()}_PORT" for s in SERVICES}
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 AIRFLOW_USER = "admin"
 # moto accepts any credentials: these are placeholders that keep boto3 from looking for real ones.
@@ -116,6 +120,7 @@ def contract_env(cfg: StackConfig, ports: dict[str, int]) -> dict[str, str]:
         "ONEREC_ROLLOUT_TARGET": cfg.rollout_target,
         **LOCAL_AWS_ENV,
         "MLFLOW_S3_ENDPOINT_URL": s3_url,
+        "ONEREC_ALERT_SMTP": f"127.0.0.1:{ports['smtp']}",
         # paths of 0600 files, never the secrets themselves
         "ONEREC_MLFLOW_CREDENTIALS_FILE": str(mlflow_auth.credentials_file(cfg.state_dir, "service")),
         "ONEREC_MLFLOW_APPROVERS": mlflow_auth.APPROVER,
@@ -215,9 +220,22 @@ def _airflow_healthy(url: str) -> bool:
     return health is not None and all((health.get(p) or {}).get("status") == "healthy" for p in parts)
 
 
+def _smtp_healthy(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            return sock.recv(64).startswith(b"220")
+    except OSError:
+        return False
+
+
 def _service_healthy(service: str, url: str, cfg: StackConfig) -> bool:
     if service == "s3":
         return _s3_healthy(url, cfg.bucket)
+    if service == "smtp":
+        return _smtp_healthy(int(url.rsplit(":", 1)[1]))
+    if service == "relay":
+        reply = _http_get(url + "/health")
+        return reply is not None and reply[0] == 200
     if service == "mlflow":
         return _mlflow_healthy(url)
     return _airflow_healthy(url)
@@ -374,7 +392,33 @@ def _start_airflow(cfg: StackConfig, port: int, env: dict) -> list[dict]:
     return records
 
 
-_STARTERS = {"s3": _start_s3, "mlflow": _start_mlflow, "airflow": _start_airflow}
+def _start_smtp(cfg: StackConfig, port: int, env: dict) -> list[dict]:
+    cmd = [sys.executable, "-m", "onerec.smtp_sink", "--port", str(port), "--maildir", str(cfg.state_dir / "mail")]
+    record = _spawn(cfg, "smtp", "smtp", port, cmd, env)
+    _wait("smtp", [record], lambda: _smtp_healthy(port), cfg.timeout_s)
+    return [record]
+
+
+def _start_relay(cfg: StackConfig, port: int, env: dict) -> list[dict]:
+    from tasks.approval_relay import register_webhook
+
+    secret_file = mlflow_auth.secrets_dir(cfg.state_dir) / "mlflow-webhook-secret"
+    secret = mlflow_auth.secret_token(secret_file)
+    cmd = [sys.executable, "-m", "tasks.approval_relay", "--port", str(port), "--secret-file", str(secret_file),
+           "--state-dir", str(cfg.state_dir)]
+    record = _spawn(cfg, "relay", "relay", port, cmd, env)
+    url = f"http://127.0.0.1:{port}"
+    _wait("relay", [record], lambda: _service_healthy("relay", url, cfg), cfg.timeout_s)
+    mlflow_url = env["MLFLOW_TRACKING_URI"]
+    if not _mlflow_healthy(mlflow_url):
+        raise UserError(f"relay: MLflow at {mlflow_url} is not running; start it with the relay")
+    admin = mlflow_auth.credentials(cfg.state_dir, "admin")
+    register_webhook(mlflow_url, (admin["username"], admin["password"]), url, secret)
+    return [record]
+
+
+_STARTERS = {"s3": _start_s3, "smtp": _start_smtp, "mlflow": _start_mlflow, "airflow": _start_airflow,
+             "relay": _start_relay}
 
 
 def _start_timed(cfg: StackConfig, service: str, port: int, env: dict) -> list[dict]:
@@ -486,10 +530,11 @@ def up(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
                 raise UserError(f"{service}: port {ports[service]} on 127.0.0.1 is already in use; "
                                 f"pick another with {flag} or {PORT_ENV[service]}")
         try:
-            # s3 first (the others write into its bucket), then MLflow and Airflow side by side.
+            # s3 first (the others write into its bucket), then the mail sink, MLflow and Airflow
+            # side by side, the relay last (it registers its webhook with MLflow).
             if "s3" in to_start:
                 _start_timed(cfg, "s3", ports["s3"], env)
-            rest = [s for s in to_start if s != "s3"]
+            rest = [s for s in to_start if s not in ("s3", "relay")]
             try:
                 with ThreadPoolExecutor(max_workers=max(1, len(rest))) as pool:
                     futures = [pool.submit(_start_timed, cfg, s, ports[s], env) for s in rest]
@@ -500,6 +545,8 @@ def up(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
                 _abort.clear()
             for future in futures:
                 future.result()  # re-raises the first failure
+            if "relay" in to_start:
+                _start_timed(cfg, "relay", ports["relay"], env)
         except BaseException:
             # No half state: stop whatever this call started (reused services stay up).
             started = [r for r in _records(cfg) if r["service"] in to_start]
@@ -569,6 +616,11 @@ def _print_banner(state: dict) -> None:
         lines.append(f"              read-only: user {accounts['viewer']['username']}  password "
                      f"{accounts['viewer']['password']}; admin and pipeline service account: "
                      f"{Path(accounts['admin']['file']).parent}/mlflow-*.json")
+    if "smtp" in services:
+        lines.append(f"  Mail sink   127.0.0.1:{services['smtp']['port']}   failure notifications land in "
+                     f"{state['state_dir']}/mail/")
+    if "relay" in services:
+        lines.append(f"  Approvals   {services['relay']['url']}/mlflow-webhook   (MLflow webhook -> promote DAG)")
     if "s3" in services:
         cred = state["credentials"]["s3"]
         lines.append(f"  S3 (moto)   {services['s3']['url']}   bucket {state['env']['ONEREC_S3_BUCKET']}  "
@@ -595,7 +647,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=None,
                         help=f"state folder (env ONEREC_STATE_DIR; default {DEFAULT_STATE_DIR})")
     parser.add_argument("--services", type=_services_arg, default=SERVICES,
-                        help="comma-separated subset of s3,mlflow,airflow (default: all)")
+                        help=f"comma-separated subset of {','.join(SERVICES)} (default: all)")
     for service in SERVICES:
         parser.add_argument(f"--{service}-port", type=int, default=None,
                             help=f"{service} port (env {PORT_ENV[service]}; default {DEFAULT_PORTS[service]})")

@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 import time
 
-from onerec.errors import UserError
 from tasks.registry import CHALLENGER, client, find_versions, now_iso
+from tasks.requantize import StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ DECISIONS = ("pending", "approved", "rejected")  # what an approver may write in
 REFUSED_TAG, PROBLEM_TAG, STATE_TAG = "promotion_refused", "approval_problem", "state"
 
 
-class StateError(UserError):
-    """A transition the state machine does not allow, or a record that does not verify."""
+class StateError(StepFailed):
+    """A transition the state machine does not allow, or a record that does not verify (no retry helps)."""
 
 
 # --- the record in the pipeline's store -----------------------------------------------------------------
@@ -132,6 +132,12 @@ def _remove_alias_if_on(c, name: str, alias: str, version: str) -> bool:
     return False
 
 
+def _ms(iso: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp() * 1000
+
+
 def _set_problem(c, name: str, version: str, tags: dict, problem: str | None) -> None:
     if problem and tags.get(PROBLEM_TAG) != problem:
         c.set_model_version_tag(name, version, PROBLEM_TAG, problem)
@@ -162,18 +168,36 @@ def review(cfg, mlflow_client=None, now_s: float | None = None, s3=None) -> dict
             record, problem = None, str(exc)
         else:
             problem = None
+        approval_at = v.tags.get("approval_at", "")
+        refused_at = v.tags.get(REFUSED_TAG, "")[:20]
+        fresh = decision == "approved" and not (refused_at and refused_at >= approval_at)  # not refused yet
         if record is None:
             # not the pipeline's: never a candidate, whatever its tags say
-            if decision == "approved" and REFUSED_TAG not in v.tags:
+            if fresh:
                 refuse(cfg, c, v.version, problem or "no pipeline state record: this version was not registered by "
                                                      "the pipeline and is never promoted")
                 out["refused"].append(v.version)
             continue
         state = record["state"]
         if state != "pending":
-            if state in TERMINAL and decision == "approved" and REFUSED_TAG not in v.tags:
+            # an approval given after the version died (the approval tag of a version that was once
+            # deployed and later rolled back is older than its rollback, and is left alone)
+            if state in TERMINAL and fresh and approval_at >= record["history"][-1]["at"]:
                 refuse(cfg, c, v.version, f"approval ignored: the version is {state}, a terminal state; "
                                           "it is never promoted again")
+                out["refused"].append(v.version)
+            continue
+        deadline_ms = v.creation_timestamp + max_age_ms
+        if now_ms > deadline_ms and not (decision in ("approved", "rejected") and approval_at
+                                         and _ms(approval_at) <= deadline_ms):
+            transition(cfg, c, v.version, "expired", by="pipeline", s3=s3,
+                       note=f"pending for more than {cfg.approval_max_age_hours:g} h")
+            c.set_model_version_tag(name, v.version, "expired_at", now_iso())
+            out["expired"].append(v.version)
+            if _remove_alias_if_on(c, name, CHALLENGER, v.version):
+                out["unaliased"].append(v.version)
+            if decision == "approved":  # approved too late
+                refuse(cfg, c, v.version, "approved after approval_max_age_hours: the version expired")
                 out["refused"].append(v.version)
             continue
         if raw is not None and decision is None:
@@ -201,13 +225,6 @@ def review(cfg, mlflow_client=None, now_s: float | None = None, s3=None) -> dict
             if _remove_alias_if_on(c, name, CHALLENGER, v.version):
                 out["unaliased"].append(v.version)
             continue
-        if now_ms - v.creation_timestamp > max_age_ms:
-            transition(cfg, c, v.version, "expired", by="pipeline", s3=s3,
-                       note=f"pending for more than {cfg.approval_max_age_hours:g} h")
-            c.set_model_version_tag(name, v.version, "expired_at", now_iso())
-            out["expired"].append(v.version)
-            if _remove_alias_if_on(c, name, CHALLENGER, v.version):
-                out["unaliased"].append(v.version)
     for key in ("approved", "rejected", "expired", "flagged", "refused"):
         if out[key]:
             log.info("%s: %s %s", name, key, out[key])

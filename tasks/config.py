@@ -60,6 +60,11 @@ class PipelineConfig:
     # approval and rollout
     approval_max_age_hours: float = 72.0  # a pending candidate older than this expires
     mlflow_approvers: str = "approver"  # MLflow accounts whose approval counts (comma-separated)
+    # on-call notifications of failed DAG runs (tasks.notify)
+    alert_smtp: str = ""  # host:port of the mail relay; the local stack sets its mail sink
+    alert_email: str = "onerec-oncall@localhost"
+    alert_from: str = "onerec-fp8-pipeline@localhost"
+    alert_webhook_url: str = ""  # a JSON {"text"} webhook (chat, incident tool); empty: none
     # secrets: paths of 0600 files (Kubernetes: mounted Secrets), never the values
     mlflow_credentials_file: str | None = None  # None: <state_dir>/secrets/mlflow-service.json, else MLFLOW_TRACKING_*
     provenance_key_file: str | None = None  # None: <state_dir>/secrets/provenance.key

@@ -23,7 +23,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from onerec.errors import UserError
+from tasks.requantize import StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ SCHEME = "hmac-sha256-v1"
 GATES_REPORT = "reports/gates.json"
 
 
-class ProvenanceError(UserError):
-    """The version's evidence does not verify: it is not what the pipeline registered."""
+class ProvenanceError(StepFailed):
+    """The version's evidence does not verify: it is not what the pipeline registered (no retry helps)."""
 
 
 def key_file(cfg) -> Path:

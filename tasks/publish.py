@@ -6,7 +6,9 @@
 Uploads the checkpoint's files to s3://BUCKET/PREFIX/checkpoints/<id>/ and its manifest.json
 LAST (the pipeline never picks a checkpoint without one), and the calibration request table to
 s3://BUCKET/PREFIX/calibration/<date>/calibration.parquet. A checkpoint identical (same manifest)
-to the newest complete one is not uploaded again.
+to the newest complete one is not uploaded again. When something new landed, it posts the Airflow
+asset event `onerec_checkpoint_published` (tasks.airflow_events), so requantization starts now
+rather than at the daily run.
 """
 
 from __future__ import annotations
@@ -79,6 +81,12 @@ def publish(
         upload_file(client, calibration, cal_uri)
         log.info("published calibration data %s", cal_uri)
         result.update(calibration_uri=cal_uri, calibration_sha256=sha256_file(calibration))
+    if result.get("uploaded") or calibration is not None:
+        from tasks.airflow_events import CHECKPOINT_PUBLISHED, notify
+
+        event = notify(CHECKPOINT_PUBLISHED, {"checkpoint_uri": result["checkpoint_uri"],
+                                              "checkpoint_sha256": digest})
+        result["airflow_event"] = event is not None
     return result
 
 

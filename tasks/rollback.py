@@ -21,6 +21,7 @@ from tasks.approval import StateError, read_record, transition
 from tasks.promote import alias_version, rollout_options
 from tasks.provenance import verify_version
 from tasks.registry import CHAMPION, PREVIOUS, client, now_iso
+from tasks.requantize import StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
     if not reason or not reason.strip():
         raise UserError("a rollback needs a reason (it is recorded on the version)")
     if version is not None and not str(version).strip().isdigit():
-        raise UserError(f"version must be a registry version number (digits only), not {version!r}")
+        raise StepFailed(f"version must be a registry version number (digits only), not {version!r}")
     version = str(version).strip() if version is not None else None
     c = mlflow_client or client(cfg)
     name = cfg.model_name
@@ -39,12 +40,12 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
         raise UserError(f"{name} has no {PREVIOUS} alias: give the version to restore explicitly")
     if target == current:
         raise UserError(f"version {target} is already the champion")
-    mv = c.get_model_version(name, target)
     record = read_record(cfg, target)
     if record is None or record["state"] != "deployed":
         state = record["state"] if record else "not registered by the pipeline"
         raise StateError(f"version {target} is {state}: only a version that was deployed and not rolled back "
                          "can be restored")
+    mv = c.get_model_version(name, target)
     verify_version(cfg, c, mv)  # the same evidence promote checks
     model_uri = f"models:/{name}/{target}"
     log.info("rolling back %s from version %s to %s (reason: %s, by %s)", name, current, target, reason, by)

@@ -166,7 +166,8 @@ def _ensure_proxy(folder: Path, state: dict, port: int | None) -> dict:
     if proxy:
         stop_processes([proxy], 10)
     log_path = folder / "proxy.log"
-    cmd = [sys.executable, "-m", "onerec.serve.proxy", "--port", str(port), "--state-file", str(folder / "proxy-upstream.json")]
+    cmd = [sys.executable, "-m", "onerec.serve.proxy", "--port", str(port), "--state-file", str(folder / "proxy-upstream.json"),
+           "--token-file", str(_proxy_token_file(folder))]
     proxy = {**_spawn(cmd, log_path), "port": port, "url": f"http://127.0.0.1:{port}", "log": str(log_path)}
     try:
         _wait_http(proxy["url"] + "/_proxy/status", proxy, 30, log_path)
@@ -189,11 +190,22 @@ def _server_command(
     ]
 
 
+def _proxy_token_file(folder: Path) -> Path:
+    """The proxy's admin token (0600, generated once per serving folder)."""
+    from onerec.mlflow_auth import secret_token
+
+    path = folder / "proxy-admin-token"
+    secret_token(path)
+    return path
+
+
 def _switch(proxy: dict, upstream: str) -> None:
     import httpx
 
+    token = _proxy_token_file(Path(proxy["log"]).parent).read_text().strip()
     try:
-        reply = httpx.put(proxy["url"] + "/_proxy/upstream", json={"url": upstream}, timeout=5.0)
+        reply = httpx.put(proxy["url"] + "/_proxy/upstream", json={"url": upstream}, timeout=5.0,
+                          headers={"Authorization": f"Bearer {token}"})
         reply.raise_for_status()
         if httpx.get(proxy["url"] + "/v2/health/ready", timeout=5.0).status_code != 200:
             raise RolloutError(f"the local endpoint {proxy['url']} is not ready through the proxy after the switch")

@@ -1,6 +1,7 @@
 """DAG integrity: every file in dags/ imports cleanly (as Airflow's DagBag sees it), each DAG has tags
-and retries in default_args, the pipeline's DAGs exist, and no DAG file imports heavy libraries at
-module top (the scheduler and dag-processor import DAG files over and over).
+and retries in default_args, a dagrun_timeout, the on-call failure notifier and an execution_timeout
+on every task, the pipeline's DAGs exist, and no DAG file imports heavy libraries at module top
+(the scheduler and dag-processor import DAG files over and over).
 
 Each file is imported in a fresh subprocess with a throwaway AIRFLOW_HOME, so nothing imported by
 this test process or by another DAG file can hide a heavy import.
@@ -47,7 +48,10 @@ after_import = sorted(m for m in heavy if m in sys.modules)
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1], safe_mode=False)
 dags = {
-    dag_id: {"tags": sorted(dag.tags or []), "default_args": {k: repr(v) for k, v in (dag.default_args or {}).items()}}
+    dag_id: {"tags": sorted(dag.tags or []), "default_args": {k: repr(v) for k, v in (dag.default_args or {}).items()},
+             "dagrun_timeout": repr(dag.dagrun_timeout), "on_failure": repr(dag.on_failure_callback),
+             "tasks": {t.task_id: repr(t.execution_timeout) for t in dag.tasks},
+             "params": {k: dict(p.schema) for k, p in dag.params.items()}}
     for dag_id, dag in bag.dags.items()
 }
 print(json.dumps({"baseline": baseline, "after_import": after_import, "culprits": culprits, "dags": dags,
@@ -120,3 +124,26 @@ def test_no_heavy_import_at_dag_module_top(reports):
         where = {m: f"line {report['culprits'].get(m, '?')}" for m in heavy}
         assert not heavy, (f"importing {report['file']} imports {heavy} at module top ({where}): "
                            "import them inside the task functions")
+
+
+def test_every_dag_times_out_and_tells_on_call(reports):
+    dags = {dag_id: (r["file"], dag) for r in reports for dag_id, dag in r.get("dags", {}).items()}
+    assert dags, f"no DAGs parsed from {DAGS}"
+    for dag_id, (file, dag) in dags.items():
+        assert dag["dagrun_timeout"] != "None", f"{dag_id} ({file}) has no dagrun_timeout"
+        assert "OnCallNotifier" in dag["on_failure"], f"{dag_id} ({file}) notifies no one on failure"
+        untimed = [task for task, timeout in dag["tasks"].items() if timeout == "None"]
+        assert not untimed, f"{dag_id} ({file}): tasks without execution_timeout: {untimed}"
+
+
+def test_rollback_form_accepts_digits_only(reports):
+    import jsonschema
+
+    [params] = [dag["params"] for r in reports for dag_id, dag in r.get("dags", {}).items()
+                if dag_id == "onerec_fp8_rollback"]
+    schema = params["version"]
+    jsonschema.validate("12", schema)
+    jsonschema.validate(None, schema)
+    for bad in ("v2", "2; rm -rf /", "", " 3"):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)

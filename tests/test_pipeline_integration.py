@@ -327,6 +327,18 @@ def test_rollback_restores_the_previous_champion(stack, tiny, tmp_path):
 
     assert local_status(state_dir=cfg.state_dir)["current"]["version"] == v1
     assert promote_newest_approved(cfg)["promoted"] is None  # the rolled-back version stays out
+    # whatever its tags say later: an approver re-approves it, someone deletes deployed_at
+    c.delete_model_version_tag(cfg.model_name, v2, "deployed_at")
+    approve_as_the_ui_does(stack, cfg, v2, "pending").raise_for_status()
+    approve_as_the_ui_does(stack, cfg, v2).raise_for_status()
+    with pytest.raises(UserError, match="refused"):
+        promote_newest_approved(cfg)
+    with pytest.raises(UserError, match="rolled_back"):
+        rollback(cfg, "restore it anyway", version=v2)
+    assert (alias(cfg, "champion"), local_status(state_dir=cfg.state_dir)["current"]["version"]) == (v1, v1)
+    assert "terminal" in c.get_model_version(cfg.model_name, v2).tags["promotion_refused"]
+    with pytest.raises(UserError, match="digits only"):
+        rollback(cfg, "bad form input", version="2; rm -rf /")
 
     # a third candidate nobody approves expires; its challenger alias goes with it
     publish(cfg, variant(tiny.checkpoint_dir, tmp_path / "v3", "v3"), tiny.calibration_path, "20260103T000000Z")
@@ -357,6 +369,89 @@ def test_failed_rollout_leaves_aliases_unchanged(stack, tiny, monkeypatch):
     from tasks.registry import client
 
     assert "deployed_at" not in client(cfg).get_model_version(cfg.model_name, v1).tags
+
+
+# --- trust: only what the pipeline gated and an approver approved is deployed ------------------------
+
+
+def test_only_approvers_decide_and_forged_or_dead_versions_are_refused(stack, tiny, tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    from tasks.approval import review
+    from tasks.promote import promote, promote_newest_approved
+    from tasks.registry import client
+    from tasks.requantize import run_requantize
+    from tasks.rollout import local_status
+
+    cfg = config(stack, "trust")
+    c = client(cfg)  # the pipeline's service account
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    v1 = run_requantize(cfg)["version"]
+
+    # the viewer and the service account cannot decide: 403, nothing changes
+    for role in ("viewer", "service"):
+        refused = approve_as_the_ui_does(stack, cfg, v1, role=role)
+        assert refused.status_code == 403, (role, refused.text)
+    tags = c.get_model_version(cfg.model_name, v1).tags
+    assert tags["approval"] == "pending" and "approval_by" not in tags
+
+    # a typo is flagged on the version and decides nothing; capitals and spaces are fine
+    approve_as_the_ui_does(stack, cfg, v1, "aproved").raise_for_status()
+    assert review(cfg)["flagged"] == [v1]
+    tags = c.get_model_version(cfg.model_name, v1).tags
+    assert "'aproved'" in tags["approval_problem"] and tags["state"] == "pending"
+    approve_as_the_ui_does(stack, cfg, v1, " Approved ").raise_for_status()
+    promoted = promote_newest_approved(cfg)
+    assert promoted["promoted"] == v1 and promoted["approved_by"] == "approver"
+    tags = c.get_model_version(cfg.model_name, v1).tags
+    assert tags["state"] == "deployed" and tags["approval_by"] == "approver" and "approval_problem" not in tags
+
+    # a forger with registry write access (here: the service account's password) cannot register a
+    # pre-approved version, and a version copied from v1's artifacts and tags is never promoted
+    legit = c.get_model_version(cfg.model_name, v1)
+    forged_tags = {k: v for k, v in legit.tags.items() if k not in ("approval_by", "approval_at", "state")}
+    with pytest.raises(MlflowException, match="pending only"):
+        c.create_model_version(cfg.model_name, legit.source, run_id=legit.run_id, tags=forged_tags)
+    forged = c.create_model_version(cfg.model_name, legit.source, run_id=legit.run_id,
+                                    tags={**forged_tags, "approval": "pending"}).version
+    approve_as_the_ui_does(stack, cfg, forged).raise_for_status()  # a tired approver
+    with pytest.raises(UserError, match=f"refused version.*{forged}"):
+        promote_newest_approved(cfg)
+    with pytest.raises(UserError, match="no pipeline state record"):
+        promote(cfg, forged)
+    assert "not registered by the pipeline" in c.get_model_version(cfg.model_name, forged).tags["promotion_refused"]
+
+    # an expired candidate stays dead when someone approves it afterwards
+    publish(cfg, variant(tiny.checkpoint_dir, tmp_path / "v3", "v3"), tiny.calibration_path, "20260102T000000Z")
+    v3 = run_requantize(cfg)["version"]
+    assert review(config(stack, "trust", approval_max_age_hours=0.0))["expired"] == [v3]
+    approve_as_the_ui_does(stack, cfg, v3).raise_for_status()
+    with pytest.raises(UserError, match="refused"):
+        promote_newest_approved(cfg)
+    with pytest.raises(UserError, match="expired"):
+        promote(cfg, v3)
+    assert c.get_model_version(cfg.model_name, v3).tags["state"] == "expired"
+
+    # nothing of it reached serving or the aliases
+    assert alias(cfg, "champion") == v1 and alias(cfg, "previous-champion") is None
+    assert local_status(state_dir=cfg.state_dir)["current"]["version"] == v1
+
+
+def test_tampered_evidence_is_refused(stack, tiny):
+    from tasks.promote import promote_newest_approved
+    from tasks.registry import client
+    from tasks.requantize import run_requantize
+
+    cfg = config(stack, "tamper")
+    c = client(cfg)
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    v1 = run_requantize(cfg)["version"]
+    approve_as_the_ui_does(stack, cfg, v1).raise_for_status()
+    c.set_model_version_tag(cfg.model_name, v1, "recipe", "fp8_block")  # what an EDIT account can do
+    with pytest.raises(UserError, match=f"refused version.*{v1}"):
+        promote_newest_approved(cfg)
+    assert alias(cfg, "champion") is None
+    assert "does not verify" in c.get_model_version(cfg.model_name, v1).tags["promotion_refused"]
 
 
 # --- through real Airflow ---------------------------------------------------------------------------

@@ -10,8 +10,10 @@ A connection that fails before any response byte arrived (an upstream just closi
 keep-alive connection at shutdown) is retried on the current upstream: the served endpoints are
 idempotent (a recommendation is a pure function of the request), so a retry is safe.
 
-Admin (loopback only, as the proxy itself): PUT /_proxy/upstream {"url": "http://127.0.0.1:N"},
-GET /_proxy/status. No torch import: it starts in well under a second.
+Admin (loopback only, as the proxy itself): PUT /_proxy/upstream {"url": "http://127.0.0.1:N"} with
+`Authorization: Bearer <token>`, the token read from --token-file (which must be 0600; anything
+else is refused with 401 and changes nothing); GET /_proxy/status (read-only, no token).
+No torch import: it starts in well under a second.
 """
 
 from __future__ import annotations
@@ -44,7 +46,17 @@ def check_upstream(url: str) -> str:
     return f"http://{parts.hostname}:{parts.port}"
 
 
-def create_proxy_app(state_file: Path):
+def read_token(path: Path) -> str:
+    """The admin token from a file only its owner can read."""
+    if path.stat().st_mode & 0o077:
+        raise ValueError(f"{path} is readable by other users; chmod 600 it")
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise ValueError(f"{path}: the admin token is too short (at least 16 characters)")
+    return token
+
+
+def create_proxy_app(state_file: Path, token: str):
     import httpx
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -65,6 +77,12 @@ def create_proxy_app(state_file: Path):
         os.replace(tmp, state_file)
 
     async def set_upstream(request: Request):
+        import hmac
+
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            log.warning("refused an upstream switch without the admin token")
+            return JSONResponse({"error": "the upstream switch needs the admin token"}, status_code=401)
         try:
             url = check_upstream(json.loads(await request.body())["url"])
         except (ValueError, KeyError, TypeError) as exc:
@@ -123,12 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1", choices=sorted(LOOPBACK_HOSTS))
     parser.add_argument("--state-file", type=Path, required=True)
+    parser.add_argument("--token-file", type=Path, required=True, help="0600 file with the admin token")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.state_file.parent.mkdir(parents=True, exist_ok=True)
     from onerec.serve.server import _log_config
 
-    uvicorn.run(create_proxy_app(args.state_file), host=args.host, port=args.port, log_config=_log_config(),
+    try:
+        token = read_token(args.token_file)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    uvicorn.run(create_proxy_app(args.state_file, token), host=args.host, port=args.port, log_config=_log_config(),
                 access_log=False, timeout_graceful_shutdown=10)
     return 0
 
