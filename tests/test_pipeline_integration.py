@@ -410,9 +410,11 @@ def test_only_approvers_decide_and_forged_or_dead_versions_are_refused(stack, ti
     # pre-approved version, and a version copied from v1's artifacts and tags is never promoted
     legit = c.get_model_version(cfg.model_name, v1)
     forged_tags = {k: v for k, v in legit.tags.items() if k not in ("approval_by", "approval_at", "state")}
+    logged_model = legit.source.removeprefix("models:/")  # the same model artifacts as v1
     with pytest.raises(MlflowException, match="pending only"):
-        c.create_model_version(cfg.model_name, legit.source, run_id=legit.run_id, tags=forged_tags)
-    forged = c.create_model_version(cfg.model_name, legit.source, run_id=legit.run_id,
+        c.create_model_version(cfg.model_name, legit.source, run_id=legit.run_id, tags=forged_tags,
+                               model_id=logged_model)
+    forged = c.create_model_version(cfg.model_name, legit.source, run_id=legit.run_id, model_id=logged_model,
                                     tags={**forged_tags, "approval": "pending"}).version
     approve_as_the_ui_does(stack, cfg, forged).raise_for_status()  # a tired approver
     with pytest.raises(UserError, match=f"refused version.*{forged}"):
