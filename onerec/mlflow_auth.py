@@ -111,8 +111,9 @@ def server_env(state_dir: str | Path) -> dict[str, str]:
         # the UI's CSRF protection signs with this; one per state dir so restarts keep sessions
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_token(secrets_dir(state_dir) / "mlflow-flask-secret"),
         APPROVERS_ENV: APPROVER,
-        # the approval webhook posts to the relay on loopback
+        # the approval webhook posts to the relay on loopback (plain http there; signed deliveries)
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
     }
 
 

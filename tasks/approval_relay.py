@@ -87,7 +87,7 @@ def register_webhook(mlflow_url: str, admin: tuple[str, str], relay_url: str, se
                 http.delete(f"/api/2.0/mlflow/webhooks/{hook['webhook_id']}").raise_for_status()
         created = http.post("/api/2.0/mlflow/webhooks", json={
             "name": WEBHOOK_NAME, "url": f"{relay_url}/mlflow-webhook", "secret": secret, "status": "ACTIVE",
-            "events": [{"entity": "model_version_tag", "action": "set"}],
+            "events": [{"entity": "MODEL_VERSION_TAG", "action": "SET"}],
         })
         created.raise_for_status()
         return created.json()["webhook"]["webhook_id"]
