@@ -162,3 +162,53 @@ def test_parse_s3_uri():
     assert parse_s3_uri("s3://b/k/x.json") == ("b", "k/x.json")
     with pytest.raises(UserError):
         parse_s3_uri("http://b/k")
+
+
+def test_approval_values_are_case_and_space_tolerant():
+    from tasks.approval import normalize_decision
+
+    assert [normalize_decision(v) for v in ("approved", "Approved ", " APPROVED", "rejected", "Pending")] == [
+        "approved", "approved", "approved", "rejected", "pending"]
+    assert [normalize_decision(v) for v in ("aproved", "yes", "", "approved!", None)] == [None] * 5
+
+
+def test_gates_label_and_reviewer_description(tmp_path):
+    from tasks.config import PipelineConfig
+    from tasks.review_page import gates_label, version_description
+
+    quality = {"passed": True, "num_users": 32, "top10_overlap": 0.96, "relative_recall@10_change": -0.004}
+    unmeasured = {"quality": quality, "latency": {"measurable": False, "reason": "no CUDA GPU is visible"}}
+    measured = {"quality": quality, "latency": {"measurable": True, "passed": True, "latency_ratio": 0.81,
+                                                "throughput_ratio": 1.3, "device": "H100"}}
+    assert gates_label(unmeasured) == "passed-latency-unmeasured" and gates_label(measured) == "passed"
+    (tmp_path / "recipe.json").write_text(json.dumps({"excluded": {"lm_head": "sensitive (SQNR 12 dB)"}}))
+    cfg = PipelineConfig(latency_gate_blocking=False)
+    text = version_description(cfg, unmeasured, tmp_path, "7", "run1", "http://mlflow")
+    assert "NOT MEASURED (no CUDA GPU is visible)" in text and "top10_overlap 0.96" in text
+    assert "lm_head (sensitive (SQNR 12 dB))" in text and "#/experiments/7/runs/run1" in text
+    assert "Promote model" in text
+    assert "p50 0.81, throughput 1.3 on H100" in version_description(cfg, measured, tmp_path, "7", "r", None)
+
+
+def test_provenance_signature_binds_every_field_and_the_key_stays_private(tmp_path):
+    import os
+
+    from tasks.config import PipelineConfig
+    from tasks.provenance import ProvenanceError, evidence, load_key, sign, verifies
+
+    cfg = PipelineConfig(state_dir=str(tmp_path))
+    with pytest.raises(ProvenanceError, match="no provenance key"):
+        load_key(cfg)  # promote never creates one
+    key = load_key(cfg, create=True)
+    assert os.stat(tmp_path / "secrets" / "provenance.key").st_mode & 0o777 == 0o600
+    record = evidence(model="m", version="3", run_id="r", model_manifest_sha256="a" * 64, checkpoint_sha256="b" * 64,
+                      recipe="fp8_dynamic", gates_report_sha256="c" * 64)
+    signature = sign(key, "version", record)
+    assert verifies(key, "version", record, signature)
+    for field in record:
+        assert not verifies(key, "version", {**record, field: "x"}, signature), field
+    assert not verifies(key, "state", record, signature)  # a state record's signature is no version's
+    assert not verifies(b"k" * 64, "version", record, signature)
+    os.chmod(tmp_path / "secrets" / "provenance.key", 0o644)
+    with pytest.raises(ProvenanceError, match="chmod 600"):
+        load_key(cfg)

@@ -21,7 +21,8 @@ from onerec.stack import SERVICES, _port_free, read_state, stack_env
 CONTRACT_VARS = {
     "ONEREC_STATE_DIR", "ONEREC_S3_ENDPOINT_URL", "ONEREC_S3_BUCKET", "ONEREC_S3_PREFIX", "MLFLOW_TRACKING_URI",
     "ONEREC_MODEL_NAME", "ONEREC_ROLLOUT_TARGET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "ONEREC_MLFLOW_CREDENTIALS_FILE", "ONEREC_MLFLOW_APPROVERS",
+    "ONEREC_PROVENANCE_KEY_FILE", "ONEREC_ALERT_SMTP",
 }
 
 # A task that uses only the env Airflow got from the stack to reach MLflow and write into S3.
@@ -71,16 +72,45 @@ def check_endpoints(state: dict) -> None:
     health = httpx.get(services["airflow"]["url"] + "/api/v2/monitor/health", timeout=30).json()
     for component in ("metadatabase", "scheduler", "triggerer", "dag_processor"):
         assert health[component]["status"] == "healthy", health
+    assert httpx.get(services["relay"]["url"] + "/health", timeout=30).status_code == 200
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", services["smtp"]["port"], timeout=30) as smtp:
+        assert smtp.noop()[0] == 250
+
+
+def check_credentials_are_private_and_required(state: dict) -> None:
+    """stack.json and every credential file are 0600; MLflow answers nobody without a login."""
+    import stat
+
+    state_dir = Path(state["state_dir"])
+    private = [state_dir / "stack.json", *sorted((state_dir / "secrets").iterdir()),
+               Path(state["credentials"]["airflow"]["passwords_file"])]
+    assert len(private) >= 6
+    for path in private:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    url = state["services"]["mlflow"]["url"]
+    assert httpx.get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30).status_code == 401
+    for role in ("approver", "viewer"):
+        account = state["credentials"]["mlflow"][role]
+        reply = httpx.get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30,
+                          auth=(account["username"], account["password"]))
+        assert reply.status_code == 200, (role, reply.text)
 
 
 def check_mlflow_artifacts_land_in_s3(env: dict, tmp_path: Path) -> None:
+    from unittest import mock
+
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    run = client.create_run(client.create_experiment("stack-test"))
-    artifact = tmp_path / "hello.txt"
-    artifact.write_text("hello from the stack test\n")
-    client.log_artifact(run.info.run_id, str(artifact))
+    account = json.loads(Path(env["ONEREC_MLFLOW_CREDENTIALS_FILE"]).read_text())  # the service account
+    login = {"MLFLOW_TRACKING_USERNAME": account["username"], "MLFLOW_TRACKING_PASSWORD": account["password"]}
+    with mock.patch.dict(os.environ, login):
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        run = client.create_run(client.create_experiment("stack-test"))
+        artifact = tmp_path / "hello.txt"
+        artifact.write_text("hello from the stack test\n")
+        client.log_artifact(run.info.run_id, str(artifact))
     listing = s3_client(env).list_objects_v2(Bucket=env["ONEREC_S3_BUCKET"], Prefix="mlflow/")
     keys = [o["Key"] for o in listing.get("Contents", [])]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/hello.txt") for k in keys), keys
@@ -134,7 +164,9 @@ def test_stack_up_status_idempotent_down(tmp_path):
         assert len(state["services"]["airflow"]["pids"]) == 4  # api-server, scheduler, dag-processor, triggerer
         # The UI credentials and the stop command are printed for the user.
         assert state["credentials"]["airflow"]["password"] in up.stderr
+        assert state["credentials"]["mlflow"]["approver"]["password"] in up.stderr
         assert state["stop_command"] in up.stderr
+        check_credentials_are_private_and_required(state)
 
         status = stack_cli("status", "--state-dir", str(state_dir), timeout=60)
         assert status.returncode == 0, status.stderr
