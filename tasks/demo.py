@@ -204,7 +204,9 @@ def run_demo() -> dict:
     _step(7, total, "where to look")
     airflow_url = urls["airflow"]
     creds = state.get("credentials", {}).get("airflow", {})
-    print(f"  MLflow (runs, reports, registry): {mlflow_url}/#/models/{cfg.model_name}\n"
+    approver = state["credentials"]["mlflow"]["approver"]
+    print(f"  MLflow (runs, reports, registry): {mlflow_url}/#/models/{cfg.model_name}  (approver login: user "
+          f"{approver['username']}, password in {approver['file']})\n"
           f"  the champion version:            {mlflow_url}/#/models/{cfg.model_name}/versions/{champion.version}\n"
           f"  Airflow (DAGs, runs, rollback):   {airflow_url}  (user {creds.get('username', 'admin')}, "
           f"password in {creds.get('passwords_file', 'the stack state dir')})\n"

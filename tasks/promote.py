@@ -81,7 +81,8 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
     rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, **rollout_options(cfg))
     # Only now, with the rollout done, the registry says so.
     transition(cfg, c, version, "deployed", by="pipeline", note=f"rollout revision {rollout.get('revision', '')}",
-               previous_champion=champion)
+               previous_champion=champion, approved_by=approved.get("by"),
+               registering_run=checked["record"]["run_id"])
     if champion and champion != version:
         c.set_registered_model_alias(name, PREVIOUS, champion)
         c.set_model_version_tag(name, version, "previous_champion_version", champion)
