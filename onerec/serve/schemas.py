@@ -18,7 +18,8 @@ HARD_MAX_BEAM = 4096
 
 ItemId = Annotated[int, Field(strict=True, ge=0, le=MAX_ITEM_ID)]
 FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-FeatureValue = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+FLOAT32_MAX = 3.4028234663852886e38  # profiles become float32: a larger finite value would be inf
+FeatureValue = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 
 class UserRequest(BaseModel):
