@@ -260,16 +260,22 @@ def test_connection_and_in_flight_caps_answer_503_with_retry_after(checkpoint):
 
 def test_a_client_disconnect_is_one_debug_line(checkpoint, caplog):
     app = create_app(config(checkpoint))
-    with serve_in_thread(app) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
-        wait_ready(client, url)
-        caplog.clear()
-        caplog.set_level(logging.DEBUG, logger="onerec.serve.guard")
-        port = int(url.rsplit(":", 1)[1])
-        for _ in range(5):
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                sock.sendall(http_request("POST", "/v1/recommend", b"{" * 100)[:-50])  # half the body, then gone
-        wait_for(lambda: sum("disconnected" in r.getMessage() for r in caplog.records) == 5)
-        assert client.get("/v2/health/ready").status_code == 200
+    uvicorn_log = logging.getLogger("uvicorn")  # does not propagate to the root logger caplog watches
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with serve_in_thread(app) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
+            wait_ready(client, url)
+            caplog.clear()
+            caplog.set_level(logging.DEBUG, logger="onerec.serve.guard")
+            port = int(url.rsplit(":", 1)[1])
+            for _ in range(5):
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    sock.sendall(http_request("POST", "/v1/recommend", b"{" * 100)[:-50])  # half the body, gone
+            wait_for(lambda: sum("disconnected" in r.getMessage() for r in caplog.records) == 5)
+            assert client.get("/v2/health/ready").status_code == 200
+            assert metric(client, 'onerec_http_errors_total{code="499"}') == 5
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
 
 

@@ -64,7 +64,9 @@ class ServerConfig:
     max_connections: int = 1024  # open connections; beyond: 503 + Retry-After, closed
     header_timeout_s: float = 5.0  # from a request's first byte (or the connection) to its last header
     body_timeout_s: float = 10.0  # from the last header to the last body byte
-    keep_alive_s: float = 5.0  # idle time between requests on one connection
+    # idle time between requests on one connection: longer than clients' pool expiry (httpx: 5 s),
+    # else a request sent just as the server closes the idle connection is reset (seen at 5 s)
+    keep_alive_s: float = 75.0
     max_header_bytes: int = 64 * 1024
 
     def validate(self) -> None:

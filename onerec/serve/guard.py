@@ -134,6 +134,28 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, max_connect
     return GuardedHTTPProtocol
 
 
+def connection_cap(max_connections: int, reserve: int = 128) -> int:
+    """`max_connections`, lowered if need be so the open-file limit keeps `reserve` descriptors for
+    everything else (model files, logs, the listening socket): running out of descriptors stops
+    accept() and with it the health checks. Raises the soft limit towards the hard one first."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max_connections + reserve
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        capped = max(1, soft - reserve)
+        log.warning("open-file limit %d: at most %d connections instead of %d", soft, capped, max_connections)
+        return capped
+    return max_connections
+
+
 class BodyReadTimeout(Exception):
     """The request body did not arrive in time."""
 

@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="open connections; beyond: 503 + Retry-After and closed")
     limits.add_argument("--header-timeout", type=float, default=5.0, help="seconds for a request's headers")
     limits.add_argument("--body-timeout", type=float, default=10.0, help="seconds for a request's body, after its headers")
-    limits.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle seconds between requests")
+    limits.add_argument("--keep-alive-timeout", type=float, default=75.0,
+                        help="idle seconds between requests (above clients' pool expiry)")
 
 
 def _log_config() -> dict:
@@ -68,11 +69,11 @@ def uvicorn_config(app, host: str, port: int, **kwargs):
     """The uvicorn.Config for an app of onerec.serve.app.create_app, with its connection limits."""
     import uvicorn
 
-    from onerec.serve.guard import guarded_protocol
+    from onerec.serve.guard import connection_cap, guarded_protocol
 
     config = app.state.config
-    protocol = guarded_protocol(config.header_timeout_s, config.max_header_bytes, config.max_connections,
-                                config.keep_alive_s)
+    protocol = guarded_protocol(config.header_timeout_s, config.max_header_bytes,
+                                connection_cap(config.max_connections), config.keep_alive_s)
     return uvicorn.Config(app, host=host, port=port, http=protocol, lifespan="on",
                           timeout_keep_alive=config.keep_alive_s, **kwargs)
 
