@@ -205,7 +205,8 @@ def test_slow_clients_are_cut_off_while_health_checks_keep_answering(checkpoint)
             if kind != "idle":
                 assert answer.startswith(b"HTTP/1.1 408"), (kind, answer[:80])
         assert len(health_ms) > 20 and max(health_ms) < 1000, max(health_ms)
-        assert metric(client, 'onerec_http_errors_total{code="408"}') == 200  # body timeouts (headers: never an app request)
+        assert metric(client, 'onerec_http_errors_total{code="408"}') == 220
+        assert metric(client, 'onerec_http_responses_total{code="408",route="connection"}') == 20  # headers
         assert client.post("/v1/recommend", json=BODY).status_code == 200
 
 
@@ -252,6 +253,8 @@ def test_connection_and_in_flight_caps_answer_503_with_retry_after(checkpoint):
                     assert data.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in data
                     refused += 1
             assert refused >= 12 - 8 + 1  # client's own keep-alive connection counts too
+            assert metric(client, 'onerec_http_responses_total{code="503",route="connection"}') == refused
+            assert metric(client, 'onerec_http_responses_total{code="503",route="/v1/recommend"}') == 1
         finally:
             for sock in held:
                 sock.close()

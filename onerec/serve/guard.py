@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+REFUSAL_LOG_INTERVAL_S = 10.0
 EXEMPT_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
 
 
@@ -40,17 +41,26 @@ def _raw_response(status: int, reason: str, message: str, retry_after: bool = Fa
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+def count_response(metrics, route: str, code: int) -> None:
+    """Count one response in onerec.serve.app.Metrics: by route and code, and as an error from 400."""
+    metrics.responses.labels(route, str(code)).inc()
+    if code >= 400:
+        metrics.errors.labels(str(code)).inc()
+
+
 def guarded_protocol(header_timeout_s: float, max_header_bytes: int, max_connections: int,
-                     keep_alive_s: float) -> type:
+                     keep_alive_s: float, metrics=None) -> type:
     """uvicorn's httptools HTTP protocol class with the connection-level limits of the module doc.
 
     One timer per connection: armed when it opens and at a request's first byte (headers due in
     `header_timeout_s`), stopped when the headers are complete (the body deadline is the ASGI
     guard's). A body still arriving after the answer was sent (e.g. a 413 before reading it) is
-    read and dropped, as uvicorn does, but for at most `header_timeout_s` more.
+    read and dropped, as uvicorn does, but for at most `header_timeout_s` more. Its own answers
+    (408, 431, 503) are counted in `metrics` under the route "connection".
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    warned = [-REFUSAL_LOG_INTERVAL_S]  # when the last refusal was logged
     busy = _raw_response(503, "Service Unavailable", f"server busy: more than {max_connections} connections",
                          retry_after=True)
 
@@ -62,9 +72,14 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, max_connect
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
-                log.warning("refused a connection: %d open (limit %d)", len(self.connections), max_connections)
+                now = time.monotonic()
+                if now - warned[0] > REFUSAL_LOG_INTERVAL_S:  # a flood of connections: not a flood of lines
+                    warned[0] = now
+                    log.warning("refusing connections: %d open (limit %d)", len(self.connections), max_connections)
                 transport.write(busy)
                 transport.close()
+                if metrics is not None:
+                    count_response(metrics, "connection", 503)
                 return
             self._arm(header_timeout_s)
 
@@ -130,6 +145,8 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, max_connect
             if not self.transport.is_closing():
                 self.transport.write(_raw_response(status, reason, message))
                 self.transport.close()
+                if metrics is not None:
+                    count_response(metrics, "connection", status)
 
     return GuardedHTTPProtocol
 
@@ -244,8 +261,5 @@ class RequestGuard:
         return receive_body
 
     def _observe(self, route: str, code: int, start: float) -> None:
-        m = self.metrics
-        m.latency.labels(route).observe(time.perf_counter() - start)
-        m.responses.labels(route, str(code)).inc()
-        if code >= 400:
-            m.errors.labels(str(code)).inc()
+        self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+        count_response(self.metrics, route, code)

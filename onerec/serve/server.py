@@ -73,7 +73,7 @@ def uvicorn_config(app, host: str, port: int, **kwargs):
 
     config = app.state.config
     protocol = guarded_protocol(config.header_timeout_s, config.max_header_bytes,
-                                connection_cap(config.max_connections), config.keep_alive_s)
+                                connection_cap(config.max_connections), config.keep_alive_s, app.state.metrics)
     return uvicorn.Config(app, host=host, port=port, http=protocol, lifespan="on",
                           timeout_keep_alive=config.keep_alive_s, **kwargs)
 
