@@ -78,6 +78,7 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, max_connect
                     log.warning("refusing connections: %d open (limit %d)", len(self.connections), max_connections)
                 transport.write(busy)
                 transport.close()
+                self.connections.discard(self)  # counts no more, though its close completes later
                 if metrics is not None:
                     count_response(metrics, "connection", 503)
                 return
