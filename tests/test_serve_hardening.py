@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import select
 import shutil
 import socket
 import threading
@@ -98,6 +99,20 @@ def test_overflowing_profile_values_are_a_4xx_on_a_connection_that_stays_usable(
             # within float32, absurd, still finite scores: answered
             sock.sendall(http_request("POST", "/v1/recommend", valid))
             assert read_response(sock)[0] == 200
+            # headers beyond their size limit: 431 (and closed) before they reach the app
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n" + b"x-big: " + b"a" * 70_000 + b"\r\n\r\n")
+            assert read_response(sock)[0] == 431
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # one header, trickled
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nx-big: ")
+            for _ in range(200):  # 200 KB: far beyond the limit, unless answered first
+                if select.select([sock], [], [], 0)[0]:
+                    break
+                try:
+                    sock.sendall(b"a" * 1000)
+                except ConnectionError:
+                    break
+                time.sleep(0.002)
+            assert read_response(sock)[0] == 431
         assert metric(client, 'onerec_http_errors_total{code="500"}') == 0
 
 

@@ -15,6 +15,7 @@ log-probabilities of the code triples) and what was done to the input:
   model's stored training mean, i.e. a neutral value (z-score 0 after the model's normalisation);
 - ignored_profile_features: features the model does not use (e.g. after a model change), ignored.
 None of these is an error: production traffic always carries them. Malformed bodies are (4xx).
+Timeouts, connection and in-flight caps and the accounting of every response: onerec.serve.guard.
 """
 
 from __future__ import annotations

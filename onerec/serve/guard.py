@@ -48,6 +48,10 @@ def count_response(metrics, route: str, code: int) -> None:
         metrics.errors.labels(str(code)).inc()
 
 
+class HeadersTooLarge(Exception):
+    """A request's url and headers exceed the size limit."""
+
+
 def guarded_protocol(header_timeout_s: float, max_header_bytes: int, max_connections: int,
                      keep_alive_s: float, metrics=None) -> type:
     """uvicorn's httptools HTTP protocol class with the connection-level limits of the module doc.
@@ -67,7 +71,8 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, max_connect
     class GuardedHTTPProtocol(HttpToolsProtocol):
         _read_timer: asyncio.TimerHandle | None = None
         _in_headers = False
-        _header_bytes = 0
+        _header_bytes = 0  # url and headers parsed so far
+        _raw_header_bytes = 0  # bytes received while the headers were incomplete
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -89,22 +94,37 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, max_connect
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self._in_headers and self._header_bytes > max_header_bytes:
+            # httptools buffers a header until it is complete: bound what a trickled one can grow to
+            if self._in_headers and self._raw_header_bytes > max_header_bytes:
                 self._refuse(431, "Request Header Fields Too Large", f"headers over {max_header_bytes} bytes")
+                return
+            super().data_received(data)
+            if self._in_headers:  # still no end of headers: all of `data` was header bytes
+                self._raw_header_bytes += len(data)
 
         # httptools parser callbacks
         def on_url(self, url: bytes) -> None:
-            self._header_bytes += len(url)
+            self._count_header_bytes(len(url))
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
-            self._header_bytes += len(name) + len(value)
+            self._count_header_bytes(len(name) + len(value))
             super().on_header(name, value)
+
+        def _count_header_bytes(self, n: int) -> None:
+            self._header_bytes += n
+            if self._header_bytes > max_header_bytes:
+                raise HeadersTooLarge  # stops the parser: uvicorn answers with send_400_response below
+
+        def send_400_response(self, msg: str) -> None:
+            if self._header_bytes > max_header_bytes:
+                self._refuse(431, "Request Header Fields Too Large", f"headers over {max_header_bytes} bytes")
+            else:
+                super().send_400_response(msg)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._in_headers, self._header_bytes = True, 0
+            self._in_headers, self._header_bytes, self._raw_header_bytes = True, 0, 0
             if self._read_timer is None:
                 self._arm(header_timeout_s)
 
