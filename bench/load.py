@@ -170,7 +170,7 @@ def environment() -> dict:
     import importlib.metadata as md
 
     versions = {"python": platform.python_version()}
-    for pkg in ("torch", "onerec-fp8", "fastapi", "uvicorn", "httpx", "numpy"):
+    for pkg in ("torch", "onerec-fp8", "fastapi", "uvicorn", "httptools", "httpx", "numpy"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
