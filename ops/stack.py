@@ -393,12 +393,13 @@ def _locked(cfg: StackConfig):
 
 
 def _resolve_ports(cfg: StackConfig) -> dict[str, int]:
-    """Port per service: explicit (flag/ports) > the running service's > env > default."""
+    """Port per service: explicit (flag/ports) > the recorded (running or crashed) service's > env > default."""
     explicit = dict(cfg.ports or {})
     settings = Settings.from_env()
     ports = {}
     for service in SERVICES:
-        running = [r["port"] for r in _records(cfg, service) if is_alive(r)]
+        # A recorded server, alive or crashed: its port is the one stack.json and the clients know.
+        running = [r["port"] for r in _records(cfg, service)]
         if service in explicit:
             ports[service] = int(explicit[service])
         elif running:
@@ -510,7 +511,12 @@ def down(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
     with _locked(cfg):
         ports = _resolve_ports(cfg)
         records = [r for r in _records(cfg) if r["service"] in services]
-        _stop(cfg, records)  # all at once, so the grace periods overlap
+        try:
+            _stop(cfg, records)  # all at once, so the grace periods overlap
+        except UserError:
+            if set(services) == set(SERVICES):
+                _stop_local_serving(cfg)  # the serving proxy goes down even when a service would not
+            raise
         stopped = {}
         for record in records:
             stopped.setdefault(record["service"], []).append(record["pid"])
@@ -518,13 +524,19 @@ def down(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
             log.info("%s: stopped (pids %s)", service, pids)
         state = _write_state(cfg, ports)
     result = {"state_dir": str(cfg.state_dir), "stopped": stopped, "running": sorted(state["services"])}
-    if set(services) == set(SERVICES) and (cfg.state_dir / "serving").is_dir():
-        # The local rollout target's server and proxy live in the same state dir: a full `down`
-        # leaves nothing of the local setup running.
-        from ops.rollout.local import stop as stop_local_serving
-
-        result["serving"] = stop_local_serving(cfg.state_dir)
+    if set(services) == set(SERVICES):
+        result["serving"] = _stop_local_serving(cfg)
     return result
+
+
+def _stop_local_serving(cfg: StackConfig) -> dict | None:
+    """The local rollout target's server and proxy live in the same state dir: a full `down`
+    leaves nothing of the local setup running."""
+    if not (cfg.state_dir / "serving").is_dir():
+        return None
+    from ops.rollout.local import stop as stop_local_serving
+
+    return stop_local_serving(cfg.state_dir)
 
 
 def status(cfg: StackConfig) -> dict:
