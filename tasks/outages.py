@@ -53,8 +53,27 @@ def _unreachable(text: str) -> bool:
     return any(m in text for m in markers)
 
 
+def _answers(url: str) -> bool:
+    """Whether anything answers HTTP at `url` right now (2 s): tells which server is the one down."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def outage_message(exc: BaseException) -> str | None:
-    """One line for an S3 or MLflow failure that outlived the retries; None for anything else."""
+    """One line for an S3 or MLflow failure that outlived the retries; None for anything else.
+
+    MLflow proxies artifacts into S3, so a failed artifact request may mean that S3 is down
+    behind a healthy MLflow: both are probed to name the one that is not answering.
+    """
     import requests
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -63,22 +82,20 @@ def outage_message(exc: BaseException) -> str | None:
         return f"S3 ({endpoint}): {_first_line(exc)}"
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or "the tracking server"
     s3 = os.environ.get("ONEREC_S3_ENDPOINT_URL") or ""
-    s3_address = s3.split("://", 1)[-1].rstrip("/")
     if isinstance(exc, requests.exceptions.RequestException):
-        # MLflow hands out presigned URLs: an artifact transfer may talk to S3 directly.
-        url = getattr(getattr(exc, "request", None), "url", "") or ""
-        if s3_address and (s3_address in url or s3_address in str(exc)):
-            return f"S3 unreachable at {s3} after retries: {type(exc).__name__}"
-        return f"MLflow unreachable at {tracking} after retries: {type(exc).__name__}"
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:
-        return None
-    if isinstance(exc, MlflowException):
+        text = f"{type(exc).__name__}: {exc}"
+    else:
+        try:
+            from mlflow.exceptions import MlflowException
+        except ImportError:
+            return None
+        if not isinstance(exc, MlflowException):
+            return None
         text = str(exc)
-        if s3_address and s3_address in text and _unreachable(text):
-            return f"S3 unreachable at {s3} after retries (seen through MLflow)"
-        if _unreachable(text):
-            return f"MLflow unreachable at {tracking} after retries ({_first_line(text, 160)})"
-        return f"MLflow ({tracking}): {_first_line(text)}"
-    return None
+        if not _unreachable(text):
+            return f"MLflow ({tracking}): {_first_line(text)}"
+    if s3 and not _answers(s3):
+        return f"S3 unreachable at {s3} after retries (MLflow could not store or read artifacts)"
+    if not tracking.startswith("http") or not _answers(tracking.rstrip("/") + "/health"):
+        return f"MLflow unreachable at {tracking} after retries"
+    return f"MLflow ({tracking}) failed after retries: {_first_line(text, 200)}"
