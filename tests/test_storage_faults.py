@@ -303,16 +303,3 @@ def test_lost_artifact_is_named_and_changes_nothing(tmp_path, s3_and_mlflow, mon
         rollback(cfg, "typo", version="99")
     with pytest.raises(UserError, match="has no version 99$"):
         promote(cfg, "99")
-
-
-def test_no_tracking_server_is_an_error_not_a_new_database(tmp_path, monkeypatch):
-    from onerec.errors import UserError
-    from tasks.config import PipelineConfig
-    from tasks.promote import promote_newest_approved
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = PipelineConfig.from_env({}, {"state_dir": str(tmp_path / "state")})
-    with pytest.raises(UserError, match="no MLflow tracking server configured"):
-        promote_newest_approved(cfg)
-    assert list(tmp_path.iterdir()) == []  # no ./mlflow.db, no ./mlruns
