@@ -34,18 +34,19 @@ def s3_client(env: dict):
 
 
 def kill9(state_dir: Path, service: str) -> None:
-    """SIGKILL the service's server: a crash, no chance to flush or clean up."""
+    """SIGKILL the service's whole process group (MLflow's server runs its workers as children):
+    a crash, no chance to flush or clean up."""
     from onerec.stack import read_state
 
     pid = next(iter(read_state(state_dir)["services"][service]["pids"].values()))
-    os.kill(pid, signal.SIGKILL)
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
     for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
         time.sleep(0.05)
 
 
