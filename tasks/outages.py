@@ -68,6 +68,18 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _endpoints() -> tuple[str, str]:
+    """(S3 endpoint, tracking URI) as this process's settings have them (the local stack's too)."""
+    from onerec.errors import UserError
+    from onerec.settings import Settings
+
+    try:
+        settings = Settings.load()
+    except UserError:
+        return os.environ.get("ONEREC_S3_ENDPOINT_URL", ""), os.environ.get("MLFLOW_TRACKING_URI", "")
+    return settings.s3_endpoint_url or "", settings.tracking_uri() or ""
+
+
 def outage_message(exc: BaseException) -> str | None:
     """One line for an S3 or MLflow failure that outlived the retries; None for anything else.
 
@@ -77,11 +89,10 @@ def outage_message(exc: BaseException) -> str | None:
     import requests
     from botocore.exceptions import BotoCoreError, ClientError
 
+    s3, tracking = _endpoints()
     if isinstance(exc, BotoCoreError | ClientError):
-        endpoint = os.environ.get("ONEREC_S3_ENDPOINT_URL") or "AWS"
-        return f"S3 ({endpoint}): {_first_line(exc)}"
-    tracking = os.environ.get("MLFLOW_TRACKING_URI") or "the tracking server"
-    s3 = os.environ.get("ONEREC_S3_ENDPOINT_URL") or ""
+        return f"S3 ({s3 or 'AWS'}): {_first_line(exc)}"
+    tracking = tracking or "the tracking server"
     if isinstance(exc, requests.exceptions.RequestException):
         text = f"{type(exc).__name__}: {exc}"
     else:

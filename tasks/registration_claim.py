@@ -24,7 +24,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from onerec.processes import file_lock
+from ops.processes import file_lock
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from onerec.processes import free_port
+from ops.processes import free_port
 
 
 def test_outage_message_names_the_server_that_is_down(monkeypatch):
@@ -97,7 +97,7 @@ def test_registration_lock_is_exclusive_per_checkpoint_and_recipe(tmp_path):
 def test_stop_processes_skips_a_zombie_in_the_group(tmp_path):
     import psutil
 
-    from onerec.processes import spawn_detached, stop_processes
+    from ops.processes import spawn_detached, stop_processes
 
     # A parent that never reaps its exited child, like an interrupted `airflow dags test`.
     code = "import os, time\nif os.fork() == 0:\n    os._exit(0)\ntime.sleep(120)\n"

@@ -36,7 +36,7 @@ def s3_client(env: dict):
 def kill9(state_dir: Path, service: str) -> None:
     """SIGKILL the service's whole process group (MLflow's server runs its workers as children):
     a crash, no chance to flush or clean up."""
-    from onerec.stack import read_state
+    from ops.stack import read_state
 
     pid = next(iter(read_state(state_dir)["services"][service]["pids"].values()))
     os.killpg(os.getpgid(pid), signal.SIGKILL)
@@ -119,20 +119,18 @@ def test_objects_survive_a_crash_and_stack_down_up(tmp_path):
 
 
 def pipeline_env(state: dict, work: Path, name: str) -> dict[str, str]:
-    thresholds = work / "thresholds.json"
-    thresholds.write_text(json.dumps(PASS_THRESHOLDS))
     return {
         **os.environ, **state["env"],
         "ONEREC_STATE_DIR": str(work), "ONEREC_S3_PREFIX": f"faults-{name}", "ONEREC_MODEL_NAME": f"onerec-faults-{name}",
         "MLFLOW_TRACKING_URI": state["env"]["MLFLOW_TRACKING_URI"],
         "ONEREC_LATENCY_GATE_BLOCKING": "false", "ONEREC_QUALITY_EVAL_REQUESTS": "64",
-        "ONEREC_QUALITY_GATE_ARGS": f"--thresholds {thresholds} --max-users 32",
+        "ONEREC_QUALITY_GATE": json.dumps({**PASS_THRESHOLDS, "max_users": 32}),
     }
 
 
 def start_run(env: dict, log: Path) -> subprocess.Popen:
     out = open(log, "wb")  # noqa: SIM115 (the child writes to it; closed with the process)
-    return subprocess.Popen([sys.executable, "-m", "onerec.cli", "pipeline", "run"], env=env, stdout=out,
+    return subprocess.Popen([sys.executable, "-m", "onerec_fp8.cli", "pipeline", "run"], env=env, stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
@@ -266,8 +264,8 @@ def test_lost_artifact_is_named_and_changes_nothing(tmp_path, s3_and_mlflow, mon
     """A version whose weights vanished from S3: promote and rollback name the version and the file,
     deploy nothing, move no alias, and are not retried; an unknown version is one line."""
     from onerec.errors import UserError
-    from onerec.stack import stack_env
-    from tasks import rollout
+    from ops import rollout
+    from ops.stack import stack_env
     from tasks.config import PipelineConfig
     from tasks.promote import alias_version, promote
     from tasks.registry import client
