@@ -271,8 +271,9 @@ def _start_s3(cfg: StackConfig, port: int, env: dict) -> list[dict]:
         raise UserError(f"s3: the object store is not installed: run `make install` "
                         f"(or `npm ci --prefix {S3_SERVER.parent}`)")
     url = f"http://127.0.0.1:{port}"
-    cmd = [node, "--openssl-legacy-provider", str(S3_SERVER), "--directory", str(s3_data_dir(cfg.state_dir)), "--port", str(port),
-           "--bucket", cfg.bucket, "--access-key-id", LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"]]
+    # --openssl-legacy-provider: s3rver's ListObjectsV2 continuation tokens use DES
+    cmd = [node, "--openssl-legacy-provider", str(S3_SERVER), "--directory", str(s3_data_dir(cfg.state_dir)),
+           "--port", str(port), "--bucket", cfg.bucket, "--access-key-id", LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"]]
     record = _spawn(cfg, "s3", "s3", port, cmd, env)
     _wait("s3", [record], lambda: _s3_healthy(url, cfg.bucket), cfg.timeout_s)
     return [record]
