@@ -9,7 +9,7 @@ from onerec.errors import UserError
 from onerec.model import OneRecV2, OneRecV2Config
 from onerec.quant.calibrate import ActivationObserver, Calibration, mse_clip_value
 from onerec.quant.fp8 import E4M3_MAX, FP8Linear
-from onerec.quant.recipes import RECIPES, make_recipe, quantize, select_layers
+from onerec.quant.recipes import RECIPES, make_recipe, quantize, recipe_from_dict, select_layers
 
 
 def _random_requests(cfg: OneRecV2Config, n_items=200, n=48, seed=0):
@@ -108,6 +108,18 @@ def test_user_exclude_patterns_and_unknown_options():
         make_recipe("int4")
     with pytest.raises(UserError, match="needs calibration"):
         quantize(OneRecV2(cfg), "fp8_static", None)
+
+
+def test_attention_option_defaults_to_bf16_is_validated_and_round_trips():
+    assert make_recipe("fp8_dynamic").attention == "bf16"
+    for name in RECIPES:
+        recipe = make_recipe(name, attention="fp8")
+        assert recipe_from_dict(recipe.to_dict()).attention == "fp8"
+    old = make_recipe("fp8_block").to_dict()
+    del old["attention"]  # a recipe.json written before the option existed
+    assert recipe_from_dict(old).attention == "bf16"
+    with pytest.raises(UserError, match="attention must be one of bf16, fp8"):
+        make_recipe("fp8_static", attention="int8")
 
 
 def test_nan_in_calibration_activations_raises_naming_the_layer():

@@ -11,6 +11,10 @@ Recipes (onerec/quant/fp8.py has the numerics):
   calibration observer (max | percentile | mse);
 - fp8_block: 128x128 weight blocks, 1x128 dynamic activation blocks (the paper's MoE choice).
 
+Every recipe also says how the engine runs cross-attention over the shared context:
+`attention="bf16"` (default) or `"fp8"` (context K/V quantized once per request, FP32 scales per
+head; onerec/engine/attention_kernels.py). The model's layers are the same either way.
+
 Layer selection: fnmatch patterns over module names (`model.named_modules()`); a layer is
 quantized when it is an nn.Linear, matches `include`, matches no `exclude`, and its dims are
 multiples of 16 (the FP8 GEMM's constraint on GPU). Every other nn.Linear is reported in
@@ -49,6 +53,7 @@ DEFAULT_INCLUDE = [
 ]
 # Kept in high precision even if an include pattern matched: cheap or numerically sensitive.
 DEFAULT_EXCLUDE = ["*.router", "context.profile_proj", "heads.*"]
+ATTENTION_MODES = ("bf16", "fp8")
 
 
 @dataclass
@@ -57,11 +62,16 @@ class FP8RecipeConfig:
 
     include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    attention: str = "bf16"  # cross-attention over the context in the engine: bf16 | fp8
 
     name = "base"  # class attribute: the recipe's registry name
     weight = "per_channel"  # FP8Linear weight granularity
     activation = "per_token"  # FP8Linear activation mode
     needs_calibration = False  # True when scales come from calibration data
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise UserError(f"{self.name}: attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +95,7 @@ class FP8StaticConfig(FP8RecipeConfig):
     needs_calibration = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.observer not in ("max", "percentile", "mse"):
             raise UserError(f"fp8_static: unknown observer {self.observer!r} (max, percentile, mse)")
         if not 0 < self.percentile <= 100:
