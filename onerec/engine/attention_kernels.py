@@ -66,11 +66,12 @@ def quantize_context_kv(k: torch.Tensor, v: torch.Tensor) -> QuantizedContextKV:
 
 def context_attention(
     q: torch.Tensor, kv: QuantizedContextKV, mask: torch.Tensor | None = None, kernel: str = "auto",
-    splits: int | None = None,
+    splits: int | None = None, config: dict | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(dh)) v over each user's context, FP8. q [B, N, H, dh] -> [B, N, H, dh].
 
-    mask [B, T] bool (True = real position) or None (nothing padded).
+    mask [B, T] bool (True = real position) or None (nothing padded). Triton only: `splits` of the
+    keys (None: enough for ~2 waves), `config` block_m / block_n / num_warps / num_stages.
     """
     if kernel == "auto":
         kernel = "triton" if q.is_cuda else "torch"
@@ -78,7 +79,7 @@ def context_attention(
         return context_attention_reference(q, kv, mask)
     if kernel != "triton":
         raise ValueError(f"context_attention: kernel must be auto, torch or triton, got {kernel!r}")
-    return _triton_context_attention(q, kv, mask, splits)
+    return _triton_context_attention(q, kv, mask, splits, **(config or {}))
 
 
 def context_attention_reference(q: torch.Tensor, kv: QuantizedContextKV, mask: torch.Tensor | None) -> torch.Tensor:
@@ -185,7 +186,10 @@ def default_splits(tiles: int, T: int, sms: int = 132) -> int:
     return max(1, min(-(-2 * sms // tiles), T // 256))
 
 
-def _triton_context_attention(q, kv: QuantizedContextKV, mask, splits, block_m: int = 64, block_n: int = 64):
+def _triton_context_attention(
+    q, kv: QuantizedContextKV, mask, splits, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
+    num_stages: int = 2,
+):
     triton, kernel = _kernels()
     B, N, H, dh = q.shape
     G, TP, T = kv.k.shape[1], kv.k.shape[2], kv.length
@@ -202,7 +206,7 @@ def _triton_context_attention(q, kv: QuantizedContextKV, mask, splits, block_m: 
     mask_arg = mask.view(torch.uint8) if has_mask else q
     common = dict(
         HAS_MASK=has_mask, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, DH=dh,
-        FP8_MAX=E4M3_MAX, SCALE_MIN=AMAX_MIN, P_SCALE=P_SCALE, num_warps=4, num_stages=2,
+        FP8_MAX=E4M3_MAX, SCALE_MIN=AMAX_MIN, P_SCALE=P_SCALE, num_warps=num_warps, num_stages=num_stages,
     )
     qk_scale = math.log2(math.e) / math.sqrt(dh)
     if splits == 1:
