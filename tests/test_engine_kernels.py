@@ -212,3 +212,54 @@ def test_fp8_context_attention_kernel_matches_the_reference_interpreted(interpre
     # the kernel rounds P against its running maximum, the reference against the global one
     assert rel(out, ak.context_attention(q, kv, mask, "torch")) < 0.04
     assert rel(out, ak.exact_attention(q, k, v, mask)) < FP8_ATTENTION_BUDGET
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled for Hopper on CPU (Triton's own ptxas, no GPU): the FP8 products are FP8 tensor-core ops
+
+
+def _compile_for_hopper(kernel, pointers: dict, scalars_fp32: tuple, constexprs: dict, **options) -> str:
+    """PTX of `kernel` compiled for sm_90; pointers {arg: Triton type}, other non-constexpr args i32."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {
+        name: "constexpr" if name in constexprs else f"*{pointers[name]}" if name.endswith("_ptr")
+        else "fp32" if name in scalars_fp32 else "i32"
+        for name in kernel.arg_names
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+FP8_WGMMA = "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"
+
+
+@requires_triton
+def test_fp8_moe_and_attention_kernels_compile_to_hopper_fp8_wgmma():
+    import triton.language as tl
+
+    gate_up, down, _, _ = mk._kernels()
+    f8, f32 = "fp8e4nv", "fp32"
+    fp8_consts = dict(FP8=True, IEEE=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
+    ptx = _compile_for_hopper(
+        gate_up, dict(x_ptr=f8, xs_ptr=f32, w1_ptr=f8, w3_ptr=f8, w1s_ptr=f32, w3s_ptr=f32, h_ptr=f8, hs_ptr=f32,
+                      token_ptr="i32", tile_expert_ptr="i32", tile_row_ptr="i32", offsets_ptr="i32"),
+        (), dict(fp8_consts, DTYPE=tl.bfloat16, FP8_MAX=448.0, SCALE_MIN=1e-12), num_warps=4, num_stages=3,
+    )
+    assert FP8_WGMMA in ptx
+    ptx = _compile_for_hopper(
+        down, dict(h_ptr=f8, hs_ptr=f32, w2_ptr=f8, w2s_ptr=f32, y_ptr="bf16", gate_ptr=f32,
+                   tile_expert_ptr="i32", tile_row_ptr="i32", offsets_ptr="i32"),
+        (), fp8_consts, num_warps=4, num_stages=3,
+    )
+    assert FP8_WGMMA in ptx
+    _, attention = ak._kernels()
+    ptx = _compile_for_hopper(
+        attention, dict(q_ptr="bf16", k_ptr=f8, v_ptr=f8, ks_ptr=f32, vs_ptr=f32, mask_ptr="u8", o_ptr=f32, lse_ptr=f32),
+        ("qk_scale",), dict(HAS_MASK=True, SPLIT=True, BLOCK_M=64, BLOCK_N=64, DH=128, FP8_MAX=448.0,
+                            SCALE_MIN=1e-12, P_SCALE=448.0), num_warps=4, num_stages=2,
+    )
+    assert FP8_WGMMA in ptx  # Q K^T (n = 64 keys per block) and P V (n = 128 = d_head)
+    assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in ptx
