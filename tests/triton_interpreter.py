@@ -23,7 +23,7 @@ import torch
 
 requires_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None,
-    reason="triton is not installed: the Triton kernels' interpreter tests need it (pip install triton)",
+    reason="triton is not installed: the Triton kernel tests (interpreter, sm_90 compile) need it (pip install triton)",
 )
 
 _TORCH_DTYPES = {
