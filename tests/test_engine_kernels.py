@@ -128,6 +128,20 @@ def test_moe_triton_kernels_equal_the_reference_interpreted(interpreted, dtype, 
 
 
 @requires_triton
+@pytest.mark.parametrize("tokens, top_k, experts, shared, block_m", [(50, 3, 8, True, 16), (300, 2, 5, False, 32),
+                                                                    (700, 3, 54, True, 64)])
+def test_route_plan_kernels_equal_the_torch_plan_interpreted(interpreted, tokens, top_k, experts, shared, block_m):
+    torch.manual_seed(tokens)
+    gates, chosen = mk.route(torch.randn(tokens, 16), torch.randn(experts - shared, 16), top_k)
+    ref = mk.plan_routes(gates, chosen, experts, shared, block_m)
+    out = mk.plan_routes_triton(gates, chosen, experts, shared, block_m, block=128)  # several blocks
+    for name in ("token", "gate", "inverse", "offsets", "tile_expert"):
+        assert torch.equal(getattr(out, name), getattr(ref, name).to(getattr(out, name).dtype)), name
+    used = ref.tile_expert < experts  # unused tiles' first rows are never read
+    assert torch.equal(out.tile_row[used], ref.tile_row[used])
+
+
+@requires_triton
 def test_block_quantization_kernel_equals_quantize_blockwise_interpreted(interpreted):
     from onerec.quant.fp8 import quantize_blockwise
 
@@ -240,7 +254,7 @@ FP8_WGMMA = "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"
 def test_fp8_moe_and_attention_kernels_compile_to_hopper_fp8_wgmma():
     import triton.language as tl
 
-    gate_up, down, _, _ = mk._kernels()
+    gate_up, down = mk._kernels()[:2]
     f8, f32 = "fp8e4nv", "fp32"
     fp8_consts = dict(FP8=True, IEEE=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
     ptx = _compile_for_hopper(
@@ -262,4 +276,14 @@ def test_fp8_moe_and_attention_kernels_compile_to_hopper_fp8_wgmma():
                             SCALE_MIN=1e-12, P_SCALE=448.0), num_warps=4, num_stages=2,
     )
     assert FP8_WGMMA in ptx  # Q K^T (n = 64 keys per block) and P V (n = 128 = d_head)
+    # the routing plan's kernels compile too (scans over blocks and experts)
+    histogram, scan, scatter = mk._kernels()[4:]
+    i32 = "i32"
+    plan = dict(K_TOP=3, SLOTS=4, BLOCK=256, E_PAD=64)
+    assert _compile_for_hopper(histogram, dict(experts_ptr="i64", hist_ptr=i32), (), plan)
+    assert _compile_for_hopper(scan, dict(hist_ptr=i32, base_ptr=i32, offsets_ptr=i32, tile_expert_ptr=i32,
+                                          tile_row_ptr=i32), (), dict(BLOCK_M=64, NB_PAD=256, E_PAD=64, TILE_CHUNK=128),
+                               num_warps=8)
+    assert _compile_for_hopper(scatter, dict(experts_ptr="i64", gates_ptr=f32, base_ptr=i32, token_ptr=i32,
+                                             gate_ptr=f32, inverse_ptr="i64"), (), plan)
     assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in ptx

@@ -10,7 +10,8 @@ the duration of one test only:
   refuses int() of a one-element 1-d array: `.item()` first.
 And when `triton.language` was imported before TRITON_INTERPRET was set, its library functions
 (tl.max, tl.sum, ...) are compiled-mode JIT functions that refuse to be called: they are run
-through the interpreter instead.
+through the interpreter instead, with its patches of triton.language undone after each call
+(Triton's own device-function path leaves them in place, which breaks later compilation).
 """
 
 from __future__ import annotations
@@ -41,16 +42,26 @@ def _convert_float(data, src, dst, rounding_mode):
 
 def interpret_triton(monkeypatch, *kernel_caches) -> None:
     """Make the next Triton launches run in the (fixed) interpreter; clears the given kernel caches."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # Imported before TRITON_INTERPRET is set: triton.language's library functions are then always
+    # compiled-mode JIT functions (run by the interpreter through the patch below), so kernels
+    # compiled later in the same process still find them.
     import triton.language as tl
     from triton.runtime import interpreter, jit
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     interpreted: dict = {}
 
     def call_device_function(self, *args, **kwargs):
+        # InterpretedFunction.__call__ patches triton.language and never restores it (later compiled
+        # kernels then fail): patch for the call only, nested inside the running kernel's patch.
         if self.fn not in interpreted:
             interpreted[self.fn] = interpreter.InterpretedFunction(self.fn)
-        return interpreted[self.fn](*args, **kwargs)
+        scope = interpreter._patch_lang(self.fn)
+        try:
+            return interpreted[self.fn].rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
 
     monkeypatch.setattr(jit.JITFunction, "__call__", call_device_function)
     create_dot = interpreter.InterpreterBuilder.create_dot
