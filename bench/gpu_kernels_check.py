@@ -311,7 +311,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/kernels_check.json")
     parser.add_argument("--moe-tokens", default="512,4096,16384", help="users x beams (1, 8, 32 users at beam 512)")
     parser.add_argument("--attention-users", default="1,8,32")
-    parser.add_argument("--sweep-seconds", type=float, default=30.0, help="time budget of each tile sweep")
+    parser.add_argument("--sweep-seconds", type=float, default=20.0, help="time budget of each tile sweep")
     parser.add_argument("--skip-peaks", action="store_true")
     parser.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on CPU, Triton interpreter")
     args = parser.parse_args()
