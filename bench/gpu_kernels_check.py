@@ -2,12 +2,12 @@
 
     PYTHONPATH=. python3 bench/gpu_kernels_check.py --out bench/results/kernels_h200.json 2>&1 | tee kernels.log
 
-- MoE (`onerec/engine/moe_kernels.py`) on the moe-4b shapes (d_model 1408, 53 routed + 1 shared
+- MoE (`onerec/kernels/fused_moe.py`, `triton_fused_moe.py`) on the moe-4b shapes (d_model 1408, 53 routed + 1 shared
   experts of hidden 1408, top-3), tokens = users x beams: correctness of the grouped Triton kernels
   (bf16 and FP8 block scales) against the torch reference and the model's eager MoE module, the
   same inside a CUDA graph (no host sync), then median times against the eager module, and a small
   tile-config sweep;
-- FP8 context attention (`onerec/engine/attention_kernels.py`) on the 1b shapes (14 heads x 128,
+- FP8 context attention (`onerec/kernels/fp8_attention.py`, `triton_fp8_attention.py`) on the 1b shapes (14 heads x 128,
   context 3000 + user token, beam 512 queries per user): against the FP8 torch reference and exact
   attention, then median times against bf16 SDPA as the engine calls it (default and flash), and
   for 1/2/4/8 key splits.
@@ -37,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from onerec.engine import attention_kernels as ak  # noqa: E402
-from onerec.engine import moe_kernels as mk  # noqa: E402
+from onerec.kernels import fp8_attention as ak  # noqa: E402
+from onerec.kernels import fused_moe as mk  # noqa: E402
+from onerec.kernels import triton_fp8_attention as tak  # noqa: E402
+from onerec.kernels import triton_fused_moe as tmk  # noqa: E402
 from onerec.model import MoE, OneRecV2Config  # noqa: E402
 
 T0 = time.time()
@@ -129,7 +131,7 @@ def check_moe(moe: MoE, weights: dict, tokens: int) -> dict:
         eager = moe(x)
         gates, experts = mk.route(x, moe.router.weight, moe.top_k)
         n_experts = weights["bf16"].w1.shape[0]
-        plans = [f(gates, experts, n_experts, True, 32) for f in (mk.plan_routes, mk.plan_routes_triton)]
+        plans = [f(gates, experts, n_experts, True, 32) for f in (mk.plan_routes, tmk.plan_routes)]
         out["plan_triton_equals_torch"] = all(
             torch.equal(getattr(plans[0], n).to(getattr(plans[1], n).dtype), getattr(plans[1], n))
             for n in ("token", "gate", "inverse", "offsets", "tile_expert"))
@@ -180,7 +182,7 @@ def time_moe(moe: MoE, weights: dict, tokens: int) -> dict:
         out["route_graph_ms"] = bench(lambda: mk.route(x, weights["bf16"].router, k), graph=True)
         # the plan as ~40 small torch ops vs three Triton launches (the op uses the latter)
         out["plan_torch_graph_ms"] = bench(lambda: mk.plan_routes(gates, experts, E, True, 64), graph=True)
-        out["plan_triton_graph_ms"] = bench(lambda: mk.plan_routes_triton(gates, experts, E, True, 64), graph=True)
+        out["plan_triton_graph_ms"] = bench(lambda: tmk.plan_routes(gates, experts, E, True, 64), graph=True)
     for fmt in weights:
         out[f"{fmt}_tflops"] = flops / out[f"{fmt}_triton_graph_ms"] / 1e9
         out[f"{fmt}_vs_eager"] = out["eager_module_ms"] / out[f"{fmt}_triton_graph_ms"]
@@ -188,14 +190,14 @@ def time_moe(moe: MoE, weights: dict, tokens: int) -> dict:
 
 
 def sweep_moe(weights: dict, tokens: int, budget_s: float) -> dict:
-    """A few tile configs per format (the default heuristic is in moe_kernels.default_config)."""
+    """A few tile configs per format (the default heuristic is in triton_fused_moe.default_config)."""
     d = weights["bf16"].router.shape[1]
     x = torch.randn(tokens, d, device=DEVICE, dtype=torch.bfloat16)
     configs = [dict(BLOCK_M=bm, num_warps=nw, num_stages=ns) for bm in (16, 32, 64, 128) for nw, ns in ((4, 3), (8, 4))]
     out = {}
     for fmt, w in weights.items():
         start = time.time()
-        default = mk.default_config(tokens * (w.top_k + 1), w.w1.shape[0], w.fp8)
+        default = tmk.default_config(tokens * (w.top_k + 1), w.w1.shape[0], w.fp8)
         timings = []
         for cfg in configs:
             if time.time() - start > budget_s:
@@ -324,7 +326,7 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from triton_interpreter import interpret_triton
 
-        interpret_triton(pytest.MonkeyPatch(), mk._kernels, ak._kernels)
+        interpret_triton(pytest.MonkeyPatch(), tmk._kernels, tak._kernels)
         DEVICE, moe_preset, attention_preset, beams = "cpu", "tiny-moe", "tiny", 16
         args.skip_peaks, args.moe_tokens, args.attention_users, args.sweep_seconds = True, "24,40", "1,2", 5.0
     import triton
@@ -354,7 +356,7 @@ def main() -> None:
             from onerec.quant.fp8 import quantize_blockwise
 
             x = torch.randn(4096 if DEVICE == "cuda" else 16, 1408, device=DEVICE) * torch.logspace(-3, 2, 1408, device=DEVICE)
-            q, s = mk.quantize_blocks(x.bfloat16())
+            q, s = tmk.quantize_blocks(x.bfloat16())
             q_ref, s_ref = quantize_blockwise(x.bfloat16(), (1, 128))
             return {"scales_equal": bool(torch.equal(s, s_ref)),
                     "fp8_mismatches": int((q.float() != q_ref.float()).sum())}

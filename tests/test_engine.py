@@ -277,9 +277,9 @@ def test_engine_serves_the_model_without_changing_or_copying_it():
     assert torch.equal(after.items, before.items) and torch.equal(after.scores, before.scores)
 
 
-def test_moe_kernel_switch_refuses_an_unknown_kernel():
+def test_moe_kernel_switch_refuses_a_fused_kernel_without_stacked_experts():
     model, _, _, _ = _random_setup("tiny-moe")
     moe = model.blocks[1].ffn
     moe.kernel = "triton"
-    with pytest.raises(ValueError, match="no 'triton' kernel"):
+    with pytest.raises(ValueError, match="'triton' needs the stacked experts"):
         moe(torch.randn(2, model.cfg.d_model))

@@ -120,6 +120,11 @@ def test_attention_option_defaults_to_bf16_is_validated_and_round_trips():
     assert recipe_from_dict(old).attention == "bf16"
     with pytest.raises(UserError, match="attention must be one of bf16, fp8"):
         make_recipe("fp8_static", attention="int8")
+    # what the engine is given for a folder (serving, latency gate): the recipe's option, else bf16
+    from onerec.quant.export import recipe_attention
+
+    assert recipe_attention({"recipe": make_recipe("fp8_block", attention="fp8").to_dict()}) == "fp8"
+    assert recipe_attention({"recipe": old}) == "bf16" and recipe_attention(None) == "bf16"
 
 
 def test_nan_in_calibration_activations_raises_naming_the_layer():

@@ -17,8 +17,13 @@ replayed (`CudaGraphRunner`, the way gpt-fast wraps its decode step with torch.c
 The same code runs a bf16 model (every optimisation but FP8), a bf16 model quantized on the fly
 (`EngineConfig(fp8=True)`) or a quantized model whose Linear layers are `FP8Linear` (taken as
 they are). On CPU it runs the torch references without graphs: the tests compare that with the
-plain search. MoE blocks run the model's MoE module (its `kernel` switch is where a fused MoE
-kernel plugs in); its routing syncs with the host, so a model with MoE blocks runs without graphs.
+plain search. MoE blocks run the model's MoE module by default; its routing syncs with the host,
+so such a model runs without graphs. `EngineConfig(moe_kernel="triton")` (opt-in until measured on
+a GPU) stacks each MoE's experts once and runs the fused op `kernels.moe` instead: routing and
+grouped expert GEMMs without host syncs, so the request is captured as a graph again
+(`moe_kernel="torch"`: the fused op's PyTorch reference, for tests). `attention="fp8"` (the
+recipe option of that name) quantizes the context K/V once per request and runs cross-attention
+in FP8 (`kernels.cross_attention` over `QuantizedContextKV`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from onerec.engine.linear import ModuleMethod, fuse, serving_linear
 from onerec.generate import Recommendations, beam_search
 from onerec.model import MoE, OneRecV2, SwiGLU
 from onerec.quant.fp8 import FP8Linear
+from onerec.quant.recipes import ATTENTION_MODES
 from onerec.semantic_ids import SemanticIdIndex
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # CUDA only
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     kernel: str | None = None  # "torch" | "triton" (onerec.kernels); None: "triton" on CUDA, else "torch"
+    # None: the model's MoE module; "torch" | "triton": the fused MoE op (kernels.moe) with that kernel
+    moe_kernel: str | None = None
+    attention: str = "bf16"  # cross-attention over the context: "bf16" | "fp8" (the recipe option)
 
 
 def shared_weights_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -61,7 +70,8 @@ def shared_weights_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def serving_model(model: OneRecV2, fp8: bool, quantize_context: bool, kernel: str) -> OneRecV2:
+def serving_model(model: OneRecV2, fp8: bool, quantize_context: bool, kernel: str, moe_kernel: str | None = None,
+                  attention: str = "bf16") -> OneRecV2:
     """The serving view of `model` (see module doc); heads and norms stay in high precision."""
     view = shared_weights_copy(model).eval()
     dtype = model.token_embedding.weight.dtype
@@ -74,6 +84,7 @@ def serving_model(model: OneRecV2, fp8: bool, quantize_context: bool, kernel: st
             module.kernel = kernel
     ctx = view.context
     ctx.proj = linear(ctx.proj, fp8 and quantize_context)
+    ctx.quantize_kv = attention == "fp8"
     ctx.input_norm.quantize_output = ctx.proj.takes_fp8
     for block in view.blocks:
         for name in ("cross_q", "cross_o", "self_qkv", "self_o"):
@@ -89,6 +100,11 @@ def serving_model(model: OneRecV2, fp8: bool, quantize_context: bool, kernel: st
                 block.ffn_norm.quantize_output = w13.takes_fp8
             else:  # layers that cannot share a GEMM: the FFN as it is, on bf16 input
                 ffn.kernel = "torch"
+        elif isinstance(ffn, MoE) and moe_kernel is not None:
+            # fp8: bf16 experts quantized here in 128x128 blocks (the fp8_block layout); FP8Linear
+            # experts are taken as they are. None: a layout the grouped GEMM cannot take (module stays).
+            ffn.weights = kernels.MoEWeights.from_module(ffn, fp8=True if fp8 else None)
+            ffn.kernel = moe_kernel if ffn.weights is not None else "torch"
     return view
 
 
@@ -142,7 +158,12 @@ class Engine:
         self.kernel = config.kernel or ("triton" if self.device.type == "cuda" else "torch")
         if self.kernel not in kernels.KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}; known: {', '.join(kernels.KERNELS)}")
-        self.model = serving_model(model.eval(), bool(config.fp8), config.quantize_context, self.kernel)
+        if config.moe_kernel not in (None, *kernels.KERNELS):
+            raise ValueError(f"unknown moe_kernel {config.moe_kernel!r}; known: {', '.join(kernels.KERNELS)}")
+        if config.attention not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention {config.attention!r}; known: {', '.join(ATTENTION_MODES)}")
+        self.model = serving_model(model.eval(), bool(config.fp8), config.quantize_context, self.kernel,
+                                   config.moe_kernel, config.attention)
         self.fp8 = any(  # does any block GEMM run in FP8 (natively or through an FP8Linear's own forward)?
             m.takes_fp8 or isinstance(getattr(m, "source", None), FP8Linear)
             for b in self.model.blocks for m in (b.cross_q, b.cross_o, b.self_qkv, b.self_o)
@@ -150,7 +171,8 @@ class Engine:
         # beams after each step: static for a given index, so every step has a static shape
         self.beams = list(itertools.accumulate(
             index.max_children[:cfg.n_levels], lambda K, m: min(config.beam_size, K * m), initial=1))[1:]
-        self.has_moe = any(isinstance(b.ffn, MoE) for b in self.model.blocks)
+        # MoE blocks whose routing syncs with the host (the module, or the fused op's reference)
+        self.has_moe = any(isinstance(b.ffn, MoE) and b.ffn.kernel != "triton" for b in self.model.blocks)
         self._graphs = CudaGraphRunner(self._search)
 
     def bucket(self, batch: int) -> int:

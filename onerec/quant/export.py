@@ -53,6 +53,13 @@ def recipe_name(recipe_json: dict) -> str | None:
     return recipe.get("name") if isinstance(recipe, dict) else recipe_json.get("name")
 
 
+def recipe_attention(recipe_json: dict | None) -> str:
+    """How the engine runs cross-attention for a folder: its recipe's `attention` option ("bf16" for a
+    checkpoint, or a recipe.json written before the option existed)."""
+    recipe = (recipe_json or {}).get("recipe")
+    return recipe.get("attention", "bf16") if isinstance(recipe, dict) else "bf16"
+
+
 def fp8_layers(model: torch.nn.Module) -> dict[str, FP8Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
 

@@ -13,7 +13,7 @@ Recipes (onerec/quant/fp8.py has the numerics):
 
 Every recipe also says how the engine runs cross-attention over the shared context:
 `attention="bf16"` (default) or `"fp8"` (context K/V quantized once per request, FP32 scales per
-head; onerec/engine/attention_kernels.py). The model's layers are the same either way.
+head; onerec/kernels/fp8_attention.py). The model's layers are the same either way.
 
 Layer selection: fnmatch patterns over module names (`model.named_modules()`); a layer is
 quantized when it is an nn.Linear, matches `include`, matches no `exclude`, and its dims are
