@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--diagnose", action="store_true", help="attention backends, engine profile, torchao logits")
     parser.add_argument("--gate-smoke", action="store_true", help="run the latency gate on a random 0.1b checkpoint")
     parser.add_argument("--time-split", type=int, default=0, help="batch for the engine's GPU time split (1b)")
+    parser.add_argument("--moe-kernel", default=None, choices=["torch", "triton"],
+                        help="both engines: the fused MoE op (EngineConfig.moe_kernel); default the MoE module")
+    parser.add_argument("--attention", default="bf16", choices=["bf16", "fp8"],
+                        help="the FP8 engine's cross-attention over the context (the recipe option)")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -93,6 +97,7 @@ def main(args: argparse.Namespace) -> dict:
             time_budget_s=args.time_budget_s,
             torchao_presets=[p for p in args.torchao_presets.split(",") if p],
             torchao_batches=[int(b) for b in args.torchao_batches.split(",") if b] or None,
+            moe_kernel=args.moe_kernel, attention=args.attention,
         )
         if args.trained:
             from bench.gpu_trained_overlap import trained_overlap
@@ -160,7 +165,7 @@ def _sdpa_priority(names: list[str]):
 def run_benchmark(
     presets, batches, variants, context_len=3000, beam_size=512, k=10, num_items=1_000_000,
     warmup=3, repeats=20, seed=0, time_budget_s=480.0, torchao_presets=None,
-    torchao_batches=None,
+    torchao_batches=None, moe_kernel=None, attention="bf16",
 ) -> dict:
     import torch
 
@@ -172,7 +177,8 @@ def run_benchmark(
         "device": props.name, "compute_capability": f"{props.major}.{props.minor}",
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "settings": dict(context_len=context_len, beam_size=beam_size, k=k, num_items=num_items,
-                         warmup=warmup, repeats=repeats, seed=seed, batches=batches, variants=variants),
+                         warmup=warmup, repeats=repeats, seed=seed, batches=batches, variants=variants,
+                         moe_kernel=moe_kernel, attention=attention),
         "runs": [], "skipped": [],
     }
     try:
@@ -197,7 +203,7 @@ def run_benchmark(
                    if torchao_presets is None or preset in torchao_presets]
     for preset, preset_variants, preset_batches in passes:
         _bench_preset(result, preset, preset_batches, preset_variants, context_len, beam_size, k, num_items,
-                      warmup, repeats, seed, t0, time_budget_s, device)
+                      warmup, repeats, seed, t0, time_budget_s, device, moe_kernel, attention)
         torch.cuda.empty_cache()
     result["elapsed_s"] = time.time() - t0
     result["summary"] = summarize(result)
@@ -205,7 +211,7 @@ def run_benchmark(
 
 
 def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, num_items,
-                  warmup, repeats, seed, t0, time_budget_s, device) -> None:
+                  warmup, repeats, seed, t0, time_budget_s, device, moe_kernel=None, attention="bf16") -> None:
     import torch
 
     from onerec.engine.engine import Engine, EngineConfig
@@ -217,7 +223,9 @@ def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, 
     table, index = random_index(num_items, cfg.codebook_size, cfg.n_levels, seed)
     index = index.to(device)
     engines = {
-        name: Engine(model, index, EngineConfig(beam_size=beam_size, k=k, fp8=name == "fp8-engine"))
+        name: Engine(model, index, EngineConfig(
+            beam_size=beam_size, k=k, fp8=name == "fp8-engine", moe_kernel=moe_kernel,
+            attention=attention if name == "fp8-engine" else "bf16"))
         for name in ("bf16-engine", "fp8-engine") if name in variants or name == "bf16-engine"
     }
     beams = engines["bf16-engine"].beams
