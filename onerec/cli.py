@@ -9,7 +9,9 @@ Each sub-command lives in its own module, imported only when that sub-command ru
 `main` returns the result, printed here as one JSON object on stdout; logs and progress go
 to stderr. A command raises `onerec.errors.UserError` for input the user can fix: it is
 printed as one line and the exit code is 1. A command whose module does not exist yet exits
-2 and says which issue brings it.
+2 and says which issue brings it. A gate that ran exits 3 when it failed and 4 when it was
+inconclusive (its result has `verdict`; `passed` is false in both), so scripts never mistake
+either for success.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from onerec.errors import UserError
 COMMANDS: dict = {
     "data": {
         "synth": ("onerec.synth", "write a synthetic interaction data set", 3),
+        "calibration": ("onerec.calibration_table", "draw a calibration request table from a data folder", 12),
     },
     "train": ("onerec.train", "train a OneRec-V2 checkpoint on a data folder", 3),
     "eval": ("onerec.evaluate", "offline recall/NDCG of a checkpoint or quantized model", 3),
@@ -44,6 +47,9 @@ COMMANDS: dict = {
 }
 
 log = logging.getLogger("onerec")
+
+EXIT_FAILED = 3  # a gate ran and failed
+EXIT_INCONCLUSIVE = 4  # a gate ran and its sample could not decide
 
 
 def _module_exists(name: str) -> bool:
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(result, indent=None, sort_keys=True, default=str) + "\n")
         sys.stdout.flush()
         if isinstance(result, dict) and result.get("passed") is False:
-            return 3  # a gate that ran and failed: scripts must not mistake it for success
+            return EXIT_INCONCLUSIVE if result.get("verdict") == "inconclusive" else EXIT_FAILED
     return 0
 
 

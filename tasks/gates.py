@@ -46,7 +46,8 @@ def quality_gate_step(cfg, checkpoint_dir: str, quantized_dir: str, eval_data_di
     argv = ["--checkpoint", checkpoint_dir, "--quantized", quantized_dir, "--data", eval_data_dir,
             "--report-dir", str(Path(report_dir) / "quality_gate"), *shlex.split(cfg.quality_gate_args)]
     result = run_command("onerec.quant.quality_gate", argv)
-    log.info("quality gate: %s", "passed" if result.get("passed") else "FAILED")
+    log.info("quality gate: %s (%s)", result.get("verdict", "passed" if result.get("passed") else "failed"),
+             result.get("reason", ""))
     return _keep(result, report_dir, "quality_gate")
 
 

@@ -118,6 +118,16 @@ def gates_passed(gates: dict, latency_gate_blocking: bool) -> bool:
     return bool(latency.get("passed", False))
 
 
+def gates_outcome(gates: dict, latency_gate_blocking: bool) -> tuple[str, str]:
+    """(passed | failed | inconclusive, why): an inconclusive quality gate is not a pass either."""
+    if gates_passed(gates, latency_gate_blocking):
+        return "passed", "gates passed"
+    quality = gates.get("quality", {})
+    if quality.get("verdict") == "inconclusive":
+        return "inconclusive", f"quality gate inconclusive: {quality.get('reason', 'the sample cannot decide')}"
+    return "failed", "gates failed" + (f": {quality['reason']}" if quality.get("reason") else "")
+
+
 def register_candidate(
     cfg, *, checkpoint_uri: str, checkpoint_sha256: str, calibration_uri: str, calibration_sha256: str,
     quantized_dir: str, report_dir: str, gates: dict, run_name: str | None = None,
@@ -136,11 +146,12 @@ def register_candidate(
         return {"registered": False, "version": existing["version"], "run_id": None,
                 "reason": "already registered", "gates": "passed"}
 
-    passed = gates_passed(gates, cfg.latency_gate_blocking)
+    outcome, reason = gates_outcome(gates, cfg.latency_gate_blocking)
+    passed = outcome == "passed"
     tags = {
         "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256,
         "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
-        "recipe": cfg.recipe, "gates": "passed" if passed else "failed",
+        "recipe": cfg.recipe, "gates": outcome,
     }
     run_tags = {**tags, "model_name": cfg.model_name}
     mlflow.set_experiment(EXPERIMENT)
@@ -155,9 +166,10 @@ def register_candidate(
         if Path(report_dir).is_dir():
             mlflow.log_artifacts(report_dir, "reports")
         if not passed:
-            log.warning("gates failed: run %s logged with its reports, no model version", run.info.run_id)
-            return {"registered": False, "version": None, "run_id": run.info.run_id, "gates": "failed",
-                    "reason": "gates failed"}
+            mlflow.set_tag("reason", reason[:5000])
+            log.warning("%s: run %s logged with its reports, no model version", reason, run.info.run_id)
+            return {"registered": False, "version": None, "run_id": run.info.run_id, "gates": outcome,
+                    "reason": reason}
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE), artifacts={"quantized": str(quantized_dir)},
             signature=model_signature(quantized_dir),
@@ -179,11 +191,12 @@ def model_signature(folder: str | Path):
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
-    features = json.loads((Path(folder) / "config.json").read_text()).get("profile_features", [])
+    config = json.loads((Path(folder) / "config.json").read_text())
     inputs = Schema([
         ColSpec(DataType.long, "user_id", required=False),
         ColSpec(Array(DataType.long), "history"),
-        *[ColSpec(DataType.double, f) for f in features],
+        *[ColSpec(DataType.double, f) for f in config.get("profile_features", [])],
+        *[ColSpec(DataType.string, f) for f in config.get("categorical_features", {})],
     ])
     outputs = Schema([ColSpec(DataType.long, "user_id", required=False), ColSpec(Array(DataType.long), "items"),
                       ColSpec(Array(DataType.double), "scores")])

@@ -1,6 +1,6 @@
 """`onerec-fp8 quantize`: FP8 post-training quantization of a checkpoint into a quantized folder.
 
-    onerec-fp8 quantize --checkpoint CKPT --calibration DIR_OR_FILE --recipe fp8_dynamic --out QDIR \
+    onerec-fp8 quantize --checkpoint CKPT --calibration TABLE_OR_DATA_DIR --recipe fp8_dynamic --out QDIR \
         [--exclude PATTERN ...] [--observer percentile --percentile 99.99]
 
 Loads the checkpoint (manifest verified) in its stored precision, calibrates on the request
@@ -20,7 +20,7 @@ RECIPE_NAMES = ("fp8_dynamic", "fp8_static", "fp8_block")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json, model.safetensors, ...)")
-    parser.add_argument("--calibration", required=True, help="calibration request table: parquet/csv file or folder")
+    parser.add_argument("--calibration", required=True, help="calibration request table (parquet/csv file or folder) or a data folder to draw one from")
     parser.add_argument("--recipe", default="fp8_dynamic", choices=RECIPE_NAMES)
     parser.add_argument("--out", required=True, help="quantized folder to write")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -57,7 +57,8 @@ def run(
         raise UserError("--batch-size and --max-requests must be positive")
     config = make_recipe(recipe, exclude=list(exclude), **(options or {}))
     model, table = load_checkpoint(checkpoint)
-    calib = Calibration.from_path(calibration, table, batch_size=batch_size, max_requests=max_requests)
+    calib = Calibration.from_path(calibration, table, context_len=model.cfg.context_len, batch_size=batch_size,
+                                  max_requests=max_requests)
     report = quantize(model, config, calib)
     save_quantized(model, table, report, out, source_checkpoint=checkpoint, overwrite=overwrite)
     written = json.loads((Path(out) / RECIPE).read_text())
@@ -70,6 +71,7 @@ def run(
         "quantized_layers": len(report.quantized),
         "excluded": report.excluded,
         "calibration_requests": report.calibration.get("num_requests"),
+        "calibration_source": calib.source,
         "worst_layer": worst[0] if worst else None,
         "worst_layer_sqnr_db": worst[1] if worst else None,
         "size_ratio_vs_bf16": written["size"]["ratio_vs_bf16"],
