@@ -52,6 +52,8 @@ class PipelineConfig:
     max_unknown_item_fraction: float = 0.0  # history/target items absent from the semantic-id table
     max_popularity_kl: float = 0.5  # drift vs the previous accepted snapshot (KL divergence, nats)
     max_history_length_kl: float = 0.5
+    max_unseen_category_fraction: float = 0.05  # categorical profile values outside the model's vocabulary
+    max_category_kl: float = 0.5  # drift of each categorical feature's value distribution (nats)
     # gates: thresholds live in the gates' own configs; extra CLI flags for them go here
     quality_gate_args: str = ""  # e.g. "--max-recall-drop 0.02" (onerec-fp8 gate quality)
     latency_gate_args: str = ""  # (onerec-fp8 gate latency)
