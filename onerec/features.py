@@ -14,7 +14,7 @@ Values are compared as strings: a categorical column read as integers (e.g. a zi
 is numeric; cast it to string in the users file to make it categorical.
 
 The model's profile tensor is [B, numeric + categorical]: the numeric values, then each
-categorical feature's bucket id as a float (exact in float32 far beyond any vocabulary size),
+categorical feature's bucket id (features ordered by name) as a float (exact in float32 far beyond any vocabulary size),
 so the tensor travels through batching, calibration, the engines and serving unchanged. An
 unseen value is never an error: it takes bucket 0 and is counted (`unseen_values`).
 """
@@ -77,7 +77,7 @@ def build_vocabularies(users: pd.DataFrame, columns: list[str], max_values: int 
                        min_count: int = MIN_COUNT) -> dict[str, list[str]]:
     if max_values < 1 or min_count < 1:
         raise UserError("the vocabulary needs max_values >= 1 and min_count >= 1")
-    return {col: build_vocabulary(users[col], max_values, min_count) for col in columns}
+    return {col: build_vocabulary(users[col], max_values, min_count) for col in sorted(columns)}
 
 
 def encode_categorical(values, vocabulary: list[str]) -> tuple[np.ndarray, int]:

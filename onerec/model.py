@@ -65,6 +65,9 @@ class OneRecV2Config:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        # One canonical order (by name): config.json stores keys sorted, and the order fixes each
+        # feature's column in the profile tensor and its rows in the embedding table.
+        self.categorical_features = {n: list(v) for n, v in sorted(self.categorical_features.items())}
         if self.ffn_hidden == 0:
             self.ffn_hidden = _ceil_to(8 / 3 * self.d_model, 128)
         if self.G_kv == 0:

@@ -65,6 +65,8 @@ def paired_relative_change(ref: np.ndarray, new: np.ndarray, confidence: float =
 def non_inferiority(interval: dict, margin: float) -> str:
     """passed / failed / inconclusive of a relative-change interval against a margin (module doc)."""
     low, high = interval["low"], interval["high"]
+    if interval.get("discordant_users") == 0:
+        return PASSED  # the same value for every user: nothing to be inferior by, whatever the margin
     if low is None:
         return INCONCLUSIVE
     if low > -margin:
