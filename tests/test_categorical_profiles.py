@@ -88,8 +88,9 @@ def test_training_builds_vocabularies_from_training_users(byod):
 
 
 def test_checkpoints_without_categorical_features_still_load(tmp_path):
-    from onerec.manifest import write_manifest
     from serving_checkpoints import random_tiny_checkpoint
+
+    from onerec.manifest import write_manifest
 
     folder = random_tiny_checkpoint(tmp_path / "old")
     config = json.loads((folder / "config.json").read_text())
@@ -225,3 +226,43 @@ def test_calibration_checks_cover_categorical_columns(byod, tmp_path):
     result = validate_calibration(PipelineConfig(), tmp_path / "drift.parquet", ckpt, tmp_path / "r3", reference)
     assert [f["column"] for f in result["failed"]] == ["category__occupation"]
     assert result["drift"]["category_kl"]["occupation"] > 0.5 and result["drift"]["category_kl"]["gender"] < 0.1
+
+
+def test_gate_decision_on_constructed_fp8_outputs(byod):
+    """The gate's whole decision path on the real model and users, with FP8 top-K lists constructed
+    so the truth is known: identical lists pass; losing 40% of the hits fails on all users and is
+    inconclusive on a handful; a broken ranking fails on the sensitive check whatever the sample."""
+    import torch
+
+    from onerec.data import load_dataset, split_leave_last_out
+    from onerec.quant.quality_gate import QualityComparison, QualityGateConfig
+
+    root, data, ckpt, _ = byod
+    model, table = load_checkpoint(ckpt, dtype=torch.bfloat16)
+    test = split_leave_last_out(load_dataset(data), max_history=model.cfg.context_len).test
+
+    def comparison(requests):
+        return QualityComparison(model, table, requests.reset_index(drop=True), QualityGateConfig())
+
+    def losing(c, share):
+        items = c.bf16_items.copy()
+        hit_rows = np.flatnonzero((items[:, :10] == c.targets[:, None]).any(1))
+        lost = hit_rows[: int(round(share * len(hit_rows)))]
+        items[lost] = np.where(items[lost] == c.targets[lost, None], -1, items[lost])
+        return items
+
+    everyone = comparison(test)
+    kl, sqnr = [0.0, 0.0, 0.0], {"layer": 35.0}
+    same = everyone.judge(everyone.bf16_items.copy(), kl, sqnr)
+    assert same["verdict"] == "passed" and same["intervals"]["recall@10"]["high"] == 0.0
+    lost = everyone.judge(losing(everyone, 0.4), kl, sqnr)
+    assert lost["verdict"] == "failed" and lost["intervals"]["recall@10"]["high"] < -0.05
+    assert lost["intervals"]["recall@10"]["low"] <= -0.4 + 0.02  # covers the true -40% (up to rounding)
+    assert lost["checks"]["topk_overlap"]  # only the recall/NDCG intervals failed it
+    hit_rows = np.flatnonzero((everyone.bf16_items == everyone.targets[:, None]).any(1))
+    few = comparison(test.iloc[np.r_[hit_rows[:5], np.flatnonzero(~np.isin(np.arange(len(test)), hit_rows))[:7]]])
+    small = few.judge(losing(few, 0.2), kl, sqnr)  # 1 of 5 hits lost among 12 users
+    assert small["verdict"] == "inconclusive" and small["passed"] is False
+    assert small["users_needed"] > 12 and "would decide it" in small["reason"]
+    shuffled = everyone.judge(np.roll(everyone.bf16_items, 1, axis=0), kl, sqnr)
+    assert shuffled["verdict"] == "failed" and not shuffled["checks"]["topk_overlap"]

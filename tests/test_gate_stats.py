@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from onerec.quant import gate_stats
-from onerec.quant.gate_stats import FAILED, INCONCLUSIVE, PASSED, non_inferiority, paired_relative_change, users_needed
+from onerec.quant.gate_stats import (
+    FAILED,
+    INCONCLUSIVE,
+    PASSED,
+    non_inferiority,
+    paired_relative_change,
+    users_needed,
+)
 
 MARGIN = 0.05
 

@@ -134,6 +134,33 @@ def test_gates_passed_policy():
     assert gates_passed(unmeasured, latency_gate_blocking=False)  # the CPU demo
 
 
+def test_an_inconclusive_quality_gate_registers_nothing_and_says_why(monkeypatch, capsys):
+    """The registration step's decision (the Airflow run of it is the integration tests' job)."""
+    import onerec.quant.quality_gate as quality_gate
+    from onerec.cli import main
+    from tasks.registry import gate_metrics, gates_outcome, gates_passed
+
+    latency = {"measurable": True, "passed": True}
+    reason = "inconclusive on 40 users: recall@10 -3.00% [-9.10%, +2.90%] (margin -5%); about 900 users would decide it"
+    quality = {"passed": False, "verdict": "inconclusive", "reason": reason, "users_needed": 900,
+               "intervals": {"recall@10": {"estimate": -0.03, "low": -0.091, "high": 0.029}}}
+    gates = {"quality": quality, "latency": latency}
+    assert not gates_passed(gates, latency_gate_blocking=False)
+    assert gates_outcome(gates, False) == ("inconclusive", f"quality gate inconclusive: {reason}")
+    failed = {"quality": {"passed": False, "verdict": "failed", "reason": "failed topk_overlap: ..."}, "latency": latency}
+    assert gates_outcome(failed, False) == ("failed", "gates failed: failed topk_overlap: ...")
+    assert gates_outcome({"quality": {"passed": True, "verdict": "passed"}, "latency": latency}, False)[0] == "passed"
+    # the interval bounds become run metrics
+    assert gate_metrics(gates)["quality.intervals.recall_at_10.low"] == -0.091
+    # the CLI: 3 = failed, 4 = inconclusive, so a script can tell them apart
+    argv = ["gate", "quality", "--checkpoint", "c", "--quantized", "q", "--data", "d"]
+    for verdict, code in (("inconclusive", 4), ("failed", 3), ("passed", 0)):
+        monkeypatch.setattr(quality_gate, "run_quality_gate",
+                            lambda *a, v=verdict, **k: {"passed": v == "passed", "verdict": v})
+        assert main(argv) == code
+        assert json.loads(capsys.readouterr().out)["verdict"] == verdict
+
+
 def test_gate_metrics_flatten_every_number():
     from tasks.registry import gate_metrics
 
