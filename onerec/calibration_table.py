@@ -98,11 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     from onerec.features import profile_columns
+    from onerec.manifest import sha256_file
 
     context_len = context_len_of(args.checkpoint)
     table = draw_calibration_table(args.data, context_len, args.requests, args.seed)
     out = write_calibration_table(table, args.out, args.overwrite)
-    from onerec.manifest import sha256_file
 
     profile = [c for c in table.columns if c not in ("user_id", "history", "target")]
     numeric, categorical = profile_columns(table[profile]) if profile else ([], [])

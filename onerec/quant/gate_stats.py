@@ -24,7 +24,7 @@ import numpy as np
 
 PASSED, FAILED, INCONCLUSIVE = "passed", "failed", "inconclusive"
 BOOTSTRAP_RESAMPLES = 2000
-_CELLS_PER_CHUNK = 1 << 22  # resample weights held at once (users x resamples)
+_CELLS_PER_CHUNK = 1 << 22  # resample weights held at once (groups x resamples)
 
 
 def paired_relative_change(ref: np.ndarray, new: np.ndarray, confidence: float = 0.95,
@@ -47,15 +47,18 @@ def paired_relative_change(ref: np.ndarray, new: np.ndarray, confidence: float =
     if n == 0 or ref.sum() <= 0:
         return result
     estimate = new.sum() / ref.sum() - 1.0
+    # Users with the same (ref, new) pair are interchangeable: resampling users is resampling these
+    # groups in proportion to their size (exactly; hits and NDCG gains take few distinct values).
+    pairs, counts = np.unique(np.stack([ref, new], 1), axis=0, return_counts=True)
     rng = np.random.default_rng(seed)
     ratios = []
-    chunk = max(1, _CELLS_PER_CHUNK // n)
+    chunk = max(1, _CELLS_PER_CHUNK // len(pairs))
     for start in range(0, resamples, chunk):
-        # Multinomial counts = how often each user is drawn in a resample of size n.
-        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=min(chunk, resamples - start)).astype(np.float64)
-        ref_sum = weights @ ref
+        # Multinomial counts = how often each group is drawn in a resample of n users.
+        weights = rng.multinomial(n, counts / n, size=min(chunk, resamples - start)).astype(np.float64)
+        ref_sum = weights @ pairs[:, 0]
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratios.append(np.where(ref_sum > 0, weights @ new / ref_sum - 1.0, np.nan))
+            ratios.append(np.where(ref_sum > 0, weights @ pairs[:, 1] / ref_sum - 1.0, np.nan))
     ratios = np.concatenate(ratios)
     alpha = (1 - confidence) / 2
     low, high = np.nanquantile(ratios, [alpha, 1 - alpha])

@@ -284,6 +284,10 @@ def run_quality_gate(
         "gate": "quality", "checkpoint": str(checkpoint), "quantized": str(quantized), "data": str(data),
         "recipe": recipe["recipe"]["name"], "config": dataclasses.asdict(config),
     }
+    if bf16_model.cfg.categorical_features:  # unseen values took the unknown bucket: say how many
+        from onerec.features import count_unseen
+
+        summary["unseen_profile_values"] = count_unseen(requests, bf16_model.cfg.categorical_features)
     if auto:
         ranking = sorted((n for n, v in sqnr.items() if v is not None), key=lambda n: sqnr[n])
         kept, steps = [], []

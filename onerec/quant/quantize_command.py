@@ -49,6 +49,7 @@ def run(
     """Quantize a checkpoint folder into `out`; the pipeline's quantize step calls this."""
     from onerec.checkpoint import load_checkpoint
     from onerec.errors import UserError
+    from onerec.features import count_unseen
     from onerec.quant.calibrate import Calibration
     from onerec.quant.export import RECIPE, save_quantized
     from onerec.quant.recipes import make_recipe, quantize
@@ -72,6 +73,7 @@ def run(
         "excluded": report.excluded,
         "calibration_requests": report.calibration.get("num_requests"),
         "calibration_source": calib.source,
+        "calibration_unseen_profile_values": count_unseen(calib.requests, model.cfg.categorical_features),
         "worst_layer": worst[0] if worst else None,
         "worst_layer_sqnr_db": worst[1] if worst else None,
         "size_ratio_vs_bf16": written["size"]["ratio_vs_bf16"],
