@@ -266,3 +266,14 @@ def test_gate_decision_on_constructed_fp8_outputs(byod):
     assert small["users_needed"] > 12 and "would decide it" in small["reason"]
     shuffled = everyone.judge(np.roll(everyone.bf16_items, 1, axis=0), kl, sqnr)
     assert shuffled["verdict"] == "failed" and not shuffled["checks"]["topk_overlap"]
+
+
+def test_unused_item_columns_are_ignored_and_logged(caplog):
+    from onerec.semantic_ids import feature_embeddings
+
+    items = pd.DataFrame({"item_id": range(300), "title": [f"title {i}" for i in range(300)],
+                          "price": np.linspace(1.0, 9.0, 300), "genre": np.arange(300) % 7})
+    with caplog.at_level("INFO", logger="onerec.semantic_ids"):
+        feats = feature_embeddings(items, np.arange(300))
+    assert feats.shape == (300, 1 + 7)  # price as a z-score, genre one-hot; the free text is not used
+    assert "column 'title' ignored" in caplog.text
