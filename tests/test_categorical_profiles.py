@@ -277,3 +277,27 @@ def test_unused_item_columns_are_ignored_and_logged(caplog):
         feats = feature_embeddings(items, np.arange(300))
     assert feats.shape == (300, 1 + 7)  # price as a z-score, genre one-hot; the free text is not used
     assert "column 'title' ignored" in caplog.text
+
+
+def test_publish_draws_the_calibration_table_from_a_data_folder(byod, monkeypatch):
+    """S3 is faked here (the pipeline integration tests publish to a real moto server)."""
+    import tasks.checkpoints as checkpoints
+    from onerec.errors import UserError
+    from tasks.publish import publish
+
+    root, data, ckpt, _ = byod
+    uploaded = {}
+
+    def nothing_published(cfg, client):
+        raise UserError("no checkpoint yet")
+
+    def upload_file(client, path, uri):
+        uploaded[uri] = pd.read_parquet(path)
+
+    monkeypatch.setattr(checkpoints, "find_latest_checkpoint", nothing_published)
+    monkeypatch.setattr(checkpoints, "upload_folder", lambda client, folder, uri: ["manifest.json"])
+    monkeypatch.setattr(checkpoints, "upload_file", upload_file)
+    result = publish(str(ckpt), "s3://bucket/prefix", str(data), "2026-01-02", "ckpt1", client=object())
+    uri = "s3://bucket/prefix/calibration/2026-01-02/calibration.parquet"
+    assert result["calibration_uri"] == uri and result["calibration_source"]["kind"] == "drawn from data folder"
+    assert len(uploaded[uri]) == 2048 and {"gender", "occupation", "country"} <= set(uploaded[uri].columns)
