@@ -97,3 +97,13 @@ def test_seeded_and_validated():
     assert gate_stats.combine([PASSED, INCONCLUSIVE]) == INCONCLUSIVE
     assert gate_stats.combine([INCONCLUSIVE, FAILED, PASSED]) == FAILED
     assert gate_stats.combine([PASSED, PASSED]) == PASSED
+
+
+def test_gate_config_refuses_meaningless_settings():
+    from onerec.errors import UserError
+    from onerec.quant.quality_gate import QualityGateConfig
+
+    for bad in ({"confidence": 1.0}, {"max_relative_recall_drop": -0.01}, {"bootstrap_resamples": 10}):
+        with pytest.raises(UserError):
+            QualityGateConfig(**bad)
+    assert QualityGateConfig(max_relative_ndcg_drop=None).max_relative_ndcg_drop is None

@@ -72,6 +72,17 @@ class QualityGateConfig:
     bootstrap_resamples: int = gate_stats.BOOTSTRAP_RESAMPLES
     noise_floor: bool = True  # also compare the fp32 model with bf16
 
+    def __post_init__(self) -> None:
+        from onerec.errors import UserError
+
+        if not 0 < self.confidence < 1:
+            raise UserError(f"confidence must be in (0, 1), got {self.confidence}")
+        margins = (self.max_relative_recall_drop, self.max_relative_ndcg_drop)
+        if any(m is not None and m < 0 for m in margins):
+            raise UserError("max_relative_recall_drop / max_relative_ndcg_drop are margins: not negative")
+        if self.bootstrap_resamples < 100:
+            raise UserError(f"bootstrap_resamples must be at least 100, got {self.bootstrap_resamples}")
+
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> QualityGateConfig:
         from onerec.errors import UserError
@@ -87,10 +98,6 @@ class QualityGateConfig:
                 raise UserError(f"thresholds file {path}: unknown keys {sorted(unknown)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-
-def _relative_change(fp8: float, bf16: float) -> float | None:
-    return (fp8 - bf16) / bf16 if bf16 > 0 else None
 
 
 def level_kl(bf16_model, fp8_model, calibration) -> list[float]:
