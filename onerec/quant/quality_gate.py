@@ -359,7 +359,7 @@ def _write_report(summary: dict, report_dir: Path, k: int) -> tuple[str, str]:
         est = [100 * (intervals[m]["estimate"] or 0.0) for m in labels]
         err = [[100 * ((intervals[m]["estimate"] or 0.0) - (intervals[m]["low"] or 0.0)) for m in labels],
                [100 * ((intervals[m]["high"] or 0.0) - (intervals[m]["estimate"] or 0.0)) for m in labels]]
-        ax.bar(pos, est, width, yerr=err, capsize=6, label=name, color=color)
+        ax.bar(pos, est, width, yerr=err, capsize=6, label=name, color=color, ecolor=color)
     for i, m in enumerate(labels):
         margin = summary["intervals"][m].get("margin")
         if margin is not None:
