@@ -122,10 +122,14 @@ def gates_outcome(gates: dict, latency_gate_blocking: bool) -> tuple[str, str]:
     """(passed | failed | inconclusive, why): an inconclusive quality gate is not a pass either."""
     if gates_passed(gates, latency_gate_blocking):
         return "passed", "gates passed"
-    quality = gates.get("quality", {})
+    quality, latency = gates.get("quality", {}), gates.get("latency", {})
     if quality.get("verdict") == "inconclusive":
         return "inconclusive", f"quality gate inconclusive: {quality.get('reason', 'the sample cannot decide')}"
-    return "failed", "gates failed" + (f": {quality['reason']}" if quality.get("reason") else "")
+    if not quality.get("passed", False):
+        return "failed", "quality gate failed" + (f": {quality['reason']}" if quality.get("reason") else "")
+    if latency.get("measurable", True) is False:
+        return "failed", f"latency gate could not measure ({latency.get('reason', 'unknown')}) and blocks"
+    return "failed", "latency gate failed"
 
 
 def register_candidate(

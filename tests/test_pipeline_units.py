@@ -148,7 +148,9 @@ def test_an_inconclusive_quality_gate_registers_nothing_and_says_why(monkeypatch
     assert not gates_passed(gates, latency_gate_blocking=False)
     assert gates_outcome(gates, False) == ("inconclusive", f"quality gate inconclusive: {reason}")
     failed = {"quality": {"passed": False, "verdict": "failed", "reason": "failed topk_overlap: ..."}, "latency": latency}
-    assert gates_outcome(failed, False) == ("failed", "gates failed: failed topk_overlap: ...")
+    assert gates_outcome(failed, False) == ("failed", "quality gate failed: failed topk_overlap: ...")
+    unmeasured = {"quality": {"passed": True, "verdict": "passed"}, "latency": {"measurable": False, "reason": "no GPU"}}
+    assert gates_outcome(unmeasured, True) == ("failed", "latency gate could not measure (no GPU) and blocks")
     assert gates_outcome({"quality": {"passed": True, "verdict": "passed"}, "latency": latency}, False)[0] == "passed"
     # the interval bounds become run metrics
     assert gate_metrics(gates)["quality.intervals.recall_at_10.low"] == -0.091
