@@ -41,18 +41,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Starts the stack (idempotent: a running one is reused), runs the demo if the pipeline has one,
-# then prints the URLs, credentials and the stop command again (`stack up` reuses the running
-# stack and prints them), and leaves the stack running.
+# Starts the stack (idempotent: a running one is reused), runs the demo, then prints the URLs,
+# credentials and the stop command again (`stack up` reuses the running stack and prints them),
+# and leaves the stack running.
 demo: $(STAMP)
 	$(BIN)/onerec-fp8 stack up > /dev/null
 	@set -o pipefail; status=0; \
-	if [ -f tasks/demo.py ]; then \
-		$(BIN)/python -m tasks.demo || status=$$?; \
-		$(BIN)/onerec-fp8 stack up 2>&1 > /dev/null | grep -v ' INFO onerec.stack: ' >&2 || status=$$?; \
-	else \
-		echo "The pipeline part of the demo (tasks/demo.py, issue 6) is not there yet: the stack is up, nothing ran on it." >&2; \
-	fi; \
+	$(BIN)/python -m tasks.demo || status=$$?; \
+	$(BIN)/onerec-fp8 stack up 2>&1 > /dev/null | grep -v ' INFO ops.stack: ' >&2 || status=$$?; \
 	echo "The stack keeps running. Stop it with: $(BIN)/onerec-fp8 stack down" >&2; \
 	exit $$status
 

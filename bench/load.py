@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from onerec.processes import free_port
+from ops.processes import free_port
 
 
 def check_loopback(url: str) -> None:
@@ -47,7 +47,7 @@ def check_loopback(url: str) -> None:
 
 def start_server(model: str, server_args: list[str], timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "onerec.cli", "serve", "--model-uri", model, "--port", str(port), *server_args]
+    cmd = [sys.executable, "-m", "onerec_fp8.cli", "serve", "--model-uri", model, "--port", str(port), *server_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -155,10 +155,9 @@ def environment() -> dict:
 
 
 def plot(levels: list[dict], title: str, out: Path) -> None:
-    import matplotlib
+    from onerec.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for level in levels:

@@ -24,7 +24,8 @@ def config():
     """PipelineConfig from the environment, overridden by the Airflow Variable `onerec_fp8_config` (JSON)."""
     from airflow.sdk import Variable
 
-    from tasks.config import AIRFLOW_VARIABLE, load_config
+    from onerec.settings import AIRFLOW_VARIABLE
+    from tasks.config import load_config
 
     return load_config(Variable.get(AIRFLOW_VARIABLE, default=None, deserialize_json=True) or None)
 

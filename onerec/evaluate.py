@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -108,25 +107,19 @@ def popularity_baseline(dataset, requests, k: int = 10) -> dict:
 
 def load_model(checkpoint: str | None = None, quantized: str | None = None, device="cpu"):
     """(model, table, source description) from a checkpoint folder or a quantized folder."""
+    from onerec.checkpoint import load_model_folder
     from onerec.errors import UserError
+    from onerec.quant.export import is_quantized_folder, recipe_name
 
     if (checkpoint is None) == (quantized is None):
         raise UserError("give exactly one of --checkpoint or --quantized")
-    if checkpoint is not None:
-        from onerec.checkpoint import load_checkpoint
-
-        model, table = load_checkpoint(checkpoint, device=device)
-        return model, table, {"checkpoint": str(checkpoint)}
-    try:
-        from onerec.quant.export import load_quantized
-    except ImportError as exc:
-        raise UserError(f"cannot evaluate a quantized model: onerec.quant.export is not available ({exc})") from None
-    if not Path(quantized).is_dir():
-        raise UserError(f"quantized folder {quantized} does not exist")
-    model, table, recipe = load_quantized(quantized, device=device)
-    # The recipe's name only: recipe.json also carries per-layer calibration statistics.
-    name = recipe.get("recipe", {}).get("name") if isinstance(recipe.get("recipe"), dict) else recipe.get("name")
-    return model, table, {"quantized": str(quantized), "recipe": name}
+    folder = checkpoint or quantized
+    if quantized is not None and not is_quantized_folder(quantized):
+        raise UserError(f"{quantized} is not a quantized folder (no recipe.json); use --checkpoint")
+    model, table, recipe = load_model_folder(folder, device=device)
+    if recipe is None:
+        return model, table, {"checkpoint": str(folder)}
+    return model, table, {"quantized": str(folder), "recipe": recipe_name(recipe)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,7 @@ def s3_client(cfg: PipelineConfig):
     from botocore.config import Config
 
     retry = Config(retries={"mode": "adaptive", "max_attempts": 10}, connect_timeout=10, read_timeout=120)
-    return boto3.client("s3", endpoint_url=cfg.s3_endpoint_url, config=retry)
+    return boto3.client("s3", config=retry, **cfg.s3_client_kwargs())
 
 
 def transfer_config():

@@ -46,7 +46,7 @@ def _done(t0: float, text: str = "done") -> None:
 
 def airflow_env(state: dict, extra: dict | None = None) -> dict[str, str]:
     """Environment for the Airflow CLI on the local stack: its AIRFLOW_HOME, dags/ and contract env."""
-    from onerec.stack import airflow_home, stack_env
+    from ops.stack import airflow_home, stack_env
 
     return {
         **os.environ, **stack_env(state),
@@ -120,17 +120,15 @@ def approve_as_the_ui_does(tracking_uri: str, name: str, version: str) -> None:
 
 
 def run_demo() -> dict:
-    from onerec.stack import read_state, stack_env
+    from ops.stack import read_state, stack_env
 
     total = 7
     state = read_state()  # UserError "run `onerec-fp8 stack up` first" when there is no stack
-    os.environ.update(stack_env(state))
-    os.environ.update(DEMO_CONFIG)
-    from tasks.config import load_config
+    from tasks.config import PipelineConfig
     from tasks.publish import publish
     from tasks.registry import client, find_versions
 
-    cfg = load_config()
+    cfg = PipelineConfig.from_env({**os.environ, **stack_env(state), **DEMO_CONFIG})
     demo_dir = Path(cfg.state_dir) / "demo"
     urls = {name: svc["url"] for name, svc in state["services"].items()}
     missing = {"s3", "mlflow", "airflow"} - set(urls)
@@ -206,11 +204,12 @@ def run_demo() -> dict:
 
 def ensure_serving(cfg, version: str) -> None:
     """After a restart of the machine or the stack the champion is deployed but no longer running: restart it."""
-    from tasks import rollout
+    from ops import rollout
+    from ops.rollout import local
 
     if cfg.rollout_target != "local":
         return
-    current = rollout.local_status(state_dir=cfg.state_dir).get("current") or {}
+    current = local.status(state_dir=cfg.state_dir).get("current") or {}
     if not (current.get("alive") and str(current.get("version")) == str(version)):
         print(f"           the local serving process is not running version {version}: starting it again",
               file=sys.stderr)
@@ -222,9 +221,9 @@ def ask_serving(cfg, calibration_path: str) -> dict:
     import httpx
     import pandas as pd
 
-    from tasks.rollout import local_status
+    from ops.rollout import local
 
-    url = local_status(state_dir=cfg.state_dir)["url"]
+    url = local.status(state_dir=cfg.state_dir)["url"]
     row = pd.read_parquet(calibration_path).iloc[0]
     profile = {k: float(v) for k, v in row.items() if k not in ("user_id", "history", "target")}
     body = {"users": [{"history": [int(i) for i in row["history"]], "profile": profile}], "k": 10}

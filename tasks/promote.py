@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def rollout_options(cfg) -> dict:
-    """Options for tasks.rollout: the local target keeps its state in our state dir."""
+    """Options for ops.rollout: the local target keeps its state in our state dir."""
     return {"state_dir": cfg.state_dir} if cfg.rollout_target == "local" else {}
 
 
@@ -43,7 +43,7 @@ def promote(cfg, version: str, mlflow_client=None) -> dict:
     champion = alias_version(c, name, CHAMPION)
     model_uri = f"models:/{name}/{version}"
     log.info("rolling out %s with target %s (current champion: %s)", model_uri, cfg.rollout_target, champion)
-    from tasks import rollout as rollout_api
+    from ops import rollout as rollout_api
 
     rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, **rollout_options(cfg))
     # Only now, with the rollout done, the registry says so.

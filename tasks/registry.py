@@ -17,7 +17,6 @@ import datetime as dt
 import logging
 import math
 import re
-import shutil
 from pathlib import Path
 
 from onerec.errors import UserError
@@ -36,8 +35,8 @@ def client(cfg):
 
     uri = cfg.tracking_uri()
     if uri:
-        mlflow.set_tracking_uri(uri)
-    return MlflowClient()
+        mlflow.set_tracking_uri(uri)  # the fluent API (start_run, log_model) of register_candidate
+    return MlflowClient(uri)
 
 
 def now_iso() -> str:
@@ -106,6 +105,13 @@ def gate_metrics(gates: dict) -> dict[str, float]:
     return out
 
 
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def gates_passed(gates: dict, latency_gate_blocking: bool) -> bool:
     """Quality must pass; latency must pass when it was measured, and when it could not be measured
     it blocks only if the config says so (production: no FP8 GPU = no evidence = no candidate)."""
@@ -163,7 +169,7 @@ def register_candidate(
         mlflow.log_params({
             "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256, "recipe": cfg.recipe,
             "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
-            **{f"config.{k}": v for k, v in cfg.to_dict().items() if k not in ("extra",)},
+            **{f"config.{k}": v for k, v in _flat(cfg.to_dict()).items()},
         })
         mlflow.log_metrics(gate_metrics(gates))
         mlflow.log_dict(gates, "reports/gates.json")
@@ -207,64 +213,3 @@ def model_signature(folder: str | Path):
     params = ParamSchema([ParamSpec("k", DataType.long, 10), ParamSpec("beam_size", DataType.long, 64),
                           ParamSpec("batch_size", DataType.long, 256)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
-
-
-def _model_folder(model_dir: Path) -> Path:
-    """The "quantized" artifact folder inside a downloaded pyfunc model (its path is in MLmodel)."""
-    import yaml
-
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
-    if "quantized" not in artifacts:
-        raise UserError(f"{model_dir}: the model has no 'quantized' artifact")
-    return model_dir / artifacts["quantized"]["path"]
-
-
-def download_model(model_uri: str, dst_dir: str | Path) -> Path:
-    """The local quantized (or bf16) folder of `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
-
-    Downloads the model into dst_dir (reusing an intact earlier download) and verifies the
-    folder's manifest. The tracking URI comes from the environment (MLFLOW_TRACKING_URI).
-    """
-    import mlflow
-
-    from onerec.manifest import verify_manifest
-    from tasks.config import load_config
-
-    if not model_uri.startswith("models:/"):
-        raise UserError(f"{model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    uri = load_config().tracking_uri()
-    if uri:
-        mlflow.set_tracking_uri(uri)
-    dst_dir = Path(dst_dir)
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    if (dst_dir / "MLmodel").is_file():
-        try:
-            folder = _model_folder(dst_dir)
-            verify_manifest(folder)
-            if _same_version(model_uri, dst_dir):
-                return folder
-        except UserError:
-            pass
-        for child in dst_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst_dir))
-    (dst_dir / ".model_uri").write_text(_resolved(model_uri))
-    folder = _model_folder(dst_dir)
-    verify_manifest(folder)
-    return folder
-
-
-def _resolved(model_uri: str) -> str:
-    """models:/NAME@ALIAS -> models:/NAME/VERSION (an alias moves; a version does not)."""
-    if "@" not in model_uri:
-        return model_uri
-    from mlflow import MlflowClient
-
-    name, alias = model_uri[len("models:/"):].split("@", 1)
-    return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
-
-
-def _same_version(model_uri: str, dst_dir: Path) -> bool:
-    marker = dst_dir / ".model_uri"
-    return marker.is_file() and marker.read_text() == _resolved(model_uri)

@@ -36,7 +36,7 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
         raise UserError(f"version {target} did not pass the gates; refusing to deploy it")
     model_uri = f"models:/{name}/{target}"
     log.info("rolling back %s from version %s to %s (reason: %s, by %s)", name, current, target, reason, by)
-    from tasks import rollout as rollout_api
+    from ops import rollout as rollout_api
 
     if version:  # an explicit version: deploy exactly that one
         rollout = rollout_api.deploy(model_uri, target, target=cfg.rollout_target, **rollout_options(cfg))

@@ -402,10 +402,9 @@ def failure_summary(result: dict) -> str:
 
 def plot_validation(result: dict, profile: dict | None, reference: dict | None, out: Path) -> Path:
     """PNG: the failed checks (or 'all passed') and, with a reference, both drift distributions."""
-    import matplotlib
+    from onerec.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     text = "all expectations passed" if result["passed"] else "FAILED:\n" + "\n".join(
@@ -436,21 +435,3 @@ def plot_validation(result: dict, profile: dict | None, reference: dict | None, 
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
-
-
-# --- the pipeline step --------------------------------------------------------------------------------
-
-
-def validate_step(cfg, calibration_path: str, calibration_sha256: str, checkpoint_dir: str, report_dir: str,
-                  client=None) -> dict:
-    """Fetch the accepted reference from S3, validate, and on success make this snapshot the reference."""
-    from tasks.checkpoints import read_json, s3_client, write_json
-
-    client = client or s3_client(cfg)
-    reference = read_json(client, cfg.accepted_profile_uri)
-    result = validate_calibration(cfg, calibration_path, checkpoint_dir, report_dir, reference, calibration_sha256)
-    if result["passed"]:
-        profile = json.loads(Path(result["profile"]).read_text())
-        write_json(client, cfg.accepted_profile_uri, profile)
-        log.info("accepted this snapshot as the drift reference: %s", cfg.accepted_profile_uri)
-    return result

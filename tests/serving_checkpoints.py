@@ -12,7 +12,7 @@ import torch
 
 from onerec.checkpoint import save_checkpoint
 from onerec.model import OneRecV2, OneRecV2Config
-from onerec.processes import free_port
+from ops.processes import free_port
 
 PROFILE_FEATURES = ["age", "activity"]
 PROFILE_MEAN = [30.0, 2.0]

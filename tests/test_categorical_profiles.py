@@ -26,7 +26,7 @@ LONG_USER, ONE_ITEM_USERS = 10_000, [10_001, 10_002, 10_003]
 
 
 def _cli(argv):
-    from onerec.cli import main
+    from onerec_fp8.cli import main
 
     out = io.StringIO()
     with redirect_stdout(out):
@@ -165,6 +165,33 @@ def test_quality_gate_on_categorical_data(byod, quantized):
         floor = result["noise_floor"][metric]
         assert floor["low"] <= floor["estimate"] <= floor["high"]
     assert (root / "gate" / "quality_gate.png").stat().st_size > 10_000
+
+
+def test_latency_gate_on_categorical_data(byod, quantized, tmp_path):
+    """The latency gate replays a calibration table with string values (some unseen) and fills
+    random requests as the server fills a user who sends no profile (unknown bucket)."""
+    import torch
+
+    from onerec.engine.latency_gate import LatencyGateConfig, make_requests, measure_latency
+
+    root, data, ckpt, _ = byod
+    table_path = tmp_path / "calib.parquet"
+    code, _ = _cli(["data", "calibration", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(table_path),
+                    "--requests", "40"])
+    assert code == 0
+    table = pd.read_parquet(table_path)
+    table.loc[table.index[:5], "country"] = "atlantis"
+    table.to_parquet(table_path, index=False)
+    config = LatencyGateConfig(batch_sizes=(2,), beam_size=16, k=5, warmup=1, repeats=2)
+    for requests_path in (table_path, None):
+        result = measure_latency(ckpt, quantized, config, requests_path=requests_path, allow_cpu=True)
+        assert result["measurable"] is True and result["latency_ms"]["fp8"][2]["p50_ms"] > 0, result
+    model, sid_table = load_checkpoint(ckpt)
+    _, _, profile = make_requests(model, sid_table, 3, 50)
+    numeric = len(model.cfg.profile_features)
+    assert profile.shape == (3, len(model.cfg.profile_columns))
+    assert torch.equal(profile[:, :numeric], model.context.profile_mean.float().expand(3, -1))
+    assert not profile[:, numeric:].any()  # every categorical feature in the unknown bucket
 
 
 def test_served_with_unseen_categories_and_typed_profiles(byod, quantized):

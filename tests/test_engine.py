@@ -1,7 +1,7 @@
-"""Engine (onerec/engine): fused-kernel references, engine == plain beam search, latency gate on CPU.
+"""Engine (onerec/engine): op references, engine == plain beam search, latency gate on CPU.
 
 The Triton kernels themselves are checked against these references on the GPU by
-bench/gpu_bench.py (results in bench/results/, "kernel_checks").
+tests/gpu/test_kernels.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onerec.engine import kernels
 from onerec.engine.engine import Engine, EngineConfig
 from onerec.generate import beam_search
+from onerec.kernels import reference
 from onerec.model import OneRecV2, OneRecV2Config, RMSNorm
 from onerec.quant.fp8 import FP8Linear, quantize_per_token
 from onerec.semantic_ids import SemanticIdIndex
@@ -38,12 +38,12 @@ def test_rmsnorm_reference_equals_unfused_ops(dtype):
     stream = x + delta  # the residual add of the previous sublayer
     expected_fp8, expected_scale = quantize_per_token(norm(stream))
 
-    new_x, y_fp8, scale = kernels.rmsnorm_reference(x, norm.weight, 1e-6, residual=delta, quantize=True)
+    new_x, y_fp8, scale = reference.rmsnorm(x, norm.weight, 1e-6, residual=delta, quantize=True)
     assert torch.equal(new_x, stream)
     assert y_fp8.dtype == torch.float8_e4m3fn and scale.shape == (37, 1)
     assert _fp8_equal(y_fp8, expected_fp8)
     assert torch.equal(scale, expected_scale)
-    _, y = kernels.rmsnorm_reference(x, norm.weight, 1e-6, residual=delta)
+    _, y = reference.rmsnorm(x, norm.weight, 1e-6, residual=delta)
     assert torch.equal(y, norm(stream))
 
 
@@ -54,8 +54,8 @@ def test_silu_mul_reference_equals_unfused_swiglu():
     x = torch.randn(11, cfg.d_model, dtype=torch.bfloat16)
     hidden = F.silu(ffn.w1(x)) * ffn.w3(x)  # what SwiGLU feeds to w2
     gate_up = torch.cat([ffn.w1(x), ffn.w3(x)], dim=-1)  # the engine's fused w1|w3 GEMM output
-    assert torch.equal(kernels.silu_mul_reference(gate_up), hidden)
-    q, s = kernels.silu_mul_reference(gate_up, quantize=True)
+    assert torch.equal(reference.silu_mul(gate_up), hidden)
+    q, s = reference.silu_mul(gate_up, quantize=True)
     q_ref, s_ref = quantize_per_token(hidden)
     assert _fp8_equal(q, q_ref) and torch.equal(s, s_ref)
 
@@ -68,7 +68,9 @@ def test_cached_self_attention_equals_causal_sdpa():
     mid = torch.randn(users * K1, 3, H, dh)
     cur = torch.randn(users * K2, 3, H, dh)
     parent = torch.randint(0, K1, (users, K2))
-    got = kernels.cached_self_attention_reference(cur, first, mid, parent, users, 2)
+    user = torch.arange(users)[:, None]
+    rows = [user.expand(users, K2).reshape(-1), (user * K1 + parent).reshape(-1)]  # ancestors at tokens 0, 1
+    got = reference.cached_self_attention(cur, [first, mid], rows)
     for u in range(users):
         for j in range(K2):
             r, p = u * K2 + j, u * K1 + parent[u, j]
@@ -145,8 +147,8 @@ def test_engine_fp8_differs_from_bf16_engine():
 
 
 def test_latency_gate_on_cpu_is_not_measurable(tmp_path, capsys):
-    from onerec.cli import main
     from onerec.engine.latency_gate import measure_latency
+    from onerec_fp8.cli import main
 
     result = measure_latency(tmp_path, tmp_path)
     assert result["measurable"] is False and "CUDA" in result["reason"]
@@ -158,8 +160,8 @@ def test_latency_gate_on_cpu_is_not_measurable(tmp_path, capsys):
 
 
 def test_latency_gate_report_dir_has_json_and_png(tmp_path, capsys):
-    from onerec.cli import main
     from onerec.engine.latency_gate import LatencyGateConfig, plot
+    from onerec_fp8.cli import main
 
     report = tmp_path / "report"
     code = main(["gate", "latency", "--checkpoint", str(tmp_path), "--quantized", str(tmp_path),
@@ -180,15 +182,21 @@ def test_latency_gate_report_dir_has_json_and_png(tmp_path, capsys):
     assert png.stat().st_size > 10_000
 
 
-def test_bench_refuses_without_gpu(capsys):
-    from onerec.cli import main
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_bench_refuses_without_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    assert main(["bench", "--presets", "tiny"]) == 1
-    assert "CUDA" in capsys.readouterr().err
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_bench.py"
+    run = subprocess.run([sys.executable, str(script), "--presets", "tiny"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == "error: bench/gpu_bench.py needs a CUDA GPU (none is visible here)"
 
 
 def test_flop_count_cached_is_less_than_plain():
-    from onerec.engine.benchmark import flop_count
+    from onerec.engine.timing import flop_count
 
     cfg = OneRecV2Config.from_preset("1b")
     cached = flop_count(cfg, 3000, [512, 512, 512], cached=True)
@@ -249,3 +257,29 @@ def test_attention_in_chunks_equals_one_call():
     whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     chunked = attention(q, k, v, max_batch=5, is_causal=True)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+
+
+def test_engine_serves_the_model_without_changing_or_copying_it():
+    """The serving view shares every weight with the caller's model and leaves its modules as they were."""
+    from torch import nn
+
+    model, index, sids, mask = _random_setup()
+    before = beam_search(model, sids, mask, index, beam_size=16, k=10)
+    engine = Engine(model, index, EngineConfig(beam_size=16, k=10, fp8=True))
+    served = engine.model
+    assert served.blocks[0].cross_norm.weight is model.blocks[0].cross_norm.weight
+    assert served.token_embedding.weight is model.token_embedding.weight
+    assert served.blocks[0].cross_norm.quantize_output and served.blocks[0].ffn.w13 is not None
+    assert type(model.blocks[0].cross_q) is nn.Linear and model.blocks[0].ffn.w13 is None
+    assert not model.blocks[0].cross_norm.quantize_output
+    engine.recommend(sids, mask)
+    after = beam_search(model, sids, mask, index, beam_size=16, k=10)
+    assert torch.equal(after.items, before.items) and torch.equal(after.scores, before.scores)
+
+
+def test_moe_kernel_switch_refuses_an_unknown_kernel():
+    model, _, _, _ = _random_setup("tiny-moe")
+    moe = model.blocks[1].ffn
+    moe.kernel = "triton"
+    with pytest.raises(ValueError, match="no 'triton' kernel"):
+        moe(torch.randn(2, model.cfg.d_model))

@@ -10,6 +10,7 @@ pass (or, for the failing-gate test, can never pass).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -75,8 +76,8 @@ def environment(values: dict[str, str]):
 @pytest.fixture(scope="module")
 def stack(s3_and_mlflow, tmp_path_factory):
     """The session's S3 + MLflow in os.environ, a free port for the local serving endpoint."""
-    from onerec.processes import free_port
-    from onerec.stack import stack_env
+    from ops.processes import free_port
+    from ops.stack import stack_env
 
     work = tmp_path_factory.mktemp("pipeline_work")
     env = {**stack_env(s3_and_mlflow), "ONEREC_STATE_DIR": str(work), "ONEREC_LOCAL_SERVE_PORT": str(free_port())}
@@ -84,22 +85,20 @@ def stack(s3_and_mlflow, tmp_path_factory):
         try:
             yield {"state": s3_and_mlflow, "work": work}
         finally:
-            from tasks.rollout import stop
+            from ops.rollout.local import stop
 
             stop(state_dir=work)  # the local serving processes the promote/rollback tests started
 
 
 def config(stack: dict, name: str, thresholds: dict | None = None, **overrides):
     """A PipelineConfig on the session's servers with its own prefix and model name."""
-    from onerec.stack import stack_env
+    from ops.stack import stack_env
     from tasks.config import PipelineConfig
 
     work = stack["work"]
-    thresholds_file = work / f"thresholds-{name}.json"
-    thresholds_file.write_text(json.dumps(thresholds or PASS_THRESHOLDS))
     return PipelineConfig.from_env(stack_env(stack["state"]), {
         "state_dir": str(work), "s3_prefix": f"test-{name}", "model_name": f"onerec-test-{name}",
-        "latency_gate_blocking": False, "quality_gate_args": f"--thresholds {thresholds_file} --max-users 32",
+        "latency_gate_blocking": False, "quality_gate": {**(thresholds or PASS_THRESHOLDS), "max_users": 32},
         "quality_eval_requests": 64, **overrides,
     })
 
@@ -211,8 +210,8 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     import mlflow
     import pandas as pd
 
+    from onerec.serve.registry import download_model
     from tasks.promote import promote_newest_approved
-    from tasks.registry import download_model
     from tasks.requantize import run_requantize
 
     cfg = config(stack, "happy")
@@ -229,7 +228,8 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     assert run.data.params["checkpoint_sha256"] == done["checkpoint_sha256"]
     assert "quality.top10_overlap" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "reports")}
-    assert {"reports/gates.json", "reports/validation", "reports/quality_gate", "reports/quantization"} <= artifacts
+    assert {"reports/gates.json", "reports/validation", "reports/quality_gate.json", "reports/quality_gate.png",
+            "reports/latency_gate.json", "reports/quantization"} <= artifacts
 
     # nothing is promoted before an engineer approves
     assert promote_newest_approved(cfg)["promoted"] is None and alias(cfg, "champion") is None
@@ -239,7 +239,8 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     requests = pd.read_parquet(tiny.calibration_path).head(3).drop(columns=["target"])
     out = model.predict(requests, params={"k": 5})
     assert len(out) == 3 and all(len(items) == 5 for items in out["items"])
-    folder = download_model(f"models:/{cfg.model_name}/{version.version}", stack["work"] / "download")
+    folder = download_model(f"models:/{cfg.model_name}/{version.version}", stack["work"] / "download",
+                            cfg.tracking_uri())
     assert (folder / "recipe.json").is_file() and (folder / "manifest.json").is_file()
 
     approve_as_the_ui_does(cfg, version.version)
@@ -314,7 +315,7 @@ def test_rollback_restores_the_previous_champion(stack, tiny, tmp_path):
     tags = c.get_model_version(cfg.model_name, v2).tags
     assert tags["rollback_reason"] == "p99 latency regression (INC-42)"
     assert tags["rolled_back_by"] == "oncall@example.com" and tags["rolled_back_at"]
-    from tasks.rollout import local_status
+    from ops.rollout.local import status as local_status
 
     assert local_status(state_dir=cfg.state_dir)["current"]["version"] == v1
     assert promote_newest_approved(cfg)["promoted"] is None  # the rolled-back version stays out
@@ -329,7 +330,7 @@ def test_rollback_restores_the_previous_champion(stack, tiny, tmp_path):
 
 
 def test_failed_rollout_leaves_aliases_unchanged(stack, tiny, monkeypatch):
-    from tasks import rollout
+    from ops import rollout
     from tasks.promote import promote_newest_approved
     from tasks.requantize import run_requantize
 
@@ -362,7 +363,7 @@ def test_requantize_dag_through_airflow(local_stack, stack, tiny, tmp_path):
     done = publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
     env = {"ONEREC_S3_PREFIX": cfg.s3_prefix, "ONEREC_MODEL_NAME": cfg.model_name,
            "ONEREC_STATE_DIR": cfg.state_dir, "ONEREC_LATENCY_GATE_BLOCKING": "false",
-           "ONEREC_QUALITY_GATE_ARGS": cfg.quality_gate_args, "ONEREC_QUALITY_EVAL_REQUESTS": "64"}
+           "ONEREC_QUALITY_GATE": json.dumps(dataclasses.asdict(cfg.quality_gate)), "ONEREC_QUALITY_EVAL_REQUESTS": "64"}
     run = dags_test("onerec_fp8_requantize", local_stack, tmp_path / "requantize.log", env)
     assert run["state"] == "success", Path(run["log"]).read_text()[-5000:]
     [version] = versions(cfg)

@@ -32,10 +32,63 @@ def test_config_reads_contract_env_and_coerces_types():
 def test_config_rejects_bad_values():
     with pytest.raises(UserError, match="bool"):
         PipelineConfig.from_env({"ONEREC_LATENCY_GATE_BLOCKING": "maybe"})
-    with pytest.raises(UserError, match="unknown pipeline config keys"):
+    with pytest.raises(UserError, match="unknown config keys"):
         PipelineConfig.from_env({}, {"no_such_field": 1})
-    with pytest.raises(UserError, match="rollout_target"):
+    with pytest.raises(UserError, match="rollout target"):
         PipelineConfig.from_env({"ONEREC_ROLLOUT_TARGET": "ftp"})
+
+
+def test_gate_settings_are_typed_and_checked():
+    env = {"ONEREC_QUALITY_GATE": '{"max_relative_recall_drop": 0.02, "max_users": 512}',
+           "ONEREC_LATENCY_GATE": '{"batch_sizes": [1, 16]}'}
+    cfg = PipelineConfig.from_env(env)
+    assert cfg.quality_gate.max_relative_recall_drop == 0.02 and cfg.quality_gate.max_users == 512
+    assert cfg.quality_gate.device == "auto"  # fields not given keep the pipeline's defaults
+    assert cfg.latency_gate.batch_sizes == (1, 16)
+    # the Airflow Variable (overrides) takes the same shape
+    cfg = PipelineConfig.from_env({}, {"latency_gate": {"batch_sizes": [8]}, "quality_gate": {"device": "cpu"}})
+    assert cfg.latency_gate.batch_sizes == (8,) and cfg.quality_gate.device == "cpu"
+    # an unknown gate field is one line naming it (the old CLI-flag spelling included)
+    for env, overrides in (({"ONEREC_QUALITY_GATE": '{"max_recall_drop": 0.02}'}, None),
+                           ({}, {"latency_gate": {"batch": 8}})):
+        with pytest.raises(UserError, match=r"unknown field\(s\) \['(max_recall_drop|batch)'\]") as err:
+            PipelineConfig.from_env(env, overrides)
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="quality_gate"):
+        PipelineConfig.from_env({"ONEREC_QUALITY_GATE": "--max-recall-drop 0.02"})  # not JSON
+    with pytest.raises(UserError, match="unknown config keys"):
+        PipelineConfig.from_env({}, {"quality_gate_args": "--max-users 32"})
+
+
+def test_the_in_worker_steps_import_no_torch():
+    """The Airflow image has no torch: the config, registry, promote and rollback modules must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tasks.config, tasks.registry, tasks.promote, tasks.rollback, tasks.approval, ops.rollout; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_settings_never_write_the_environment(tmp_path, monkeypatch):
+    import os
+
+    from onerec.settings import Settings
+
+    (tmp_path / "stack.json").write_text(json.dumps({"env": {
+        "ONEREC_S3_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret",
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:2"}}))
+    for name in ("ONEREC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ONEREC_STATE_DIR", str(tmp_path))
+    before = dict(os.environ)
+    settings = Settings.load()
+    assert dict(os.environ) == before
+    assert settings.s3_client_kwargs()["aws_secret_access_key"] == "secret"
+    assert settings.tracking_uri() == "http://127.0.0.1:2"
+    assert "secret" not in repr(settings) and "aws_secret_access_key" not in settings.to_dict()
+    assert settings.subprocess_env({})["AWS_SECRET_ACCESS_KEY"] == "secret"
 
 
 # --- Great Expectations ----------------------------------------------------------------------------------
@@ -137,7 +190,7 @@ def test_gates_passed_policy():
 def test_an_inconclusive_quality_gate_registers_nothing_and_says_why(monkeypatch, capsys):
     """The registration step's decision (the Airflow run of it is the integration tests' job)."""
     import onerec.quant.quality_gate as quality_gate
-    from onerec.cli import main
+    from onerec_fp8.cli import main
     from tasks.registry import gate_metrics, gates_outcome, gates_passed
 
     latency = {"measurable": True, "passed": True}
@@ -161,6 +214,40 @@ def test_an_inconclusive_quality_gate_registers_nothing_and_says_why(monkeypatch
                             lambda *a, v=verdict, **k: {"passed": v == "passed", "verdict": v})
         assert main(argv) == code
         assert json.loads(capsys.readouterr().out)["verdict"] == verdict
+
+
+def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path, monkeypatch):
+    """The pipeline's register step on a real (sqlite) MLflow: the run is kept with its reports,
+    tagged with the outcome and the reason; no model version, no alias."""
+    from mlflow import MlflowClient
+
+    from tasks.requantize import register_step
+
+    monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = PipelineConfig.from_env({}, {"mlflow_tracking_uri": uri, "state_dir": str(tmp_path),
+                                       "latency_gate_blocking": False})
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "quality_gate.json").write_text("{}")
+    fetched = {"checkpoint_id": "c1", "checkpoint_uri": "s3://b/c1/", "checkpoint_dir": str(tmp_path / "ckpt"),
+               "checkpoint_sha256": "a" * 64, "calibration_uri": "s3://b/cal.parquet",
+               "calibration_path": str(tmp_path / "cal.parquet"), "calibration_sha256": "b" * 64,
+               "work_dir": str(tmp_path), "report_dir": str(reports)}
+    quantized = {"quantized_dir": str(tmp_path / "q"), "recipe": "fp8_dynamic", "reused": False,
+                 "calibrate_path": "c", "eval_path": "e", "eval_data_dir": "d", "calibrate_rows": 1, "eval_rows": 1}
+    reason = "inconclusive on 40 users: recall@10 -3.00% [-9.10%, +2.90%] (margin -5%); about 900 users would decide it"
+    quality = {"passed": False, "verdict": "inconclusive", "reason": reason, "users_needed": 900}
+    result = register_step(cfg, fetched, quantized, quality, {"measurable": False, "reason": "no GPU"},
+                           {"passed": True, "rows": 10})
+    assert result["registered"] is False and result["version"] is None and result["gates"] == "inconclusive"
+    assert result["reason"] == f"quality gate inconclusive: {reason}"
+    c = MlflowClient(uri)
+    run = c.get_run(result["run_id"])
+    assert run.data.tags["gates"] == "inconclusive" and run.data.tags["reason"] == result["reason"]
+    assert run.data.metrics["quality.users_needed"] == 900
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "reports")} >= {"reports/quality_gate.json"}
+    assert c.search_model_versions(f"name='{cfg.model_name}'") == []
 
 
 def test_gate_metrics_flatten_every_number():

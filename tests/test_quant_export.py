@@ -20,7 +20,7 @@ from onerec.quant.recipes import make_recipe, quantize
 
 
 def _cli(argv):
-    from onerec.cli import main
+    from onerec_fp8.cli import main
 
     out = io.StringIO()
     with redirect_stdout(out):
@@ -126,3 +126,27 @@ def test_tampered_or_foreign_folders_are_refused(quantized_dir, trained_tiny, tm
     code, _ = _cli(["quantize", "--checkpoint", str(trained_tiny.checkpoint_dir), "--calibration",
                     str(trained_tiny.calibration_path), "--out", str(qdir)])
     assert code == 1  # --out exists: a one-line error, not an overwrite
+
+
+def test_load_model_folder_takes_either_kind_of_folder(trained_tiny, quantized_dir, tmp_path):
+    from onerec.checkpoint import load_model_folder
+
+    qdir, _ = quantized_dir
+    model, table, recipe = load_model_folder(trained_tiny.checkpoint_dir, dtype=torch.bfloat16)
+    assert recipe is None and model.token_embedding.weight.dtype == torch.bfloat16
+    qmodel, qtable, recipe = load_model_folder(qdir)
+    assert recipe["recipe"]["name"] == "fp8_dynamic" and isinstance(qmodel.blocks[0].ffn.w1, FP8Linear)
+    assert np.array_equal(table, qtable)
+    with pytest.raises(UserError, match="does not exist"):
+        load_model_folder(tmp_path / "missing")
+
+
+def test_quantize_folder_reuses_only_the_same_quantization(trained_tiny, quantized_dir):
+    from onerec.quant.export import quantize_folder
+
+    qdir, _ = quantized_dir
+    args = (trained_tiny.checkpoint_dir, trained_tiny.calibration_path)
+    same = quantize_folder(*args, "fp8_dynamic", qdir, exclude=["blocks.0.self_o"], reuse=True)
+    assert same["reused"] is True
+    with pytest.raises(UserError, match="exists"):  # another recipe: not reused, and not overwritten unasked
+        quantize_folder(*args, "fp8_dynamic", qdir, reuse=True)

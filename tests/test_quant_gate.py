@@ -20,7 +20,7 @@ from onerec.checkpoint import load_checkpoint, save_checkpoint
 from onerec.quant.analysis import analyze
 from onerec.quant.calibrate import Calibration
 from onerec.quant.export import load_quantized
-from onerec.quant.quantize_command import run as quantize_checkpoint
+from onerec.quant.export import quantize_folder as quantize_checkpoint
 
 HOSTILE_LAYER = "blocks.1.ffn.w2"
 HOSTILE_CHANNEL = 7
@@ -28,7 +28,7 @@ HOSTILE_FACTOR = 2.0**26  # a power of two: the scaling and its compensation are
 
 
 def _cli(argv):
-    from onerec.cli import main
+    from onerec_fp8.cli import main
 
     out = io.StringIO()
     with redirect_stdout(out):

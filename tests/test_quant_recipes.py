@@ -146,3 +146,18 @@ def test_static_observers_max_percentile_mse():
     assert stats["absmax"] == pytest.approx(200.0)
     assert stats["variance"] == pytest.approx(float(x.double().var(unbiased=False)), rel=1e-9)
     assert stats["kurtosis"] > 3  # the outlier makes the tails heavier than a normal's
+
+
+def test_recipe_dict_is_versioned_and_reads_the_unversioned_form():
+    from onerec.quant.recipes import RECIPE_VERSION, recipe_from_dict
+
+    recipe = make_recipe("fp8_static", exclude=["blocks.0.*"], observer="max")
+    d = recipe.to_dict()
+    assert d["version"] == RECIPE_VERSION == 1
+    assert recipe_from_dict(d) == recipe
+    unversioned = {k: v for k, v in d.items() if k != "version"}  # recipe.json before versions
+    assert recipe_from_dict(unversioned) == recipe
+    with pytest.raises(UserError, match="recipe version 2"):
+        recipe_from_dict({**d, "version": 2})
+    with pytest.raises(UserError, match="no field"):
+        recipe_from_dict({**d, "block_size": 64})

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from onerec.processes import free_port
-from tasks import rollout
+from ops import rollout
+from ops.processes import free_port
+from ops.rollout import helm
 
 
 @pytest.fixture
 def unreachable_kubeconfig(tmp_path, monkeypatch):
-    monkeypatch.setattr(rollout, "_helm_cli", lambda: None)  # the SDK path, whatever is on PATH
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "test",
@@ -56,6 +56,6 @@ def test_previous_good_revision_skips_failed_ones():
         {"revision": 3, "status": "failed"},
         {"revision": 4, "status": "deployed"},
     ]
-    assert rollout._previous_good(history, 4) == 2
+    assert helm._previous_good(history, 4) == 2
     with pytest.raises(rollout.RolloutError):
-        rollout._previous_good(history[2:], 4)
+        helm._previous_good(history[2:], 4)

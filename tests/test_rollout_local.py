@@ -12,8 +12,10 @@ import pytest
 from fixtures.stack import alive
 from serving_checkpoints import random_tiny_checkpoint
 
-from onerec.processes import free_port
-from tasks import rollout
+from onerec.errors import UserError
+from ops import rollout
+from ops.processes import free_port
+from ops.rollout import local
 
 BODY = {"users": [{"history": [1, 2, 3, 4]}], "k": 3, "beam": 8}
 
@@ -101,7 +103,7 @@ def test_local_target_replaces_and_rolls_back_with_no_failed_request(tmp_path):
         assert not alive([first["pid"], second["pid"]])
     finally:
         stop.set()
-        stopped = rollout.stop(state_dir=state)
+        stopped = local.stop(state_dir=state)
     assert set(stopped["stopped"]) == {"current", "proxy"}
     assert not alive(pids), f"pids {alive(pids)} still running"
 
@@ -115,7 +117,7 @@ def test_target_comes_from_configuration(monkeypatch):
     monkeypatch.setenv("ONEREC_ROLLOUT_TARGET", "helm")
     assert rollout.resolve_target() == "helm"
     monkeypatch.setenv("ONEREC_ROLLOUT_TARGET", "kubectl")
-    with pytest.raises(rollout.UserError, match="rollout target"):
+    with pytest.raises(UserError, match="rollout target"):
         rollout.resolve_target()
     monkeypatch.delenv("ONEREC_ROLLOUT_TARGET")
     assert rollout.resolve_target() == "local"

@@ -285,7 +285,7 @@ def test_concurrent_callers_each_get_their_own_answer(server, reference):
 
 def test_a_quantized_folder_is_served_as_fp8(trained_tiny, tmp_path_factory, reference):
     from onerec.quant.export import load_quantized
-    from onerec.quant.quantize_command import run as quantize
+    from onerec.quant.export import quantize_folder as quantize
 
     out = tmp_path_factory.mktemp("fp8") / "quantized"
     quantize(str(trained_tiny.checkpoint_dir), str(trained_tiny.calibration_path), "fp8_dynamic", str(out))

@@ -15,9 +15,9 @@ import pytest
 from serving_checkpoints import random_tiny_checkpoint, serve_in_thread, wait_ready
 
 from onerec.errors import UserError
-from onerec.processes import free_port
 from onerec.serve.app import ServerConfig, create_app
 from onerec.serve.model_store import load_served_model, parse_model_uri
+from ops.processes import free_port
 
 BODY = {"users": [{"history": [1, 2, 3]}], "k": 2, "beam": 4}
 
@@ -194,7 +194,7 @@ def test_cli_rejects_bad_arguments_with_one_line():
         (["--model-uri", "models:/x@", "--port", str(free_port())], "expected models:/"),
         (["--model-uri", "/tmp", "--port", str(free_port()), "--default-k", "9", "--default-beam", "4"], "default_k"),
     ):
-        done = subprocess.run([sys.executable, "-m", "onerec.cli", "serve", *args], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-m", "onerec_fp8.cli", "serve", *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 1, done.stderr
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert done.stdout == ""
@@ -203,7 +203,7 @@ def test_cli_rejects_bad_arguments_with_one_line():
 def test_cli_serves_and_stops_on_sigterm(checkpoint):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "onerec.cli", "serve", "--model-uri", str(checkpoint), "--port", str(port),
+        [sys.executable, "-m", "onerec_fp8.cli", "serve", "--model-uri", str(checkpoint), "--port", str(port),
          "--model-version", "3", "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -15,8 +15,8 @@ import pytest
 from fixtures.stack import alive, group_members, process_groups, processes_of, stack_cli, stack_pids
 
 from onerec.errors import UserError
-from onerec.processes import free_port
-from onerec.stack import SERVICES, _port_free, read_state, stack_env
+from ops.processes import free_port
+from ops.stack import SERVICES, _port_free, read_state, stack_env
 
 CONTRACT_VARS = {
     "ONEREC_STATE_DIR", "ONEREC_S3_ENDPOINT_URL", "ONEREC_S3_BUCKET", "ONEREC_S3_PREFIX", "MLFLOW_TRACKING_URI",

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from onerec import cli
 from onerec.checkpoint import load_checkpoint
 from onerec.manifest import verify_manifest
+from onerec_fp8 import cli
 
 
 def run_cli(capsys, *argv) -> tuple[int, dict | None, str]:

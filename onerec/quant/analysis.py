@@ -78,8 +78,7 @@ def analyze(model, calibration, recipe="fp8_dynamic", config: AnalysisConfig | N
     import torch
 
     from onerec.quant.calibrate import measure_sqnr, observe_activations, tensor_stats
-    from onerec.quant.fp8 import E4M3_MAX
-    from onerec.quant.recipes import HANDLERS, make_recipe, select_layers
+    from onerec.quant.recipes import HANDLERS, make_recipe, select_layers, static_input_scale
 
     config = config or AnalysisConfig()
     recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -94,7 +93,7 @@ def analyze(model, calibration, recipe="fp8_dynamic", config: AnalysisConfig | N
             act = observers[name].stats()
             calib = {}
             if recipe.needs_calibration:
-                calib["input_scale"] = max(observers[name].clip_value(recipe.observer, recipe.percentile), 1e-12) / E4M3_MAX
+                calib["input_scale"] = static_input_scale(observers[name], recipe)[1]
             fp8[name] = handler(linear, recipe, name, calib)
             weight = {**tensor_stats(linear.weight), "underflow_fraction": weight_underflow_fraction(linear.weight, fp8[name])}
             layers[name] = {"shape": list(linear.weight.shape), "weight": weight, "activation": act}

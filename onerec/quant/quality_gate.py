@@ -256,8 +256,7 @@ def run_quality_gate(
     from onerec.checkpoint import load_checkpoint
     from onerec.data import load_dataset, split_leave_last_out
     from onerec.errors import UserError
-    from onerec.manifest import manifest_digest
-    from onerec.quant.export import load_quantized
+    from onerec.quant.export import check_made_from, load_quantized
     from onerec.quant.recipes import _replace
 
     config = config or QualityGateConfig()
@@ -268,10 +267,7 @@ def run_quality_gate(
     dataset = load_dataset(data)
     bf16_model, table = load_checkpoint(checkpoint, device=config.device, dtype=torch.bfloat16)
     fp8_model, q_table, recipe = load_quantized(quantized, device=config.device)
-    if recipe.get("source_checkpoint") and recipe["source_checkpoint"]["manifest_sha256"] != manifest_digest(checkpoint):
-        raise UserError(f"{quantized} was quantized from another checkpoint than {checkpoint} (manifest sha256 differs)")
-    if not np.array_equal(table, q_table):
-        raise UserError(f"{quantized} and {checkpoint} have different semantic-id tables")
+    check_made_from(quantized, recipe, checkpoint, table, q_table)
     split = split_leave_last_out(dataset, max_history=bf16_model.cfg.context_len)
     if config.split not in ("test", "valid"):
         raise UserError(f"split must be test or valid, got {config.split!r}")
@@ -338,12 +334,12 @@ def _save_repaired(fp8_model, table, recipe: dict, kept: list[str], sqnr: dict, 
 
 
 def _write_report(summary: dict, report_dir: Path, k: int) -> tuple[str, str]:
-    from onerec.quant.plots import _pyplot
+    from onerec.plots import pyplot
 
     report_dir.mkdir(parents=True, exist_ok=True)
     json_path = report_dir / "quality_gate.json"
     json_path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-    plt = _pyplot()
+    plt = pyplot()
     cfg = summary["config"]
     verdict = summary["verdict"].upper()
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))

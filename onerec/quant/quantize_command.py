@@ -5,15 +5,13 @@
 
 Loads the checkpoint (manifest verified) in its stored precision, calibrates on the request
 table, swaps the selected layers for FP8Linear and writes the quantized folder
-(onerec/quant/export.py). The result JSON names every layer kept in high precision and why, the
+(`onerec.quant.export.quantize_folder`). The result JSON names every layer kept in high precision and why, the
 worst layer's SQNR and the size ratio of the quantized layers vs bf16.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 RECIPE_NAMES = ("fp8_dynamic", "fp8_static", "fp8_block")
 
@@ -42,47 +40,10 @@ def recipe_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def run(
-    checkpoint: str, calibration: str, recipe: str, out: str, exclude: list[str] | tuple = (),
-    options: dict | None = None, max_requests: int | None = None, batch_size: int = 64, overwrite: bool = False,
-) -> dict:
-    """Quantize a checkpoint folder into `out`; the pipeline's quantize step calls this."""
-    from onerec.checkpoint import load_checkpoint
-    from onerec.errors import UserError
-    from onerec.features import count_unseen
-    from onerec.quant.calibrate import Calibration
-    from onerec.quant.export import RECIPE, save_quantized
-    from onerec.quant.recipes import make_recipe, quantize
-
-    if batch_size < 1 or (max_requests is not None and max_requests < 1):
-        raise UserError("--batch-size and --max-requests must be positive")
-    config = make_recipe(recipe, exclude=list(exclude), **(options or {}))
-    model, table = load_checkpoint(checkpoint)
-    calib = Calibration.from_path(calibration, table, context_len=model.cfg.context_len, batch_size=batch_size,
-                                  max_requests=max_requests)
-    report = quantize(model, config, calib)
-    save_quantized(model, table, report, out, source_checkpoint=checkpoint, overwrite=overwrite)
-    written = json.loads((Path(out) / RECIPE).read_text())
-    worst = report.worst_layer_sqnr
-    return {
-        "quantized": str(out),
-        "checkpoint": str(checkpoint),
-        "checkpoint_sha256": written["source_checkpoint"]["manifest_sha256"],
-        "recipe": report.recipe["name"],
-        "quantized_layers": len(report.quantized),
-        "excluded": report.excluded,
-        "calibration_requests": report.calibration.get("num_requests"),
-        "calibration_source": calib.source,
-        "calibration_unseen_profile_values": count_unseen(calib.requests, model.cfg.categorical_features),
-        "worst_layer": worst[0] if worst else None,
-        "worst_layer_sqnr_db": worst[1] if worst else None,
-        "size_ratio_vs_bf16": written["size"]["ratio_vs_bf16"],
-        "size": written["size"],
-    }
-
-
 def main(args: argparse.Namespace) -> dict:
-    return run(
+    from onerec.quant.export import quantize_folder
+
+    return quantize_folder(
         args.checkpoint, args.calibration, args.recipe, args.out, args.exclude, recipe_options(args),
         args.max_requests, args.batch_size, args.overwrite,
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from onerec.errors import UserError
 
-log = logging.getLogger("onerec.processes")
+log = logging.getLogger("ops.processes")
 
 _children: dict[int, subprocess.Popen] = {}  # started by this Python process; reaped when they stop
 

@@ -1,6 +1,6 @@
 """The stable local endpoint: a tiny HTTP reverse proxy whose upstream the local rollout switches.
 
-    python -m onerec.serve.proxy --port 8800 --state-file .onerec/serving/proxy-upstream.json
+    python -m ops.rollout.proxy --port 8800 --state-file .onerec/serving/proxy-upstream.json
 
 Every request is forwarded on its own (HTTP level, not TCP), so switching the upstream takes
 effect for the very next request, even on a client's kept-alive connection; a request already
@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-log = logging.getLogger("onerec.serve.proxy")
+log = logging.getLogger("ops.rollout.proxy")
 
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -119,7 +119,7 @@ def create_proxy_app(state_file: Path):
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m onerec.serve.proxy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ops.rollout.proxy", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1", choices=sorted(LOOPBACK_HOSTS))
     parser.add_argument("--state-file", type=Path, required=True)

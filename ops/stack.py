@@ -12,6 +12,9 @@ run/<process>.json per started process (written right after it starts, so `down`
 if `up` died), and stack.json (URLs, env, credentials; see read_state/stack_env). `up` reuses
 healthy services, so it is idempotent; `down` stops every process group it started and every
 descendant that left its group (Airflow's task processes do), SIGKILL after a grace period.
+
+One module, longer than most, on purpose: up/down/status and the three services' start and health
+checks share the state files, the lock and the port resolution, and read best top to bottom.
 """
 
 from __future__ import annotations
@@ -36,15 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onerec.errors import UserError
-from onerec.processes import file_lock, is_alive, log_tail, spawn_detached, stop_processes
+from onerec.settings import Settings, env_name
+from ops.processes import file_lock, is_alive, log_tail, spawn_detached, stop_processes
 
-log = logging.getLogger("onerec.stack")
+log = logging.getLogger("ops.stack")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_STATE_DIR = REPO_ROOT / ".onerec"
+DEFAULT_STATE_DIR = Path(Settings.state_dir)
 SERVICES = ("s3", "mlflow", "airflow")  # start order; `down` stops in reverse
-DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "airflow": 8080}
-PORT_ENV = {"s3": "ONEREC_S3_PORT", "mlflow": "ONEREC_MLFLOW_PORT", "airflow": "ONEREC_AIRFLOW_PORT"}
+DEFAULT_PORTS = {s: getattr(Settings, f"{s}_port") for s in SERVICES}
+PORT_ENV = {s: env_name(f"{s}_port") for s in SERVICES}
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 AIRFLOW_USER = "admin"
 # moto accepts any credentials: these are placeholders that keep boto3 from looking for real ones.
@@ -69,13 +73,10 @@ class StackConfig:
 
     @classmethod
     def from_env(cls, **overrides) -> StackConfig:
-        env = os.environ
+        settings = Settings.from_env()
         cfg = cls(
-            state_dir=Path(env.get("ONEREC_STATE_DIR") or DEFAULT_STATE_DIR),
-            bucket=env.get("ONEREC_S3_BUCKET") or cls.bucket,
-            prefix=env.get("ONEREC_S3_PREFIX") or cls.prefix,
-            model_name=env.get("ONEREC_MODEL_NAME") or cls.model_name,
-            rollout_target=env.get("ONEREC_ROLLOUT_TARGET") or cls.rollout_target,
+            state_dir=Path(settings.state_dir), bucket=settings.s3_bucket, prefix=settings.s3_prefix,
+            model_name=settings.model_name, rollout_target=settings.rollout_target,
         )
         for key, value in overrides.items():
             if value is not None:
@@ -91,7 +92,7 @@ class StackConfig:
 
 def read_state(state_dir: str | Path | None = None) -> dict:
     """The stack.json that `stack up` wrote: services (url, port, pids, logs), env, credentials."""
-    state_dir = Path(state_dir or os.environ.get("ONEREC_STATE_DIR") or DEFAULT_STATE_DIR)
+    state_dir = Path(state_dir or Settings.from_env().state_dir)
     path = state_dir / STACK_FILE
     if not path.is_file():
         raise UserError(f"no local stack state at {path}: run `onerec-fp8 stack up` first")
@@ -392,6 +393,7 @@ def _locked(cfg: StackConfig):
 def _resolve_ports(cfg: StackConfig) -> dict[str, int]:
     """Port per service: explicit (flag/ports) > the running service's > env > default."""
     explicit = dict(cfg.ports or {})
+    settings = Settings.from_env()
     ports = {}
     for service in SERVICES:
         running = [r["port"] for r in _records(cfg, service) if is_alive(r)]
@@ -399,10 +401,8 @@ def _resolve_ports(cfg: StackConfig) -> dict[str, int]:
             ports[service] = int(explicit[service])
         elif running:
             ports[service] = running[0]
-        elif os.environ.get(PORT_ENV[service]):
-            ports[service] = int(os.environ[PORT_ENV[service]])
         else:
-            ports[service] = DEFAULT_PORTS[service]
+            ports[service] = getattr(settings, f"{service}_port")  # env, else the default
     return ports
 
 
@@ -519,7 +519,7 @@ def down(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
     if set(services) == set(SERVICES) and (cfg.state_dir / "serving").is_dir():
         # The local rollout target's server and proxy live in the same state dir: a full `down`
         # leaves nothing of the local setup running.
-        from tasks.rollout import stop as stop_local_serving
+        from ops.rollout.local import stop as stop_local_serving
 
         result["serving"] = stop_local_serving(cfg.state_dir)
     return result
