@@ -13,7 +13,7 @@ install: $(STAMP)
 
 # torch goes in first and alone, pinned, so that the resolver never swaps it for another build
 # (GPU users install the CUDA build of torch 2.13.0 into .venv before `make`: see the README).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml ops/s3/package-lock.json
 	@set -e; \
 	if [ ! -x $(BIN)/python ]; then \
 		py=""; \
@@ -33,6 +33,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
+	@command -v npm >/dev/null 2>&1 || { echo "error: Node.js and npm are required (the local stack's object store)" >&2; exit 1; }
+	npm ci --prefix ops/s3 --no-audit --no-fund
 	touch $@
 
 test: $(STAMP)
@@ -52,7 +54,8 @@ demo: $(STAMP)
 	echo "The stack keeps running. Stop it with: $(BIN)/onerec-fp8 stack down" >&2; \
 	exit $$status
 
-# Stops the local stack and deletes its state (databases, logs, generated Airflow password).
+# Stops the local stack and deletes its state: S3 objects, databases, logs, generated Airflow password.
+# (`stack down` alone keeps all of it.)
 clean-stack:
 	@if [ -x $(BIN)/onerec-fp8 ]; then $(BIN)/onerec-fp8 stack down; fi
 	rm -rf .onerec

@@ -31,12 +31,20 @@ def config():
 
 
 def run_step(fn, *args, **kwargs):
-    """A pipeline step; a StepFailed (bad data, failed check) fails the task at once, without retries."""
-    from airflow.sdk.exceptions import AirflowFailException
+    """A pipeline step; a StepFailed (bad data, failed check, lost file) fails the task at once,
+    without retries; S3 or MLflow still down after the clients' own retries ends the try with one
+    line (the task's retries may find them back)."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+    from tasks.outages import outage_message
     from tasks.requantize import StepFailed
 
     try:
         return fn(*args, **kwargs)
     except StepFailed as exc:
         raise AirflowFailException(str(exc)) from None
+    except Exception as exc:
+        message = outage_message(exc)
+        if message is None:
+            raise
+        raise AirflowException(message) from None

@@ -47,6 +47,29 @@ def _ceil_to(x: float, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
+# Sane bounds on a config's sizes, checked before anything is allocated: a config file is input,
+# and one with e.g. a million layers must fail at once, not hang building modules. Generous
+# (the largest preset is well inside); (low, high) inclusive.
+CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "d_model": (1, 65536), "n_layers": (1, 1024), "n_heads": (1, 1024), "ffn_hidden": (0, 262144),
+    "L_kv": (1, 1024), "S_kv": (1, 2), "G_kv": (0, 1024), "context_len": (1, 1 << 20),
+    "codebook_size": (2, 1 << 20), "n_levels": (1, 8), "n_routed_experts": (0, 4096),
+    "n_shared_experts": (0, 64), "moe_top_k": (0, 64), "expert_hidden": (0, 262144), "moe_start_layer": (0, 1024),
+}
+MAX_PROFILE_FEATURES = 1024
+
+
+def check_config_bounds(cfg) -> None:
+    """Raise ValueError naming the first size that is not an integer within CONFIG_BOUNDS."""
+    for name, (low, high) in CONFIG_BOUNDS.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    n_features = len(cfg.profile_features) + len(cfg.categorical_features)
+    if n_features > MAX_PROFILE_FEATURES:
+        raise ValueError(f"profile features: {n_features} > {MAX_PROFILE_FEATURES} (numeric and categorical)")
+
+
 @dataclass
 class OneRecV2Config:
     d_model: int = 64
@@ -77,7 +100,13 @@ class OneRecV2Config:
     def __post_init__(self) -> None:
         # One canonical order (by name): config.json stores keys sorted, and the order fixes each
         # feature's column in the profile tensor and its rows in the embedding table.
-        self.categorical_features = {n: list(v) for n, v in sorted(self.categorical_features.items())}
+        vocabularies = self.categorical_features
+        if not isinstance(vocabularies, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in vocabularies.values()
+        ):
+            raise ValueError("categorical_features must map each feature name to a list of strings")
+        self.categorical_features = {n: list(v) for n, v in sorted(vocabularies.items())}
+        check_config_bounds(self)
         if self.ffn_hidden == 0:
             self.ffn_hidden = _ceil_to(8 / 3 * self.d_model, 128)
         if self.G_kv == 0:

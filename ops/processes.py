@@ -96,6 +96,16 @@ def _tree(records: list[dict]) -> list:
     return list(found.values())
 
 
+def _exited(proc) -> bool:
+    """Gone, or a zombie: it has exited and only waits for a parent (not us) to reap it."""
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
 def stop_processes(records: list[dict], grace_s: float) -> None:
     """Stop these records' processes and everything they spawned; UserError if any survives.
 
@@ -106,7 +116,8 @@ def stop_processes(records: list[dict], grace_s: float) -> None:
     import psutil
 
     leaders = [proc for record in records if (proc := process_of(record)) is not None]
-    procs = _tree(records)
+    # A zombie (e.g. of an interrupted `airflow dags test`) cannot be signalled or waited for.
+    procs = [p for p in _tree(records) if not _exited(p)]
     groups = set()
     for proc in procs:
         with contextlib.suppress(OSError):
@@ -129,6 +140,7 @@ def stop_processes(records: list[dict], grace_s: float) -> None:
             log.warning("%d process(es) still running %.0fs after SIGTERM: SIGKILL", len(slow), grace_s)
         send(signal.SIGKILL)
         _, procs = psutil.wait_procs(procs, timeout=5.0)
+    procs = [p for p in procs if not _exited(p)]
     if procs:
         raise UserError(f"could not stop pids {[p.pid for p in procs]}")
     for record in records:

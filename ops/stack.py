@@ -2,7 +2,8 @@
 
 Three services, each a real server started as its own process group:
 
-- s3:      moto's server, with the versioned bucket `onerec` created at start;
+- s3:      s3rver (ops/s3/, Node.js), objects as files under <state dir>/s3/, so they survive
+           `down`/`up` and a crash of the server; bucket `onerec` created at the first start;
 - mlflow:  MLflow tracking + registry, SQLite in the state dir, artifacts proxied into s3;
 - airflow: api-server, scheduler, dag-processor and triggerer (LocalExecutor, SQLite), dags
            folder = dags/ of this repo, with the stack's env so DAG tasks reach s3 and MLflow.
@@ -51,9 +52,11 @@ DEFAULT_PORTS = {s: getattr(Settings, f"{s}_port") for s in SERVICES}
 PORT_ENV = {s: env_name(f"{s}_port") for s in SERVICES}
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 AIRFLOW_USER = "admin"
-# moto accepts any credentials: these are placeholders that keep boto3 from looking for real ones.
+# The local object store checks the access key id only: placeholders that keep boto3 from looking
+# for real credentials (it binds loopback).
 LOCAL_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 STACK_FILE = "stack.json"
+S3_SERVER = REPO_ROOT / "ops" / "s3" / "server.js"  # s3rver with durable writes (ops/s3/)
 
 _abort = threading.Event()  # set when one of the parallel service starts failed
 
@@ -179,14 +182,9 @@ def _http_get(url: str, timeout: float = 3.0) -> tuple[int, bytes] | None:
         return None
 
 
-def _s3_up(url: str) -> bool:
-    reply = _http_get(url + "/")
-    return reply is not None and reply[0] == 200
-
-
 def _s3_healthy(url: str, bucket: str) -> bool:
-    reply = _http_get(f"{url}/{bucket}?versioning")
-    return reply is not None and reply[0] == 200 and b"<Status>Enabled</Status>" in reply[1]
+    reply = _http_get(f"{url}/{bucket}?list-type=2&max-keys=0")
+    return reply is not None and reply[0] == 200
 
 
 def _mlflow_healthy(url: str) -> bool:
@@ -266,17 +264,17 @@ def _base_env() -> dict[str, str]:
 
 
 def _start_s3(cfg: StackConfig, port: int, env: dict) -> list[dict]:
+    node = shutil.which("node")
+    if node is None:
+        raise UserError("s3: Node.js (`node`) is required for the local object store; install Node.js 18 or newer")
+    if not (S3_SERVER.parent / "node_modules" / "s3rver").is_dir():
+        raise UserError(f"s3: the object store is not installed: run `make install` "
+                        f"(or `npm ci --prefix {S3_SERVER.parent}`)")
     url = f"http://127.0.0.1:{port}"
-    record = _spawn(cfg, "s3", "s3", port, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env)
-    _wait("s3", [record], lambda: _s3_up(url), cfg.timeout_s)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=url, region_name=LOCAL_AWS_ENV["AWS_DEFAULT_REGION"],
-                          aws_access_key_id=LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=LOCAL_AWS_ENV["AWS_SECRET_ACCESS_KEY"])
-    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-        client.create_bucket(Bucket=cfg.bucket)
-    client.put_bucket_versioning(Bucket=cfg.bucket, VersioningConfiguration={"Status": "Enabled"})
+    # --openssl-legacy-provider: s3rver's ListObjectsV2 continuation tokens use DES
+    cmd = [node, "--openssl-legacy-provider", str(S3_SERVER), "--directory", str(s3_data_dir(cfg.state_dir)),
+           "--port", str(port), "--bucket", cfg.bucket, "--access-key-id", LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"]]
+    record = _spawn(cfg, "s3", "s3", port, cmd, env)
     _wait("s3", [record], lambda: _s3_healthy(url, cfg.bucket), cfg.timeout_s)
     return [record]
 
@@ -294,6 +292,11 @@ def _start_mlflow(cfg: StackConfig, port: int, env: dict) -> list[dict]:
     url = f"http://127.0.0.1:{port}"
     _wait("mlflow", [record], lambda: _mlflow_healthy(url), cfg.timeout_s)
     return [record]
+
+
+def s3_data_dir(state_dir: str | Path) -> Path:
+    """The object store's files: one folder per bucket, an object per file. `stack down` keeps it."""
+    return Path(state_dir) / "s3"
 
 
 def airflow_home(state_dir: str | Path) -> Path:
@@ -391,12 +394,13 @@ def _locked(cfg: StackConfig):
 
 
 def _resolve_ports(cfg: StackConfig) -> dict[str, int]:
-    """Port per service: explicit (flag/ports) > the running service's > env > default."""
+    """Port per service: explicit (flag/ports) > the recorded (running or crashed) service's > env > default."""
     explicit = dict(cfg.ports or {})
     settings = Settings.from_env()
     ports = {}
     for service in SERVICES:
-        running = [r["port"] for r in _records(cfg, service) if is_alive(r)]
+        # A recorded server, alive or crashed: its port is the one stack.json and the clients know.
+        running = [r["port"] for r in _records(cfg, service)]
         if service in explicit:
             ports[service] = int(explicit[service])
         elif running:
@@ -508,7 +512,12 @@ def down(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
     with _locked(cfg):
         ports = _resolve_ports(cfg)
         records = [r for r in _records(cfg) if r["service"] in services]
-        _stop(cfg, records)  # all at once, so the grace periods overlap
+        try:
+            _stop(cfg, records)  # all at once, so the grace periods overlap
+        except UserError:
+            if set(services) == set(SERVICES):
+                _stop_local_serving(cfg)  # the serving proxy goes down even when a service would not
+            raise
         stopped = {}
         for record in records:
             stopped.setdefault(record["service"], []).append(record["pid"])
@@ -516,13 +525,19 @@ def down(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
             log.info("%s: stopped (pids %s)", service, pids)
         state = _write_state(cfg, ports)
     result = {"state_dir": str(cfg.state_dir), "stopped": stopped, "running": sorted(state["services"])}
-    if set(services) == set(SERVICES) and (cfg.state_dir / "serving").is_dir():
-        # The local rollout target's server and proxy live in the same state dir: a full `down`
-        # leaves nothing of the local setup running.
-        from ops.rollout.local import stop as stop_local_serving
-
-        result["serving"] = stop_local_serving(cfg.state_dir)
+    if set(services) == set(SERVICES):
+        result["serving"] = _stop_local_serving(cfg)
     return result
+
+
+def _stop_local_serving(cfg: StackConfig) -> dict | None:
+    """The local rollout target's server and proxy live in the same state dir: a full `down`
+    leaves nothing of the local setup running."""
+    if not (cfg.state_dir / "serving").is_dir():
+        return None
+    from ops.rollout.local import stop as stop_local_serving
+
+    return stop_local_serving(cfg.state_dir)
 
 
 def status(cfg: StackConfig) -> dict:
@@ -557,9 +572,9 @@ def _print_banner(state: dict) -> None:
         lines.append(f"  MLflow UI   {services['mlflow']['url']}")
     if "s3" in services:
         cred = state["credentials"]["s3"]
-        lines.append(f"  S3 (moto)   {services['s3']['url']}   bucket {state['env']['ONEREC_S3_BUCKET']}  "
+        lines.append(f"  S3          {services['s3']['url']}   bucket {state['env']['ONEREC_S3_BUCKET']}  "
                      f"keys {cred['aws_access_key_id']}/{cred['aws_secret_access_key']} (placeholders); "
-                     f"dashboard {services['s3']['url']}/moto-api/")
+                     f"objects in {s3_data_dir(state['state_dir'])}")
     lines += [f"  State, logs  {state['state_dir']}", f"  Stop with    {state['stop_command']}", ""]
     print("\n".join(lines), file=sys.stderr)
 

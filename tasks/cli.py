@@ -76,14 +76,18 @@ def _found(cfg, args) -> dict | None:
 def main(args: argparse.Namespace) -> dict | None:
     if args.step == "exec":  # a GPU pod: no boto3 there, and the steps it runs never touch S3
         return run(args)
-    from botocore.exceptions import BotoCoreError, ClientError
-
     from onerec.errors import UserError
+    from tasks.outages import outage_message
 
     try:
         return run(args)
-    except (BotoCoreError, ClientError) as exc:  # unreachable endpoint, no credentials, denied
-        raise UserError(f"S3: {exc} (is the stack up, or are ONEREC_S3_* / AWS_* set?)") from None
+    except UserError:
+        raise
+    except Exception as exc:  # S3 or MLflow down, denied, or gone after the clients' retries
+        message = outage_message(exc)
+        if message is None:
+            raise
+        raise UserError(f"{message} (is the stack up? `onerec-fp8 stack status`)") from None
 
 
 def exit_code(args: argparse.Namespace, result) -> int | None:

@@ -1,6 +1,6 @@
 """The end-to-end demo (`make demo`, after `onerec-fp8 stack up`): `python -m tasks.demo`.
 
-On a CPU-only machine, against the local stack (moto S3, MLflow, Airflow):
+On a CPU-only machine, against the local stack (S3, MLflow, Airflow):
   1. synthetic data and a trained `tiny` checkpoint (reused when present in <state_dir>/demo/)
   2. `publish` the checkpoint (manifest last) and calibration data to the local S3
   3. onerec_fp8_requantize through real Airflow (`airflow dags test` with the stack's AIRFLOW_HOME)

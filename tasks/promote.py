@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from onerec.errors import UserError
+from tasks.model_artifacts import model_version, require_files
 from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, client, now_iso
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,11 @@ def promote(cfg, version: str, mlflow_client=None) -> dict:
     """Deploy `version` with the configured rollout target, then move champion/previous-champion."""
     c = mlflow_client or client(cfg)
     name, version = cfg.model_name, str(version)
-    mv = c.get_model_version(name, version)
+    mv = model_version(c, name, version)
     if mv.tags.get("approval") != "approved" or mv.tags.get("gates") != "passed":
         raise UserError(f"{name} version {version} is not approved with passed gates "
                         f"(approval={mv.tags.get('approval')}, gates={mv.tags.get('gates')})")
+    require_files(c, name, version)
     champion = alias_version(c, name, CHAMPION)
     model_uri = f"models:/{name}/{version}"
     log.info("rolling out %s with target %s (current champion: %s)", model_uri, cfg.rollout_target, champion)

@@ -8,11 +8,13 @@
   artifact "quantized") tagged checkpoint_uri, checkpoint_sha256, calibration_sha256, recipe,
   gates=passed, approval=pending, and alias `challenger`;
 - gates failed: the run with its reports for forensics, no model version;
-- idempotent: a version with the same checkpoint_sha256 + recipe is never registered twice.
+- idempotent and exclusive: a version with the same checkpoint_sha256 + recipe is never
+  registered twice, also by runs racing outside the scheduler (tasks/registration_claim.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -28,15 +30,29 @@ CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
 PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 
 
-def client(cfg):
-    """An MlflowClient on the configured tracking server (also the registry)."""
+def use_tracking_server(cfg) -> str:
+    """Point MLflow at the configured tracking server (with tasks.outages' retry budget).
+
+    Without one, MLflow would quietly create a local ./mlflow.db and find no versions in it.
+    """
     import mlflow
-    from mlflow import MlflowClient
+
+    from tasks.outages import configure_mlflow_http
 
     uri = cfg.tracking_uri()
-    if uri:
-        mlflow.set_tracking_uri(uri)  # the fluent API (start_run, log_model) of register_candidate
-    return MlflowClient(uri)
+    if not uri:
+        raise UserError("no MLflow tracking server configured: set MLFLOW_TRACKING_URI, or start the local "
+                        f"stack (`onerec-fp8 stack up`; state dir {cfg.state_dir})")
+    configure_mlflow_http()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def client(cfg):
+    """An MlflowClient on the configured tracking server (also the registry)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(use_tracking_server(cfg))
 
 
 def now_iso() -> str:
@@ -144,28 +160,59 @@ def register_candidate(
 ) -> dict:
     """Log the run (params, metrics, reports) and, when the gates passed, register the challenger.
 
-    Returns {registered, version, run_id, gates, reason}. Idempotent on checkpoint_sha256 + recipe.
+    Returns {registered, version, run_id, gates, reason}. Idempotent and exclusive on
+    checkpoint_sha256 + recipe (tasks.registration_claim). The run's tag `registration` says how
+    it ended (running -> registered | duplicate | gates_failed | failed); `gates` is set on the
+    run only once the outcome is recorded, so a run that died halfway never reads gates=passed.
     """
+    from tasks.registration_claim import registration_lock
+
+    with registration_lock(cfg, checkpoint_sha256, cfg.recipe):
+        c = client(cfg)
+        existing = find_existing(cfg, checkpoint_sha256, cfg.recipe, mlflow_client=c)
+        if existing and existing["status"] == "registered":
+            log.info("version %s already holds checkpoint %s with recipe %s: nothing registered",
+                     existing["version"], checkpoint_sha256[:12], cfg.recipe)
+            _restore_challenger(cfg, c, existing)
+            return {"registered": False, "version": existing["version"], "run_id": None,
+                    "reason": "already registered", "gates": "passed"}
+        return _log_and_register(cfg, c, checkpoint_uri=checkpoint_uri, checkpoint_sha256=checkpoint_sha256,
+                                 calibration_uri=calibration_uri, calibration_sha256=calibration_sha256,
+                                 quantized_dir=quantized_dir, report_dir=report_dir, gates=gates,
+                                 run_name=run_name)
+
+
+def _restore_challenger(cfg, c, existing: dict) -> None:
+    """A pending version without the challenger alias (its run died right after registering) gets it."""
+    from mlflow.exceptions import MlflowException
+
+    if existing.get("approval") != "pending":
+        return
+    try:
+        c.get_model_version_by_alias(cfg.model_name, CHALLENGER)
+    except MlflowException:
+        c.set_registered_model_alias(cfg.model_name, CHALLENGER, existing["version"])
+        log.info("version %s had no %s alias: set", existing["version"], CHALLENGER)
+
+
+def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, calibration_uri: str,
+                      calibration_sha256: str, quantized_dir: str, report_dir: str, gates: dict,
+                      run_name: str | None) -> dict:
     import mlflow
 
-    c = client(cfg)
-    existing = find_existing(cfg, checkpoint_sha256, cfg.recipe, mlflow_client=c)
-    if existing and existing["status"] == "registered":
-        log.info("version %s already holds checkpoint %s with recipe %s: nothing registered",
-                 existing["version"], checkpoint_sha256[:12], cfg.recipe)
-        return {"registered": False, "version": existing["version"], "run_id": None,
-                "reason": "already registered", "gates": "passed"}
+    from tasks.registration_claim import settle_duplicates
 
     outcome, reason = gates_outcome(gates, cfg.latency_gate_blocking)
     passed = outcome == "passed"
     tags = {
         "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256,
         "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
-        "recipe": cfg.recipe, "gates": outcome,
+        "recipe": cfg.recipe,
     }
-    run_tags = {**tags, "model_name": cfg.model_name}
     mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=run_name, tags=run_tags) as run:
+    run = mlflow.start_run(run_name=run_name, tags={**tags, "model_name": cfg.model_name, "registration": "running"})
+    run_id = run.info.run_id
+    try:
         mlflow.log_params({
             "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256, "recipe": cfg.recipe,
             "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
@@ -176,21 +223,38 @@ def register_candidate(
         if Path(report_dir).is_dir():
             mlflow.log_artifacts(report_dir, "reports")
         if not passed:
-            mlflow.set_tag("reason", reason[:5000])
-            log.warning("%s: run %s logged with its reports, no model version", reason, run.info.run_id)
-            return {"registered": False, "version": None, "run_id": run.info.run_id, "gates": outcome,
-                    "reason": reason}
+            # gates: failed | inconclusive (an inconclusive quality gate is not a pass either)
+            mlflow.set_tags({"gates": outcome, "registration": "gates_failed", "reason": reason[:5000]})
+            mlflow.end_run()
+            log.warning("%s: run %s logged with its reports, no model version", reason, run_id)
+            return {"registered": False, "version": None, "run_id": run_id, "gates": outcome, "reason": reason}
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE), artifacts={"quantized": str(quantized_dir)},
             signature=model_signature(quantized_dir),
             # explicit: inferring requirements would load the model once more in a subprocess
             pip_requirements=["onerec-fp8", "torch==2.13.0", "safetensors", "pandas", "numpy"],
         )
-    version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, "approval": "pending"})
-    c.set_registered_model_alias(cfg.model_name, CHALLENGER, version.version)
-    log.info("registered %s version %s as %s (approval=pending)", cfg.model_name, version.version, CHALLENGER)
-    return {"registered": True, "version": version.version, "run_id": run.info.run_id, "gates": "passed",
-            "model_uri": f"models:/{cfg.model_name}/{version.version}", "reason": "gates passed"}
+        version = mlflow.register_model(info.model_uri, cfg.model_name,
+                                        tags={**tags, "gates": "passed", "approval": "pending"}).version
+        winner = settle_duplicates(c, cfg, checkpoint_sha256, cfg.recipe, version)
+        if winner != version:
+            mlflow.set_tags({"gates": "passed", "registration": "duplicate", "registered_version": winner})
+            mlflow.end_run()
+            return {"registered": False, "version": winner, "run_id": run_id, "gates": "passed",
+                    "reason": "already registered (concurrent run)"}
+        c.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+        mlflow.set_tags({"gates": "passed", "registration": "registered", "registered_version": version})
+        mlflow.end_run()
+    except BaseException:
+        # Best effort (the tracking server may be the thing that failed): the run says it failed.
+        with contextlib.suppress(Exception):
+            c.set_tag(run_id, "registration", "failed")
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")  # leaves this process's active-run stack even when the call fails
+        raise
+    log.info("registered %s version %s as %s (approval=pending)", cfg.model_name, version, CHALLENGER)
+    return {"registered": True, "version": version, "run_id": run_id, "gates": "passed",
+            "model_uri": f"models:/{cfg.model_name}/{version}", "reason": "gates passed"}
 
 
 def model_signature(folder: str | Path):

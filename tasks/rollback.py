@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from onerec.errors import UserError
+from tasks.model_artifacts import model_version, require_files
 from tasks.promote import alias_version, rollout_options
 from tasks.registry import CHAMPION, PREVIOUS, client, now_iso
 
@@ -31,9 +32,10 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
         raise UserError(f"{name} has no {PREVIOUS} alias: give the version to restore explicitly")
     if target == current:
         raise UserError(f"version {target} is already the champion")
-    mv = c.get_model_version(name, target)
+    mv = model_version(c, name, target)
     if mv.tags.get("gates") != "passed":
         raise UserError(f"version {target} did not pass the gates; refusing to deploy it")
+    require_files(c, name, target)
     model_uri = f"models:/{name}/{target}"
     log.info("rolling back %s from version %s to %s (reason: %s, by %s)", name, current, target, reason, by)
     from ops import rollout as rollout_api

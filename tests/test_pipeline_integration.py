@@ -1,4 +1,4 @@
-"""The pipeline end to end against the real local servers (moto S3, MLflow; Airflow for one test).
+"""The pipeline end to end against the real local servers (S3, MLflow; Airflow for one test).
 
 Every test uses its OWN S3 prefix and registered model name on the session's servers, so tests
 never see each other's checkpoints or versions. The checkpoint is the model area's trained tiny

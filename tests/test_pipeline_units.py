@@ -245,6 +245,7 @@ def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path,
     c = MlflowClient(uri)
     run = c.get_run(result["run_id"])
     assert run.data.tags["gates"] == "inconclusive" and run.data.tags["reason"] == result["reason"]
+    assert run.data.tags["registration"] == "gates_failed" and run.info.status == "FINISHED"
     assert run.data.metrics["quality.users_needed"] == 900
     assert {a.path for a in c.list_artifacts(run.info.run_id, "reports")} >= {"reports/quality_gate.json"}
     assert c.search_model_versions(f"name='{cfg.model_name}'") == []

@@ -193,6 +193,7 @@ def test_cli_rejects_bad_arguments_with_one_line():
         (["--model-uri", "/does/not/exist", "--port", str(free_port())], "does not exist"),
         (["--model-uri", "models:/x@", "--port", str(free_port())], "expected models:/"),
         (["--model-uri", "/tmp", "--port", str(free_port()), "--default-k", "9", "--default-beam", "4"], "default_k"),
+        (["--model-uri", "/tmp", "--port", str(free_port()), "--body-timeout", "0"], "timeouts must be in"),
     ):
         done = subprocess.run([sys.executable, "-m", "onerec_fp8.cli", "serve", *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 1, done.stderr

@@ -65,8 +65,8 @@ def s3_client(env: dict):
 def check_endpoints(state: dict) -> None:
     """Each service answers on its own endpoint (not only through `stack status`)."""
     services, env = state["services"], state["env"]
-    versioning = httpx.get(f"{services['s3']['url']}/{env['ONEREC_S3_BUCKET']}?versioning", timeout=30)
-    assert versioning.status_code == 200 and "<Status>Enabled</Status>" in versioning.text
+    listing = httpx.get(f"{services['s3']['url']}/{env['ONEREC_S3_BUCKET']}?list-type=2&max-keys=0", timeout=30)
+    assert listing.status_code == 200 and "<ListBucketResult" in listing.text
     assert httpx.get(services["mlflow"]["url"] + "/health", timeout=30).text.strip() == "OK"
     health = httpx.get(services["airflow"]["url"] + "/api/v2/monitor/health", timeout=30).json()
     for component in ("metadatabase", "scheduler", "triggerer", "dag_processor"):

@@ -18,14 +18,15 @@ log-probabilities of the code triples) and what was done to the input:
   bucket (onerec/features.py), and count in the onerec_unseen_profile_values metric per feature.
 None of these is an error: production traffic always carries them. Malformed bodies are (4xx), and
 so is a profile value of the wrong type (a string for a numeric feature or a number for a
-categorical one).
+categorical one). Timeouts, connection and in-flight caps and the accounting of every response:
+onerec.serve.guard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import math
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from pydantic import ValidationError
 from onerec import __version__
 from onerec.errors import UserError
 from onerec.serve.batcher import BatcherStopped, DynamicBatcher
+from onerec.serve.guard import RequestGuard
 from onerec.serve.model_store import ServedModel, load_served_model, parse_model_uri
 from onerec.serve.schemas import HARD_MAX_BEAM, HARD_MAX_USERS, RecommendRequest
 
@@ -62,6 +64,15 @@ class ServerConfig:
     default_beam: int = 128
     max_body_bytes: int = 1 << 20
     threads: int = 0  # torch CPU threads for the beam search (0: torch's default)
+    # protections (onerec.serve.guard); the connection-level ones apply under uvicorn_config()
+    max_in_flight: int = 256  # requests being answered; beyond: 503 + Retry-After (health exempt)
+    max_connections: int = 1024  # open connections; beyond: 503 + Retry-After, closed
+    header_timeout_s: float = 5.0  # from a request's first byte (or the connection) to its last header
+    body_timeout_s: float = 10.0  # from the last header to the last body byte
+    # idle time between requests on one connection: longer than clients' pool expiry (httpx: 5 s),
+    # else a request sent just as the server closes the idle connection is reset (seen at 5 s)
+    keep_alive_s: float = 75.0
+    max_header_bytes: int = 64 * 1024
 
     def validate(self) -> None:
         checks = [
@@ -72,6 +83,11 @@ class ServerConfig:
             (1 <= self.default_k <= self.default_beam <= self.max_beam, "need 1 <= default_k <= default_beam <= max_beam"),
             (1024 <= self.max_body_bytes <= 1 << 30, "max_body_bytes must be in 1 KiB..1 GiB"),
             (0 <= self.threads <= 1024, "threads must be in 0..1024"),
+            (1 <= self.max_in_flight <= 65536, "max_in_flight must be in 1..65536"),
+            (1 <= self.max_connections <= 65536, "max_connections must be in 1..65536"),
+            (all(0 < t <= 3600 for t in (self.header_timeout_s, self.body_timeout_s, self.keep_alive_s)),
+             "header, body and keep-alive timeouts must be in (0, 3600] seconds"),
+            (1024 <= self.max_header_bytes <= 1 << 20, "max_header_bytes must be in 1 KiB..1 MiB"),
         ]
         for ok, message in checks:
             if not ok:
@@ -290,6 +306,8 @@ def create_app(
             result = await state.batcher.submit([warm_user], 1, min(config.default_beam, config.max_beam))
             if not result or not result[0].items:
                 raise RuntimeError("warm-up request returned no item")
+            if not all(map(math.isfinite, result[0].scores)):
+                raise RuntimeError(f"warm-up scores are not finite ({result[0].scores}): NaN or Inf weights?")
             state.warmed = True
             metrics.ready.set(1)
             log.info("ready: %s version %s", served.name, served.version)
@@ -318,16 +336,8 @@ def create_app(
     app.state.metrics = metrics
     app.state.config = config
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = _route(request.url.path)
-        metrics.latency.labels(route).observe(time.perf_counter() - start)
-        metrics.responses.labels(route, str(response.status_code)).inc()
-        if response.status_code >= 400:
-            metrics.errors.labels(str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestGuard, metrics=metrics, route_of=_route, body_timeout_s=config.body_timeout_s,
+                       max_in_flight=config.max_in_flight)
 
     @app.post("/v1/recommend")
     async def recommend(request: Request):
@@ -364,6 +374,11 @@ def create_app(
             return _error(503, f"not accepting requests: {exc}")
         finally:
             metrics.in_flight.dec()
+        # a ready model gives finite scores (warm-up checks it): non-finite ones come from this input
+        for i, r in enumerate(results):
+            if not all(map(math.isfinite, r.scores)):
+                return _error(422, f"users.{i}: the model's scores are not finite for this input "
+                                   "(profile values far outside the training range?)")
         metrics.users.inc(len(results))
         metrics.unknown_items.inc(sum(r.unknown_items for r in results))
         metrics.truncated_items.inc(sum(r.truncated_items for r in results))
