@@ -100,6 +100,16 @@ def test_checkpoints_without_categorical_features_still_load(tmp_path):
     write_manifest(folder)
     model, _ = load_checkpoint(folder)
     assert model.cfg.categorical_features == {} and model.context.category_embedding is None
+    # a malformed vocabulary in config.json is a one-line error, not a traceback
+    from onerec.errors import UserError
+
+    config["categorical_features"] = {"gender": [1, 2]}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "manifest.json").unlink()
+    write_manifest(folder)
+    with pytest.raises(UserError, match="categorical_features must map") as err:
+        load_checkpoint(folder)
+    assert "\n" not in str(err.value)
 
 
 def test_unseen_values_are_counted_never_an_error(byod, tmp_path):
