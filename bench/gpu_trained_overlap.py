@@ -68,7 +68,8 @@ def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size
             "fp8-engine": Engine(qmodel, index, engine_cfg).recommend,
         }
         items = {name: [] for name in runs}
-        for batch in iter_batches(requests, table, cfg.context_len, cfg.profile_features, batch_size):
+        for batch in iter_batches(requests, table, cfg.context_len, cfg.profile_features, batch_size,
+                                  categorical=cfg.categorical_features):
             b = batch.to(device)
             for name, fn in runs.items():
                 recs = fn(b) if "eager" in name else fn(b.history_sids, b.history_mask, b.profile)

@@ -65,8 +65,9 @@ def check_config_bounds(cfg) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
-    if len(cfg.profile_features) > MAX_PROFILE_FEATURES:
-        raise ValueError(f"profile_features: {len(cfg.profile_features)} > {MAX_PROFILE_FEATURES} features")
+    n_features = len(cfg.profile_features) + len(cfg.categorical_features)
+    if n_features > MAX_PROFILE_FEATURES:
+        raise ValueError(f"profile features: {n_features} > {MAX_PROFILE_FEATURES} (numeric and categorical)")
 
 
 @dataclass
@@ -85,6 +86,9 @@ class OneRecV2Config:
     n_levels: int = 3
     # Profile features (numeric, normalised inside the model by stored mean/std buffers)
     profile_features: list[str] = field(default_factory=list)
+    # Categorical profile features: name -> vocabulary (bucket i + 1 = value i, 0 = unknown);
+    # see onerec/features.py. Their bucket ids follow the numeric values in the profile tensor.
+    categorical_features: dict[str, list[str]] = field(default_factory=dict)
     # MoE (0 routed experts: every block dense)
     n_routed_experts: int = 0
     n_shared_experts: int = 0
@@ -94,6 +98,14 @@ class OneRecV2Config:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        # One canonical order (by name): config.json stores keys sorted, and the order fixes each
+        # feature's column in the profile tensor and its rows in the embedding table.
+        vocabularies = self.categorical_features
+        if not isinstance(vocabularies, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in vocabularies.values()
+        ):
+            raise ValueError("categorical_features must map each feature name to a list of strings")
+        self.categorical_features = {n: list(v) for n, v in sorted(vocabularies.items())}
         check_config_bounds(self)
         if self.ffn_hidden == 0:
             self.ffn_hidden = _ceil_to(8 / 3 * self.d_model, 128)
@@ -121,6 +133,11 @@ class OneRecV2Config:
     @property
     def num_profile_features(self) -> int:
         return len(self.profile_features)
+
+    @property
+    def profile_columns(self) -> list[str]:
+        """The columns of the profile tensor: numeric features, then categorical ones."""
+        return list(self.profile_features) + list(self.categorical_features)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.n_routed_experts > 0 and layer >= self.moe_start_layer
@@ -331,6 +348,14 @@ class ContextProcessor(nn.Module):
         self.profile_proj = nn.Linear(p, d, bias=False) if p else None
         self.register_buffer("profile_mean", torch.zeros(p))
         self.register_buffer("profile_std", torch.ones(p))
+        # One table for all categorical features (feature f's rows start at offsets[f]). The sizes
+        # and offsets are stored with the weights (every loader then restores them, meta-device
+        # construction included); models without categorical features have neither.
+        sizes = [len(v) + 1 for v in cfg.categorical_features.values()]
+        self.category_embedding = nn.Embedding(sum(sizes), d) if sizes else None
+        if sizes:
+            self.register_buffer("category_sizes", torch.tensor(sizes, dtype=torch.long))
+            self.register_buffer("category_offsets", torch.tensor([sum(sizes[:i]) for i in range(len(sizes))]))
         self.input_norm = RMSNorm(d, cfg.norm_eps)
         self.proj = nn.Linear(d, cfg.d_context, bias=False)
         chunk = cfg.G_kv * cfg.d_head
@@ -358,8 +383,14 @@ class ContextProcessor(nn.Module):
         if self.profile_proj is not None:
             if profile is None:
                 raise ValueError(f"this model needs profile features {cfg.profile_features}")
-            z = (profile.float() - self.profile_mean) / self.profile_std
+            z = (profile[:, : len(cfg.profile_features)].float() - self.profile_mean) / self.profile_std
             user = user + self.profile_proj(z.to(self.profile_proj.weight.dtype))[:, None, :].to(items.dtype)
+        if self.category_embedding is not None:
+            if profile is None or profile.shape[1] != len(cfg.profile_columns):
+                raise ValueError(f"this model needs profile columns {cfg.profile_columns}")
+            codes = profile[:, len(cfg.profile_features):].float().long()
+            codes = codes.masked_fill((codes < 0) | (codes >= self.category_sizes), 0)  # out of range: unknown
+            user = user + self.category_embedding(codes + self.category_offsets).sum(1)[:, None, :].to(items.dtype)
         seq = torch.cat([user, items], dim=1)
         mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=seq.device), history_mask], dim=1)
         return seq, mask

@@ -9,7 +9,9 @@ torch), and a library-only install can run the library's commands. A command mod
 
 `main` returns the result, printed here as one JSON object on stdout; logs and progress go
 to stderr. A command raises `onerec.errors.UserError` for input the user can fix: it is
-printed as one line and the exit code is 1.
+printed as one line and the exit code is 1. A gate that ran exits 3 when it failed and 4 when
+it was inconclusive (its result has `verdict`; `passed` is false in both), so scripts never
+mistake either for success; a command module may also define `exit_code(args, result)`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from onerec.errors import UserError
 COMMANDS: dict = {
     "data": {
         "synth": ("onerec.synth", "write a synthetic interaction data set"),
+        "calibration": ("onerec.calibration_table", "draw a calibration request table from a data folder"),
     },
     "train": ("onerec.train", "train a OneRec-V2 checkpoint on a data folder"),
     "eval": ("onerec.evaluate", "offline recall/NDCG of a checkpoint or quantized model"),
@@ -42,6 +45,9 @@ COMMANDS: dict = {
 }
 
 log = logging.getLogger("onerec")
+
+EXIT_FAILED = 3  # a gate ran and failed
+EXIT_INCONCLUSIVE = 4  # a gate ran and its sample could not decide
 
 
 def _add_commands(subparsers, table: dict, prefix: str) -> None:
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if code is not None:
             return code
         if isinstance(result, dict) and result.get("passed") is False:
-            return 3  # a gate that ran and failed: scripts must not mistake it for success
+            return EXIT_INCONCLUSIVE if result.get("verdict") == "inconclusive" else EXIT_FAILED
     return 0
 
 

@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> dict | None:
 def exit_code(args: argparse.Namespace, result) -> int | None:
     """`exec` exits 0 once the step ran, whatever a gate decided: the verdict travels in the XCom
     and the register step records a failed gate's run (a failed pod would skip that). None: the
-    CLI's usual rule (3 for a gate that said no)."""
+    CLI's usual rule (3 for a gate that said no, 4 for an inconclusive one)."""
     return 0 if args.step == "exec" else None
 
 

@@ -37,6 +37,8 @@ class PipelineConfig(Settings):
     max_unknown_item_fraction: float = 0.0  # history/target items absent from the semantic-id table
     max_popularity_kl: float = 0.5  # drift vs the previous accepted snapshot (KL divergence, nats)
     max_history_length_kl: float = 0.5
+    max_unseen_category_fraction: float = 0.05  # categorical profile values outside the model's vocabulary
+    max_category_kl: float = 0.5  # drift of each categorical feature's value distribution (nats)
     # gates; quality_gate.device "auto": CUDA when there is a GPU, else CPU
     quality_gate: QualityGateConfig = field(default_factory=lambda: QualityGateConfig(device="auto"))
     latency_gate: LatencyGateConfig = field(default_factory=LatencyGateConfig)

@@ -83,7 +83,7 @@ def dags_test(dag_id: str, state: dict, log_path: str | Path, extra_env: dict | 
 
 def prepare_checkpoint(demo_dir: Path) -> dict:
     """Synthetic data, a trained tiny checkpoint and a calibration table; each reused when present."""
-    from onerec.data import calibration_requests, load_dataset, split_leave_last_out
+    from onerec.calibration_table import context_len_of, draw_calibration_table, write_calibration_table
     from onerec.manifest import verify_manifest
 
     data_dir, ckpt_dir, calibration = demo_dir / "data", demo_dir / "checkpoint", demo_dir / "calibration.parquet"
@@ -104,13 +104,8 @@ def prepare_checkpoint(demo_dir: Path) -> dict:
     if calibration.is_file():
         reused.append("calibration")
     else:
-        from onerec.checkpoint import load_checkpoint
-
-        context_len = load_checkpoint(ckpt_dir)[0].cfg.context_len
-        split = split_leave_last_out(load_dataset(data_dir), max_history=context_len)
-        tmp = calibration.with_suffix(".tmp")
-        calibration_requests(split, CALIBRATION_REQUESTS, seed=0).to_parquet(tmp)
-        os.replace(tmp, calibration)
+        table = draw_calibration_table(data_dir, context_len_of(ckpt_dir), CALIBRATION_REQUESTS, seed=0)
+        write_calibration_table(table, calibration, overwrite=True)
     return {"data": str(data_dir), "checkpoint": str(ckpt_dir), "calibration": str(calibration), "reused": reused}
 
 

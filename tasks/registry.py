@@ -140,6 +140,20 @@ def gates_passed(gates: dict, latency_gate_blocking: bool) -> bool:
     return bool(latency.get("passed", False))
 
 
+def gates_outcome(gates: dict, latency_gate_blocking: bool) -> tuple[str, str]:
+    """(passed | failed | inconclusive, why): an inconclusive quality gate is not a pass either."""
+    if gates_passed(gates, latency_gate_blocking):
+        return "passed", "gates passed"
+    quality, latency = gates.get("quality", {}), gates.get("latency", {})
+    if quality.get("verdict") == "inconclusive":
+        return "inconclusive", f"quality gate inconclusive: {quality.get('reason', 'the sample cannot decide')}"
+    if not quality.get("passed", False):
+        return "failed", "quality gate failed" + (f": {quality['reason']}" if quality.get("reason") else "")
+    if latency.get("measurable", True) is False:
+        return "failed", f"latency gate could not measure ({latency.get('reason', 'unknown')}) and blocks"
+    return "failed", "latency gate failed"
+
+
 def register_candidate(
     cfg, *, checkpoint_uri: str, checkpoint_sha256: str, calibration_uri: str, calibration_sha256: str,
     quantized_dir: str, report_dir: str, gates: dict, run_name: str | None = None,
@@ -188,7 +202,8 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
 
     from tasks.registration_claim import settle_duplicates
 
-    passed = gates_passed(gates, cfg.latency_gate_blocking)
+    outcome, reason = gates_outcome(gates, cfg.latency_gate_blocking)
+    passed = outcome == "passed"
     tags = {
         "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256,
         "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
@@ -208,11 +223,11 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
         if Path(report_dir).is_dir():
             mlflow.log_artifacts(report_dir, "reports")
         if not passed:
-            mlflow.set_tags({"gates": "failed", "registration": "gates_failed"})
+            # gates: failed | inconclusive (an inconclusive quality gate is not a pass either)
+            mlflow.set_tags({"gates": outcome, "registration": "gates_failed", "reason": reason[:5000]})
             mlflow.end_run()
-            log.warning("gates failed: run %s logged with its reports, no model version", run_id)
-            return {"registered": False, "version": None, "run_id": run_id, "gates": "failed",
-                    "reason": "gates failed"}
+            log.warning("%s: run %s logged with its reports, no model version", reason, run_id)
+            return {"registered": False, "version": None, "run_id": run_id, "gates": outcome, "reason": reason}
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE), artifacts={"quantized": str(quantized_dir)},
             signature=model_signature(quantized_dir),
@@ -250,11 +265,12 @@ def model_signature(folder: str | Path):
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
-    features = json.loads((Path(folder) / "config.json").read_text()).get("profile_features", [])
+    config = json.loads((Path(folder) / "config.json").read_text())
     inputs = Schema([
         ColSpec(DataType.long, "user_id", required=False),
         ColSpec(Array(DataType.long), "history"),
-        *[ColSpec(DataType.double, f) for f in features],
+        *[ColSpec(DataType.double, f) for f in config.get("profile_features", [])],
+        *[ColSpec(DataType.string, f) for f in config.get("categorical_features", {})],
     ])
     outputs = Schema([ColSpec(DataType.long, "user_id", required=False), ColSpec(Array(DataType.long), "items"),
                       ColSpec(Array(DataType.double), "scores")])

@@ -181,15 +181,16 @@ def quality_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict)
     result = run_quality_gate(fetched.checkpoint_dir, quantized.quantized_dir, quantized.eval_data_dir, config=gate,
                               report_dir=fetched.report_dir)
     result["duration_s"] = round(time.monotonic() - started, 3)
-    log.info("quality gate on %s: %s in %.1f s", gate.device, "passed" if result["passed"] else "FAILED",
-             result["duration_s"])
+    # passed / failed / inconclusive (not a pass either: the register step says why it registers nothing)
+    log.info("quality gate on %s: %s in %.1f s (%s)", gate.device, result["verdict"], result["duration_s"],
+             result.get("reason", ""))
     return gate_report(result, fetched.report_dir, "quality_gate")
 
 
 def latency_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict) -> dict:
     """FP8 vs bf16 latency on this machine's GPU, replaying the run's held-out requests at
     cfg.latency_gate.batch_sizes; `measurable` is False without an FP8 GPU (whether that blocks:
-    cfg.latency_gate_blocking, applied in tasks.registry.gates_passed)."""
+    cfg.latency_gate_blocking, applied in tasks.registry.gates_outcome)."""
     from onerec.engine.latency_gate import measure_latency, plot
     from tasks.reports import gate_report
 
@@ -207,7 +208,8 @@ def latency_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict)
 
 def register_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict, quality: dict, latency: dict,
                   validation: dict, run_name: str | None = None) -> dict:
-    """Log the run with every report; a model version + alias challenger only when the gates passed."""
+    """Log the run with every report; a model version + alias challenger only when the gates passed
+    (a failed or inconclusive quality gate: the run is tagged with the outcome and the reason)."""
     from tasks.registry import register_candidate
 
     fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)

@@ -187,6 +187,70 @@ def test_gates_passed_policy():
     assert gates_passed(unmeasured, latency_gate_blocking=False)  # the CPU demo
 
 
+def test_an_inconclusive_quality_gate_registers_nothing_and_says_why(monkeypatch, capsys):
+    """The registration step's decision (the Airflow run of it is the integration tests' job)."""
+    import onerec.quant.quality_gate as quality_gate
+    from onerec_fp8.cli import main
+    from tasks.registry import gate_metrics, gates_outcome, gates_passed
+
+    latency = {"measurable": True, "passed": True}
+    reason = "inconclusive on 40 users: recall@10 -3.00% [-9.10%, +2.90%] (margin -5%); about 900 users would decide it"
+    quality = {"passed": False, "verdict": "inconclusive", "reason": reason, "users_needed": 900,
+               "intervals": {"recall@10": {"estimate": -0.03, "low": -0.091, "high": 0.029}}}
+    gates = {"quality": quality, "latency": latency}
+    assert not gates_passed(gates, latency_gate_blocking=False)
+    assert gates_outcome(gates, False) == ("inconclusive", f"quality gate inconclusive: {reason}")
+    failed = {"quality": {"passed": False, "verdict": "failed", "reason": "failed topk_overlap: ..."}, "latency": latency}
+    assert gates_outcome(failed, False) == ("failed", "quality gate failed: failed topk_overlap: ...")
+    unmeasured = {"quality": {"passed": True, "verdict": "passed"}, "latency": {"measurable": False, "reason": "no GPU"}}
+    assert gates_outcome(unmeasured, True) == ("failed", "latency gate could not measure (no GPU) and blocks")
+    assert gates_outcome({"quality": {"passed": True, "verdict": "passed"}, "latency": latency}, False)[0] == "passed"
+    # the interval bounds become run metrics
+    assert gate_metrics(gates)["quality.intervals.recall_at_10.low"] == -0.091
+    # the CLI: 3 = failed, 4 = inconclusive, so a script can tell them apart
+    argv = ["gate", "quality", "--checkpoint", "c", "--quantized", "q", "--data", "d"]
+    for verdict, code in (("inconclusive", 4), ("failed", 3), ("passed", 0)):
+        monkeypatch.setattr(quality_gate, "run_quality_gate",
+                            lambda *a, v=verdict, **k: {"passed": v == "passed", "verdict": v})
+        assert main(argv) == code
+        assert json.loads(capsys.readouterr().out)["verdict"] == verdict
+
+
+def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path, monkeypatch):
+    """The pipeline's register step on a real (sqlite) MLflow: the run is kept with its reports,
+    tagged with the outcome and the reason; no model version, no alias."""
+    from mlflow import MlflowClient
+
+    from tasks.requantize import register_step
+
+    monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = PipelineConfig.from_env({}, {"mlflow_tracking_uri": uri, "state_dir": str(tmp_path),
+                                       "latency_gate_blocking": False})
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "quality_gate.json").write_text("{}")
+    fetched = {"checkpoint_id": "c1", "checkpoint_uri": "s3://b/c1/", "checkpoint_dir": str(tmp_path / "ckpt"),
+               "checkpoint_sha256": "a" * 64, "calibration_uri": "s3://b/cal.parquet",
+               "calibration_path": str(tmp_path / "cal.parquet"), "calibration_sha256": "b" * 64,
+               "work_dir": str(tmp_path), "report_dir": str(reports)}
+    quantized = {"quantized_dir": str(tmp_path / "q"), "recipe": "fp8_dynamic", "reused": False,
+                 "calibrate_path": "c", "eval_path": "e", "eval_data_dir": "d", "calibrate_rows": 1, "eval_rows": 1}
+    reason = "inconclusive on 40 users: recall@10 -3.00% [-9.10%, +2.90%] (margin -5%); about 900 users would decide it"
+    quality = {"passed": False, "verdict": "inconclusive", "reason": reason, "users_needed": 900}
+    result = register_step(cfg, fetched, quantized, quality, {"measurable": False, "reason": "no GPU"},
+                           {"passed": True, "rows": 10})
+    assert result["registered"] is False and result["version"] is None and result["gates"] == "inconclusive"
+    assert result["reason"] == f"quality gate inconclusive: {reason}"
+    c = MlflowClient(uri)
+    run = c.get_run(result["run_id"])
+    assert run.data.tags["gates"] == "inconclusive" and run.data.tags["reason"] == result["reason"]
+    assert run.data.tags["registration"] == "gates_failed" and run.info.status == "FINISHED"
+    assert run.data.metrics["quality.users_needed"] == 900
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "reports")} >= {"reports/quality_gate.json"}
+    assert c.search_model_versions(f"name='{cfg.model_name}'") == []
+
+
 def test_gate_metrics_flatten_every_number():
     from tasks.registry import gate_metrics
 

@@ -63,9 +63,9 @@ def test_fp8_dynamic_passes_the_default_quality_gate(trained_tiny, tmp_path):
     code, result = _cli(["gate", "quality", "--checkpoint", str(trained_tiny.checkpoint_dir), "--quantized", str(qdir),
                          "--data", str(trained_tiny.data_dir), "--report-dir", str(tmp_path / "gate")])
     assert code == 0 and result["passed"] is True, result
-    assert result["config"]["max_relative_recall_drop"] == 0.01 and result["config"]["min_topk_overlap"] == 0.90
+    assert result["config"]["max_relative_recall_drop"] == 0.05 and result["config"]["min_topk_overlap"] == 0.90
     assert result["num_users"] == len(trained_tiny.split.test)
-    assert result["relative_recall@10_change"] >= -0.01 and result["top10_overlap"] >= 0.90
+    assert result["intervals"]["recall@10"]["low"] > -0.05 and result["top10_overlap"] >= 0.90
     assert result["bf16_recall@10"] > 0.2  # a trained model, so the comparison means something
     assert len(result["kl_per_level"]) == 3 and all(0 <= kl < 0.05 for kl in result["kl_per_level"])
     assert result["worst_layer_sqnr_db"] > 20 and result["worst_layer"] in result["layer_sqnr_db"]
@@ -142,7 +142,7 @@ def test_topk_overlap_and_thresholds_file(tmp_path):
     path.write_text(json.dumps({"min_topk_overlap": 0.8, "max_kl": 0.1}))
     config = QualityGateConfig.load(path, max_users=50, beam_size=None)
     assert (config.min_topk_overlap, config.max_kl, config.max_users, config.beam_size) == (0.8, 0.1, 50, 64)
-    assert config.max_relative_recall_drop == 0.01  # defaults stay for what the file leaves out
+    assert config.max_relative_recall_drop == 0.05  # defaults stay for what the file leaves out
     path.write_text(json.dumps({"min_overlap": 0.8}))
     with pytest.raises(UserError, match="unknown keys"):
         QualityGateConfig.load(path)

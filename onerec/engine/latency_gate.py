@@ -8,7 +8,7 @@ at the largest. It measures what will be served:
   as `onerec.serve.app.run_users` calls it: known items only, the newest context_len kept, left-padded
   to the batch's longest history), drawn seeded and cyclically at each of `batch_sizes`;
 - without a table, random full-length histories of known items, with the profile features the
-  server fills in for a user who sends none (the model's training means).
+  server fills in for a user who sends none (the model's training means, the unknown bucket for categorical ones).
 The report adds achieved TFLOP/s (`flop_count`) and MFU against bf16/FP8 matmul peaks measured in
 the same process, the GPU, driver and library versions. An out-of-memory batch size ends the
 sweep: the gate decides on the batches measured and reports the largest that fit.
@@ -106,7 +106,8 @@ def source_of_requests(requests_path: str | Path | None) -> dict:
 
 
 def read_request_table(requests_path: str | Path, profile_features: list[str]):
-    """The request table, checked against the model's profile features (one-line error on a mismatch)."""
+    """The request table, checked against the model's profile columns, numeric and categorical
+    (one-line error on a mismatch)."""
     from onerec.data import REQUEST_COLUMNS, read_requests
 
     requests = read_requests(requests_path)
@@ -125,9 +126,10 @@ def make_requests(model, table, batch: int, context_len: int, requests=None, see
     From `requests` (a checked request table): rows drawn in one seeded order, cyclically when the
     table has fewer rows than `batch`, encoded as the server encodes them. Otherwise random
     histories of `context_len` known items and the profile the server fills for a user who sends
-    none (the model's training means).
+    none (the model's training means, the unknown bucket of categorical features).
     """
     import numpy as np
+    import torch
 
     from onerec.data import make_batch
     from onerec.engine.timing import random_requests
@@ -136,12 +138,14 @@ def make_requests(model, table, batch: int, context_len: int, requests=None, see
     if requests is not None:
         order = np.random.default_rng(seed).permutation(len(requests))
         rows = requests.iloc[order[np.arange(batch) % len(requests)]]
-        b = make_batch(rows, table, context_len, list(cfg.profile_features)).to(device)
+        b = make_batch(rows, table, context_len, list(cfg.profile_features), cfg.categorical_features).to(device)
         return b.history_sids, b.history_mask, b.profile
     sids, mask = random_requests(cfg, batch, context_len, table[(table >= 0).all(1)], seed + batch, device)
     profile = None
-    if cfg.profile_features:
-        profile = model.context.profile_mean.float().expand(batch, -1).contiguous()
+    if cfg.profile_columns:  # numeric features at their means, categorical ones in the unknown bucket
+        fill = torch.cat([model.context.profile_mean.float(),
+                          torch.zeros(len(cfg.categorical_features), device=device)])
+        profile = fill.expand(batch, -1).contiguous()
     return sids, mask, profile
 
 
@@ -198,7 +202,7 @@ def measure_latency(
     qmodel, qtable, recipe = load_quantized(quantized_dir, device=device)
     check_made_from(quantized_dir, recipe, checkpoint_dir, table, qtable)
     cfg = model.cfg
-    requests = None if requests_path is None else read_request_table(requests_path, list(cfg.profile_features))
+    requests = None if requests_path is None else read_request_table(requests_path, cfg.profile_columns)
     env = environment(device)
     peaks = matmul_peaks(device) if device.type == "cuda" else None
     if peaks:

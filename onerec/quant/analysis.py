@@ -1,6 +1,6 @@
 """`onerec-fp8 analyze`: per-layer weight/activation distributions and FP8 safety flags.
 
-    onerec-fp8 analyze --checkpoint CKPT --calibration DIR_OR_FILE --out DIR [--recipe fp8_dynamic]
+    onerec-fp8 analyze --checkpoint CKPT --calibration TABLE_OR_DATA_DIR --out DIR [--recipe fp8_dynamic]
 
 For every layer the recipe would quantize (the others are listed with the reason), over the
 calibration requests:
@@ -153,7 +153,8 @@ def _write_outputs(result: dict, model, observers, out_dir: Path, config: Analys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    parser.add_argument("--calibration", required=True, help="calibration request table: parquet/csv file or folder")
+    parser.add_argument("--calibration", required=True,
+                        help="calibration request table (parquet/csv file or folder) or a data folder to draw one from")
     parser.add_argument("--out", required=True, help="folder for analysis.json and the PNG plots")
     parser.add_argument("--recipe", default="fp8_dynamic", choices=("fp8_dynamic", "fp8_static", "fp8_block"))
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -171,8 +172,10 @@ def main(args: argparse.Namespace) -> dict:
 
     recipe = make_recipe(args.recipe, exclude=args.exclude)
     model, table = load_checkpoint(args.checkpoint)
-    calibration = Calibration.from_path(args.calibration, table, batch_size=args.batch_size, max_requests=args.max_requests)
+    calibration = Calibration.from_path(args.calibration, table, context_len=model.cfg.context_len,
+                                        batch_size=args.batch_size, max_requests=args.max_requests)
     config = AnalysisConfig(min_sqnr_db=args.min_sqnr_db, max_underflow_fraction=args.max_underflow_fraction)
     result = analyze(model, calibration, recipe, config, args.out)
     # stdout: the verdict and where the details are; the per-layer table is in analysis.json.
-    return {k: v for k, v in result.items() if k != "layers"} | {"checkpoint": str(args.checkpoint)}
+    return {k: v for k, v in result.items() if k != "layers"} | {"checkpoint": str(args.checkpoint),
+                                                                  "calibration_source": calibration.source}

@@ -216,6 +216,7 @@ def quantize_folder(
     and the size ratio.
     """
     from onerec.checkpoint import load_checkpoint
+    from onerec.features import count_unseen
     from onerec.quant.calibrate import Calibration
     from onerec.quant.recipes import make_recipe, quantize
 
@@ -230,7 +231,8 @@ def quantize_folder(
 
     t0 = time.monotonic()
     model, table = load_checkpoint(checkpoint, device=resolve_device(device))
-    calib = Calibration.from_path(calibration, table, batch_size=batch_size, max_requests=max_requests)
+    calib = Calibration.from_path(calibration, table, context_len=model.cfg.context_len, batch_size=batch_size,
+                                  max_requests=max_requests)
     report = quantize(model, config, calib)
     save_quantized(model, table, report, out, source_checkpoint=checkpoint, overwrite=overwrite)
     written = json.loads((out / RECIPE).read_text())
@@ -240,7 +242,8 @@ def quantize_folder(
         "quantized": str(out), "checkpoint": str(checkpoint), "recipe": report.recipe["name"], "reused": False,
         "checkpoint_sha256": written["source_checkpoint"]["manifest_sha256"],
         "quantized_layers": len(report.quantized), "excluded": report.excluded,
-        "calibration_requests": report.calibration.get("num_requests"),
+        "calibration_requests": report.calibration.get("num_requests"), "calibration_source": calib.source,
+        "calibration_unseen_profile_values": count_unseen(calib.requests, model.cfg.categorical_features),
         "worst_layer": worst[0] if worst else None, "worst_layer_sqnr_db": worst[1] if worst else None,
         "size_ratio_vs_bf16": written["size"]["ratio_vs_bf16"], "size": written["size"],
         "seconds": round(time.monotonic() - t0, 2),

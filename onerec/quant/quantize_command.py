@@ -1,6 +1,6 @@
 """`onerec-fp8 quantize`: FP8 post-training quantization of a checkpoint into a quantized folder.
 
-    onerec-fp8 quantize --checkpoint CKPT --calibration DIR_OR_FILE --recipe fp8_dynamic --out QDIR \
+    onerec-fp8 quantize --checkpoint CKPT --calibration TABLE_OR_DATA_DIR --recipe fp8_dynamic --out QDIR \
         [--exclude PATTERN ...] [--observer percentile --percentile 99.99]
 
 Loads the checkpoint (manifest verified) in its stored precision, calibrates on the request
@@ -18,7 +18,7 @@ RECIPE_NAMES = ("fp8_dynamic", "fp8_static", "fp8_block")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json, model.safetensors, ...)")
-    parser.add_argument("--calibration", required=True, help="calibration request table: parquet/csv file or folder")
+    parser.add_argument("--calibration", required=True, help="calibration request table (parquet/csv file or folder) or a data folder to draw one from")
     parser.add_argument("--recipe", default="fp8_dynamic", choices=RECIPE_NAMES)
     parser.add_argument("--out", required=True, help="quantized folder to write")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
