@@ -214,7 +214,7 @@ class RMSNorm(nn.Module):
             return self.add_norm(x, None)[1]
         if x.dtype == self.weight.dtype:
             # One op (one kernel on CUDA) instead of eight: F.rms_norm computes in fp32 for bf16
-            # inputs, the same result as the explicit ops below (tests/test_engine.py checks it).
+            # inputs, the same result as the explicit ops below (tests/unit/test_engine.py checks it).
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32: bf16 sums of squares lose too much at d_model in the thousands.
         xf = x.float()

@@ -19,7 +19,7 @@ The references (onerec/kernels/reference.py) have the same rounding as the unfus
 fused result equals what the model's FP8Linear would have computed; tests/gpu/test_kernels.py
 compares each Triton kernel (onerec/kernels/triton_kernels.py) with its reference. The two larger
 ops, MoE and FP8 context attention, keep entry and reference in their own module and their Triton
-kernels beside (triton_fused_moe.py, triton_fp8_attention.py); tests/test_engine_kernels.py checks
+kernels beside (triton_fused_moe.py, triton_fp8_attention.py); tests/unit/test_engine_kernels.py checks
 those kernels on CPU through Triton's interpreter.
 """
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROFILE = ["age", "activity"]
 PROBE = r"""
 import json, sys

@@ -188,7 +188,7 @@ def test_bench_refuses_without_gpu():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_bench.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_bench.py"
     run = subprocess.run([sys.executable, str(script), "--presets", "tiny"], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 1

@@ -13,7 +13,7 @@ import yaml
 from onerec.serve import server as serve_command
 from onerec.serve.schemas import RecommendRequest
 
-CHART = Path(__file__).resolve().parent.parent / "helm" / "onerec-serving"
+CHART = Path(__file__).resolve().parents[2] / "helm" / "onerec-serving"
 MODEL = {"model": {"uri": "models:/onerec-v2-fp8/4", "version": "4"}}
 
 VALUE_SETS = {

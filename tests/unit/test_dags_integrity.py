@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
 REQUIRED_DAG_IDS = {"onerec_fp8_requantize", "onerec_fp8_promote", "onerec_fp8_rollback"}
 HEAVY = ("torch", "mlflow", "great_expectations", "boto3", "pandas")

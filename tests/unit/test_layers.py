@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # package -> the top-level packages of this repo it must never import
 FORBIDDEN = {
     "onerec": {"ops", "tasks", "onerec_fp8", "dags"},

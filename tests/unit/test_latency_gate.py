@@ -4,7 +4,7 @@ A tiny checkpoint WITH profile features, its FP8 folder and a calibration table:
 requests from the table and random requests (with the profile filled), rejects a table whose
 profile columns differ and a quantized folder of another checkpoint with one-line errors, and
 survives an out-of-memory batch size. Production without an FP8 GPU stays `measurable: false`
-(tests/test_engine.py). The numbers themselves mean nothing on CPU: only the path is checked.
+(tests/unit/test_engine.py). The numbers themselves mean nothing on CPU: only the path is checked.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from serving_checkpoints import random_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_module():
