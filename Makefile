@@ -13,7 +13,7 @@ install: $(STAMP)
 
 # torch goes in first and alone, pinned, so that the resolver never swaps it for another build
 # (GPU users install the CUDA build of torch 2.13.0 into .venv before `make`: see the README).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml ops/s3/package-lock.json
 	@set -e; \
 	if [ ! -x $(BIN)/python ]; then \
 		py=""; \
@@ -33,6 +33,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
+	@command -v npm >/dev/null 2>&1 || { echo "error: Node.js and npm are required (the local stack's object store)" >&2; exit 1; }
+	npm ci --prefix ops/s3 --no-audit --no-fund
 	touch $@
 
 test: $(STAMP)
@@ -41,22 +43,19 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Starts the stack (idempotent: a running one is reused), runs the demo if the pipeline has one,
-# then prints the URLs, credentials and the stop command again (`stack up` reuses the running
-# stack and prints them), and leaves the stack running.
+# Starts the stack (idempotent: a running one is reused), runs the demo, then prints the URLs,
+# credentials and the stop command again (`stack up` reuses the running stack and prints them),
+# and leaves the stack running.
 demo: $(STAMP)
 	$(BIN)/onerec-fp8 stack up > /dev/null
 	@set -o pipefail; status=0; \
-	if [ -f tasks/demo.py ]; then \
-		$(BIN)/python -m tasks.demo || status=$$?; \
-		$(BIN)/onerec-fp8 stack up 2>&1 > /dev/null | grep -v ' INFO onerec.stack: ' >&2 || status=$$?; \
-	else \
-		echo "The pipeline part of the demo (tasks/demo.py, issue 6) is not there yet: the stack is up, nothing ran on it." >&2; \
-	fi; \
+	$(BIN)/python -m tasks.demo || status=$$?; \
+	$(BIN)/onerec-fp8 stack up 2>&1 > /dev/null | grep -v ' INFO ops.stack: ' >&2 || status=$$?; \
 	echo "The stack keeps running. Stop it with: $(BIN)/onerec-fp8 stack down" >&2; \
 	exit $$status
 
-# Stops the local stack and deletes its state (databases, logs, generated Airflow password).
+# Stops the local stack and deletes its state: S3 objects, databases, logs, generated Airflow password.
+# (`stack down` alone keeps all of it.)
 clean-stack:
 	@if [ -x $(BIN)/onerec-fp8 ]; then $(BIN)/onerec-fp8 stack down; fi
 	rm -rf .onerec

@@ -1,286 +1,356 @@
-"""GPU entry of the benchmark: Triton kernel checks, then `onerec-fp8 bench`, in one process.
+"""The GPU benchmark: bf16 eager vs the bf16 engine vs the FP8 engine vs torchao float8, one GPU.
 
-    PYTHONPATH=. python3 bench/gpu_bench.py --out bench/results [bench options]
+    PYTHONPATH=. python3 bench/gpu_bench.py --out bench/results [--presets 1b --batches 1,8,16 ...]
+    [--trained DIR] [--diagnose] [--gate-smoke] [--time-split B]
 
-Same options as `onerec-fp8 bench` (onerec/engine/benchmark.py), plus --diagnose-plain B1,B2: the
-plain search's self-attention written out vs SDPA backends, and without its KV cache (baseline checks).
+The Triton kernels are checked first by `pytest -m gpu tests/gpu` (the same session, one
+script: see bench/README.md).
+
+Same GPU, same process, same random weights and inputs for every variant:
+1. bf16-eager: plain `OneRecV2` + `onerec.generate.beam_search` (the baseline a team starts from:
+   SDPA cross-attention on the shared context, a self-attention KV cache reordered by parent beam);
+2. bf16-engine: `onerec.engine.Engine` without FP8 (KV cache, fused kernels, CUDA graphs);
+3. fp8-engine: the same engine with FP8 GEMMs and fused activation quantization;
+4. torchao-fp8: torchao `Float8DynamicActivationFloat8WeightConfig(PerRow)` on the plain
+   model's decoder Linear layers + `torch.compile` of each block's decoding step, run by the plain
+   beam search (bench/torchao_baseline.py).
+
+Reports p50/p99 latency per batch, requests/s, items/s (top-k items returned per second),
+useful TFLOP/s and MFU against bf16 and FP8 matmul peaks measured in the same run, peak memory,
+and the top-k overlap of each variant with bf16 eager. FLOPs are those of the KV-cached search,
+which every variant runs. With `--trained DIR` it also measures (bench/gpu_trained_overlap.py) the top-k overlap of the FP8 and
+bf16 engines (and the plain search) on a trained checkpoint's real validation histories.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import functools
 import json
 import logging
+import platform
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onerec.engine import benchmark  # noqa: E402
+from bench.models import build_model, overlap, random_index, random_requests  # noqa: E402
+from bench.report import VARIANTS, markdown_table, write_results  # noqa: E402
+from onerec.engine.timing import flop_count, matmul_peaks, percentile, time_calls  # noqa: E402
+from onerec.errors import UserError  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
-def diagnose_plain(batches, context_len=3000, beam_size=512, preset="1b") -> dict:
-    """The plain search's 1-query self-attention: the model's SDPA call (default backend) vs forced
-    SDPA backends and written-out versions, and the search without its KV cache, for the record."""
-    import functools
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--presets", default="1b", help="comma-separated model presets (1b, 0.5b, 0.1b, ...)")
+    parser.add_argument("--batches", default="1,8,16", help="users per batch, comma-separated")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    parser.add_argument("--torchao-presets", default="1b",
+                        help="presets that run the torchao variant (its compilation takes minutes)")
+    parser.add_argument("--torchao-batches", default="",
+                        help="batches that run the torchao variant (default: all); it runs after the others")
+    parser.add_argument("--context-len", type=int, default=3000)
+    parser.add_argument("--beam-size", type=int, default=512)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--num-items", type=int, default=1_000_000, help="items in the random semantic-id table")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-budget-s", type=float, default=480.0, help="skip what would start after this")
+    parser.add_argument("--out", default="bench/results", help="folder for the JSON, table and plot")
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--trained", default="",
+                        help="folder with a trained checkpoint (ckpt/), its quantized folder (quantized/) and "
+                             "data folder (data/): FP8 vs bf16 top-k overlap on its validation users")
+    parser.add_argument("--trained-beams", default="64,512", help="beam sizes of the trained-checkpoint overlap")
+    parser.add_argument("--sdpa-backends", default="",
+                        help="SDPA backends in priority order for every variant, e.g. flash,efficient,cudnn,math "
+                             "(default: torch's own choice)")
+    parser.add_argument("--diagnose", action="store_true", help="attention backends, engine profile, torchao logits")
+    parser.add_argument("--gate-smoke", action="store_true", help="run the latency gate on a random 0.1b checkpoint")
+    parser.add_argument("--time-split", type=int, default=0, help="batch for the engine's GPU time split (1b)")
+    parser.add_argument("--moe-kernel", default=None, choices=["torch", "triton"],
+                        help="both engines: the fused MoE op (EngineConfig.moe_kernel); default the MoE module")
+    parser.add_argument("--attention", default="bf16", choices=["bf16", "fp8"],
+                        help="the FP8 engine's cross-attention over the context (the recipe option)")
 
+
+def main(args: argparse.Namespace) -> dict:
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from onerec.generate import beam_search
-    from onerec.model import LazyDecoderBlock
+    if not torch.cuda.is_available():
+        raise UserError("bench/gpu_bench.py needs a CUDA GPU (none is visible here)")
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise UserError(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    backends = [b for b in args.sdpa_backends.split(",") if b]
+    with _sdpa_priority(backends):
+        result = run_benchmark(
+            presets=[p for p in args.presets.split(",") if p],
+            batches=[int(b) for b in args.batches.split(",") if b],
+            variants=variants, context_len=args.context_len, beam_size=args.beam_size, k=args.k,
+            num_items=args.num_items, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+            time_budget_s=args.time_budget_s,
+            torchao_presets=[p for p in args.torchao_presets.split(",") if p],
+            torchao_batches=[int(b) for b in args.torchao_batches.split(",") if b] or None,
+            moe_kernel=args.moe_kernel, attention=args.attention,
+        )
+        if args.trained:
+            from bench.gpu_trained_overlap import trained_overlap
 
-    model = benchmark.build_model(preset, context_len, torch.device("cuda"), torch.bfloat16, 0)
-    table, index = benchmark.random_index(1_000_000, model.cfg.codebook_size, 3, 0)
-    index = index.to("cuda")
-    original = LazyDecoderBlock.cached_self_attention
-
-    def variant(attend):
-        def cached_self_attention(self, x, cache):
-            cfg = self.cfg
-            S, _ = x.shape
-            qkv = self.self_qkv(self.self_norm(x)).view(S, 3, cfg.n_heads, 1, cfg.d_head)
-            kv = qkv[:, 1:] if cache is None else torch.cat([cache, qkv[:, 1:]], dim=3)
-            out = attend(qkv[:, 0], kv[:, 0], kv[:, 1], cfg.d_head**-0.5)
-            return self.self_o(out.reshape(S, -1)), kv
-        return cached_self_attention
-
-    def forced(backend):
-        def attend(q, k, v, scale):
-            with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return attend
-
-    def matmul(q, k, v, scale):
-        return torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(v.dtype) @ v
-
-    def elementwise(q, k, v, scale):
-        w = torch.softmax((q * k).sum(-1, dtype=torch.float32) * scale, dim=-1)  # [S, H, t]
-        return (w.to(v.dtype)[..., None] * v).sum(-2, keepdim=True)
-
-    variants = {"model_sdpa_default": original, "sdpa_flash": variant(forced(SDPBackend.FLASH_ATTENTION)),
-                "sdpa_efficient": variant(forced(SDPBackend.EFFICIENT_ATTENTION)),
-                "sdpa_math": variant(forced(SDPBackend.MATH)), "sdpa_cudnn": variant(forced(SDPBackend.CUDNN_ATTENTION)),
-                "written_out_matmul": variant(matmul), "written_out_elementwise": variant(elementwise)}
-    out = {}
-    for b in batches:
-        sids, mask = benchmark.random_requests(model.cfg, b, context_len, table, b, "cuda")
-        for name, impl in variants.items():
-            LazyDecoderBlock.cached_self_attention = impl
             try:
-                fn = functools.partial(beam_search, model, sids, mask, index, beam_size=beam_size, k=10)
-                out[f"{name}_b{b}_ms"] = benchmark.percentile(benchmark.time_calls(fn, 2, 8), 0.5)
-            except Exception as exc:
-                out[f"{name}_b{b}_ms"] = f"{type(exc).__name__}: {exc}"[:200]
-            finally:
-                LazyDecoderBlock.cached_self_attention = original
-        fn = functools.partial(beam_search, model, sids, mask, index, beam_size=beam_size, k=10, use_cache=False)
-        out[f"no_cache_b{b}_ms"] = benchmark.percentile(benchmark.time_calls(fn, 1, 5), 0.5)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-        sids, mask = benchmark.random_requests(model.cfg, 8, context_len, table, 8, "cuda")
-        beam_search(model, sids, mask, index, beam_size=beam_size, k=10)
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    out["profile_b8"] = events.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
-    out["profile_b8_kernels"] = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
-    del model
-    torch.cuda.empty_cache()
-    return out
+                result["trained_checkpoint"] = trained_overlap(
+                    Path(args.trained), [int(b) for b in args.trained_beams.split(",") if b], k=args.k)
+                result["summary"]["trained_checkpoint"] = {
+                    key: v for key, v in result["trained_checkpoint"].items() if key.startswith("overlap")}
+            except Exception as exc:  # must not lose the benchmark's numbers
+                log.exception("trained-checkpoint overlap failed")
+                result["trained_checkpoint_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    result["settings"]["sdpa_backends"] = backends or "torch default"
+    result["command"] = " ".join(["python3", *sys.argv])
+    paths = write_results(result, Path(args.out), args.tag)
+    print(markdown_table(result), file=sys.stderr)
+    return {"results": [str(p) for p in paths], "summary": result["summary"]}
 
 
-def diagnose_attention() -> dict:
-    """Cross-attention shapes of the engine and the plain search under each SDPA backend."""
-    import functools
+def _with_sdpa(backends, fn, *args, **kwargs):
+    with _sdpa_priority(backends):
+        return fn(*args, **kwargs)
 
-    import torch
-    import torch.nn.functional as F
+
+def choose_plain_sdpa(model, index, cfg, context_len, table, beam_size, k, seed, device, batch) -> dict:
+    """The fastest SDPA backend order for the plain search, so that the baseline is fair.
+
+    SDPA runs the plain model's cross-attention (its cached 1-query self-attention is written out
+    in onerec/model.py: SDPA's default picks a slow cuDNN kernel for that shape, bench/NOTES.md);
+    the plain search gets whichever order is fastest on this GPU, measured here.
+    """
+    from onerec.generate import beam_search
+
+    sids, mask = random_requests(cfg, batch, context_len, table, seed, device)
+    orders = {"default": [], "flash-first": ["flash", "cudnn", "efficient", "math"],
+              "efficient-first": ["efficient", "flash", "cudnn", "math"], "math-first": ["math", "flash", "cudnn", "efficient"]}
+    times = {}
+    for name, order in orders.items():
+        try:
+            fn = functools.partial(_with_sdpa, order, beam_search, model, sids, mask, index, beam_size=beam_size, k=k)
+            times[name] = percentile(time_calls(fn, 1, 3), 0.5)
+        except Exception as exc:
+            log.warning("plain SDPA order %s failed: %s", name, exc)
+    best = min(times, key=times.get)
+    log.info("plain search SDPA orders at batch %d (ms): %s -> %s", batch, times, best)
+    return {"batch": batch, "ms": times, "chosen_name": best, "chosen": orders[best]}
+
+
+def _sdpa_priority(names: list[str]):
+    """A context that makes SDPA try `names` (flash, efficient, cudnn, math) in this order."""
+    import contextlib
+
+    if not names:
+        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from onerec.engine.engine import split_kv_attention
-
-    H, dh, T = 14, 128, 3001
-    out = {}
-    for name, (B, N) in {"engine_b1": (1, 512), "engine_b8": (8, 512), "plain_b8": (8, 1536)}.items():
-        q = torch.randn(B, N, H, dh, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-        kv = torch.randn(B, T, H, dh, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-        mask = torch.ones(B, 1, 1, T, dtype=torch.bool, device="cuda")
-        flops = 4 * B * H * N * T * dh
-        for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
-            for masked in (False, True):
-                for contiguous in (False, True):
-                    qq = q.contiguous() if contiguous else q
-                    kk = kv.contiguous() if contiguous else kv
-                    key = f"{name}/{backend}/mask={int(masked)}/contig={int(contiguous)}"
-                    try:
-                        with sdpa_kernel(getattr(SDPBackend, backend)):
-                            fn = functools.partial(F.scaled_dot_product_attention, qq, kk, kk,
-                                                   attn_mask=mask if masked else None)
-                            ms = benchmark.percentile(benchmark.time_calls(fn, 3, 10), 0.5)
-                        out[key] = {"ms": ms, "tflops": flops / ms / 1e9}
-                    except Exception as exc:
-                        out[key] = {"error": str(exc)[:120]}
-        for splits in (2, 4, 8):
-            ref = F.scaled_dot_product_attention(q, kv, kv)
-            got = split_kv_attention(q, kv, kv, splits)
-            fn = functools.partial(split_kv_attention, q, kv, kv, splits)
-            ms = benchmark.percentile(benchmark.time_calls(fn, 3, 10), 0.5)
-            out[f"{name}/split{splits}"] = {"ms": ms, "tflops": flops / ms / 1e9,
-                                            "rel_err": float((got - ref).float().norm() / ref.float().norm())}
-    return out
+    table = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise UserError(f"unknown SDPA backends {unknown}; known: {', '.join(table)}")
+    return sdpa_kernel([table[n] for n in names], set_priority=True)
 
 
-def engine_time_split(batch: int, context_len=3000, beam_size=512) -> dict:
-    """GPU time of one engine request by kind of kernel (GEMM, SDPA cross-attention, the rest), bf16
-    and FP8: where the FP8-vs-bf16 ratio can and cannot come from (bench/NOTES.md)."""
+def run_benchmark(
+    presets, batches, variants, context_len=3000, beam_size=512, k=10, num_items=1_000_000,
+    warmup=3, repeats=20, seed=0, time_budget_s=480.0, torchao_presets=None,
+    torchao_batches=None, moe_kernel=None, attention="bf16",
+) -> dict:
     import torch
 
-    from onerec.engine.engine import Engine, EngineConfig
+    t0 = time.time()
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    result: dict = {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "device": props.name, "compute_capability": f"{props.major}.{props.minor}",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "settings": dict(context_len=context_len, beam_size=beam_size, k=k, num_items=num_items,
+                         warmup=warmup, repeats=repeats, seed=seed, batches=batches, variants=variants,
+                         moe_kernel=moe_kernel, attention=attention),
+        "runs": [], "skipped": [],
+    }
+    try:
+        import triton
 
-    model = benchmark.build_model("1b", context_len, torch.device("cuda"), torch.bfloat16, 0)
-    table, index = benchmark.random_index(1_000_000, model.cfg.codebook_size, 3, 0)
-    sids, mask = benchmark.random_requests(model.cfg, batch, context_len, table, 1, "cuda")
-    out = {}
-    for fp8 in (False, True):
-        eng = Engine(model, index.to("cuda"), EngineConfig(beam_size=beam_size, fp8=fp8, cuda_graphs=False))
-        eng.recommend(sids, mask)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            eng.recommend(sids, mask)
-            torch.cuda.synchronize()
-        split = {"gemm_ms": 0.0, "cross_attention_ms": 0.0, "other_ms": 0.0}
-        top = []
-        for evt in prof.key_averages():
-            us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
-            if not us:
-                continue
-            name = evt.key.lower()
-            kind = ("gemm_ms" if any(t in name for t in ("nvjet", "gemm", "cutlass", "xmma", "scaled_mm"))
-                    else "cross_attention_ms" if any(t in name for t in ("sdpa", "fmha", "flash", "attention_kernel"))
-                    and "self_attention" not in name else "other_ms")
-            split[kind] += us / 1e3
-            top.append((us / 1e3, evt.key[:80], kind))
-        split["total_ms"] = sum(v for k, v in split.items() if k.endswith("_ms"))
-        split["top_kernels"] = [{"ms": ms, "name": n, "kind": k} for ms, n, k in sorted(top, reverse=True)[:12]]
-        out["fp8" if fp8 else "bf16"] = split
-        del eng
-    del model
-    torch.cuda.empty_cache()
-    return out
+        result["triton"] = triton.__version__
+    except ImportError:
+        result["triton"] = None
+    try:
+        import torchao
 
+        result["torchao"] = torchao.__version__
+    except ImportError:
+        result["torchao"] = None
+    result["peaks"] = matmul_peaks(device)
+    log.info("matmul peaks: %s", result["peaks"])
 
-def profile_engine(batch: int, fp8: bool, context_len=3000, beam_size=512) -> str:
-    import torch
-
-    from onerec.engine.engine import Engine, EngineConfig
-
-    model = benchmark.build_model("1b", context_len, torch.device("cuda"), torch.bfloat16, 0)
-    table, index = benchmark.random_index(1_000_000, model.cfg.codebook_size, 3, 0)
-    eng = Engine(model, index.to("cuda"), EngineConfig(beam_size=beam_size, fp8=fp8, cuda_graphs=False))
-    sids, mask = benchmark.random_requests(model.cfg, batch, context_len, table, 1, "cuda")
-    eng.recommend(sids, mask)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        eng.recommend(sids, mask)
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-
-
-def check_torchao(batch=2, context_len=3000) -> dict:
-    """Teacher-forced logits: torchao float8 and the quant module's FP8Linear vs bf16 (eager)."""
-    import copy
-
-    import torch
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    from onerec.quant.fp8 import FP8Linear
-
-    model = benchmark.build_model("1b", context_len, torch.device("cuda"), torch.bfloat16, 0)
-    table, _ = benchmark.random_index(100_000, model.cfg.codebook_size, 3, 0)
-    sids, mask = benchmark.random_requests(model.cfg, batch, context_len, table, 1, "cuda")
-    target = sids[:, -1]
-    with torch.no_grad():
-        ref = model(sids, mask, target).float()
-        ao = copy.deepcopy(model)
-        quantize_(ao, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not fqn.startswith("heads"))
-        got_ao = ao(sids, mask, target).float()
-        ours = copy.deepcopy(model)
-        for name, mod in list(ours.named_modules()):
-            for child_name, child in list(mod.named_children()):
-                fqn = f"{name}.{child_name}" if name else child_name
-                if isinstance(child, torch.nn.Linear) and not fqn.startswith("heads"):
-                    setattr(mod, child_name, FP8Linear.from_linear(child))
-        got_ours = ours(sids, mask, target).float()
-    rel = lambda a: float((a - ref).norm() / ref.norm())
-    return {"torchao_rel_err": rel(got_ao), "fp8linear_rel_err": rel(got_ours),
-            "torchao_vs_fp8linear": float((got_ao - got_ours).norm() / got_ours.norm()),
-            "ref_logit_std": float(ref.std())}
-
-
-def gate_smoke(out_dir: Path, preset: str = "0.1b") -> dict:
-    """The latency gate end to end on a random `preset` checkpoint and its fp8_dynamic quantization."""
-    import tempfile
-
-    import torch
-
-    from onerec.checkpoint import save_checkpoint
-    from onerec.engine.latency_gate import LatencyGateConfig, measure_latency
-    from onerec.quant.export import save_quantized
-    from onerec.quant.recipes import quantize
-
-    root = Path(tempfile.mkdtemp())
-    model = benchmark.build_model(preset, 3000, torch.device("cuda"), torch.float32, 0)
-    table, _ = benchmark.random_index(200_000, model.cfg.codebook_size, 3, 0)
-    save_checkpoint(model.cpu(), table, root / "ckpt")
-    report = quantize(model, "fp8_dynamic", measure=False)
-    save_quantized(model, table, report, root / "q", source_checkpoint=root / "ckpt")
-    result = measure_latency(root / "ckpt", root / "q", LatencyGateConfig(batch_sizes=(1, 8), repeats=10))
-    (out_dir / "gate_smoke.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    # torchao last: its compilation takes minutes, and a time-budget cut then loses only its rows
+    passes = [(preset, [v for v in variants if v != "torchao-fp8"], batches) for preset in presets]
+    if "torchao-fp8" in variants:
+        passes += [(preset, ["torchao-fp8"], torchao_batches or batches) for preset in presets
+                   if torchao_presets is None or preset in torchao_presets]
+    for preset, preset_variants, preset_batches in passes:
+        _bench_preset(result, preset, preset_batches, preset_variants, context_len, beam_size, k, num_items,
+                      warmup, repeats, seed, t0, time_budget_s, device, moe_kernel, attention)
+        torch.cuda.empty_cache()
+    result["elapsed_s"] = time.time() - t0
+    result["summary"] = summarize(result)
     return result
+
+
+def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, num_items,
+                  warmup, repeats, seed, t0, time_budget_s, device, moe_kernel=None, attention="bf16") -> None:
+    import torch
+
+    from onerec.engine.engine import Engine, EngineConfig
+    from onerec.generate import beam_search
+
+    peaks = result["peaks"]
+    model = build_model(preset, context_len, device, torch.bfloat16, seed)
+    cfg = model.cfg
+    table, index = random_index(num_items, cfg.codebook_size, cfg.n_levels, seed)
+    index = index.to(device)
+    engines = {
+        name: Engine(model, index, EngineConfig(
+            beam_size=beam_size, k=k, fp8=name == "fp8-engine", moe_kernel=moe_kernel,
+            attention=attention if name == "fp8-engine" else "bf16"))
+        for name in ("bf16-engine", "fp8-engine") if name in variants or name == "bf16-engine"
+    }
+    beams = engines["bf16-engine"].beams
+    flops_cached = flop_count(cfg, context_len, beams, cached=True)
+    ao = None
+    choices = result.setdefault("plain_sdpa_choice", {})
+    if preset not in choices:  # the torchao pass reuses the first pass's choice
+        choices[preset] = choose_plain_sdpa(model, index, cfg, context_len, table, beam_size, k, seed, device,
+                                            batch=max([b for b in batches if b <= 8] or [min(batches)]))
+    plain_backends = choices[preset]["chosen"]
+    for batch in batches:
+        sids, mask = random_requests(cfg, batch, context_len, table, seed + batch, device)
+        reference_items = None
+        if "bf16-eager" not in variants:  # same weights and inputs as the first pass: its eager top-k
+            reference_items = _with_sdpa(plain_backends, beam_search, model, sids, mask, index,
+                                         beam_size=beam_size, k=k).items
+        for variant in variants:
+            if time.time() - t0 > time_budget_s:
+                result["skipped"].append({"preset": preset, "batch": batch, "variant": variant, "why": "time budget"})
+                continue
+            log.info("%s batch %d: %s", preset, batch, variant)
+            try:
+                if variant in engines:
+                    fn = functools.partial(engines[variant].recommend, sids, mask)
+                else:
+                    if variant == "torchao-fp8" and ao is None:
+                        from bench.torchao_baseline import torchao_model
+
+                        ao = torchao_model(model)
+                    plain = model if variant == "bf16-eager" else ao
+                    fn = functools.partial(_with_sdpa, plain_backends, beam_search, plain, sids, mask, index,
+                                           beam_size=beam_size, k=k)
+                torch.cuda.synchronize()
+                t_first = time.time()
+                out = fn()  # first call: compiles / captures; not timed
+                torch.cuda.synchronize()
+                first_s = time.time() - t_first
+                torch.cuda.reset_peak_memory_stats()
+                times = time_calls(fn, warmup, repeats)
+                peak_mem = torch.cuda.max_memory_allocated()
+            except Exception as exc:  # one variant failing must not lose the others' numbers
+                log.exception("%s failed", variant)
+                result["skipped"].append({"preset": preset, "batch": batch, "variant": variant,
+                                          "why": f"{type(exc).__name__}: {exc}"[:500]})
+                continue
+            p50, p99 = percentile(times, 0.5), percentile(times, 0.99)
+            tflops = flops_cached["total"] * batch / (p50 / 1e3) / 1e12
+            run = {
+                "preset": preset, "batch": batch, "variant": variant,
+                "p50_ms": p50, "p99_ms": p99, "mean_ms": sum(times) / len(times), "times_ms": times,
+                "first_call_s": first_s,
+                "requests_per_s": batch / (p50 / 1e3), "items_per_s": batch * k / (p50 / 1e3),
+                "useful_tflops": tflops,
+                "mfu_vs_bf16_peak": tflops / peaks["bf16_tflops"],
+                "mfu_vs_fp8_peak": tflops / peaks["fp8_tflops"],
+                "executed_tflop_per_request": flops_cached["total"] / 1e12,
+                "peak_memory_gib": peak_mem / 2**30,
+            }
+            if variant == "bf16-eager":
+                reference_items = out.items
+            elif reference_items is not None:
+                run["topk_overlap_vs_bf16_eager"] = overlap(out.items, reference_items)
+            result["runs"].append(run)
+            log.info("%s b=%d %s: p50 %.2f ms p99 %.2f ms", preset, batch, variant, p50, p99)
+    result.setdefault("models", {})[preset] = {
+        "config": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
+        "beams_per_step": beams, "flops_per_user_cached": flops_cached,
+    }
+
+
+def summarize(result: dict) -> dict:
+    """Ratios against the targets (bench/README.md) for each preset."""
+    out = {}
+    runs = result["runs"]
+    for preset in {r["preset"] for r in runs}:
+        by = {(r["variant"], r["batch"]): r for r in runs if r["preset"] == preset}
+
+        s = {}
+        for v in VARIANTS:
+            vals = [r["requests_per_s"] for (variant, _), r in by.items() if variant == v]
+            s[f"{v}_best_requests_per_s"] = max(vals) if vals else None
+        if ("fp8-engine", 1) in by and ("bf16-eager", 1) in by:
+            s["fp8_engine_vs_bf16_eager_p50_at_1"] = by[("fp8-engine", 1)]["p50_ms"] / by[("bf16-eager", 1)]["p50_ms"]
+        for other in ("bf16-eager", "bf16-engine", "torchao-fp8"):
+            if s.get("fp8-engine_best_requests_per_s") and s.get(f"{other}_best_requests_per_s"):
+                s[f"fp8_engine_vs_{other}_throughput"] = s["fp8-engine_best_requests_per_s"] / s[f"{other}_best_requests_per_s"]
+        out[preset] = s
+    return out
+
+
+def run_diagnostics(args: argparse.Namespace) -> None:
+    """The optional diagnostics (bench/diagnose.py); a failure here must not cost the benchmark's numbers."""
+    from bench import diagnose
+    from bench.torchao_baseline import check_torchao
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = {
+        "diagnose.json": args.diagnose and (lambda: {
+            "attention": diagnose.diagnose_attention(), "torchao_logits": check_torchao(),
+            **{f"profile_engine_b{b}_fp8={int(fp8)}": diagnose.profile_engine(b, fp8) for b, fp8 in ((1, False), (8, False), (8, True))},
+        }),
+        "gate_smoke.json": args.gate_smoke and (lambda: diagnose.gate_smoke(out)),
+        "engine_time_split.json": args.time_split and (
+            lambda: diagnose.engine_time_split(args.time_split, args.context_len, args.beam_size)),
+    }
+    for name, job in jobs.items():
+        if not job:
+            continue
+        try:
+            (out / name).write_text(json.dumps(job(), indent=1, default=str) + "\n")
+            log.info("wrote %s", out / name)
+        except Exception:
+            log.exception("%s failed", name)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    benchmark.add_arguments(parser)
-    parser.add_argument("--diagnose-plain", default="", help="batches for the plain-baseline diagnosis")
-    parser.add_argument("--diagnose", action="store_true", help="attention backends, engine profile, torchao logits")
-    parser.add_argument("--gate-smoke", action="store_true", help="run the latency gate on a random 0.1b checkpoint")
-    parser.add_argument("--time-split", type=int, default=0, help="batch for the engine's GPU time split (1b)")
+    add_arguments(parser)
     args = parser.parse_args()
-    if args.diagnose:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        diag = {"attention": diagnose_attention(), "torchao_logits": check_torchao()}
-        for b, fp8 in ((1, False), (8, False), (8, True)):
-            table = profile_engine(b, fp8)
-            diag[f"profile_engine_b{b}_fp8={int(fp8)}"] = table
-            print(table, file=sys.stderr)
-        (Path(args.out) / "diagnose.json").write_text(json.dumps(diag, indent=1) + "\n")
-        for k, v in diag["attention"].items():
-            print(k, v, file=sys.stderr)
-        print(diag["torchao_logits"], file=sys.stderr)
-    parser_gate = args.gate_smoke
-    summary = benchmark.main(args)
-    if args.diagnose_plain:  # after the benchmark: a failure here must not cost its numbers
-        try:
-            diag = diagnose_plain([int(b) for b in args.diagnose_plain.split(",")], args.context_len, args.beam_size)
-            (Path(args.out) / "diagnose_plain.json").write_text(json.dumps(diag, indent=1) + "\n")
-            print(diag["profile_b8"], file=sys.stderr)
-            print(json.dumps({k: v for k, v in diag.items() if k != "profile_b8"}), file=sys.stderr)
-        except Exception:
-            logging.exception("plain diagnosis failed")
-    if parser_gate:
-        try:
-            gate = gate_smoke(Path(args.out))
-            print(json.dumps({k: v for k, v in gate.items() if k != "thresholds"}, default=str), file=sys.stderr)
-        except Exception:
-            logging.exception("gate smoke failed")
-    if args.time_split:
-        try:
-            split = engine_time_split(args.time_split, args.context_len, args.beam_size)
-            (Path(args.out) / "engine_time_split.json").write_text(json.dumps(split, indent=1) + "\n")
-            for name, row in split.items():
-                print(name, {k: round(v, 2) for k, v in row.items() if k.endswith("_ms")}, file=sys.stderr)
-        except Exception:
-            logging.exception("time split failed")
+    try:
+        summary = main(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    run_diagnostics(args)
     print(json.dumps(summary, indent=1, default=str))

@@ -45,7 +45,8 @@ def main() -> int:
         row = {"backend": served.backend, "kind": served.kind}
         for beam in [int(b) for b in args.beams.split(",")]:
             fast_items, ref_items = [], []
-            for batch in iter_batches(requests, served.table, cfg.context_len, cfg.profile_features, 64):
+            for batch in iter_batches(requests, served.table, cfg.context_len, cfg.profile_features, 64,
+                                      categorical=cfg.categorical_features):
                 b = batch.to("cuda")
                 fast = served.search(b.history_sids, b.history_mask, b.profile, beam, 10)
                 ref = beam_search(served.model, b.history_sids, b.history_mask, served.index, b.profile, beam_size=beam, k=10)

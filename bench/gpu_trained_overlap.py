@@ -1,8 +1,9 @@
-"""FP8 vs bf16 top-10 overlap on a model trained on the GPU (issue 5's overlap target).
+"""FP8 vs bf16 top-10 overlap on a model trained on the GPU.
 
 Synthesises interaction data, trains a preset on the GPU (bf16 autocast), quantizes it with
-fp8_dynamic (calibration from training users), then runs onerec.engine.benchmark.trained_overlap
-(engine and plain beam search, bf16 and FP8, on the validation users) and writes one JSON.
+fp8_dynamic (calibration from training users), then runs `trained_overlap` (engine and plain beam
+search, bf16 and FP8, on the validation users) and writes one JSON. `bench/gpu_bench.py --trained
+DIR` runs `trained_overlap` on an existing folder.
 
     PYTHONPATH=. python3 bench/gpu_trained_overlap.py --preset small --users 10000 --items 5000 --out OUT_DIR
 """
@@ -12,12 +13,82 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger(__name__)
+
+
+def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size: int = 256, device=None) -> dict:
+    """FP8 vs bf16 top-k overlap on a trained checkpoint's real validation histories.
+
+    `folder` holds ckpt/ (onerec-fp8 train), quantized/ (onerec-fp8 quantize) and data/ (its data
+    folder). Compares the FP8 engine on the quantized model with the bf16 engine and with the plain
+    bf16 search, and the plain search on the quantized model (what the quality gate runs) with
+    plain bf16; also recall@k of each against the validation targets.
+    """
+    import numpy as np
+    import torch
+
+    from bench.models import overlap
+    from onerec.checkpoint import load_model_folder
+    from onerec.data import iter_batches, load_dataset, split_leave_last_out
+    from onerec.engine.engine import Engine, EngineConfig
+    from onerec.evaluate import ranking_metrics
+    from onerec.generate import beam_search
+    from onerec.quant.export import recipe_name
+    from onerec.semantic_ids import SemanticIdIndex
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, table, _ = load_model_folder(folder / "ckpt", device=device, dtype=torch.bfloat16)
+    qmodel, _, recipe = load_model_folder(folder / "quantized", device=device)
+    cfg = model.cfg
+    requests = split_leave_last_out(load_dataset(folder / "data"), max_history=cfg.context_len).valid
+    targets = requests["target"].to_numpy(np.int64)
+    index = SemanticIdIndex.build(table, cfg.codebook_size).to(device)
+    out: dict = {"model": f"d_model {cfg.d_model}, {cfg.n_layers} blocks, codebook {cfg.codebook_size}, "
+                          f"context {cfg.context_len}, {len(table)} items",
+                 "users": len(requests), "k": k, "recipe": recipe_name(recipe) or "?", "by_beam": {}}
+    for beam in beam_sizes:
+        # graphs off: the histories' lengths vary by batch; graphs do not change the numerics
+        engine_cfg = EngineConfig(beam_size=beam, k=k, cuda_graphs=False)
+        runs = {
+            "bf16-eager": lambda b, beam=beam: beam_search(model, b.history_sids, b.history_mask, index, b.profile,
+                                                            beam_size=beam, k=k),
+            "fp8-eager": lambda b, beam=beam: beam_search(qmodel, b.history_sids, b.history_mask, index, b.profile,
+                                                           beam_size=beam, k=k),
+            "bf16-engine": Engine(model, index, engine_cfg).recommend,
+            "fp8-engine": Engine(qmodel, index, engine_cfg).recommend,
+        }
+        items = {name: [] for name in runs}
+        for batch in iter_batches(requests, table, cfg.context_len, cfg.profile_features, batch_size,
+                                  categorical=cfg.categorical_features):
+            b = batch.to(device)
+            for name, fn in runs.items():
+                recs = fn(b) if "eager" in name else fn(b.history_sids, b.history_mask, b.profile)
+                items[name].append(recs.items.cpu())
+        items = {name: torch.cat(v) for name, v in items.items()}
+        row = {
+            "overlap_fp8_engine_vs_bf16_engine": overlap(items["fp8-engine"], items["bf16-engine"]),
+            "overlap_fp8_engine_vs_bf16_eager": overlap(items["fp8-engine"], items["bf16-eager"]),
+            "overlap_bf16_engine_vs_bf16_eager": overlap(items["bf16-engine"], items["bf16-eager"]),
+            "overlap_fp8_eager_vs_bf16_eager": overlap(items["fp8-eager"], items["bf16-eager"]),
+        }
+        for name, v in items.items():
+            row[f"recall@{k}_{name}"] = ranking_metrics(v.numpy(), targets, k)[f"recall@{k}"]
+        out["by_beam"][str(beam)] = row
+        log.info("trained checkpoint, beam %d: %s", beam, row)
+    for key in next(iter(out["by_beam"].values()), {}):
+        if key.startswith("overlap"):
+            out[f"{key}_min"] = min(row[key] for row in out["by_beam"].values())
+    return out
 
 
 def main() -> int:
@@ -32,9 +103,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from onerec.data import calibration_requests, load_dataset, split_leave_last_out
-    from onerec.engine.benchmark import trained_overlap
     from onerec.model import OneRecV2Config
-    from onerec.quant import quantize_command
+    from onerec.quant.export import quantize_folder
     from onerec.synth import synthesize
     from onerec.train import train
 
@@ -46,8 +116,7 @@ def main() -> int:
     cfg = OneRecV2Config.from_preset(args.preset)
     split = split_leave_last_out(load_dataset(work / "data"), max_history=cfg.context_len)
     calibration_requests(split, n=512, seed=0).to_parquet(work / "calibration.parquet", index=False)
-    quantized = quantize_command.run(str(work / "ckpt"), str(work / "calibration.parquet"), "fp8_dynamic",
-                                     str(work / "quantized"))
+    quantized = quantize_folder(work / "ckpt", work / "calibration.parquet", "fp8_dynamic", work / "quantized")
     overlap = trained_overlap(work, [int(b) for b in args.beams.split(",")], k=10, device=args.device)
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

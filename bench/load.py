@@ -9,6 +9,8 @@ script starts the server itself on a free loopback port and stops it at the end.
 drawn from the model's known items when the folder is at hand (--serve-model or --items-from),
 else uniformly from [0, --max-item-id) (unknown ids are dropped by the server, as in production).
 Writes a JSON report (device, versions, date, command) and a PNG of latency and throughput.
+The server's resident memory is sampled every second when its process is known (--serve-model,
+or --server-pid): a soak is one long level, e.g. `--concurrency 64 --duration 60 --requests 10000000`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from onerec.processes import free_port
+from ops.processes import free_port
 
 
 def check_loopback(url: str) -> None:
@@ -47,7 +49,7 @@ def check_loopback(url: str) -> None:
 
 def start_server(model: str, server_args: list[str], timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "onerec.cli", "serve", "--model-uri", model, "--port", str(port), *server_args]
+    cmd = [sys.executable, "-m", "onerec_fp8.cli", "serve", "--model-uri", model, "--port", str(port), *server_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -86,7 +88,17 @@ def make_bodies(n: int, args, known: np.ndarray | None, rng: np.random.Generator
     return bodies
 
 
-async def run_level(url: str, bodies: list[bytes], concurrency: int, max_requests: int, duration_s: float) -> dict:
+def rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    import psutil
+
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+
+
+async def run_level(
+    url: str, bodies: list[bytes], concurrency: int, max_requests: int, duration_s: float, pid: int | None = None,
+) -> dict:
     latencies: list[float] = []
     finished: list[float] = []
     errors: dict[str, int] = {}
@@ -115,7 +127,18 @@ async def run_level(url: str, bodies: list[bytes], concurrency: int, max_request
                 else:
                     errors[code] = errors.get(code, 0) + 1
 
+        rss: list[tuple[float, float]] = []
+
+        async def sample_rss():
+            while True:
+                rss.append((round(time.perf_counter() - start, 2), rss_mb(pid)))
+                await asyncio.sleep(1.0)
+
+        sampler = asyncio.create_task(sample_rss()) if pid is not None else None
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        if sampler is not None:
+            sampler.cancel()
+            rss.append((round(time.perf_counter() - start, 2), rss_mb(pid)))
     elapsed = time.perf_counter() - start
     lat_ms = np.asarray(latencies) * 1000
     pct = (lambda q: round(float(np.percentile(lat_ms, q)), 3)) if len(lat_ms) else (lambda q: None)
@@ -124,7 +147,11 @@ async def run_level(url: str, bodies: list[bytes], concurrency: int, max_request
         "duration_s": round(elapsed, 3), "requests_per_s": round(len(latencies) / elapsed, 2),
         "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": pct(100),
                        "mean": round(float(lat_ms.mean()), 3) if len(lat_ms) else None},
+        "http_5xx": sum(n for code, n in errors.items() if code.startswith("5")),
+        "server_rss_mb": {"start": rss[0][1], "mid": rss[len(rss) // 2][1], "end": rss[-1][1],
+                          "max": max(r for _, r in rss)} if rss else None,
         "_latencies_ms": lat_ms.tolist(),
+        "_rss": rss,
     }
 
 
@@ -143,7 +170,7 @@ def environment() -> dict:
     import importlib.metadata as md
 
     versions = {"python": platform.python_version()}
-    for pkg in ("torch", "onerec-fp8", "fastapi", "uvicorn", "httpx", "numpy"):
+    for pkg in ("torch", "onerec-fp8", "fastapi", "uvicorn", "httptools", "httpx", "numpy"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -155,12 +182,13 @@ def environment() -> dict:
 
 
 def plot(levels: list[dict], title: str, out: Path) -> None:
-    import matplotlib
+    from onerec.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    with_rss = any(lv["_rss"] for lv in levels)
+    fig, axes = plt.subplots(1, 3 if with_rss else 2, figsize=(16 if with_rss else 11, 4))
+    ax1, ax2 = axes[:2]
     for level in levels:
         if level["_latencies_ms"]:
             ax1.hist(level["_latencies_ms"], bins=40, alpha=0.5, label=f"concurrency {level['concurrency']}")
@@ -179,6 +207,15 @@ def plot(levels: list[dict], title: str, out: Path) -> None:
     twin.set_ylabel("latency (ms)")
     twin.legend(loc="upper left")
     ax2.set_title("throughput and latency vs concurrency")
+    if with_rss:
+        for level in levels:
+            if level["_rss"]:
+                t, mb = zip(*level["_rss"], strict=True)
+                axes[2].plot(t, mb, label=f"concurrency {level['concurrency']}")
+        axes[2].set_xlabel("seconds into the level")
+        axes[2].set_ylabel("server RSS (MiB)")
+        axes[2].set_title("server resident memory")
+        axes[2].legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -190,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running server (loopback)")
     target.add_argument("--serve-model", help="start `onerec-fp8 serve` on this model for the run")
+    parser.add_argument("--server-pid", type=int, help="with --url: the server's process, for its memory")
     parser.add_argument("--server-arg", action="append", default=[], help="extra serve flag (repeatable), e.g. --server-arg=--device=cpu")
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
     parser.add_argument("--requests", type=int, default=400, help="most requests per level")
@@ -212,8 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
     proc = None
     if args.serve_model:
         proc, url = start_server(args.serve_model, args.server_arg)
+        pid = proc.pid
     else:
         url = args.url.rstrip("/")
+        pid = args.server_pid
     check_loopback(url)
     try:
         folder = args.items_from or args.serve_model
@@ -229,12 +269,13 @@ def main(argv: list[str] | None = None) -> dict:
         levels = []
         for concurrency in levels_wanted:
             s0, c0 = batch_stats(url)
-            level = asyncio.run(run_level(url, bodies, concurrency, args.requests, args.duration))
+            level = asyncio.run(run_level(url, bodies, concurrency, args.requests, args.duration, pid))
             s1, c1 = batch_stats(url)
             level["mean_users_per_batch"] = round((s1 - s0) / (c1 - c0), 2) if c1 > c0 else None
             levels.append(level)
             print(f"concurrency {concurrency}: {level['requests_per_s']} req/s, p50 {level['latency_ms']['p50']} ms, "
-                  f"p99 {level['latency_ms']['p99']} ms, errors {level['errors']}", file=sys.stderr)
+                  f"p99 {level['latency_ms']['p99']} ms, errors {level['errors']}, server RSS {level['server_rss_mb']}",
+                  file=sys.stderr)
     finally:
         if proc is not None:
             stop_server(proc)

@@ -48,18 +48,27 @@ def config():
     """PipelineConfig from the environment, overridden by the Airflow Variable `onerec_fp8_config` (JSON)."""
     from airflow.sdk import Variable
 
-    from tasks.config import AIRFLOW_VARIABLE, load_config
+    from onerec.settings import AIRFLOW_VARIABLE
+    from tasks.config import load_config
 
     return load_config(Variable.get(AIRFLOW_VARIABLE, default=None, deserialize_json=True) or None)
 
 
 def run_step(fn, *args, **kwargs):
-    """A pipeline step; a StepFailed (bad data, failed check) fails the task at once, without retries."""
-    from airflow.sdk.exceptions import AirflowFailException
+    """A pipeline step; a StepFailed (bad data, failed check, lost file) fails the task at once,
+    without retries; S3 or MLflow still down after the clients' own retries ends the try with one
+    line (the task's retries may find them back)."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+    from tasks.outages import outage_message
     from tasks.requantize import StepFailed
 
     try:
         return fn(*args, **kwargs)
     except StepFailed as exc:
         raise AirflowFailException(str(exc)) from None
+    except Exception as exc:
+        message = outage_message(exc)
+        if message is None:
+            raise
+        raise AirflowException(message) from None

@@ -15,7 +15,7 @@ from datetime import timedelta
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 from onerec_fp8_common import DEFAULT_ARGS, NO_RETRY, ON_FAILURE, START_DATE, config, run_step
 
-MODEL_APPROVED = Asset(name="onerec_model_approved")  # tasks.airflow_events.MODEL_APPROVED
+MODEL_APPROVED = Asset(name="onerec_model_approved")  # ops.airflow_events.MODEL_APPROVED
 
 
 @dag(

@@ -1,32 +1,75 @@
 """onerec_fp8_requantize: newest S3 checkpoint -> verify -> validate (GX) -> FP8 -> gates -> MLflow.
 
 Runs @daily and whenever the training job publishes a checkpoint (the Asset
-`onerec_checkpoint_published`, for s3://BUCKET/PREFIX/checkpoints/). Ends at registration: a version with alias `challenger` and
-approval=pending when the gates pass, a run with the reports and no version when they fail.
-A checkpoint already registered with the same recipe stops the run after `check_registered`.
-GPU steps run in the worker by default; with ONEREC_GPU_EXECUTOR=kubernetes each one is a
-KubernetesPodOperator pod asking for nvidia.com/gpu: 1 (image containers/Dockerfile.gpu-worker) that
-shares the work folder through the PVC `onerec-pipeline-work`.
+`onerec_checkpoint_published`, for s3://BUCKET/PREFIX/checkpoints/). Ends at registration: a
+version with alias `challenger` and approval=pending when the gates pass, a run with the reports
+and no version when they fail. A checkpoint already registered with the same recipe stops the run
+after `check_registered`. The tasks are tasks.requantize.STEPS, in that order, each calling its
+step function. GPU steps run in the worker by default; with ONEREC_GPU_EXECUTOR=kubernetes each
+one is a KubernetesPodOperator pod asking for nvidia.com/gpu: 1 (image
+containers/Dockerfile.gpu-worker) running `onerec-fp8 pipeline exec STEP --inputs JSON`, sharing
+the work folder through the PVC `onerec-pipeline-work`.
 """
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 from onerec_fp8_common import DEFAULT_ARGS, GPU_STEP, NO_RETRY, ON_FAILURE, START_DATE, config, run_step
 
+from onerec.settings import Settings
+from tasks.requantize import STEPS, Step, pod_arguments
+
+# Read at parse time (stdlib only): where the Asset points, and where GPU steps run.
+SETTINGS = Settings.from_env()
 # The Asset the training job updates after `publish` (an asset event via Airflow's REST API:
 # POST /api/v2/assets/events). A plain name, not an s3:// URI: parsing an s3 URI would import
 # boto3 (the amazon provider's URI handler) every time this file is parsed.
-CHECKPOINT_PUBLISHED = Asset(
-    name="onerec_checkpoint_published",
-    extra={"location": f"s3://{os.environ.get('ONEREC_S3_BUCKET') or 'onerec'}/"
-                       f"{(os.environ.get('ONEREC_S3_PREFIX') or 'onerec-v2').strip('/')}/checkpoints/"},
-)
-# Where GPU steps run, read at parse time: in_process (default) or kubernetes (pods with a GPU).
-GPU_EXECUTOR = os.environ.get("ONEREC_GPU_EXECUTOR") or "in_process"
+CHECKPOINT_PUBLISHED = Asset(name="onerec_checkpoint_published", extra={"location": SETTINGS.checkpoints_uri})
+
+
+def _python_task(step: Step):
+    """The step as a TaskFlow task; check_registered short-circuits (skips the rest) when the registry has it."""
+    options = {"task_id": step.name, **(GPU_STEP if step.gpu else {} if step.retries else NO_RETRY)}
+    if step.name == "check_registered":
+        @task.short_circuit(**options)
+        def check_registered(fetched: dict) -> bool:
+            return run_step(step.fn, config(), fetched) is None
+
+        return check_registered
+
+    @task(**options)
+    def run(*inputs: dict) -> dict:
+        from airflow.sdk import get_current_context
+
+        kwargs = {"run_name": get_current_context()["run_id"]} if step.name == "register" else {}
+        return run_step(step.fn, config(), *inputs, **kwargs)
+
+    return run
+
+
+def _gpu_pod(step: Step):
+    """The step as a GPU pod running `onerec-fp8 pipeline exec STEP` with the earlier results as --inputs."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    state_dir = SETTINGS.state_dir
+    inputs = "{" + ", ".join(f'"{name}": {{{{ ti.xcom_pull(task_ids={name!r}) | tojson }}}}'
+                             for name in step.inputs) + "}"
+    return KubernetesPodOperator(
+        task_id=step.name, name=f"onerec-{step.name.replace('_', '-')}",
+        cmds=["onerec-fp8"], arguments=pod_arguments(step.name, inputs),
+        image=SETTINGS.gpu_image, namespace=SETTINGS.k8s_namespace, do_xcom_push=True, get_logs=True,
+        on_finish_action="delete_pod",
+        container_resources=k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}),
+        env_vars={"ONEREC_STATE_DIR": state_dir},
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name="onerec-pipeline-env"))],
+        volumes=[k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name="onerec-pipeline-work"))],
+        volume_mounts=[k8s.V1VolumeMount(name="work", mount_path=state_dir)],
+        **GPU_STEP,
+    )
 
 
 @dag(
@@ -42,110 +85,17 @@ GPU_EXECUTOR = os.environ.get("ONEREC_GPU_EXECUTOR") or "in_process"
     doc_md=__doc__,
 )
 def onerec_fp8_requantize():
-    @task
-    def find() -> dict:
-        from tasks.requantize import find_step
-
-        return find_step(config())
-
-    @task
-    def fetch(found: dict) -> dict:
-        from tasks.requantize import fetch_step
-
-        return fetch_step(config(), found)
-
-    @task.short_circuit(**NO_RETRY)
-    def check_registered(fetched: dict) -> bool:
-        """False (skip the rest) when this checkpoint + recipe is already registered or failed before."""
-        from tasks.requantize import existing_step
-
-        return existing_step(config(), fetched) is None
-
-    @task(**NO_RETRY)
-    def validate(fetched: dict) -> dict:
-        from tasks.requantize import validate_step
-
-        return run_step(validate_step, config(), fetched)
-
-    @task
-    def register(fetched: dict, quantized: dict, quality: dict, latency: dict, validation: dict) -> dict:
-        from airflow.sdk import get_current_context
-
-        from tasks.requantize import register_step
-
-        run_id = get_current_context()["run_id"]
-        return register_step(config(), fetched, quantized, quality, latency, validation, run_name=run_id)
-
-    found = find()
-    fetched = fetch(found)
-    go_on = check_registered(fetched)
-    validation = validate(fetched)
-    go_on >> validation
-
-    if GPU_EXECUTOR == "kubernetes":
-        quantized, quality, latency = _gpu_pods(fetched)
-        validation >> quantized
-    else:
-        @task(**GPU_STEP)
-        def quantize(fetched: dict) -> dict:
-            from tasks.requantize import quantize_step
-
-            return run_step(quantize_step, config(), fetched)
-
-        @task(**GPU_STEP)
-        def quality_gate(fetched: dict, quantized: dict) -> dict:
-            from tasks.requantize import quality_step
-
-            return run_step(quality_step, config(), fetched, quantized)
-
-        @task(**GPU_STEP)
-        def latency_gate(fetched: dict, quantized: dict) -> dict:
-            from tasks.requantize import latency_step
-
-            return run_step(latency_step, config(), fetched, quantized)
-
-        quantized = quantize(fetched)
-        validation >> quantized
-        quality = quality_gate(fetched, quantized)
-        latency = latency_gate(fetched, quantized)
-    register(fetched, quantized, quality, latency, validation)
-
-
-def _gpu_pods(fetched):
-    """quantize / quality_gate / latency_gate as GPU pods running `onerec-fp8 pipeline exec STEP`."""
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from kubernetes.client import models as k8s
-
-    image = os.environ.get("ONEREC_GPU_IMAGE") or "onerec-fp8-gpu:0.1.0"
-    namespace = os.environ.get("ONEREC_K8S_NAMESPACE") or "onerec"
-    state_dir = os.environ.get("ONEREC_STATE_DIR") or "/work/state"
-    common = dict(
-        image=image, namespace=namespace, do_xcom_push=True, get_logs=True, on_finish_action="delete_pod",
-        container_resources=k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}),
-        env_vars={"ONEREC_STATE_DIR": state_dir},
-        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name="onerec-pipeline-env"))],
-        volumes=[k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name="onerec-pipeline-work"))],
-        volume_mounts=[k8s.V1VolumeMount(name="work", mount_path=state_dir)],
-        **GPU_STEP,
-    )
-
-    def pod(step: str, inputs: str):
-        return KubernetesPodOperator(
-            task_id=step, name=f"onerec-{step.replace('_', '-')}",
-            cmds=["onerec-fp8"], arguments=["pipeline", "exec", step, "--inputs", inputs,
-                                             "--xcom-file", "/airflow/xcom/return.json"],
-            **common,
-        )
-
-    fetched_json = "{{ ti.xcom_pull(task_ids='fetch') | tojson }}"
-    quantized_json = "{{ ti.xcom_pull(task_ids='quantize') | tojson }}"
-    quantized = pod("quantize", '{"fetched": ' + fetched_json + "}")
-    quality = pod("quality_gate", '{"fetched": ' + fetched_json + ', "quantized": ' + quantized_json + "}")
-    latency = pod("latency_gate", '{"fetched": ' + fetched_json + ', "quantized": ' + quantized_json + "}")
-    fetched >> quantized
-    quantized >> [quality, latency]
-    return quantized.output, quality.output, latency.output
+    tasks: dict = {}  # step name -> its task (its XComArg for TaskFlow tasks)
+    for step in STEPS:
+        if step.gpu and SETTINGS.gpu_executor == "kubernetes":
+            pod = _gpu_pod(step)
+            for name in (*step.inputs, *step.after):
+                tasks[name] >> pod
+            tasks[step.name] = pod.output
+        else:
+            tasks[step.name] = _python_task(step)(*[tasks[name] for name in step.inputs])
+            for name in step.after:
+                tasks[name] >> tasks[step.name]
 
 
 onerec_fp8_requantize()

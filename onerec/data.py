@@ -2,12 +2,17 @@
 
 A data folder holds interactions.parquet or interactions.csv (user_id, item_id, timestamp; other
 columns, e.g. MovieLens' rating, are ignored), and optionally users.parquet/csv (user_id +
-numeric profile columns) and items.parquet/csv (item_id + feature columns).
+profile columns: numeric, string or categorical, missing values allowed; onerec/features.py) and
+items.parquet/csv (item_id + feature columns). Item features only shape the semantic IDs
+(onerec.semantic_ids.feature_embeddings): float columns as z-scores, other columns with at most 256
+distinct values as categories; any other item column (free text, ids) is ignored, and logged.
 
 Everything downstream (training, evaluation, calibration, the quality gate, serving tests)
 works on one table shape, a *request table*: one row per request with columns
     user_id (int), history (list of item ids, newest last), target (int item id),
-plus one float column per profile feature. calibration.parquet in S3 is exactly such a table.
+plus one column per profile feature (float for numeric features, missing values filled with the
+users' mean; the raw string, possibly missing, for categorical ones). calibration.parquet in S3
+is exactly such a table.
 
 Split (leave-last-out by time, per user): the last interaction is the test target, the one
 before it the validation target, every earlier one a training target (predicted from the
@@ -27,6 +32,7 @@ import pandas as pd
 import torch
 
 from onerec.errors import UserError
+from onerec.features import encode_profiles, profile_columns
 from onerec.semantic_ids import encode_histories
 
 log = logging.getLogger(__name__)
@@ -50,14 +56,18 @@ def _read_table(folder: Path, stem: str, required: bool) -> pd.DataFrame | None:
 @dataclass
 class Dataset:
     interactions: pd.DataFrame  # user_id, item_id, timestamp (sorted by user, time)
-    users: pd.DataFrame | None  # user_id + numeric profile columns
+    users: pd.DataFrame | None  # user_id + profile columns (numeric, string or categorical)
     items: pd.DataFrame | None  # item_id + feature columns
 
     @property
     def profile_features(self) -> list[str]:
-        if self.users is None:
-            return []
-        return [c for c in self.users.columns if c != "user_id"]
+        """The numeric profile columns."""
+        return [] if self.users is None else profile_columns(self.users)[0]
+
+    @property
+    def categorical_features(self) -> list[str]:
+        """The string / categorical profile columns."""
+        return [] if self.users is None else profile_columns(self.users)[1]
 
     @property
     def num_items(self) -> int:
@@ -83,9 +93,7 @@ def load_dataset(folder: str | Path) -> Dataset:
     if users is not None:
         if "user_id" not in users.columns:
             raise UserError(f"{folder}/users: missing column user_id")
-        non_numeric = [c for c in users.columns if c != "user_id" and not pd.api.types.is_numeric_dtype(users[c])]
-        if non_numeric:
-            raise UserError(f"{folder}/users: profile columns must be numeric, not {non_numeric}")
+        profile_columns(users, f"{folder}/users")  # refuses column types that are neither
         if users["user_id"].duplicated().any():
             raise UserError(f"{folder}/users: user_id must be unique (one profile row per user)")
         users = users.set_index("user_id", drop=False).sort_index()
@@ -103,9 +111,11 @@ class Split:
 def _attach_profiles(requests: pd.DataFrame, dataset: Dataset) -> pd.DataFrame:
     if dataset.users is None:
         return requests
-    prof = dataset.users.reindex(requests["user_id"].to_numpy())[dataset.profile_features]
-    prof = prof.fillna(dataset.users[dataset.profile_features].mean())
-    return pd.concat([requests.reset_index(drop=True), prof.reset_index(drop=True).astype("float32")], axis=1)
+    numeric, categorical = dataset.profile_features, dataset.categorical_features
+    rows = dataset.users.reindex(requests["user_id"].to_numpy())
+    num = rows[numeric].fillna(dataset.users[numeric].mean()).astype("float32")
+    cat = rows[categorical].astype("string")  # missing stays missing: the unknown bucket
+    return pd.concat([requests.reset_index(drop=True), num.reset_index(drop=True), cat.reset_index(drop=True)], axis=1)
 
 
 def split_leave_last_out(dataset: Dataset, max_history: int | None = None, min_interactions: int = 3) -> Split:
@@ -190,27 +200,26 @@ class Batch:
         )
 
 
-def make_batch(requests: pd.DataFrame, table: np.ndarray, context_len: int, profile_features: list[str]) -> Batch:
+def make_batch(requests: pd.DataFrame, table: np.ndarray, context_len: int, profile_features: list[str],
+               categorical: dict[str, list[str]] | None = None) -> Batch:
+    """`profile_features`/`categorical`: the model's numeric features and vocabularies (its config)."""
     sids, mask, unknown = encode_histories(requests["history"].tolist(), table, context_len)
     # np.array copies: pandas may hand out read-only views, which torch.from_numpy warns about.
     targets = np.array(requests["target"], dtype=np.int64) if "target" in requests else np.full(len(requests), -1)
     inside = (targets >= 0) & (targets < len(table))
     target_sids = np.full((len(targets), table.shape[1]), -1, dtype=np.int64)
     target_sids[inside] = table[targets[inside]]
-    profile = None
-    if profile_features:
-        missing = [f for f in profile_features if f not in requests.columns]
-        if missing:
-            raise UserError(f"requests lack profile features {missing} that the model needs")
-        profile = torch.from_numpy(np.array(requests[profile_features], dtype=np.float32))  # a writable copy
+    values, _ = encode_profiles(requests, profile_features, categorical or {})
+    profile = None if values is None else torch.from_numpy(values)
     user_ids = np.array(requests["user_id"], dtype=np.int64) if "user_id" in requests else np.zeros(len(requests), np.int64)
     return Batch(sids, mask, profile, torch.from_numpy(target_sids), torch.from_numpy(targets), torch.from_numpy(user_ids), unknown)
 
 
 def iter_batches(
     requests: pd.DataFrame, table: np.ndarray, context_len: int, profile_features: list[str],
-    batch_size: int, shuffle: bool = False, seed: int = 0,
+    batch_size: int, shuffle: bool = False, seed: int = 0, categorical: dict[str, list[str]] | None = None,
 ) -> Iterator[Batch]:
     order = np.random.default_rng(seed).permutation(len(requests)) if shuffle else np.arange(len(requests))
     for start in range(0, len(order), batch_size):
-        yield make_batch(requests.iloc[order[start : start + batch_size]], table, context_len, profile_features)
+        yield make_batch(requests.iloc[order[start : start + batch_size]], table, context_len, profile_features,
+                         categorical)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -50,7 +49,8 @@ def recommend(model, table: np.ndarray, requests, k: int = 10, beam_size: int = 
     index = SemanticIdIndex.build(table, cfg.codebook_size).to(device)
     beam_size = max(beam_size, k)
     items, scores = [], []
-    batches = iter_batches(requests, table, cfg.context_len, cfg.profile_features, batch_size)
+    batches = iter_batches(requests, table, cfg.context_len, cfg.profile_features, batch_size,
+                           categorical=cfg.categorical_features)
     total = (len(requests) + batch_size - 1) // batch_size
     model.eval()
     with torch.no_grad():
@@ -64,15 +64,21 @@ def recommend(model, table: np.ndarray, requests, k: int = 10, beam_size: int = 
     return np.concatenate(items), np.concatenate(scores)
 
 
-def ranking_metrics(recommended: np.ndarray, targets: np.ndarray, k: int) -> dict:
-    """recall@k and ndcg@k for one target per row (see module doc)."""
+def per_user_metrics(recommended: np.ndarray, targets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: hit (1.0 / 0.0, the row's recall@k) and its ndcg@k gain."""
     top = recommended[:, :k]
     hit = top == np.asarray(targets)[:, None]
     rank = np.where(hit.any(1), hit.argmax(1), -1)
     gains = np.where(rank >= 0, 1.0 / np.log2(np.maximum(rank, 0) + 2.0), 0.0)
-    n = len(top)
+    return hit.any(1).astype(np.float64), gains
+
+
+def ranking_metrics(recommended: np.ndarray, targets: np.ndarray, k: int) -> dict:
+    """recall@k and ndcg@k for one target per row (see module doc)."""
+    hits, gains = per_user_metrics(recommended, targets, k)
+    n = len(hits)
     return {
-        f"recall@{k}": float(hit.any(1).mean()) if n else 0.0,
+        f"recall@{k}": float(hits.mean()) if n else 0.0,
         f"ndcg@{k}": float(gains.mean()) if n else 0.0,
         "num_users": int(n),
     }
@@ -101,25 +107,19 @@ def popularity_baseline(dataset, requests, k: int = 10) -> dict:
 
 def load_model(checkpoint: str | None = None, quantized: str | None = None, device="cpu"):
     """(model, table, source description) from a checkpoint folder or a quantized folder."""
+    from onerec.checkpoint import load_model_folder
     from onerec.errors import UserError
+    from onerec.quant.export import is_quantized_folder, recipe_name
 
     if (checkpoint is None) == (quantized is None):
         raise UserError("give exactly one of --checkpoint or --quantized")
-    if checkpoint is not None:
-        from onerec.checkpoint import load_checkpoint
-
-        model, table = load_checkpoint(checkpoint, device=device)
-        return model, table, {"checkpoint": str(checkpoint)}
-    try:
-        from onerec.quant.export import load_quantized
-    except ImportError as exc:
-        raise UserError(f"cannot evaluate a quantized model: onerec.quant.export is not available ({exc})") from None
-    if not Path(quantized).is_dir():
-        raise UserError(f"quantized folder {quantized} does not exist")
-    model, table, recipe = load_quantized(quantized, device=device)
-    # The recipe's name only: recipe.json also carries per-layer calibration statistics.
-    name = recipe.get("recipe", {}).get("name") if isinstance(recipe.get("recipe"), dict) else recipe.get("name")
-    return model, table, {"quantized": str(quantized), "recipe": name}
+    folder = checkpoint or quantized
+    if quantized is not None and not is_quantized_folder(quantized):
+        raise UserError(f"{quantized} is not a quantized folder (no recipe.json); use --checkpoint")
+    model, table, recipe = load_model_folder(folder, device=device)
+    if recipe is None:
+        return model, table, {"checkpoint": str(folder)}
+    return model, table, {"quantized": str(folder), "recipe": recipe_name(recipe)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +161,10 @@ def main(args: argparse.Namespace) -> dict:
     metrics = evaluate(model, table, requests, k=args.k, beam_size=args.beam, batch_size=args.batch_size,
                        device=device, progress=True)
     metrics.update(popularity_baseline(dataset, requests, args.k))
+    if model.cfg.categorical_features:  # unseen values took the unknown bucket: say how many
+        from onerec.features import count_unseen
+
+        metrics["unseen_profile_values"] = count_unseen(requests, model.cfg.categorical_features)
     base = metrics[f"popularity_recall@{args.k}"]
     metrics["recall_vs_popularity"] = metrics[f"recall@{args.k}"] / base if base > 0 else None
     return {**source, "data": str(args.data), "split": args.split, "k": args.k, "beam": max(args.beam, args.k),

@@ -3,8 +3,10 @@
 The plain reference: straightforward PyTorch on `OneRecV2`. Each user's context K/V is
 encoded once and shared by all of that user's beams (the decoder's cross-attention treats a
 user's beams as extra query rows, see onerec/model.py); each step decodes only the newest token
-of each beam, with a self-attention KV cache reordered by parent beam (`use_cache=False` re-runs
-the whole target prefix instead, through `next_level_logits`). Only prefixes of existing items survive: at each level a beam's
+of each beam through `OneRecV2.decode_step`, with a self-attention KV cache that follows the
+parent beams (`use_cache=False` re-runs the whole target prefix instead, through
+`next_level_logits`). The engine (onerec/engine) runs this same search on the same model code,
+with other kernels and inside a CUDA graph. Only prefixes of existing items survive: at each level a beam's
 candidates are the children of its prefix in the `SemanticIdIndex`, scored by gathering their
 log-probabilities, and one top-k over beams x children picks the next beams.
 """
@@ -26,17 +28,19 @@ class Recommendations:
 
 
 def beam_step(
-    logprobs: torch.Tensor, beam_scores: torch.Tensor, beam_prefix: torch.Tensor,
+    logits: torch.Tensor, beam_scores: torch.Tensor, beam_prefix: torch.Tensor,
     index: SemanticIdIndex, level: int, beam_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One constrained step. logprobs [B, K, V] of the next code; beams' scores [B, K] and prefix ids [B, K].
+    """One constrained step. logits [B, K, V] of the next code; beams' scores [B, K] and prefix ids [B, K].
 
     Returns the parent beam [B, K'], the new prefix ids [B, K'] and scores [B, K'], K' = min(beam,
-    K * max_children). Dead beams (score -inf) never produce live children.
+    K * max_children). Dead beams (score -inf) never produce live children. Log-probabilities
+    are formed for the valid children only (logit - logsumexp): no [B, K, V] log-softmax is written.
     """
-    B, K, _ = logprobs.shape
+    B, K, _ = logits.shape
     child, codes, valid = index.children(level, beam_prefix)  # [B, K, M]
-    cand = logprobs.gather(-1, codes).float() + beam_scores[..., None]
+    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+    cand = logits.gather(-1, codes).float() - lse + beam_scores[..., None]
     cand = cand.masked_fill(~valid, float("-inf"))
     M = cand.shape[-1]
     top_scores, flat = cand.view(B, K * M).topk(min(beam_size, K * M), dim=-1)
@@ -55,10 +59,13 @@ def beam_search(
     beam_size: int = 128,
     k: int = 10,
     use_cache: bool = True,
+    padded: bool | None = None,
 ) -> Recommendations:
+    """Top-k items of each user. `padded` (is any history position masked?) is found out when None;
+    a caller that knows it spares the host sync (the engine's CUDA graphs need that)."""
     if not 1 <= k <= beam_size:
         raise ValueError(f"need 1 <= k <= beam_size, got k={k}, beam_size={beam_size}")
-    ctx: ContextKV = model.encode_context(history_sids, history_mask, profile)
+    ctx: ContextKV = model.encode_context(history_sids, history_mask, profile, padded)
     B = history_sids.shape[0]
     device = history_sids.device
     n_levels = model.cfg.n_levels
@@ -70,8 +77,7 @@ def beam_search(
     for level in range(n_levels):
         if not use_cache:
             logits = model.next_level_logits(tokens, ctx)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        parent, prefix, scores = beam_step(logprobs, scores, prefix, index, level, beam_size)
+        parent, prefix, scores = beam_step(logits, scores, prefix, index, level, beam_size)
         new_codes = index.codes[level][prefix]
         if not use_cache:
             tokens = torch.cat([tokens.gather(1, parent[..., None].expand(-1, -1, level)), new_codes[..., None]], dim=-1)

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from onerec.errors import UserError
 
@@ -55,13 +55,36 @@ def read_manifest(folder: str | Path) -> dict:
         isinstance(v, dict) and {"sha256", "bytes"} <= set(v) for v in manifest.values()
     ):
         raise UserError(f"{path}: expected {{file: {{sha256, bytes}}}}")
+    for name in manifest:
+        check_entry_name(name, path)
     return manifest
 
 
+def check_entry_name(name: str, manifest_path: str | Path) -> None:
+    """Refuse an entry that is not a plain relative path inside the folder (absolute, `..`, unnormalised)."""
+    rel = PurePosixPath(name)
+    if not name or rel.is_absolute() or ".." in rel.parts or "\\" in name or rel.as_posix() != name:
+        raise UserError(f"{manifest_path}: entry {name!r} is not a relative path inside the folder; refusing it")
+
+
+def check_no_symlinks(folder: str | Path) -> None:
+    """Refuse symbolic links anywhere in `folder`: a listed file must be the folder's own bytes."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            if path.is_symlink():
+                raise UserError(f"{folder}: {path.relative_to(folder).as_posix()} is a symbolic link; refusing to load")
+
+
 def verify_manifest(folder: str | Path) -> dict:
-    """Check that every file in the manifest exists with its size and sha256; name the first bad one."""
+    """Check that every file in the manifest exists with its size and sha256; name the first bad one.
+
+    Entries must be relative paths inside the folder and the folder must hold no symbolic link,
+    so what is hashed (and then loaded) is always the folder's own files.
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
+    check_no_symlinks(folder)
     for name, entry in manifest.items():
         path = folder / name
         if not path.is_file():

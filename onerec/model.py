@@ -1,5 +1,8 @@
 """OneRec-V2 in one file: config and presets, Context Processor, Lazy Decoder, output heads.
 
+(One file on purpose, as gpt-fast's model.py: the whole architecture reads top to bottom, which
+is worth its ~500 lines.)
+
 Follows "OneRec-V2 Technical Report" (arXiv 2508.20900):
 - the user's context (a user/profile token plus the behaviour sequence) is projected once to
   d_context = S_kv * L_kv * G_kv * d_head and split into S_kv * L_kv chunks; each chunk is
@@ -17,7 +20,11 @@ Decoding shape convention: the decoder runs on `[B, K, L]` prefixes (B users, K 
 tokens). Cross-attention flattens the K*L query rows of one user into one sequence attending to
 that user's context K/V, so the context is shared by every beam without being copied.
 `decode_step` decodes incrementally: one new token per beam, with a self-attention KV cache of the
-earlier target tokens (`DecodeCache`), instead of re-running the whole prefix.
+earlier target tokens (`DecodeCache`), instead of re-running the whole prefix. It is the serving
+path of both the plain beam search and the engine: each module's `kernel` attribute ("torch" by
+default; onerec/kernels) selects its ops, and the engine sets it per module (onerec/engine/engine.py).
+In decoding, a block's output branch is handed to the next norm unadded (`RMSNorm.add_norm`), so
+a fused kernel can do the residual add and the norm (and an FP8 quantization) in one pass.
 """
 
 from __future__ import annotations
@@ -32,9 +39,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onerec import kernels
+from onerec.kernels import SDPA_MAX_BATCH, attention  # noqa: F401  (part of the model's interface)
+
 
 def _ceil_to(x: float, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
+
+
+# Sane bounds on a config's sizes, checked before anything is allocated: a config file is input,
+# and one with e.g. a million layers must fail at once, not hang building modules. Generous
+# (the largest preset is well inside); (low, high) inclusive.
+CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "d_model": (1, 65536), "n_layers": (1, 1024), "n_heads": (1, 1024), "ffn_hidden": (0, 262144),
+    "L_kv": (1, 1024), "S_kv": (1, 2), "G_kv": (0, 1024), "context_len": (1, 1 << 20),
+    "codebook_size": (2, 1 << 20), "n_levels": (1, 8), "n_routed_experts": (0, 4096),
+    "n_shared_experts": (0, 64), "moe_top_k": (0, 64), "expert_hidden": (0, 262144), "moe_start_layer": (0, 1024),
+}
+MAX_PROFILE_FEATURES = 1024
+
+
+def check_config_bounds(cfg) -> None:
+    """Raise ValueError naming the first size that is not an integer within CONFIG_BOUNDS."""
+    for name, (low, high) in CONFIG_BOUNDS.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    n_features = len(cfg.profile_features) + len(cfg.categorical_features)
+    if n_features > MAX_PROFILE_FEATURES:
+        raise ValueError(f"profile features: {n_features} > {MAX_PROFILE_FEATURES} (numeric and categorical)")
 
 
 @dataclass
@@ -53,6 +86,9 @@ class OneRecV2Config:
     n_levels: int = 3
     # Profile features (numeric, normalised inside the model by stored mean/std buffers)
     profile_features: list[str] = field(default_factory=list)
+    # Categorical profile features: name -> vocabulary (bucket i + 1 = value i, 0 = unknown);
+    # see onerec/features.py. Their bucket ids follow the numeric values in the profile tensor.
+    categorical_features: dict[str, list[str]] = field(default_factory=dict)
     # MoE (0 routed experts: every block dense)
     n_routed_experts: int = 0
     n_shared_experts: int = 0
@@ -62,6 +98,15 @@ class OneRecV2Config:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        # One canonical order (by name): config.json stores keys sorted, and the order fixes each
+        # feature's column in the profile tensor and its rows in the embedding table.
+        vocabularies = self.categorical_features
+        if not isinstance(vocabularies, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in vocabularies.values()
+        ):
+            raise ValueError("categorical_features must map each feature name to a list of strings")
+        self.categorical_features = {n: list(v) for n, v in sorted(vocabularies.items())}
+        check_config_bounds(self)
         if self.ffn_hidden == 0:
             self.ffn_hidden = _ceil_to(8 / 3 * self.d_model, 128)
         if self.G_kv == 0:
@@ -88,6 +133,11 @@ class OneRecV2Config:
     @property
     def num_profile_features(self) -> int:
         return len(self.profile_features)
+
+    @property
+    def profile_columns(self) -> list[str]:
+        """The columns of the profile tensor: numeric features, then categorical ones."""
+        return list(self.profile_features) + list(self.categorical_features)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.n_routed_experts > 0 and layer >= self.moe_start_layer
@@ -144,33 +194,27 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# CUDA attention kernels put the batch (x heads) on a grid dimension that caps out near 2**16:
-# at 2**16 or more sequences (e.g. 256 users x 512 beams of target tokens) cuDNN fails
-# (pytorch/pytorch#181085, torch 2.11) and flash/efficient report "invalid argument" (seen on an
-# H100). Splitting the batch computes exactly the same thing.
-SDPA_MAX_BATCH = 2**15
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_batch: int = SDPA_MAX_BATCH, **kwargs):
-    """F.scaled_dot_product_attention over [S, H, L, d_head], in chunks of at most `max_batch` sequences."""
-    if q.shape[0] <= max_batch:
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    if isinstance(kwargs.get("attn_mask"), torch.Tensor):
-        raise ValueError("attention(): chunking with a tensor attn_mask is not supported")
-    chunks = zip(q.split(max_batch), k.split(max_batch), v.split(max_batch), strict=True)
-    return torch.cat([F.scaled_dot_product_attention(qc, kc, vc, **kwargs) for qc, kc, vc in chunks])
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = "torch"  # "torch" | "triton": the onerec.kernels implementation
+        self.quantize_output = False  # True: the output is kernels.QuantizedRows for an FP8 GEMM
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """(x + residual, RMSNorm(x + residual)): the residual add fused into the norm where a kernel can."""
+        if self.kernel == "torch" and not self.quantize_output:
+            x = x if residual is None else x + residual
+            return x, self(x)
+        return kernels.rmsnorm(x, self.weight, self.eps, residual, self.quantize_output, kernel=self.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "torch" or self.quantize_output:
+            return self.add_norm(x, None)[1]
         if x.dtype == self.weight.dtype:
             # One op (one kernel on CUDA) instead of eight: F.rms_norm computes in fp32 for bf16
-            # inputs, the same result as the explicit ops below (tests/test_engine.py checks it).
+            # inputs, the same result as the explicit ops below (tests/unit/test_engine.py checks it).
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32: bf16 sums of squares lose too much at d_model in the thousands.
         xf = x.float()
@@ -184,9 +228,14 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.kernel = "torch"  # "torch" | "triton": the onerec.kernels implementation of SiLU(gate) * up
+        self.w13 = None  # gate|up as one GEMM, set by a serving backend (onerec/engine)
+        self.quantize_hidden = False  # True: SiLU * up leaves as kernels.QuantizedRows for an FP8 w2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(kernels.silu_mul(self.w13(x), self.quantize_hidden, kernel=self.kernel))
 
 
 class MoE(nn.Module):
@@ -205,6 +254,10 @@ class MoE(nn.Module):
             SwiGLU(cfg.d_model, cfg.expert_hidden * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
         self.aux_loss = torch.zeros(())
+        # Set by a serving backend (onerec/engine): the experts stacked once (kernels.MoEWeights);
+        # forward() then runs the fused op `kernels.moe` with `kernel` ("torch" | "triton").
+        self.weights = None
+        self.kernel = "torch"
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router probabilities [N, E], top-k weights [N, k] (renormalised) and expert ids [N, k]."""
@@ -213,6 +266,10 @@ class MoE(nn.Module):
         return probs, weights / weights.sum(-1, keepdim=True), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weights is not None:
+            return kernels.moe(x, self.weights, kernel=self.kernel)
+        if self.kernel != "torch":
+            raise ValueError(f"MoE kernel {self.kernel!r} needs the stacked experts (MoE.weights)")
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         probs, weights, experts = self.route(x)
@@ -243,8 +300,8 @@ class MoE(nn.Module):
 class ContextKV:
     """Per-user keys/values of the context, computed once per request and shared by all beams."""
 
-    keys: list[torch.Tensor]  # L_kv tensors [B, G_kv, T, d_head]
-    values: list[torch.Tensor]  # same; the same tensors as keys when S_kv == 1
+    keys: list[torch.Tensor]  # L_kv tensors [B, G_kv, T, d_head] (or kernels.QuantizedContextKV, K and V)
+    values: list[torch.Tensor]  # same; the same tensors as keys when S_kv == 1 or quantized
     mask: torch.Tensor  # [B, T] bool, True where a context position is real
     # False when no position is padded: cross-attention then runs without a mask, which lets SDPA
     # use its fastest (flash) kernels; True (the safe default) always applies the mask.
@@ -253,25 +310,27 @@ class ContextKV:
 
 @dataclass
 class DecodeCache:
-    """Self-attention keys/values of the target tokens decoded so far (incremental decoding).
+    """Self-attention q|k|v of the target tokens decoded so far (incremental decoding).
 
-    One tensor per block, [users * beams, 2 (keys, values), n_heads, tokens, d_head] with row
-    user * beams + beam. After a beam-search step, `select(parent)` keeps the rows of the chosen
-    parent beams, in the new beams' order.
+    tokens[j][i]: block i's q|k|v rows of token j, [users * beams_j, 3, n_heads, d_head] (row
+    user * beams_j + beam), kept as computed; rows[j] [users * beams]: each current beam's row in
+    tokens[j] (its ancestor at token j). `select(parent)` after a beam-search step composes the
+    rows with the chosen parents: the cache itself is never copied or reordered.
     """
 
-    layers: list[torch.Tensor]
+    tokens: list[list[torch.Tensor]]
+    rows: list[torch.Tensor]
     beams: int  # beams per user
 
     @property
     def length(self) -> int:
-        return self.layers[0].shape[3]
+        return len(self.tokens)
 
     def select(self, parent: torch.Tensor) -> DecodeCache:
         """parent [B, K'] (a beam index within its user, per new beam) -> the cache of the new beams."""
         B, new_beams = parent.shape
-        rows = (torch.arange(B, device=parent.device)[:, None] * self.beams + parent).reshape(-1)
-        return DecodeCache([kv.index_select(0, rows) for kv in self.layers], new_beams)
+        beam_row = (torch.arange(B, device=parent.device)[:, None] * self.beams + parent).reshape(-1)
+        return DecodeCache(self.tokens, [r[beam_row] for r in self.rows], new_beams)
 
 
 class ContextProcessor(nn.Module):
@@ -289,11 +348,22 @@ class ContextProcessor(nn.Module):
         self.profile_proj = nn.Linear(p, d, bias=False) if p else None
         self.register_buffer("profile_mean", torch.zeros(p))
         self.register_buffer("profile_std", torch.ones(p))
+        # One table for all categorical features (feature f's rows start at offsets[f]). The sizes
+        # and offsets are stored with the weights (every loader then restores them, meta-device
+        # construction included); models without categorical features have neither.
+        sizes = [len(v) + 1 for v in cfg.categorical_features.values()]
+        self.category_embedding = nn.Embedding(sum(sizes), d) if sizes else None
+        if sizes:
+            self.register_buffer("category_sizes", torch.tensor(sizes, dtype=torch.long))
+            self.register_buffer("category_offsets", torch.tensor([sum(sizes[:i]) for i in range(len(sizes))]))
         self.input_norm = RMSNorm(d, cfg.norm_eps)
         self.proj = nn.Linear(d, cfg.d_context, bias=False)
         chunk = cfg.G_kv * cfg.d_head
         self.k_norms = nn.ModuleList(RMSNorm(chunk, cfg.norm_eps) for _ in range(cfg.L_kv))
         self.v_norms = nn.ModuleList(RMSNorm(chunk, cfg.norm_eps) for _ in range(cfg.L_kv)) if cfg.S_kv == 2 else None
+        # True: the K/V leave in FP8 (kernels.QuantizedContextKV), quantized once per request, and
+        # cross-attention runs in FP8 (the recipe option attention="fp8", set by a serving backend)
+        self.quantize_kv = False
 
     def embed(self, history_sids: torch.Tensor, history_mask: torch.Tensor, profile: torch.Tensor | None):
         """[B, T, n_levels] codes (left-padded: newest last) -> context sequence [B, 1 + T, d] and mask."""
@@ -313,13 +383,20 @@ class ContextProcessor(nn.Module):
         if self.profile_proj is not None:
             if profile is None:
                 raise ValueError(f"this model needs profile features {cfg.profile_features}")
-            z = (profile.float() - self.profile_mean) / self.profile_std
+            z = (profile[:, : len(cfg.profile_features)].float() - self.profile_mean) / self.profile_std
             user = user + self.profile_proj(z.to(self.profile_proj.weight.dtype))[:, None, :].to(items.dtype)
+        if self.category_embedding is not None:
+            if profile is None or profile.shape[1] != len(cfg.profile_columns):
+                raise ValueError(f"this model needs profile columns {cfg.profile_columns}")
+            codes = profile[:, len(cfg.profile_features):].float().long()
+            codes = codes.masked_fill((codes < 0) | (codes >= self.category_sizes), 0)  # out of range: unknown
+            user = user + self.category_embedding(codes + self.category_offsets).sum(1)[:, None, :].to(items.dtype)
         seq = torch.cat([user, items], dim=1)
         mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=seq.device), history_mask], dim=1)
         return seq, mask
 
-    def forward(self, history_sids, history_mask, profile=None) -> ContextKV:
+    def forward(self, history_sids, history_mask, profile=None, padded: bool | None = None) -> ContextKV:
+        """padded: whether any history position is masked; None finds out (a host sync)."""
         cfg = self.cfg
         seq, mask = self.embed(history_sids, history_mask, profile)
         B, T, _ = seq.shape
@@ -332,9 +409,11 @@ class ContextProcessor(nn.Module):
         for l in range(cfg.L_kv):
             k = heads(self.k_norms[l](chunks[l * cfg.S_kv]))
             v = heads(self.v_norms[l](chunks[l * cfg.S_kv + 1])) if self.v_norms is not None else k
+            if self.quantize_kv:
+                k = v = kernels.quantize_context_kv(k, v)
             keys.append(k)
             values.append(v)
-        return ContextKV(keys, values, mask, padded=not bool(mask.all()))
+        return ContextKV(keys, values, mask, padded=not bool(mask.all()) if padded is None else padded)
 
 
 class LazyDecoderBlock(nn.Module):
@@ -351,18 +430,19 @@ class LazyDecoderBlock(nn.Module):
         self.self_o = nn.Linear(inner, d, bias=False)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(d, cfg.ffn_hidden)
+        self.kernel = "torch"  # "torch" | "triton": the onerec.kernels implementation of its attention ops
+
+    def cross_attend(self, h, ctx: ContextKV) -> torch.Tensor:
+        """Normed h [B, N, d] (N = beams * tokens of one user) attends to that user's context."""
+        cfg = self.cfg
+        B, N, _ = h.shape
+        q = self.cross_q(h).view(B, N, cfg.n_heads, cfg.d_head).transpose(1, 2)
+        k, v = ctx.keys[self.kv_set], ctx.values[self.kv_set]
+        out = kernels.cross_attention(q, k, v, ctx.mask if ctx.padded else None, kernel=self.kernel)
+        return self.cross_o(out.transpose(1, 2).reshape(B, N, -1))
 
     def cross_attention(self, x: torch.Tensor, ctx: ContextKV) -> torch.Tensor:
-        """x [B, N, d] (N = beams * tokens of one user) attends to that user's context."""
-        cfg = self.cfg
-        B, N, _ = x.shape
-        q = self.cross_q(self.cross_norm(x)).view(B, N, cfg.n_heads, cfg.d_head).transpose(1, 2)
-        k, v = ctx.keys[self.kv_set], ctx.values[self.kv_set]
-        out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=ctx.mask[:, None, None, :] if ctx.padded else None,
-            enable_gqa=cfg.G_kv != cfg.n_heads,
-        )
-        return self.cross_o(out.transpose(1, 2).reshape(B, N, -1))
+        return self.cross_attend(self.cross_norm(x), ctx)
 
     def self_attention(self, x: torch.Tensor) -> torch.Tensor:
         """x [S, L, d]: S independent target sequences (users x beams), causal over L tokens."""
@@ -373,26 +453,21 @@ class LazyDecoderBlock(nn.Module):
         out = attention(q, k, v, is_causal=True)
         return self.self_o(out.transpose(1, 2).reshape(S, L, -1))
 
-    def cached_self_attention(self, x: torch.Tensor, cache: torch.Tensor | None):
-        """x [S, d]: the newest token of S target sequences -> (output [S, d], keys/values so far).
+    def decode_step(self, x: torch.Tensor, branch: torch.Tensor | None, ctx: ContextKV, past: list, rows: list):
+        """One new token per beam: x [B, K, d] and the previous block's output branch, not yet added.
 
-        cache: keys/values [S, 2, H, t, d_head] of the sequences' earlier tokens (None at BOS). The
-        newest token attends to all of them and itself, which is the causal mask's last row.
+        past/rows: this block's q|k|v of the earlier tokens and each beam's rows in them
+        (DecodeCache). Returns (x, this block's branch, this token's q|k|v [B * K, 3, H, d_head]).
         """
         cfg = self.cfg
-        S, _ = x.shape
-        qkv = self.self_qkv(self.self_norm(x)).view(S, 3, cfg.n_heads, 1, cfg.d_head)
-        kv = qkv[:, 1:] if cache is None else torch.cat([cache, qkv[:, 1:]], dim=3)
-        out = attention(qkv[:, 0], kv[:, 0], kv[:, 1])  # [S, H, 1, d_head]
-        return self.self_o(out.reshape(S, -1)), kv
-
-    def decode_step(self, x: torch.Tensor, ctx: ContextKV, cache: torch.Tensor | None):
-        """x [B, K, d]: one new token per beam -> (x [B, K, d], this block's self-attention cache)."""
         B, K, d = x.shape
-        x = x + self.cross_attention(x, ctx)
-        out, cache = self.cached_self_attention(x.reshape(B * K, d), cache)
-        x = x + out.view(B, K, d)
-        return x + self.ffn(self.ffn_norm(x)), cache
+        x, h = self.cross_norm.add_norm(x, branch)
+        branch = self.cross_attend(h, ctx)
+        x, h = self.self_norm.add_norm(x, branch)
+        qkv = self.self_qkv(h).view(B * K, 3, cfg.n_heads, cfg.d_head)
+        out = kernels.cached_self_attention(qkv, past, rows, kernel=self.kernel)
+        x, h = self.ffn_norm.add_norm(x, self.self_o(out).view(B, K, d))
+        return x, self.ffn(h), qkv
 
     def forward(self, x: torch.Tensor, ctx: ContextKV) -> torch.Tensor:
         """x [B, K, L, d] -> [B, K, L, d]."""
@@ -422,8 +497,8 @@ class OneRecV2(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def encode_context(self, history_sids, history_mask, profile=None) -> ContextKV:
-        return self.context(history_sids, history_mask, profile)
+    def encode_context(self, history_sids, history_mask, profile=None, padded: bool | None = None) -> ContextKV:
+        return self.context(history_sids, history_mask, profile, padded)
 
     def embed_targets(self, prefix: torch.Tensor) -> torch.Tensor:
         """prefix [B, K, L-1] codes s1..s_{L-1} -> decoder input [B, K, L, d] = [BOS, s1, ...]."""
@@ -457,8 +532,8 @@ class OneRecV2(nn.Module):
 
         codes None (and no cache): the BOS step, one beam per user. Otherwise `codes` [B, K] are the
         codes of level t-1 just chosen for each beam and `cache` holds tokens 0..t-1 of those same
-        beams (reordered by parent beam with `cache.select(parent)`). The logits equal
-        `next_level_logits` on the whole prefix, without re-running the earlier tokens.
+        beams (`cache.select(parent)` after the beam step). The logits equal `next_level_logits`
+        on the whole prefix, without re-running the earlier tokens.
         """
         cfg = self.cfg
         dtype = self.token_embedding.weight.dtype
@@ -469,11 +544,15 @@ class OneRecV2(nn.Module):
             level = cache.length
             x = self.token_embedding(codes + (level - 1) * cfg.codebook_size)
         x = x + self.target_position.weight[level].to(x.dtype)
-        layers = []
+        B, K, _ = x.shape
+        tokens, rows = (cache.tokens, cache.rows) if cache is not None else ([], [])
+        branch, qkvs = None, []
         for i, block in enumerate(self.blocks):
-            x, kv = block.decode_step(x, ctx, None if cache is None else cache.layers[i])
-            layers.append(kv)
-        return self.level_logits(x, level), DecodeCache(layers, beams=x.shape[1])
+            x, branch, qkv = block.decode_step(x, branch, ctx, [t[i] for t in tokens], rows)
+            qkvs.append(qkv)
+        _, h = self.head_norms[level].add_norm(x, branch)
+        new_rows = [*rows, torch.arange(B * K, device=x.device)]
+        return self.heads[level](h), DecodeCache([*tokens, qkvs], new_rows, beams=K)
 
     def forward(self, history_sids, history_mask, target_sids, profile=None) -> torch.Tensor:
         """Teacher-forced logits [B, n_levels, codebook] for the target items' codes [B, n_levels]."""

@@ -13,6 +13,7 @@ prefix of length l the contiguous range of its children.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from onerec.errors import UserError
+
+log = logging.getLogger(__name__)
 
 UNKNOWN = -1
 
@@ -222,6 +225,8 @@ def feature_embeddings(items_table, item_ids: np.ndarray) -> np.ndarray | None:
                 blocks.append(((values - values.mean()) / std).fillna(0.0).to_numpy()[:, None])
         elif values.nunique() <= 256:  # integer / string codes with few values: a category
             blocks.append(pd.get_dummies(values, dtype=np.float64).to_numpy())
+        else:  # free text, ids: no feature the codes could use
+            log.info("items: column %r ignored (%d distinct non-float values > 256)", col, values.nunique())
     if not blocks:
         return None
     feats = np.concatenate(blocks, axis=1).astype(np.float64)

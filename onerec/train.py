@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from onerec.features import MAX_VALUES, MIN_COUNT, build_vocabularies
+
 log = logging.getLogger(__name__)
 
 MOE_AUX_WEIGHT = 0.01
@@ -58,7 +60,8 @@ def _validation_loss(model, requests, table, cfg, batch_size: int, device, autoc
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in iter_batches(requests, table, cfg.context_len, cfg.profile_features, batch_size):
+        for batch in iter_batches(requests, table, cfg.context_len, cfg.profile_features, batch_size,
+                                  categorical=cfg.categorical_features):
             b = batch.to(device)
             with autocast():
                 logits = model(b.history_sids, b.history_mask, b.target_sids, b.profile)
@@ -84,6 +87,8 @@ def train(
     max_valid_requests: int = 2000,
     overwrite: bool = False,
     progress: bool = True,
+    max_category_values: int = MAX_VALUES,
+    min_category_count: int = MIN_COUNT,
 ) -> dict:
     """Train and save a checkpoint folder; returns the result (checkpoint path, epochs, losses, seconds)."""
     import numpy as np
@@ -111,6 +116,12 @@ def train(
     dataset = load_dataset(data_dir)
     cfg = OneRecV2Config.from_preset(preset, profile_features=dataset.profile_features)
     split = split_leave_last_out(dataset, max_history=cfg.context_len)
+    if dataset.categorical_features:  # vocabularies from the training users only
+        training_users = dataset.users[dataset.users["user_id"].isin(split.train["user_id"].unique())]
+        cfg.categorical_features = build_vocabularies(training_users, dataset.categorical_features,
+                                                      max_category_values, min_category_count)
+        log.info("categorical profile features: %s",
+                 ", ".join(f"{n} ({len(v)} values + unknown)" for n, v in cfg.categorical_features.items()))
     log.info("building semantic ids (codebook %d x %d levels)", cfg.codebook_size, cfg.n_levels)
     table = build_semantic_ids(dataset, cfg.codebook_size, seed=seed, n_levels=cfg.n_levels)
     train_requests = _known_targets(split.train, table)
@@ -131,8 +142,10 @@ def train(
         model = OneRecV2(cfg)
         if cfg.profile_features:
             profiles = dataset.users[cfg.profile_features].to_numpy(np.float64)
-            model.context.profile_mean.copy_(torch.from_numpy(profiles.mean(0)).float())
-            model.context.profile_std.copy_(torch.from_numpy(np.maximum(profiles.std(0), 1e-6)).float())
+            # Missing values are filled with the mean (onerec.data): the statistics skip them.
+            mean, std = np.nan_to_num(np.nanmean(profiles, 0)), np.nan_to_num(np.nanstd(profiles, 0))
+            model.context.profile_mean.copy_(torch.from_numpy(mean).float())
+            model.context.profile_std.copy_(torch.from_numpy(np.maximum(std, 1e-6)).float())
         model.to(device).train()
 
         decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -169,7 +182,7 @@ def train(
             running, seen = 0.0, 0
             batches = iter_batches(
                 train_requests, table, cfg.context_len, cfg.profile_features, batch_size,
-                shuffle=True, seed=seed * 1000 + epoch,
+                shuffle=True, seed=seed * 1000 + epoch, categorical=cfg.categorical_features,
             )
             bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr,
                        disable=not progress, leave=False, mininterval=1.0)
@@ -223,6 +236,8 @@ def train(
             "train_requests": len(train_requests),
             "valid_requests": len(valid_requests),
             "known_items": int((table >= 0).all(1).sum()),
+            "profile_features": {"numeric": list(cfg.profile_features),
+                                 "categorical": {n: len(v) for n, v in cfg.categorical_features.items()}},
             "lr": peak_lr,
             "batch_size": batch_size,
             "device": str(device),
@@ -251,11 +266,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for tiny/small presets)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--max-category-values", type=int, default=MAX_VALUES,
+                        help="categorical profile features: keep at most this many values (most frequent)")
+    parser.add_argument("--min-category-count", type=int, default=MIN_COUNT,
+                        help="categorical profile features: values held by fewer training users are unknown")
 
 
 def main(args: argparse.Namespace) -> dict:
     return train(
         args.data, preset=args.preset, out=args.out, epochs=args.epochs, seed=args.seed,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, device=args.device,
-        threads=args.threads, overwrite=args.overwrite,
+        threads=args.threads, overwrite=args.overwrite, max_category_values=args.max_category_values,
+        min_category_count=args.min_category_count,
     )

@@ -15,7 +15,7 @@ of another version (the signature covers the model and version). The version tag
 the record for the UI and is never read back.
 
 The decision. An approver sets the version tag `approval` in the MLflow UI; the MLflow server
-lets only approver accounts set it and records who did in `approval_by` (onerec.mlflow_auth).
+lets only approver accounts set it and records who did in `approval_by` (ops.mlflow_auth).
 `review` reads the tag case- and whitespace-tolerantly (`Approved ` is approved); any other value
 is flagged on the version (`approval_problem`, naming the problem), and nothing happens until it
 is fixed. An approval also needs `approval_by` to be one of the configured approvers.

@@ -34,12 +34,12 @@ MB = 1 << 20
 
 
 def s3_client(cfg: PipelineConfig):
-    """A boto3 S3 client with adaptive retries (backs off on throttling) for the configured endpoint."""
+    """A boto3 S3 client for the configured endpoint, with the bounded retries of tasks.outages."""
     import boto3
-    from botocore.config import Config
 
-    retry = Config(retries={"mode": "adaptive", "max_attempts": 10}, connect_timeout=10, read_timeout=120)
-    return boto3.client("s3", endpoint_url=cfg.s3_endpoint_url, config=retry)
+    from tasks.outages import s3_client_config
+
+    return boto3.client("s3", config=s3_client_config(), **cfg.s3_client_kwargs())
 
 
 def transfer_config():
@@ -189,6 +189,8 @@ def download_checkpoint(cfg: PipelineConfig, checkpoint_uri: str, dst: str | Pat
     matched; a mismatch raises UserError naming the file. A `dst` that already holds the same,
     intact checkpoint is reused. Returns {checkpoint_dir, checkpoint_sha256, files, reused}.
     """
+    from botocore.exceptions import ClientError
+
     client = client or s3_client(cfg)
     dst = Path(dst)
     uri = checkpoint_uri.rstrip("/") + "/"
@@ -208,7 +210,15 @@ def download_checkpoint(cfg: PipelineConfig, checkpoint_uri: str, dst: str | Pat
         manifest = read_manifest(tmp)
         for name, entry in sorted(manifest.items()):
             path = tmp / _safe_relpath(name, uri)
-            download_file(client, uri + name, path)
+            try:
+                download_file(client, uri + name, path)
+            except ClientError as exc:
+                if _not_found(exc):
+                    from tasks.requantize import StepFailed
+
+                    raise StepFailed(f"{uri}{name}: listed in {MANIFEST} but missing from S3 "
+                                     "(the checkpoint is damaged; publish it again)") from None
+                raise
             if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
                 raise UserError(f"{uri}{name}: sha256/size does not match the manifest (corrupted or altered upload)")
             log.info("downloaded and verified %s%s (%d bytes)", uri, name, entry["bytes"])

@@ -1,17 +1,19 @@
-"""`onerec-fp8 pipeline <step>`: each pipeline step from the command line, the same functions the DAGs call.
+"""`onerec-fp8 pipeline ...`: the pipeline's steps from the command line, the same functions the DAGs call.
 
-    onerec-fp8 pipeline find                       newest complete checkpoint + calibration data
-    onerec-fp8 pipeline fetch    [--checkpoint-uri URI --calibration-uri URI]
-    onerec-fp8 pipeline validate [...]             Great Expectations on the calibration data
-    onerec-fp8 pipeline quantize [...]
-    onerec-fp8 pipeline gates    [...]             quality + latency gates
-    onerec-fp8 pipeline run      [...]             every requantize step, ends at registration
+    onerec-fp8 pipeline run      [--checkpoint-uri URI --calibration-uri URI]   every requantize step
+    onerec-fp8 pipeline STEP     [...]   the requantize steps in order through STEP (tasks.requantize.STEPS:
+                                         find, fetch, check_registered, validate, quantize, quality_gate,
+                                         latency_gate, register)
+    onerec-fp8 pipeline exec STEP --inputs JSON [--xcom-file F]
+                                         one step alone, its inputs the earlier steps' results by step name,
+                                         e.g. {"fetch": {...}, "quantize": {...}} (what a GPU pod of the
+                                         requantize DAG runs; the result also goes to F for Airflow's XCom)
     onerec-fp8 pipeline expire                     pending candidates past approval_max_age_hours
     onerec-fp8 pipeline promote  [--version V]     default: the newest approved, not deployed
     onerec-fp8 pipeline rollback --reason TEXT [--version V] [--by NAME]
 
-Steps after `find` take the checkpoint/calibration URIs (default: the newest) and reuse verified
-local copies in the work folder. Configuration: environment (docs/runbook.md), `--set KEY=VALUE`.
+Without --checkpoint-uri / --calibration-uri the newest complete ones are used; verified local
+copies in the work folder are reused. Configuration: environment (README), `--set KEY=VALUE`.
 """
 
 from __future__ import annotations
@@ -19,17 +21,17 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+from pathlib import Path
 
-STEPS = ("find", "fetch", "validate", "quantize", "gates", "run", "expire", "promote", "rollback", "exec")
-# `exec STEP --inputs JSON`: one requantize step with its inputs given as JSON (a GPU pod of the
-# requantize DAG runs this; the result also goes to --xcom-file for Airflow's XCom sidecar)
-EXEC_STEPS = {"quantize": "quantize_step", "quality_gate": "quality_step", "latency_gate": "latency_step"}
+from tasks.requantize import STEP
+
+COMMANDS = ("run", *STEP, "exec", "expire", "promote", "rollback")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("step", choices=STEPS, help="the step to run")
-    parser.add_argument("exec_step", nargs="?", choices=sorted(EXEC_STEPS), help="exec: the requantize step")
-    parser.add_argument("--inputs", help="exec: JSON object of the step's inputs (previous steps' results)")
+    parser.add_argument("step", choices=COMMANDS, help="what to run")
+    parser.add_argument("exec_step", nargs="?", choices=list(STEP), help="exec: the step")
+    parser.add_argument("--inputs", help="exec: JSON object, earlier step name -> its result")
     parser.add_argument("--xcom-file", help="exec: also write the result JSON here")
     parser.add_argument("--checkpoint-uri", help="s3://.../checkpoints/<id>/ (default: the newest complete one)")
     parser.add_argument("--calibration-uri", help="s3://.../calibration/<date>/calibration.parquet (default: newest)")
@@ -37,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reason", help="rollback: why (recorded on the version)")
     parser.add_argument("--by", default=None, help="rollback: who (default: the current user)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a pipeline config field (JSON values allowed), e.g. latency_gate_blocking=false")
+                        help="override a config field (JSON values allowed), e.g. latency_gate_blocking=false "
+                             "or quality_gate='{\"max_users\": 256}'")
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -55,10 +58,13 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _found(cfg, args) -> dict:
-    from tasks import requantize
+def _found(cfg, args) -> dict | None:
+    """The find step's result when a checkpoint or calibration table is given (None: find the newest)."""
+    from tasks.requantize import find_step
 
-    found = requantize.find_step(cfg)
+    if not (args.checkpoint_uri or args.calibration_uri):
+        return None
+    found = find_step(cfg)
     if args.checkpoint_uri:
         uri = args.checkpoint_uri.rstrip("/") + "/"
         found.update(checkpoint_uri=uri, checkpoint_id=uri.rstrip("/").rsplit("/", 1)[-1], skipped=[])
@@ -67,73 +73,63 @@ def _found(cfg, args) -> dict:
     return found
 
 
-def main(args: argparse.Namespace) -> dict:
-    from botocore.exceptions import BotoCoreError, ClientError
-
+def main(args: argparse.Namespace) -> dict | None:
+    if args.step == "exec":  # a GPU pod: no boto3 there, and the steps it runs never touch S3
+        return run(args)
     from onerec.errors import UserError
+    from tasks.outages import outage_message
 
     try:
         return run(args)
-    except (BotoCoreError, ClientError) as exc:  # unreachable endpoint, no credentials, denied
-        raise UserError(f"S3: {exc} (is the stack up, or are ONEREC_S3_* / AWS_* set?)") from None
+    except UserError:
+        raise
+    except Exception as exc:  # S3 or MLflow down, denied, or gone after the clients' retries
+        message = outage_message(exc)
+        if message is None:
+            raise
+        raise UserError(f"{message} (is the stack up? `onerec-fp8 stack status`)") from None
 
 
-def run(args: argparse.Namespace) -> dict:
+def exit_code(args: argparse.Namespace, result) -> int | None:
+    """`exec` exits 0 once the step ran, whatever a gate decided: the verdict travels in the XCom
+    and the register step records a failed gate's run (a failed pod would skip that). None: the
+    CLI's usual rule (3 for a gate that said no, 4 for an inconclusive one)."""
+    return 0 if args.step == "exec" else None
+
+
+def run(args: argparse.Namespace) -> dict | None:
     from onerec.errors import UserError
     from tasks import requantize
     from tasks.config import load_config
 
     cfg = load_config(_overrides(args.set))
-    step = args.step
-    if step == "find":
-        return _found(cfg, args)
-    if step == "exec":
-        if not args.exec_step or not args.inputs:
+    if args.step == "exec":
+        if not args.exec_step or args.inputs is None:
             raise UserError("exec needs a step name and --inputs JSON")
-        fn = getattr(requantize, EXEC_STEPS[args.exec_step])
-        result = fn(cfg, **json.loads(args.inputs))
+        try:
+            inputs = json.loads(args.inputs)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--inputs is not JSON: {exc}") from None
+        if not isinstance(inputs, dict):
+            raise UserError("--inputs must be a JSON object: earlier step name -> its result")
+        result = requantize.exec_step(cfg, args.exec_step, inputs)
         if args.xcom_file:
-            from pathlib import Path
-
             Path(args.xcom_file).parent.mkdir(parents=True, exist_ok=True)
             Path(args.xcom_file).write_text(json.dumps(result, default=str))
         return result
-    if step == "expire":
+    if args.step == "expire":
         from tasks.approval import expire_stale
 
         return expire_stale(cfg)
-    if step == "promote":
+    if args.step == "promote":
         from tasks.promote import promote, promote_newest_approved
 
         return promote(cfg, args.version) if args.version else promote_newest_approved(cfg)
-    if step == "rollback":
+    if args.step == "rollback":
         from tasks.rollback import rollback
 
         if not args.reason:
             raise UserError("rollback needs --reason")
         return rollback(cfg, args.reason, args.version, by=args.by or getpass.getuser())
-    if step == "run" and not (args.checkpoint_uri or args.calibration_uri):
-        return requantize.run_requantize(cfg)
-    fetched = requantize.fetch_step(cfg, _found(cfg, args))
-    if step == "fetch":
-        return fetched
-    if step == "validate":
-        from tasks.validate import validate_step
-
-        return validate_step(cfg, fetched["calibration_path"], fetched["calibration_sha256"],
-                             fetched["checkpoint_dir"], str(cfg.work_dir / fetched["checkpoint_id"] / "reports" / "validation"))
-    existing = requantize.existing_step(cfg, fetched)
-    if step == "run" and existing:
-        return {"registered": False, "existing": existing}
-    validation = requantize.validate_step(cfg, fetched) if step == "run" else {}
-    quantized = requantize.quantize_step(cfg, fetched)
-    if step == "quantize":
-        return quantized
-    quality = requantize.quality_step(cfg, fetched, quantized)
-    latency = requantize.latency_step(cfg, fetched, quantized)
-    if step == "gates":
-        from tasks.registry import gates_passed
-
-        return {"passed": gates_passed({"quality": quality, "latency": latency}, cfg.latency_gate_blocking),
-                "quality": quality, "latency": latency}
-    return requantize.register_step(cfg, fetched, quantized, quality, latency, validation)
+    until = None if args.step == "run" else args.step
+    return requantize.run_requantize(cfg, until=until, found=_found(cfg, args))

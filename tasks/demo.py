@@ -1,6 +1,6 @@
 """The end-to-end demo (`make demo`, after `onerec-fp8 stack up`): `python -m tasks.demo`.
 
-On a CPU-only machine, against the local stack (moto S3, MLflow, Airflow):
+On a CPU-only machine, against the local stack (S3, MLflow, Airflow):
   1. synthetic data and a trained `tiny` checkpoint (reused when present in <state_dir>/demo/)
   2. `publish` the checkpoint (manifest last) and calibration data to the local S3
   3. onerec_fp8_requantize through real Airflow (`airflow dags test` with the stack's AIRFLOW_HOME)
@@ -46,7 +46,7 @@ def _done(t0: float, text: str = "done") -> None:
 
 def airflow_env(state: dict, extra: dict | None = None) -> dict[str, str]:
     """Environment for the Airflow CLI on the local stack: its AIRFLOW_HOME, dags/ and contract env."""
-    from onerec.stack import airflow_home, stack_env
+    from ops.stack import airflow_home, stack_env
 
     return {
         **os.environ, **stack_env(state),
@@ -83,7 +83,7 @@ def dags_test(dag_id: str, state: dict, log_path: str | Path, extra_env: dict | 
 
 def prepare_checkpoint(demo_dir: Path) -> dict:
     """Synthetic data, a trained tiny checkpoint and a calibration table; each reused when present."""
-    from onerec.data import calibration_requests, load_dataset, split_leave_last_out
+    from onerec.calibration_table import context_len_of, draw_calibration_table, write_calibration_table
     from onerec.manifest import verify_manifest
 
     data_dir, ckpt_dir, calibration = demo_dir / "data", demo_dir / "checkpoint", demo_dir / "calibration.parquet"
@@ -104,13 +104,8 @@ def prepare_checkpoint(demo_dir: Path) -> dict:
     if calibration.is_file():
         reused.append("calibration")
     else:
-        from onerec.checkpoint import load_checkpoint
-
-        context_len = load_checkpoint(ckpt_dir)[0].cfg.context_len
-        split = split_leave_last_out(load_dataset(data_dir), max_history=context_len)
-        tmp = calibration.with_suffix(".tmp")
-        calibration_requests(split, CALIBRATION_REQUESTS, seed=0).to_parquet(tmp)
-        os.replace(tmp, calibration)
+        table = draw_calibration_table(data_dir, context_len_of(ckpt_dir), CALIBRATION_REQUESTS, seed=0)
+        write_calibration_table(table, calibration, overwrite=True)
     return {"data": str(data_dir), "checkpoint": str(ckpt_dir), "calibration": str(calibration), "reused": reused}
 
 
@@ -128,17 +123,15 @@ def approve_as_the_ui_does(tracking_uri: str, name: str, version: str, auth: tup
 
 
 def run_demo() -> dict:
-    from onerec.stack import read_state, stack_env
+    from ops.stack import read_state, stack_env
 
     total = 7
     state = read_state()  # UserError "run `onerec-fp8 stack up` first" when there is no stack
-    os.environ.update(stack_env(state))
-    os.environ.update(DEMO_CONFIG)
-    from tasks.config import load_config
+    from tasks.config import PipelineConfig
     from tasks.publish import publish
     from tasks.registry import client, find_versions
 
-    cfg = load_config()
+    cfg = PipelineConfig.from_env({**os.environ, **stack_env(state), **DEMO_CONFIG})
     demo_dir = Path(cfg.state_dir) / "demo"
     urls = {name: svc["url"] for name, svc in state["services"].items()}
     missing = {"s3", "mlflow", "airflow"} - set(urls)
@@ -219,11 +212,12 @@ def run_demo() -> dict:
 
 def ensure_serving(cfg, version: str) -> None:
     """After a restart of the machine or the stack the champion is deployed but no longer running: restart it."""
-    from tasks import rollout
+    from ops import rollout
+    from ops.rollout import local
 
     if cfg.rollout_target != "local":
         return
-    current = rollout.local_status(state_dir=cfg.state_dir).get("current") or {}
+    current = local.status(state_dir=cfg.state_dir).get("current") or {}
     if not (current.get("alive") and str(current.get("version")) == str(version)):
         print(f"           the local serving process is not running version {version}: starting it again",
               file=sys.stderr)
@@ -235,9 +229,9 @@ def ask_serving(cfg, calibration_path: str) -> dict:
     import httpx
     import pandas as pd
 
-    from tasks.rollout import local_status
+    from ops.rollout import local
 
-    url = local_status(state_dir=cfg.state_dir)["url"]
+    url = local.status(state_dir=cfg.state_dir)["url"]
     row = pd.read_parquet(calibration_path).iloc[0]
     profile = {k: float(v) for k, v in row.items() if k not in ("user_id", "history", "target")}
     body = {"users": [{"history": [int(i) for i in row["history"]], "profile": profile}], "k": 10}

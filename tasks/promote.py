@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 
+from tasks.model_artifacts import model_version, require_files
 from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, client, now_iso
 
 log = logging.getLogger(__name__)
 
 
 def rollout_options(cfg) -> dict:
-    """Options for tasks.rollout: the local target keeps its state in our state dir."""
+    """Options for ops.rollout: the local target keeps its state in our state dir."""
     return {"state_dir": cfg.state_dir} if cfg.rollout_target == "local" else {}
 
 
@@ -70,13 +71,15 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
 
     c = mlflow_client or client(cfg)
     name, version = cfg.model_name, str(version)
+    model_version(c, name, version)  # a version that does not exist is a one-line error
+    require_files(c, name, version)  # its files are all in the artifact store, before anything moves
     champion = alias_version(c, name, CHAMPION)
     checked = check_promotable(cfg, c, version, champion, scheduled)
     approved = checked["record"]["history"][-1]
     model_uri = f"models:/{name}/{version}"
     log.info("rolling out %s with target %s (current champion: %s; approved by %s at %s)", model_uri,
              cfg.rollout_target, champion, approved.get("by"), approved.get("approved_at") or approved.get("at"))
-    from tasks import rollout as rollout_api
+    from ops import rollout as rollout_api
 
     rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, **rollout_options(cfg))
     # Only now, with the rollout done, the registry says so.

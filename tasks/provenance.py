@@ -48,7 +48,7 @@ def load_key(cfg, create: bool = False) -> bytes:
         if not create:
             raise ProvenanceError(f"no provenance key at {path}: nothing can be verified "
                                   "(set provenance_key_file / ONEREC_PROVENANCE_KEY_FILE)")
-        from onerec.mlflow_auth import secret_token
+        from ops.mlflow_auth import secret_token
 
         log.warning("no provenance key at %s: generating one (versions signed with another key will not verify)",
                     path)

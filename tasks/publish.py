@@ -1,14 +1,15 @@
 """`onerec-fp8 publish`: what a training job calls to hand a checkpoint to the pipeline.
 
     onerec-fp8 publish --checkpoint CKPT --s3 s3://BUCKET/PREFIX \
-        [--calibration FILE --date YYYY-MM-DD] [--checkpoint-id ID]
+        [--calibration FILE_OR_DATA_DIR --date YYYY-MM-DD] [--checkpoint-id ID]
 
 Uploads the checkpoint's files to s3://BUCKET/PREFIX/checkpoints/<id>/ and its manifest.json
 LAST (the pipeline never picks a checkpoint without one), and the calibration request table to
-s3://BUCKET/PREFIX/calibration/<date>/calibration.parquet. A checkpoint identical (same manifest)
-to the newest complete one is not uploaded again. When something new landed, it posts the Airflow
-asset event `onerec_checkpoint_published` (tasks.airflow_events), so requantization starts now
-rather than at the daily run.
+s3://BUCKET/PREFIX/calibration/<date>/calibration.parquet (a data folder as --calibration: the
+table is drawn from it as `onerec-fp8 data calibration` does). A checkpoint identical (same
+manifest) to the newest complete one is not uploaded again. When something new landed, it posts
+the Airflow asset event `onerec_checkpoint_published` (ops.airflow_events), so requantization
+starts now rather than at the daily run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import contextlib
 import datetime as dt
 import logging
 import re
+import tempfile
+from pathlib import Path
 
+from onerec.calibration_table import context_len_of, is_data_folder, read_calibration, write_calibration_table
 from onerec.errors import UserError
 from onerec.manifest import manifest_digest, read_manifest, sha256_file, verify_manifest
 
@@ -78,11 +82,16 @@ def publish(
         except ValueError:
             raise UserError(f"--date {date!r}: expected YYYY-MM-DD") from None
         cal_uri = f"{cfg.s3_root}/calibration/{date}/calibration.parquet"
-        upload_file(client, calibration, cal_uri)
-        log.info("published calibration data %s", cal_uri)
-        result.update(calibration_uri=cal_uri, calibration_sha256=sha256_file(calibration))
+        with tempfile.TemporaryDirectory() as tmp:
+            if is_data_folder(calibration):
+                table, source = read_calibration(calibration, context_len_of(checkpoint))
+                result["calibration_source"] = source
+                calibration = str(write_calibration_table(table, Path(tmp) / "calibration.parquet"))
+            upload_file(client, calibration, cal_uri)
+            log.info("published calibration data %s", cal_uri)
+            result.update(calibration_uri=cal_uri, calibration_sha256=sha256_file(calibration))
     if result.get("uploaded") or calibration is not None:
-        from tasks.airflow_events import CHECKPOINT_PUBLISHED, notify
+        from ops.airflow_events import CHECKPOINT_PUBLISHED, notify
 
         event = notify(CHECKPOINT_PUBLISHED, {"checkpoint_uri": result["checkpoint_uri"],
                                               "checkpoint_sha256": digest})
@@ -93,14 +102,12 @@ def publish(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="local checkpoint folder (with manifest.json)")
     parser.add_argument("--s3", required=True, metavar="s3://BUCKET/PREFIX", help="where the pipeline looks")
-    parser.add_argument("--calibration", help="calibration request table (parquet) to publish with it")
+    parser.add_argument("--calibration", help="calibration request table (parquet), or a data folder to draw one from")
     parser.add_argument("--date", help="calibration date folder, YYYY-MM-DD (default: today, UTC)")
     parser.add_argument("--checkpoint-id", help="sortable checkpoint id (default: UTC time, e.g. 20260131T235959Z)")
 
 
 def main(args: argparse.Namespace) -> dict:
-    from pathlib import Path
-
-    if args.calibration and not Path(args.calibration).is_file():
+    if args.calibration and not (Path(args.calibration).is_file() or is_data_folder(args.calibration)):
         raise UserError(f"--calibration {args.calibration} does not exist")
     return publish(args.checkpoint, args.s3, args.calibration, args.date, args.checkpoint_id)

@@ -12,31 +12,17 @@ or a bf16 checkpoint folder) after verifying its manifest.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlflow
 import pandas as pd
 
 
-def load_folder(folder: str | Path, device: str = "cpu"):
-    """(model, table) from a quantized folder (recipe.json) or a bf16 checkpoint folder."""
-    folder = Path(folder)
-    if (folder / "recipe.json").is_file():
-        from onerec.quant.export import load_quantized
-
-        model, table, _ = load_quantized(folder, device=device, verify=True)
-        return model, table
-    from onerec.checkpoint import load_checkpoint
-
-    return load_checkpoint(folder, device=device, verify=True)
-
-
 class OneRecPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        from onerec.checkpoint import load_model_folder
         from onerec.devices import resolve_device
 
         self.device = str(resolve_device())
-        self.model, self.table = load_folder(context.artifacts["quantized"], self.device)
+        self.model, self.table, _ = load_model_folder(context.artifacts["quantized"], self.device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from onerec.evaluate import recommend

@@ -1,4 +1,4 @@
-"""The quantize step: FP8 post-training quantization of a verified checkpoint (onerec.quant).
+"""What the quantize step does: FP8 post-training quantization of a verified checkpoint (onerec.quant).
 
 The calibration table is split in two disjoint halves, deterministically: the first half
 calibrates (activation statistics, SQNR), the second is held out for the quality gate, so the
@@ -8,7 +8,6 @@ gate never scores FP8 on the requests that shaped it.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,42 +50,3 @@ def requests_as_data_folder(requests, out_dir: str | Path) -> Path:
         users.insert(0, "user_id", range(len(users)))
         users.to_parquet(out_dir / "users.parquet", index=False)
     return out_dir
-
-
-def quantize_step(cfg, checkpoint_dir: str, calibrate_path: str, out_dir: str) -> dict:
-    """Quantize with cfg.recipe and write the quantized folder (recipe.json, reports/) to out_dir.
-
-    An intact quantized folder of the same checkpoint and recipe is reused.
-    """
-    from onerec.checkpoint import load_checkpoint
-    from onerec.errors import UserError
-    from onerec.manifest import manifest_digest, verify_manifest
-    from onerec.quant import Calibration, make_recipe, quantize
-    from onerec.quant.export import is_quantized_folder, save_quantized
-
-    out = Path(out_dir)
-    if is_quantized_folder(out):
-        import json
-
-        recipe_json = json.loads((out / "recipe.json").read_text())
-        source = (recipe_json.get("source_checkpoint") or {}).get("manifest_sha256")
-        try:
-            verify_manifest(out)
-            if source == manifest_digest(checkpoint_dir) and recipe_json["recipe"]["name"] == cfg.recipe:
-                log.info("%s already holds %s of this checkpoint: reused", out, cfg.recipe)
-                return {"quantized_dir": str(out), "recipe": cfg.recipe, "reused": True}
-        except UserError:
-            pass
-    t0 = time.monotonic()
-    model, table = load_checkpoint(checkpoint_dir)
-    calibration = Calibration.from_path(calibrate_path, table)
-    report = quantize(model, make_recipe(cfg.recipe), calibration)
-    save_quantized(model, table, report, out, source_checkpoint=checkpoint_dir, overwrite=True)
-    worst = report.worst_layer_sqnr
-    log.info("quantized %d layers with %s in %.1fs", len(report.quantized), cfg.recipe, time.monotonic() - t0)
-    return {
-        "quantized_dir": str(out), "recipe": cfg.recipe, "reused": False,
-        "quantized_layers": len(report.quantized), "excluded_layers": len(report.excluded),
-        "worst_layer": worst[0] if worst else None, "worst_layer_sqnr_db": worst[1] if worst else None,
-        "seconds": round(time.monotonic() - t0, 2),
-    }

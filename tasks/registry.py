@@ -10,16 +10,17 @@
   (tasks.provenance), a state record `pending` (tasks.approval), the reviewer's description
   (tasks.review_page) and alias `challenger`;
 - gates failed: the run with its reports for forensics, no model version;
-- idempotent: a version with the same checkpoint_sha256 + recipe is never registered twice.
+- idempotent and exclusive: a version with the same checkpoint_sha256 + recipe is never
+  registered twice, also by runs racing outside the scheduler (tasks/registration_claim.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
 import re
-import shutil
 from pathlib import Path
 
 from onerec.errors import UserError
@@ -31,37 +32,73 @@ CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
 PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 
 
-def use_service_account(cfg) -> None:
-    """Sign this process in to MLflow as the pipeline's service account.
+_SERVICE_ACCOUNT: dict = {}  # the Authorization header MLflow requests of this process carry
 
-    MLflow's client reads credentials only from MLFLOW_TRACKING_USERNAME/PASSWORD (or
-    ~/.mlflow/credentials), so a pipeline process that finds them unset takes them from its 0600
-    credentials file (mlflow_credentials_file; default <state_dir>/secrets/mlflow-service.json).
-    In Kubernetes the two variables come from a Secret and no file is needed.
+
+def use_service_account(cfg) -> None:
+    """Sign this process's MLflow requests in as the pipeline's service account.
+
+    MLflow's client takes credentials from MLFLOW_TRACKING_USERNAME/PASSWORD (set in Kubernetes
+    from a Secret: then nothing is done here). Otherwise the account comes from its 0600 file
+    (Settings.mlflow_credentials) through a request-header provider, so os.environ stays untouched
+    and child processes get the account explicitly (Settings.subprocess_env).
     """
-    import json
+    import base64
     import os
 
     if os.environ.get("MLFLOW_TRACKING_USERNAME"):
         return
-    path = Path(cfg.mlflow_credentials_file or Path(cfg.state_dir) / "secrets" / "mlflow-service.json")
-    if not path.is_file():
-        return  # an MLflow without authentication (or credentials from elsewhere)
-    creds = json.loads(path.read_text())
-    os.environ["MLFLOW_TRACKING_USERNAME"] = creds["username"]
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = creds["password"]
+    creds = cfg.mlflow_credentials()
+    if creds is None:
+        _SERVICE_ACCOUNT.clear()  # an MLflow without authentication (or credentials from elsewhere)
+        return
+    if not _SERVICE_ACCOUNT:
+        _register_header_provider()
+    basic = base64.b64encode(f"{creds['username']}:{creds['password']}".encode()).decode()
+    _SERVICE_ACCOUNT["Authorization"] = f"Basic {basic}"
 
 
-def client(cfg):
-    """An MlflowClient on the configured tracking server (also the registry), as the service account."""
+def _register_header_provider() -> None:
+    from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
+    from mlflow.tracking.request_header.registry import _request_header_provider_registry
+
+    if any(type(p).__name__ == "ServiceAccountHeaders" for p in _request_header_provider_registry):
+        return
+
+    class ServiceAccountHeaders(RequestHeaderProvider):
+        def in_context(self) -> bool:
+            return bool(_SERVICE_ACCOUNT)
+
+        def request_headers(self) -> dict:
+            return dict(_SERVICE_ACCOUNT)
+
+    _request_header_provider_registry.register(ServiceAccountHeaders)
+
+
+def use_tracking_server(cfg) -> str:
+    """Point MLflow at the configured tracking server (with tasks.outages' retry budget).
+
+    Without one, MLflow would quietly create a local ./mlflow.db and find no versions in it.
+    """
     import mlflow
-    from mlflow import MlflowClient
+
+    from tasks.outages import configure_mlflow_http
 
     use_service_account(cfg)
     uri = cfg.tracking_uri()
-    if uri:
-        mlflow.set_tracking_uri(uri)
-    return MlflowClient()
+    if not uri:
+        raise UserError("no MLflow tracking server configured: set MLFLOW_TRACKING_URI, or start the local "
+                        f"stack (`onerec-fp8 stack up`; state dir {cfg.state_dir})")
+    configure_mlflow_http()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def client(cfg):
+    """An MlflowClient on the configured tracking server (also the registry)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(use_tracking_server(cfg))
 
 
 def now_iso() -> str:
@@ -130,6 +167,13 @@ def gate_metrics(gates: dict) -> dict[str, float]:
     return out
 
 
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def gates_passed(gates: dict, latency_gate_blocking: bool) -> bool:
     """Quality must pass; latency must pass when it was measured, and when it could not be measured
     it blocks only if the config says so (production: no FP8 GPU = no evidence = no candidate)."""
@@ -142,50 +186,98 @@ def gates_passed(gates: dict, latency_gate_blocking: bool) -> bool:
     return bool(latency.get("passed", False))
 
 
+def gates_outcome(gates: dict, latency_gate_blocking: bool) -> tuple[str, str]:
+    """(passed | failed | inconclusive, why): an inconclusive quality gate is not a pass either."""
+    if gates_passed(gates, latency_gate_blocking):
+        return "passed", "gates passed"
+    quality, latency = gates.get("quality", {}), gates.get("latency", {})
+    if quality.get("verdict") == "inconclusive":
+        return "inconclusive", f"quality gate inconclusive: {quality.get('reason', 'the sample cannot decide')}"
+    if not quality.get("passed", False):
+        return "failed", "quality gate failed" + (f": {quality['reason']}" if quality.get("reason") else "")
+    if latency.get("measurable", True) is False:
+        return "failed", f"latency gate could not measure ({latency.get('reason', 'unknown')}) and blocks"
+    return "failed", "latency gate failed"
+
+
 def register_candidate(
     cfg, *, checkpoint_uri: str, checkpoint_sha256: str, calibration_uri: str, calibration_sha256: str,
     quantized_dir: str, report_dir: str, gates: dict, run_name: str | None = None,
 ) -> dict:
     """Log the run (params, metrics, reports) and, when the gates passed, register the challenger.
 
-    Returns {registered, version, run_id, gates, reason}. Idempotent on checkpoint_sha256 + recipe.
+    Returns {registered, version, run_id, gates, reason}. Idempotent and exclusive on
+    checkpoint_sha256 + recipe (tasks.registration_claim). The run's tag `registration` says how
+    it ended (running -> registered | duplicate | gates_failed | failed); `gates` is set on the
+    run only once the outcome is recorded, so a run that died halfway never reads gates=passed.
     """
+    from tasks.registration_claim import registration_lock
+
+    with registration_lock(cfg, checkpoint_sha256, cfg.recipe):
+        c = client(cfg)
+        existing = find_existing(cfg, checkpoint_sha256, cfg.recipe, mlflow_client=c)
+        if existing and existing["status"] == "registered":
+            log.info("version %s already holds checkpoint %s with recipe %s: nothing registered",
+                     existing["version"], checkpoint_sha256[:12], cfg.recipe)
+            _restore_challenger(cfg, c, existing)
+            return {"registered": False, "version": existing["version"], "run_id": None,
+                    "reason": "already registered", "gates": "passed"}
+        return _log_and_register(cfg, c, checkpoint_uri=checkpoint_uri, checkpoint_sha256=checkpoint_sha256,
+                                 calibration_uri=calibration_uri, calibration_sha256=calibration_sha256,
+                                 quantized_dir=quantized_dir, report_dir=report_dir, gates=gates,
+                                 run_name=run_name)
+
+
+def _restore_challenger(cfg, c, existing: dict) -> None:
+    """A pending version without the challenger alias (its run died right after registering) gets it."""
+    from mlflow.exceptions import MlflowException
+
+    if existing.get("approval") != "pending":
+        return
+    try:
+        c.get_model_version_by_alias(cfg.model_name, CHALLENGER)
+    except MlflowException:
+        c.set_registered_model_alias(cfg.model_name, CHALLENGER, existing["version"])
+        log.info("version %s had no %s alias: set", existing["version"], CHALLENGER)
+
+
+def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, calibration_uri: str,
+                      calibration_sha256: str, quantized_dir: str, report_dir: str, gates: dict,
+                      run_name: str | None) -> dict:
     import mlflow
 
-    c = client(cfg)
-    existing = find_existing(cfg, checkpoint_sha256, cfg.recipe, mlflow_client=c)
-    if existing and existing["status"] == "registered":
-        log.info("version %s already holds checkpoint %s with recipe %s: nothing registered",
-                 existing["version"], checkpoint_sha256[:12], cfg.recipe)
-        return {"registered": False, "version": existing["version"], "run_id": None,
-                "reason": "already registered", "gates": "passed"}
-
     from tasks import approval, provenance
+    from tasks.registration_claim import settle_duplicates
     from tasks.review_page import gates_label, version_description
 
-    passed = gates_passed(gates, cfg.latency_gate_blocking)
+    outcome, reason = gates_outcome(gates, cfg.latency_gate_blocking)
+    passed = outcome == "passed"
+    label = gates_label(gates) if passed else outcome  # passed | passed-latency-unmeasured | failed | inconclusive
     tags = {
         "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256,
         "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
-        "recipe": cfg.recipe, "gates": gates_label(gates) if passed else "failed",
+        "recipe": cfg.recipe,
     }
-    run_tags = {**tags, "model_name": cfg.model_name}
     mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=run_name, tags=run_tags) as run:
+    run = mlflow.start_run(run_name=run_name, tags={**tags, "model_name": cfg.model_name, "registration": "running"})
+    run_id = run.info.run_id
+    try:
         mlflow.log_params({
             "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256, "recipe": cfg.recipe,
             "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
-            **{f"config.{k}": v for k, v in cfg.to_dict().items() if k not in ("extra",)},
+            **{f"config.{k}": v for k, v in _flat(cfg.to_dict()).items()},
         })
         mlflow.log_metrics(gate_metrics(gates))
         # the exact bytes the provenance signs (promote re-reads them from the run)
         _, gates_sha256 = provenance.write_gates_report(gates, report_dir)
         mlflow.log_artifacts(report_dir, "reports")
         if not passed:
-            log.warning("gates failed: run %s logged with its reports, no model version", run.info.run_id)
-            return {"registered": False, "version": None, "run_id": run.info.run_id, "gates": "failed",
-                    "reason": "gates failed"}
-        description = version_description(cfg, gates, quantized_dir, run.info.experiment_id, run.info.run_id,
+            # gates: failed | inconclusive (an inconclusive quality gate is not a pass either)
+            mlflow.set_tags({"gates": outcome, "registration": "gates_failed", "reason": reason[:5000]})
+            mlflow.end_run()
+            log.warning("%s: run %s logged with its reports, no model version", reason, run_id)
+            return {"registered": False, "version": None, "run_id": run_id, "gates": outcome, "reason": reason}
+        description = version_description(cfg, gates, quantized_dir, run.info.experiment_id, run_id,
                                           cfg.tracking_uri())
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE), artifacts={"quantized": str(quantized_dir)},
@@ -193,14 +285,31 @@ def register_candidate(
             # explicit: inferring requirements would load the model once more in a subprocess
             pip_requirements=["onerec-fp8", "torch==2.13.0", "safetensors", "pandas", "numpy"],
         )
-    version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, "approval": "pending"})
-    c.update_model_version(cfg.model_name, version.version, description=description)
-    provenance.sign_version(cfg, c, version.version, run.info.run_id, quantized_dir, gates_sha256)
-    approval.start(cfg, c, version.version, run.info.run_id)
-    c.set_registered_model_alias(cfg.model_name, CHALLENGER, version.version)
-    log.info("registered %s version %s as %s (approval=pending)", cfg.model_name, version.version, CHALLENGER)
-    return {"registered": True, "version": version.version, "run_id": run.info.run_id, "gates": tags["gates"],
-            "model_uri": f"models:/{cfg.model_name}/{version.version}", "reason": "gates passed"}
+        version = mlflow.register_model(info.model_uri, cfg.model_name,
+                                        tags={**tags, "gates": label, "approval": "pending"}).version
+        winner = settle_duplicates(c, cfg, checkpoint_sha256, cfg.recipe, version)
+        if winner != version:
+            mlflow.set_tags({"gates": label, "registration": "duplicate", "registered_version": winner})
+            mlflow.end_run()
+            return {"registered": False, "version": winner, "run_id": run_id, "gates": label,
+                    "reason": "already registered (concurrent run)"}
+        # the winning version only: the reviewer's page, its signature and its approval record
+        c.update_model_version(cfg.model_name, version, description=description)
+        provenance.sign_version(cfg, c, version, run_id, quantized_dir, gates_sha256)
+        approval.start(cfg, c, version, run_id)
+        c.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+        mlflow.set_tags({"gates": label, "registration": "registered", "registered_version": version})
+        mlflow.end_run()
+    except BaseException:
+        # Best effort (the tracking server may be the thing that failed): the run says it failed.
+        with contextlib.suppress(Exception):
+            c.set_tag(run_id, "registration", "failed")
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")  # leaves this process's active-run stack even when the call fails
+        raise
+    log.info("registered %s version %s as %s (approval=pending)", cfg.model_name, version, CHALLENGER)
+    return {"registered": True, "version": version, "run_id": run_id, "gates": label,
+            "model_uri": f"models:/{cfg.model_name}/{version}", "reason": "gates passed"}
 
 
 def model_signature(folder: str | Path):
@@ -211,77 +320,15 @@ def model_signature(folder: str | Path):
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
-    features = json.loads((Path(folder) / "config.json").read_text()).get("profile_features", [])
+    config = json.loads((Path(folder) / "config.json").read_text())
     inputs = Schema([
         ColSpec(DataType.long, "user_id", required=False),
         ColSpec(Array(DataType.long), "history"),
-        *[ColSpec(DataType.double, f) for f in features],
+        *[ColSpec(DataType.double, f) for f in config.get("profile_features", [])],
+        *[ColSpec(DataType.string, f) for f in config.get("categorical_features", {})],
     ])
     outputs = Schema([ColSpec(DataType.long, "user_id", required=False), ColSpec(Array(DataType.long), "items"),
                       ColSpec(Array(DataType.double), "scores")])
     params = ParamSchema([ParamSpec("k", DataType.long, 10), ParamSpec("beam_size", DataType.long, 64),
                           ParamSpec("batch_size", DataType.long, 256)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
-
-
-def _model_folder(model_dir: Path) -> Path:
-    """The "quantized" artifact folder inside a downloaded pyfunc model (its path is in MLmodel)."""
-    import yaml
-
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
-    if "quantized" not in artifacts:
-        raise UserError(f"{model_dir}: the model has no 'quantized' artifact")
-    return model_dir / artifacts["quantized"]["path"]
-
-
-def download_model(model_uri: str, dst_dir: str | Path) -> Path:
-    """The local quantized (or bf16) folder of `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
-
-    Downloads the model into dst_dir (reusing an intact earlier download) and verifies the
-    folder's manifest. The tracking URI comes from the environment (MLFLOW_TRACKING_URI).
-    """
-    import mlflow
-
-    from onerec.manifest import verify_manifest
-    from tasks.config import load_config
-
-    if not model_uri.startswith("models:/"):
-        raise UserError(f"{model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    cfg = load_config()
-    use_service_account(cfg)
-    uri = cfg.tracking_uri()
-    if uri:
-        mlflow.set_tracking_uri(uri)
-    dst_dir = Path(dst_dir)
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    if (dst_dir / "MLmodel").is_file():
-        try:
-            folder = _model_folder(dst_dir)
-            verify_manifest(folder)
-            if _same_version(model_uri, dst_dir):
-                return folder
-        except UserError:
-            pass
-        for child in dst_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst_dir))
-    (dst_dir / ".model_uri").write_text(_resolved(model_uri))
-    folder = _model_folder(dst_dir)
-    verify_manifest(folder)
-    return folder
-
-
-def _resolved(model_uri: str) -> str:
-    """models:/NAME@ALIAS -> models:/NAME/VERSION (an alias moves; a version does not)."""
-    if "@" not in model_uri:
-        return model_uri
-    from mlflow import MlflowClient
-
-    name, alias = model_uri[len("models:/"):].split("@", 1)
-    return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
-
-
-def _same_version(model_uri: str, dst_dir: Path) -> bool:
-    marker = dst_dir / ".model_uri"
-    return marker.is_file() and marker.read_text() == _resolved(model_uri)

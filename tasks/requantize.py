@@ -1,21 +1,28 @@
-"""The requantize pipeline as plain steps: what dags/onerec_fp8_requantize.py wires together.
+"""The requantize pipeline as plain steps, in the one order that the DAG, the CLI and the runner use (STEPS).
 
-    find -> fetch -> (already registered? stop) -> validate -> quantize -> quality gate
-         -> latency gate -> register
+    find -> fetch -> check_registered (already registered? stop) -> validate -> quantize
+         -> quality_gate, latency_gate -> register
 
-Each step takes the config and the previous steps' results (JSON-able dicts, i.e. XComs) and
-returns one. Files live in a per-checkpoint work folder, <state_dir>/pipeline/<checkpoint_id>/:
+Each step is one function: the config, then the results of the steps it needs (`Step.inputs`,
+typed: Fetched, Quantized; JSON dicts from XCom are accepted and checked), returning a
+JSON-able dict (its XCom). The DAG task, `onerec-fp8 pipeline exec STEP --inputs JSON` (a GPU
+pod) and the tests call these same functions. Files live in a per-checkpoint work folder,
+<state_dir>/pipeline/<checkpoint_id>/:
     checkpoint/            the verified download
     calibration.parquet    the calibration table; split/ its calibrate / held-out halves
     quantized-<recipe>/    the quantized folder (with its own reports/)
-    reports/               validation (Data Docs, PNG, JSON), gate JSONs and plots
-`run_requantize(cfg)` runs them all in order (`onerec-fp8 pipeline run`, tests).
+    reports/               validation (Data Docs, PNG, JSON), <gate>.json + <gate>.png per gate
+`run_requantize(cfg)` runs them all in order in this process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from onerec.errors import UserError
@@ -25,6 +32,57 @@ log = logging.getLogger(__name__)
 
 class StepFailed(UserError):
     """A check that ran and said no (bad data, failed gate): retrying will not change the answer."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """The verified local copies of a checkpoint and its calibration table (the fetch step's result)."""
+
+    checkpoint_id: str
+    checkpoint_uri: str
+    checkpoint_dir: str
+    checkpoint_sha256: str
+    calibration_uri: str
+    calibration_path: str
+    calibration_sha256: str
+    work_dir: str
+    report_dir: str
+    skipped: list = field(default_factory=list)  # incomplete checkpoint uploads passed over
+    files: int = 0
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """The quantized folder and the calibration split it was made from (the quantize step's result)."""
+
+    quantized_dir: str
+    recipe: str
+    reused: bool
+    calibrate_path: str
+    eval_path: str  # the held-out requests: the quality gate scores them, the latency gate replays them
+    eval_data_dir: str
+    calibrate_rows: int
+    eval_rows: int
+    quantized_layers: int | None = None
+    excluded_layers: int | None = None
+    worst_layer: str | None = None
+    worst_layer_sqnr_db: float | None = None
+    seconds: float | None = None
+
+
+def typed(cls, value):
+    """`value` as `cls`: an instance as it is, a dict (an XCom, --inputs JSON) checked field by field."""
+    from onerec.settings import build
+
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise UserError(f"{cls.__name__}: expected a JSON object, not {type(value).__name__}")
+    try:
+        return build(cls, value, cls.__name__)
+    except TypeError as exc:  # a required field is missing
+        raise UserError(f"{cls.__name__}: {exc}") from None
 
 
 def _work(cfg, checkpoint_id: str) -> Path:
@@ -49,86 +107,185 @@ def fetch_step(cfg, found: dict) -> dict:
     work = _work(cfg, found["checkpoint_id"])
     ckpt = download_checkpoint(cfg, found["checkpoint_uri"], work / "checkpoint", client)
     cal = download_calibration(cfg, found["calibration_uri"], work / "calibration.parquet", client)
-    return {**found, **ckpt, **cal, "work_dir": str(work), "report_dir": str(work / "reports")}
+    fetched = Fetched(**found, **ckpt, **cal, work_dir=str(work), report_dir=str(work / "reports"))
+    return dataclasses.asdict(fetched)
 
 
-def existing_step(cfg, fetched: dict) -> dict | None:
+def existing_step(cfg, fetched: Fetched | dict) -> dict | None:
     """What the registry already has for this checkpoint + recipe (None: go on)."""
     from tasks.registry import find_existing
 
-    existing = find_existing(cfg, fetched["checkpoint_sha256"], cfg.recipe, fetched["calibration_sha256"])
+    fetched = typed(Fetched, fetched)
+    existing = find_existing(cfg, fetched.checkpoint_sha256, cfg.recipe, fetched.calibration_sha256)
     if existing:
-        log.info("nothing to do for checkpoint %s with recipe %s: %s", fetched["checkpoint_sha256"][:12],
+        log.info("nothing to do for checkpoint %s with recipe %s: %s", fetched.checkpoint_sha256[:12],
                  cfg.recipe, existing)
     return existing
 
 
-def validate_step(cfg, fetched: dict) -> dict:
-    """Great Expectations on the calibration table; raises StepFailed (summary of the failures) on a no."""
-    from tasks.validate import failure_summary
-    from tasks.validate import validate_step as run_validation
+def validate_step(cfg, fetched: Fetched | dict) -> dict:
+    """Great Expectations on the calibration table against the accepted reference profile on S3.
 
-    result = run_validation(cfg, fetched["calibration_path"], fetched["calibration_sha256"],
-                           fetched["checkpoint_dir"], str(Path(fetched["report_dir"]) / "validation"))
+    A pass makes this snapshot the next reference; a no raises StepFailed with the failures.
+    """
+    import json
+
+    from tasks.checkpoints import read_json, s3_client, write_json
+    from tasks.validate import failure_summary, validate_calibration
+
+    fetched = typed(Fetched, fetched)
+    client = s3_client(cfg)
+    reference = read_json(client, cfg.accepted_profile_uri)
+    result = validate_calibration(cfg, fetched.calibration_path, fetched.checkpoint_dir,
+                                  str(Path(fetched.report_dir) / "validation"), reference, fetched.calibration_sha256)
     if not result["passed"]:
         raise StepFailed(
-            f"calibration data {fetched['calibration_uri']} failed validation; nothing is quantized or "
+            f"calibration data {fetched.calibration_uri} failed validation; nothing is quantized or "
             f"registered. Failed expectations:\n{failure_summary(result)}\nData Docs: {result['data_docs']}"
         )
+    write_json(client, cfg.accepted_profile_uri, json.loads(Path(result["profile"]).read_text()))
+    log.info("accepted this snapshot as the drift reference: %s", cfg.accepted_profile_uri)
     return result
 
 
-def quantize_step(cfg, fetched: dict) -> dict:
-    from tasks.quantize import quantize_step as run_quantize
+def quantize_step(cfg, fetched: Fetched | dict) -> dict:
+    """Split the calibration table (calibrate / held out), then quantize with cfg.recipe."""
+    from onerec.quant.export import quantize_folder
     from tasks.quantize import split_calibration
 
-    work = Path(fetched["work_dir"])
-    split = split_calibration(fetched["calibration_path"], work / "split", cfg.quality_eval_requests)
-    result = run_quantize(cfg, fetched["checkpoint_dir"], split["calibrate_path"], str(work / f"quantized-{cfg.recipe}"))
-    return {**split, **result}
+    fetched = typed(Fetched, fetched)
+    work = Path(fetched.work_dir)
+    split = split_calibration(fetched.calibration_path, work / "split", cfg.quality_eval_requests)
+    # calibrates on the GPU when there is one (a 1b checkpoint: about 50 s on an H200, minutes on CPU)
+    result = quantize_folder(fetched.checkpoint_dir, split["calibrate_path"], cfg.recipe,
+                             work / f"quantized-{cfg.recipe}", overwrite=True, reuse=True, device="auto")
+    log.info("quantize: %s", "reused the folder of an earlier run" if result["reused"] else
+             f"{result['quantized_layers']} layers in {result['seconds']} s")
+    return dataclasses.asdict(Quantized(
+        **split, quantized_dir=result["quantized"], recipe=result["recipe"], reused=result["reused"],
+        quantized_layers=result.get("quantized_layers"),
+        excluded_layers=len(result["excluded"]) if "excluded" in result else None,
+        worst_layer=result.get("worst_layer"), worst_layer_sqnr_db=result.get("worst_layer_sqnr_db"),
+        seconds=result.get("seconds")))
 
 
-def quality_step(cfg, fetched: dict, quantized: dict) -> dict:
-    from tasks.gates import quality_gate_step
+def quality_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict) -> dict:
+    """FP8 vs bf16 on the held-out calibration requests, on the GPU when there is one (cfg.quality_gate)."""
+    from onerec.devices import resolve_device
+    from onerec.quant.quality_gate import run_quality_gate
+    from tasks.reports import gate_report
 
-    return quality_gate_step(cfg, fetched["checkpoint_dir"], quantized["quantized_dir"], quantized["eval_data_dir"],
-                             fetched["report_dir"])
+    fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)
+    gate = dataclasses.replace(cfg.quality_gate, device=str(resolve_device(cfg.quality_gate.device)))
+    started = time.monotonic()
+    result = run_quality_gate(fetched.checkpoint_dir, quantized.quantized_dir, quantized.eval_data_dir, config=gate,
+                              report_dir=fetched.report_dir)
+    result["duration_s"] = round(time.monotonic() - started, 3)
+    # passed / failed / inconclusive (not a pass either: the register step says why it registers nothing)
+    log.info("quality gate on %s: %s in %.1f s (%s)", gate.device, result["verdict"], result["duration_s"],
+             result.get("reason", ""))
+    return gate_report(result, fetched.report_dir, "quality_gate")
 
 
-def latency_step(cfg, fetched: dict, quantized: dict) -> dict:
-    from tasks.gates import latency_gate_step
+def latency_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict) -> dict:
+    """FP8 vs bf16 latency on this machine's GPU, replaying the run's held-out requests at
+    cfg.latency_gate.batch_sizes; `measurable` is False without an FP8 GPU (whether that blocks:
+    cfg.latency_gate_blocking, applied in tasks.registry.gates_outcome)."""
+    from onerec.engine.latency_gate import measure_latency, plot
+    from tasks.reports import gate_report
 
-    return latency_gate_step(cfg, fetched["checkpoint_dir"], quantized["quantized_dir"], fetched["report_dir"])
+    fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)
+    started = time.monotonic()
+    result = measure_latency(fetched.checkpoint_dir, quantized.quantized_dir, config=cfg.latency_gate,
+                             requests_path=quantized.eval_path)
+    result.setdefault("duration_s", round(time.monotonic() - started, 3))
+    if result.get("measurable") is False:
+        log.warning("latency gate could not measure (%s); blocking: %s", result.get("reason"), cfg.latency_gate_blocking)
+        return gate_report(result, fetched.report_dir, "latency_gate")
+    log.info("latency gate: %s", "passed" if result.get("passed") else "FAILED")
+    return gate_report(result, fetched.report_dir, "latency_gate", plot=plot)
 
 
-def register_step(cfg, fetched: dict, quantized: dict, quality: dict, latency: dict, validation: dict,
-                  run_name: str | None = None) -> dict:
-    """Log the run with every report; a model version + alias challenger only when the gates passed."""
+def register_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict, quality: dict, latency: dict,
+                  validation: dict, run_name: str | None = None) -> dict:
+    """Log the run with every report; a model version + alias challenger only when the gates passed
+    (a failed or inconclusive quality gate: the run is tagged with the outcome and the reason)."""
     from tasks.registry import register_candidate
 
-    report_dir = Path(fetched["report_dir"])
-    q_reports = Path(quantized["quantized_dir"]) / "reports"
+    fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)
+    report_dir = Path(fetched.report_dir)
+    q_reports = Path(quantized.quantized_dir) / "reports"
     if q_reports.is_dir():  # the quantization/distribution reports, beside the gates' and GX's
         shutil.copytree(q_reports, report_dir / "quantization", dirs_exist_ok=True)
     gates = {"quality": quality, "latency": latency,
              "validation": {"passed": validation.get("passed"), "rows": validation.get("rows"),
                             "drift": validation.get("drift", {})}}
     return register_candidate(
-        cfg, checkpoint_uri=fetched["checkpoint_uri"], checkpoint_sha256=fetched["checkpoint_sha256"],
-        calibration_uri=fetched["calibration_uri"], calibration_sha256=fetched["calibration_sha256"],
-        quantized_dir=quantized["quantized_dir"], report_dir=str(report_dir), gates=gates,
-        run_name=run_name or f"requantize-{fetched['checkpoint_id']}",
+        cfg, checkpoint_uri=fetched.checkpoint_uri, checkpoint_sha256=fetched.checkpoint_sha256,
+        calibration_uri=fetched.calibration_uri, calibration_sha256=fetched.calibration_sha256,
+        quantized_dir=quantized.quantized_dir, report_dir=str(report_dir), gates=gates,
+        run_name=run_name or f"requantize-{fetched.checkpoint_id}",
     )
 
 
-def run_requantize(cfg) -> dict:
-    """Every step in order, in this process (the DAG runs the same functions as separate tasks)."""
-    fetched = fetch_step(cfg, find_step(cfg))
-    existing = existing_step(cfg, fetched)
-    if existing:
-        return {"registered": False, "existing": existing, "checkpoint_sha256": fetched["checkpoint_sha256"]}
-    validation = validate_step(cfg, fetched)
-    quantized = quantize_step(cfg, fetched)
-    quality = quality_step(cfg, fetched, quantized)
-    latency = latency_step(cfg, fetched, quantized)
-    return register_step(cfg, fetched, quantized, quality, latency, validation)
+@dataclass(frozen=True)
+class Step:
+    name: str  # the DAG's task id, the CLI's step name
+    fn: Callable[..., dict | None]
+    inputs: tuple[str, ...] = ()  # the earlier steps whose results it takes, in order
+    after: tuple[str, ...] = ()  # earlier steps it waits for without taking their results
+    gpu: bool = False  # a GPU step: a Kubernetes pod in the DAG's kubernetes mode
+    retries: bool = True  # I/O steps retry; checks that can say no do not
+
+
+STEPS: tuple[Step, ...] = (
+    Step("find", find_step),
+    Step("fetch", fetch_step, ("find",)),
+    Step("check_registered", existing_step, ("fetch",), retries=False),
+    Step("validate", validate_step, ("fetch",), after=("check_registered",), retries=False),
+    Step("quantize", quantize_step, ("fetch",), after=("validate",), gpu=True, retries=False),
+    Step("quality_gate", quality_gate_step, ("fetch", "quantize"), gpu=True, retries=False),
+    Step("latency_gate", latency_gate_step, ("fetch", "quantize"), gpu=True, retries=False),
+    Step("register", register_step, ("fetch", "quantize", "quality_gate", "latency_gate", "validate")),
+)
+STEP = {step.name: step for step in STEPS}
+
+
+def pod_arguments(step: str, inputs: str, xcom_file: str = "/airflow/xcom/return.json") -> list[str]:
+    """The arguments of `onerec-fp8` in a GPU pod of the requantize DAG (Kubernetes mode); the
+    XCom sidecar reads /airflow/xcom/return.json. Tests and bench/gpu_pipeline_check.py run the same."""
+    return ["pipeline", "exec", step, "--inputs", inputs, "--xcom-file", xcom_file]
+
+
+def exec_step(cfg, name: str, inputs: dict) -> dict | None:
+    """One step by name with its inputs given by step name (`pipeline exec`): {"fetch": {...}, ...}."""
+    if name not in STEP:
+        raise UserError(f"unknown step {name!r}; steps: {', '.join(STEP)}")
+    step = STEP[name]
+    missing = [i for i in step.inputs if i not in inputs]
+    unknown = sorted(set(inputs) - set(step.inputs))
+    if missing or unknown:
+        raise UserError(f"step {name} takes the results of {list(step.inputs)} (missing {missing}, unknown {unknown})")
+    return step.fn(cfg, *[inputs[i] for i in step.inputs])
+
+
+def run_requantize(cfg, until: str | None = None, found: dict | None = None) -> dict:
+    """The steps in order, in this process, through `until` (default: all; then it ends at registration).
+
+    `found` replaces the find step's result (a given checkpoint/calibration). A full run stops after
+    check_registered when the registry already has this checkpoint + recipe.
+    """
+    if until is not None and until not in STEP:
+        raise UserError(f"unknown step {until!r}; steps: {', '.join(STEP)}")
+    results: dict = {}
+    for step in STEPS:
+        if step.name == "find" and found is not None:
+            results["find"] = found
+            continue
+        results[step.name] = step.fn(cfg, *[results[i] for i in step.inputs])
+        if step.name == until:
+            return results[step.name] or {}
+        if step.name == "check_registered" and results[step.name] and until is None:
+            return {"registered": False, "existing": results[step.name],
+                    "checkpoint_sha256": results["fetch"]["checkpoint_sha256"]}
+    return results["register"]

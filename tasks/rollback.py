@@ -18,6 +18,7 @@ import logging
 
 from onerec.errors import UserError
 from tasks.approval import StateError, read_record, transition
+from tasks.model_artifacts import model_version, require_files
 from tasks.promote import alias_version, rollout_options
 from tasks.provenance import verify_version
 from tasks.registry import CHAMPION, PREVIOUS, client, now_iso
@@ -40,16 +41,17 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
         raise UserError(f"{name} has no {PREVIOUS} alias: give the version to restore explicitly")
     if target == current:
         raise UserError(f"version {target} is already the champion")
+    mv = model_version(c, name, target)  # a version that does not exist is a one-line error
     record = read_record(cfg, target)
     if record is None or record["state"] != "deployed":
         state = record["state"] if record else "not registered by the pipeline"
         raise StateError(f"version {target} is {state}: only a version that was deployed and not rolled back "
                          "can be restored")
-    mv = c.get_model_version(name, target)
+    require_files(c, name, target)  # its files are all in the artifact store, before anything moves
     verify_version(cfg, c, mv)  # the same evidence promote checks
     model_uri = f"models:/{name}/{target}"
     log.info("rolling back %s from version %s to %s (reason: %s, by %s)", name, current, target, reason, by)
-    from tasks import rollout as rollout_api
+    from ops import rollout as rollout_api
 
     if version:  # an explicit version: deploy exactly that one
         rollout = rollout_api.deploy(model_uri, target, target=cfg.rollout_target, **rollout_options(cfg))

@@ -6,12 +6,17 @@ suites, each run on its own batch:
   calibration_requests (one row per request; the list column `history` is summarised into
   history_length / history_unknown_items, the target into target_known):
     schema and types, no nulls, minimum row count, history lengths within bounds, every history
-    and target item present in the checkpoint's semantic-id table, profile features within
-    mean +- z * std of the model's training statistics (the normaliser buffers in the weights);
+    and target item present in the checkpoint's semantic-id table, numeric profile features
+    within mean +- z * std of the model's training statistics (the normaliser buffers in the
+    weights); categorical profile features (the model's vocabularies in config.json): text or
+    missing values only (<name>__is_text), and the share of values outside the vocabulary (they
+    take the unknown bucket) at most max_unseen_category_fraction (<name>__unseen);
   calibration_drift (vs the previous accepted calibration snapshot, when there is one):
     KL divergence of the item-popularity distribution (history items bucketed by the reference's
-    popularity deciles, unseen items in their own bucket) and of the history-length distribution
-    (bucketed by the reference's deciles).
+    popularity deciles, unseen items in their own bucket), of the history-length distribution
+    (bucketed by the reference's deciles) and of each categorical feature's value distribution
+    (the reference's CATEGORY_BUCKETS most frequent values, the rest and unseen values in one
+    bucket; category__<name>).
 
 Data Docs HTML is written to <report_dir>/data_docs/ and a PNG of the checks and the drift to
 <report_dir>/calibration_validation.png. A passing snapshot's profile becomes the reference for
@@ -30,12 +35,15 @@ import numpy as np
 import pandas as pd
 
 from onerec.errors import UserError
+from onerec.features import as_strings, is_categorical
 
 log = logging.getLogger(__name__)
 
 SUITE_VERSION = "1"
 POPULARITY_BUCKETS = 10
 LENGTH_QUANTILES = np.linspace(0.1, 0.9, 9)
+CATEGORY_BUCKETS = 50  # most frequent values of a categorical feature compared one by one
+MISSING = "<missing>"
 REQUIRED_COLUMNS = {"user_id": "integer", "history": "list", "target": "integer"}
 
 
@@ -53,7 +61,26 @@ def data_profile(requests: pd.DataFrame, calibration_sha256: str = "") -> dict:
         "rows": int(len(requests)),
         "item_counts": {str(int(i)): int(c) for i, c in zip(ids, counts, strict=True)},
         "history_lengths": [int(x) for x in lengths],
+        "category_counts": {
+            col: {str(k): int(v) for k, v in _category_values(requests[col]).value_counts().items()}
+            for col in requests.columns if col not in REQUIRED_COLUMNS and is_categorical(requests[col])
+        },
     }
+
+
+def _category_values(values: pd.Series) -> pd.Series:
+    return as_strings(values).fillna(MISSING)
+
+
+def category_buckets(counts: dict[str, int]) -> tuple[dict[str, int], list[float]]:
+    """value -> bucket of the reference's most frequent values, and the bucket weights; the last
+    bucket holds every other value (rarer or unseen), with at least a little mass."""
+    ranked = sorted(counts, key=lambda v: (-counts[v], v))[:CATEGORY_BUCKETS]
+    bucket_of = {v: i for i, v in enumerate(ranked)}
+    weights = np.zeros(len(ranked) + 1)
+    for value, count in counts.items():
+        weights[bucket_of.get(value, len(ranked))] += count
+    return bucket_of, _smooth(weights / max(weights.sum(), 1))
 
 
 def popularity_buckets(reference: dict) -> tuple[dict[int, int], list[float]]:
@@ -99,8 +126,9 @@ def _is_int_list(h) -> bool:
     return isinstance(h, list | tuple | np.ndarray) and all(isinstance(i, int | np.integer) for i in h)
 
 
-def summarise(raw: pd.DataFrame, table: np.ndarray) -> pd.DataFrame:
-    """One row per request: the scalar columns as they are, the history list as numbers to check."""
+def summarise(raw: pd.DataFrame, table: np.ndarray, vocabularies: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """One row per request: the scalar columns as they are, the history list as numbers to check,
+    and per categorical feature whether the value is text and whether the model's vocabulary lacks it."""
     known = (table >= 0).all(1)
 
     def unknown_items(h) -> float:
@@ -120,7 +148,20 @@ def summarise(raw: pd.DataFrame, table: np.ndarray) -> pd.DataFrame:
         target_known = np.zeros(len(t), dtype=np.int64)
         target_known[inside] = known[t[inside]]
         out["target_known"] = target_known
+    for name, vocabulary in (vocabularies or {}).items():
+        if name not in raw:
+            continue
+        values = raw[name].astype(object)
+        present = values.notna().to_numpy()
+        out[f"{name}__is_text"] = np.array([(not p) or isinstance(v, str) for v, p in zip(values, present, strict=True)],
+                                           dtype=np.int64)
+        vocab = set(vocabulary)
+        out[f"{name}__unseen"] = np.array([float(p and str(v) not in vocab) for v, p in zip(values, present, strict=True)])
     return out
+
+
+def _vocabularies(checkpoint_dir: Path) -> dict[str, list[str]]:
+    return json.loads((checkpoint_dir / "config.json").read_text()).get("categorical_features", {})
 
 
 def _profile_stats(checkpoint_dir: Path) -> dict[str, tuple[float, float]]:
@@ -143,7 +184,7 @@ def _profile_stats(checkpoint_dir: Path) -> dict[str, tuple[float, float]]:
 # --- the suites ---------------------------------------------------------------------------------------
 
 
-def request_suite(cfg, profile_stats: dict, context_len: int):
+def request_suite(cfg, profile_stats: dict, context_len: int, vocabularies: dict[str, list[str]] | None = None):
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -165,6 +206,10 @@ def request_suite(cfg, profile_stats: dict, context_len: int):
         add(gxe.ExpectColumnValuesToBeInTypeList(column=name, type_list=["float32", "float64", "int64", "int32"]))
         span = cfg.max_profile_zscore * max(std, 1e-6)
         add(gxe.ExpectColumnValuesToBeBetween(column=name, min_value=mean - span, max_value=mean + span))
+    for name in vocabularies or {}:
+        add(gxe.ExpectColumnToExist(column=name))
+        add(gxe.ExpectColumnValuesToBeInSet(column=f"{name}__is_text", value_set=[1]))
+        add(gxe.ExpectColumnMeanToBeBetween(column=f"{name}__unseen", max_value=cfg.max_unseen_category_fraction))
     return suite
 
 
@@ -186,6 +231,12 @@ def drift_suite(cfg, reference: dict):
         column="history_length_bucket", threshold=cfg.max_history_length_kl,
         partition_object={"values": list(range(len(len_weights))), "weights": len_weights},
     ))
+    for name, counts in reference.get("category_counts", {}).items():
+        _, weights = category_buckets(counts)
+        suite.add_expectation(gxe.ExpectColumnKLDivergenceToBeLessThan(
+            column=f"category__{name}", threshold=cfg.max_category_kl,
+            partition_object={"values": list(range(len(weights))), "weights": weights},
+        ))
     return suite
 
 
@@ -201,9 +252,16 @@ def drift_frame(current: dict, reference: dict) -> pd.DataFrame:
         np.full(c, bucket_of.get(int(i), unseen)) for i, c in current["item_counts"].items()
     ] or [np.zeros(0)])
     lengths = np.digitize(np.asarray(current["history_lengths"], dtype=np.float64), edges)
-    n = max(len(pop), len(lengths))
+    columns = {"popularity_bucket": pop, "history_length_bucket": lengths}
+    for name, counts in reference.get("category_counts", {}).items():
+        bucket_of, weights = category_buckets(counts)
+        current_counts = current.get("category_counts", {}).get(name, {})
+        columns[f"category__{name}"] = np.concatenate(
+            [np.full(c, bucket_of.get(v, len(weights) - 1)) for v, c in current_counts.items()] or [np.zeros(0)]
+        )
+    n = max(len(c) for c in columns.values())
     pad = lambda a: np.concatenate([a.astype(np.float64), np.full(n - len(a), np.nan)])  # noqa: E731
-    return pd.DataFrame({"popularity_bucket": pad(pop), "history_length_bucket": pad(lengths)})
+    return pd.DataFrame({name: pad(c) for name, c in columns.items()})
 
 
 # --- running it ---------------------------------------------------------------------------------------
@@ -292,10 +350,12 @@ def validate_calibration(
     context_len = json.loads((checkpoint_dir / "config.json").read_text())["context_len"]
     raw = _read_raw(calibration_path)
     stats = _profile_stats(checkpoint_dir)
+    vocabularies = _vocabularies(checkpoint_dir)
 
     ctx = _context(docs_dir)
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
-    requests_result = _run_suite(ctx, "calibration_requests", request_suite(cfg, stats, context_len), summarise(raw, table))
+    requests_result = _run_suite(ctx, "calibration_requests", request_suite(cfg, stats, context_len, vocabularies),
+                                 summarise(raw, table, vocabularies))
     failed = _failures(requests_result)
     if missing:
         failed.insert(0, {"expectation": "required columns", "missing": missing})
@@ -310,6 +370,8 @@ def validate_calibration(
             kl = {r.expectation_config.kwargs["column"]: (r.result or {}).get("observed_value") for r in drift_result.results}
             drift = {"checked": True, "popularity_kl": _jsonable(kl.get("popularity_bucket")),
                      "history_length_kl": _jsonable(kl.get("history_length_bucket")),
+                     "category_kl": {c.removeprefix("category__"): _jsonable(v) for c, v in kl.items()
+                                     if c.startswith("category__")},
                      "reference_calibration_sha256": reference.get("calibration_sha256", "")}
             failed += _failures(drift_result)
     ctx.build_data_docs()
@@ -340,10 +402,9 @@ def failure_summary(result: dict) -> str:
 
 def plot_validation(result: dict, profile: dict | None, reference: dict | None, out: Path) -> Path:
     """PNG: the failed checks (or 'all passed') and, with a reference, both drift distributions."""
-    import matplotlib
+    from onerec.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     text = "all expectations passed" if result["passed"] else "FAILED:\n" + "\n".join(
@@ -374,21 +435,3 @@ def plot_validation(result: dict, profile: dict | None, reference: dict | None, 
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
-
-
-# --- the pipeline step --------------------------------------------------------------------------------
-
-
-def validate_step(cfg, calibration_path: str, calibration_sha256: str, checkpoint_dir: str, report_dir: str,
-                  client=None) -> dict:
-    """Fetch the accepted reference from S3, validate, and on success make this snapshot the reference."""
-    from tasks.checkpoints import read_json, s3_client, write_json
-
-    client = client or s3_client(cfg)
-    reference = read_json(client, cfg.accepted_profile_uri)
-    result = validate_calibration(cfg, calibration_path, checkpoint_dir, report_dir, reference, calibration_sha256)
-    if result["passed"]:
-        profile = json.loads(Path(result["profile"]).read_text())
-        write_json(client, cfg.accepted_profile_uri, profile)
-        log.info("accepted this snapshot as the drift reference: %s", cfg.accepted_profile_uri)
-    return result

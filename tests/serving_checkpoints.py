@@ -12,7 +12,7 @@ import torch
 
 from onerec.checkpoint import save_checkpoint
 from onerec.model import OneRecV2, OneRecV2Config
-from onerec.processes import free_port
+from ops.processes import free_port
 
 PROFILE_FEATURES = ["age", "activity"]
 PROFILE_MEAN = [30.0, 2.0]
@@ -36,11 +36,14 @@ def random_tiny_checkpoint(out: Path, seed: int = 0, num_items: int = 300, profi
 
 @contextlib.contextmanager
 def serve_in_thread(app, timeout_s: float = 60):
-    """Run `app` under uvicorn in a thread on a free loopback port; yields (base url, uvicorn server)."""
+    """Run `app` under uvicorn in a thread on a free loopback port, with the server's own limits
+    (onerec.serve.server.uvicorn_config); yields (base url, uvicorn server)."""
     import uvicorn
 
+    from onerec.serve.server import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, log_level="warning"))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     try:

@@ -1,11 +1,11 @@
-"""FP8 post-training quantization of OneRec-V2 (issue 4).
+"""FP8 post-training quantization of OneRec-V2.
 
     from onerec.quant import quantize, make_recipe, Calibration
     report = quantize(model, make_recipe("fp8_dynamic"), Calibration(requests, table))
 
 Modules: fp8 (primitives, FP8Linear), recipes (configs, handlers, quantize), calibrate
-(observers, SQNR), export (save_quantized/load_quantized), analysis, quality_gate. Attributes are
-imported lazily so that `import onerec.quant` stays cheap.
+(observers, SQNR), export (save_quantized/load_quantized, quantize_folder), analysis,
+quality_gate. Attributes are imported lazily so that `import onerec.quant` stays cheap.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ _EXPORTS = {
     "FP8Linear": "onerec.quant.fp8",
     "save_quantized": "onerec.quant.export",
     "load_quantized": "onerec.quant.export",
+    "quantize_folder": "onerec.quant.export",
 }
 
 __all__ = list(_EXPORTS)

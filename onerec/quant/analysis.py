@@ -1,6 +1,6 @@
 """`onerec-fp8 analyze`: per-layer weight/activation distributions and FP8 safety flags.
 
-    onerec-fp8 analyze --checkpoint CKPT --calibration DIR_OR_FILE --out DIR [--recipe fp8_dynamic]
+    onerec-fp8 analyze --checkpoint CKPT --calibration TABLE_OR_DATA_DIR --out DIR [--recipe fp8_dynamic]
 
 For every layer the recipe would quantize (the others are listed with the reason), over the
 calibration requests:
@@ -78,8 +78,7 @@ def analyze(model, calibration, recipe="fp8_dynamic", config: AnalysisConfig | N
     import torch
 
     from onerec.quant.calibrate import measure_sqnr, observe_activations, tensor_stats
-    from onerec.quant.fp8 import E4M3_MAX
-    from onerec.quant.recipes import HANDLERS, make_recipe, select_layers
+    from onerec.quant.recipes import HANDLERS, make_recipe, select_layers, static_input_scale
 
     config = config or AnalysisConfig()
     recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -94,7 +93,7 @@ def analyze(model, calibration, recipe="fp8_dynamic", config: AnalysisConfig | N
             act = observers[name].stats()
             calib = {}
             if recipe.needs_calibration:
-                calib["input_scale"] = max(observers[name].clip_value(recipe.observer, recipe.percentile), 1e-12) / E4M3_MAX
+                calib["input_scale"] = static_input_scale(observers[name], recipe)[1]
             fp8[name] = handler(linear, recipe, name, calib)
             weight = {**tensor_stats(linear.weight), "underflow_fraction": weight_underflow_fraction(linear.weight, fp8[name])}
             layers[name] = {"shape": list(linear.weight.shape), "weight": weight, "activation": act}
@@ -154,7 +153,8 @@ def _write_outputs(result: dict, model, observers, out_dir: Path, config: Analys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    parser.add_argument("--calibration", required=True, help="calibration request table: parquet/csv file or folder")
+    parser.add_argument("--calibration", required=True,
+                        help="calibration request table (parquet/csv file or folder) or a data folder to draw one from")
     parser.add_argument("--out", required=True, help="folder for analysis.json and the PNG plots")
     parser.add_argument("--recipe", default="fp8_dynamic", choices=("fp8_dynamic", "fp8_static", "fp8_block"))
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -172,8 +172,10 @@ def main(args: argparse.Namespace) -> dict:
 
     recipe = make_recipe(args.recipe, exclude=args.exclude)
     model, table = load_checkpoint(args.checkpoint)
-    calibration = Calibration.from_path(args.calibration, table, batch_size=args.batch_size, max_requests=args.max_requests)
+    calibration = Calibration.from_path(args.calibration, table, context_len=model.cfg.context_len,
+                                        batch_size=args.batch_size, max_requests=args.max_requests)
     config = AnalysisConfig(min_sqnr_db=args.min_sqnr_db, max_underflow_fraction=args.max_underflow_fraction)
     result = analyze(model, calibration, recipe, config, args.out)
     # stdout: the verdict and where the details are; the per-layer table is in analysis.json.
-    return {k: v for k, v in result.items() if k != "layers"} | {"checkpoint": str(args.checkpoint)}
+    return {k: v for k, v in result.items() if k != "layers"} | {"checkpoint": str(args.checkpoint),
+                                                                  "calibration_source": calibration.source}

@@ -47,12 +47,15 @@ class Calibration:
     table: np.ndarray
     batch_size: int = 64
     max_requests: int | None = None
+    source: dict | None = None  # where the requests came from (onerec.calibration_table)
 
     @classmethod
-    def from_path(cls, path: str | Path, table: np.ndarray, **kwargs) -> Calibration:
-        from onerec.data import read_requests
+    def from_path(cls, path: str | Path, table: np.ndarray, context_len: int | None = None, **kwargs) -> Calibration:
+        """A request table file/folder, or a data folder to draw one from (cut to `context_len`)."""
+        from onerec.calibration_table import read_calibration
 
-        return cls(read_requests(path), table, **kwargs)
+        requests, source = read_calibration(path, context_len)
+        return cls(requests, table, source=source, **kwargs)
 
     def batches(self, model) -> Iterator:
         """Batches of requests whose target is known (the teacher-forced pass needs its codes)."""
@@ -68,7 +71,8 @@ class Calibration:
         if requests.empty:
             raise UserError("calibration data has no request with a target known to the tokenizer")
         cfg = model.cfg
-        yield from iter_batches(requests, self.table, cfg.context_len, cfg.profile_features, self.batch_size)
+        yield from iter_batches(requests, self.table, cfg.context_len, cfg.profile_features, self.batch_size,
+                                categorical=cfg.categorical_features)
 
     def num_batches(self, model) -> int:
         n = len(self.requests) if self.max_requests is None else min(self.max_requests, len(self.requests))

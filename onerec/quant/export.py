@@ -12,12 +12,16 @@ Folder (the data contract of docs/architecture.md):
 
 A folder is recognised as quantized by its recipe.json. Loading needs nothing else: the layer
 layout in recipe.json rebuilds the FP8Linear modules, the weights load strictly.
+
+`quantize_folder` is the whole step, checkpoint folder -> quantized folder: the `onerec-fp8
+quantize` command and the pipeline's quantize step both call it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +45,19 @@ HIGH_PRECISION = torch.bfloat16  # dtype of everything that is not FP8 (weights 
 
 def is_quantized_folder(folder: str | Path) -> bool:
     return (Path(folder) / RECIPE).is_file()
+
+
+def recipe_name(recipe_json: dict) -> str | None:
+    """The recipe's name in a recipe.json (which also carries the per-layer layout and statistics)."""
+    recipe = recipe_json.get("recipe")
+    return recipe.get("name") if isinstance(recipe, dict) else recipe_json.get("name")
+
+
+def recipe_attention(recipe_json: dict | None) -> str:
+    """How the engine runs cross-attention for a folder: its recipe's `attention` option ("bf16" for a
+    checkpoint, or a recipe.json written before the option existed)."""
+    recipe = (recipe_json or {}).get("recipe")
+    return recipe.get("attention", "bf16") if isinstance(recipe, dict) else "bf16"
 
 
 def fp8_layers(model: torch.nn.Module) -> dict[str, FP8Linear]:
@@ -168,3 +185,79 @@ def load_quantized(
         raise UserError(f"{qdir / WEIGHTS}: does not fit config.json and {RECIPE} ({str(exc).splitlines()[0]})") from None
     table = load_table(qdir / SEMANTIC_IDS)
     return model.to(device).eval(), table, recipe
+
+
+def check_made_from(quantized_dir: str | Path, recipe: dict, checkpoint_dir: str | Path,
+                    table: np.ndarray, q_table: np.ndarray) -> None:
+    """UserError unless the quantized folder was made from this checkpoint (the gates compare the two).
+
+    recipe.json records the source checkpoint's manifest sha256; the semantic-id tables must be equal too.
+    """
+    source = (recipe.get("source_checkpoint") or {}).get("manifest_sha256")
+    if source and source != manifest_digest(checkpoint_dir):
+        raise UserError(f"{quantized_dir} was quantized from another checkpoint than {checkpoint_dir} "
+                        "(manifest sha256 differs)")
+    if not np.array_equal(table, q_table):
+        raise UserError(f"{quantized_dir} and {checkpoint_dir} have different semantic-id tables")
+
+
+def quantize_folder(
+    checkpoint: str | Path, calibration: str | Path, recipe: str, out: str | Path, exclude: list[str] | tuple = (),
+    options: dict | None = None, max_requests: int | None = None, batch_size: int = 64, overwrite: bool = False,
+    reuse: bool = False, device: str | None = "cpu",
+) -> dict:
+    """Quantize a checkpoint folder with `recipe` (calibrated on a request table) into `out`.
+
+    `device`: where the model runs while calibrating ("auto": CUDA when present). The weights are
+    quantized in fp32 either way and saved from the CPU, so the folder does not depend on it.
+
+    `reuse`: an intact quantized folder already at `out`, made from this checkpoint with this
+    exact recipe, is kept as it is. Returns what was quantized, what not, the worst layer's SQNR
+    and the size ratio.
+    """
+    from onerec.checkpoint import load_checkpoint
+    from onerec.features import count_unseen
+    from onerec.quant.calibrate import Calibration
+    from onerec.quant.recipes import make_recipe, quantize
+
+    if batch_size < 1 or (max_requests is not None and max_requests < 1):
+        raise UserError("--batch-size and --max-requests must be positive")
+    config = make_recipe(recipe, exclude=list(exclude), **(options or {}))
+    out = Path(out)
+    if reuse and _same_quantization(out, checkpoint, config.to_dict()):
+        log.info("%s already holds %s of this checkpoint: reused", out, recipe)
+        return {"quantized": str(out), "checkpoint": str(checkpoint), "recipe": recipe, "reused": True}
+    from onerec.devices import resolve_device
+
+    t0 = time.monotonic()
+    model, table = load_checkpoint(checkpoint, device=resolve_device(device))
+    calib = Calibration.from_path(calibration, table, context_len=model.cfg.context_len, batch_size=batch_size,
+                                  max_requests=max_requests)
+    report = quantize(model, config, calib)
+    save_quantized(model, table, report, out, source_checkpoint=checkpoint, overwrite=overwrite)
+    written = json.loads((out / RECIPE).read_text())
+    worst = report.worst_layer_sqnr
+    log.info("quantized %d layers with %s in %.1fs", len(report.quantized), recipe, time.monotonic() - t0)
+    return {
+        "quantized": str(out), "checkpoint": str(checkpoint), "recipe": report.recipe["name"], "reused": False,
+        "checkpoint_sha256": written["source_checkpoint"]["manifest_sha256"],
+        "quantized_layers": len(report.quantized), "excluded": report.excluded,
+        "calibration_requests": report.calibration.get("num_requests"), "calibration_source": calib.source,
+        "calibration_unseen_profile_values": count_unseen(calib.requests, model.cfg.categorical_features),
+        "worst_layer": worst[0] if worst else None, "worst_layer_sqnr_db": worst[1] if worst else None,
+        "size_ratio_vs_bf16": written["size"]["ratio_vs_bf16"], "size": written["size"],
+        "seconds": round(time.monotonic() - t0, 2),
+    }
+
+
+def _same_quantization(out: Path, checkpoint: str | Path, recipe: dict) -> bool:
+    """Is `out` an intact quantized folder of this checkpoint (by manifest) and this recipe?"""
+    if not is_quantized_folder(out):
+        return False
+    try:
+        verify_manifest(out)
+        recipe_json = json.loads((out / RECIPE).read_text())
+        source = (recipe_json.get("source_checkpoint") or {}).get("manifest_sha256")
+        return source == manifest_digest(checkpoint) and recipe_json.get("recipe") == recipe
+    except (UserError, ValueError, OSError):
+        return False

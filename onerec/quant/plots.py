@@ -12,16 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from onerec.plots import pyplot
+
 FLAG_COLOR, OK_COLOR, KEPT_COLOR = "#d62728", "#1f77b4", "#9e9e9e"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def layer_bars(
@@ -29,7 +22,7 @@ def layer_bars(
     kept: set[str] = frozenset(), sqnr_threshold_db: float | None = None,
 ) -> Path:
     """layers: name -> {"sqnr_db", "activation_absmax", "weight_absmax"} (missing values allowed)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(layers)
     y = np.arange(len(names))
     colors = [FLAG_COLOR if n in flagged else KEPT_COLOR if n in kept else OK_COLOR for n in names]
@@ -68,7 +61,7 @@ def histograms(
     samples: dict[str, dict[str, np.ndarray]], path: str | Path, title: str, notes: dict[str, str] | None = None,
 ) -> Path:
     """samples: layer -> {"activation": |x| values, "weight": |w| values}; one row per layer."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(samples) or ["(none)"]
     fig, axes = plt.subplots(len(names), 2, figsize=(12, 2.6 * len(names) + 0.8), squeeze=False)
     for row, name in enumerate(names):

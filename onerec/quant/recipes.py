@@ -11,6 +11,10 @@ Recipes (onerec/quant/fp8.py has the numerics):
   calibration observer (max | percentile | mse);
 - fp8_block: 128x128 weight blocks, 1x128 dynamic activation blocks (the paper's MoE choice).
 
+Every recipe also says how the engine runs cross-attention over the shared context:
+`attention="bf16"` (default) or `"fp8"` (context K/V quantized once per request, FP32 scales per
+head; onerec/kernels/fp8_attention.py). The model's layers are the same either way.
+
 Layer selection: fnmatch patterns over module names (`model.named_modules()`); a layer is
 quantized when it is an nn.Linear, matches `include`, matches no `exclude`, and its dims are
 multiples of 16 (the FP8 GEMM's constraint on GPU). Every other nn.Linear is reported in
@@ -36,6 +40,9 @@ from onerec.quant.fp8 import E4M3_MAX, FP8Linear
 log = logging.getLogger(__name__)
 
 GEMM_MULTIPLE = 16  # torch._scaled_mm on GPU needs K and N multiples of 16
+# Version of a recipe's serialised form (recipe.json "recipe"); dicts without one are the first
+# form, which had the same fields.
+RECIPE_VERSION = 1
 
 DEFAULT_INCLUDE = [
     "blocks.*.cross_q", "blocks.*.cross_o", "blocks.*.self_qkv", "blocks.*.self_o",
@@ -46,6 +53,7 @@ DEFAULT_INCLUDE = [
 ]
 # Kept in high precision even if an include pattern matched: cheap or numerically sensitive.
 DEFAULT_EXCLUDE = ["*.router", "context.profile_proj", "heads.*"]
+ATTENTION_MODES = ("bf16", "fp8")
 
 
 @dataclass
@@ -54,14 +62,22 @@ class FP8RecipeConfig:
 
     include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    attention: str = "bf16"  # cross-attention over the context in the engine: bf16 | fp8
 
     name = "base"  # class attribute: the recipe's registry name
     weight = "per_channel"  # FP8Linear weight granularity
     activation = "per_token"  # FP8Linear activation mode
     needs_calibration = False  # True when scales come from calibration data
 
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise UserError(f"{self.name}: attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+
     def to_dict(self) -> dict:
-        return {"name": self.name, "weight": self.weight, "activation": self.activation, **dataclasses.asdict(self)}
+        return {
+            "name": self.name, "version": RECIPE_VERSION, "weight": self.weight, "activation": self.activation,
+            **dataclasses.asdict(self),
+        }
 
 
 @dataclass
@@ -79,6 +95,7 @@ class FP8StaticConfig(FP8RecipeConfig):
     needs_calibration = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.observer not in ("max", "percentile", "mse"):
             raise UserError(f"fp8_static: unknown observer {self.observer!r} (max, percentile, mse)")
         if not 0 < self.percentile <= 100:
@@ -114,14 +131,26 @@ def make_recipe(name: str, exclude: list[str] | tuple = (), **options) -> FP8Rec
 
 
 def recipe_from_dict(d: dict) -> FP8RecipeConfig:
-    """Inverse of FP8RecipeConfig.to_dict (recipe.json)."""
+    """Inverse of FP8RecipeConfig.to_dict (recipe.json): reads version 1 and the unversioned form."""
     d = dict(d)
-    name = d.pop("name")
+    version = d.pop("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION:
+        raise UserError(f"recipe.json: recipe version {version!r}, this code reads version {RECIPE_VERSION}")
+    name = d.pop("name", None)
     for derived in ("weight", "activation"):
         d.pop(derived, None)
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r} in recipe.json")
+    known = {f.name for f in dataclasses.fields(RECIPES[name])}
+    if set(d) - known:
+        raise UserError(f"recipe.json: recipe {name} has no field(s) {sorted(set(d) - known)}")
     return RECIPES[name](**d)
+
+
+def static_input_scale(observer, recipe: FP8StaticConfig) -> tuple[float, float]:
+    """(clip value, static activation scale) of a layer: the recipe's observer clip over E4M3's max."""
+    clip = observer.clip_value(recipe.observer, recipe.percentile)
+    return clip, max(clip, 1e-12) / E4M3_MAX
 
 
 # --- handlers: one per config class, the only place that knows how a recipe builds its layer ---
@@ -236,9 +265,7 @@ def quantize(
         for name, obs in observers.items():
             stats[name] = obs.stats()
             if recipe.needs_calibration:
-                clip = obs.clip_value(recipe.observer, recipe.percentile)
-                stats[name]["clip_value"] = clip
-                stats[name]["input_scale"] = max(clip, 1e-12) / E4M3_MAX
+                stats[name]["clip_value"], stats[name]["input_scale"] = static_input_scale(obs, recipe)
         calib_summary["num_requests"] = (
             len(calibration.requests) if calibration.max_requests is None
             else min(len(calibration.requests), calibration.max_requests)

@@ -13,15 +13,20 @@ log-probabilities of the code triples) and what was done to the input:
 - truncated_items: known items beyond the model's context, the oldest ones, dropped;
 - filled_profile_features: profile features the model uses but the user lacked: they take the
   model's stored training mean, i.e. a neutral value (z-score 0 after the model's normalisation);
-- ignored_profile_features: features the model does not use (e.g. after a model change), ignored.
-None of these is an error: production traffic always carries them. Malformed bodies are (4xx).
+- ignored_profile_features: features the model does not use (e.g. after a model change), ignored;
+- unseen_profile_values: categorical values the model's vocabulary lacks: they take the unknown
+  bucket (onerec/features.py), and count in the onerec_unseen_profile_values metric per feature.
+None of these is an error: production traffic always carries them. Malformed bodies are (4xx), and
+so is a profile value of the wrong type (a string for a numeric feature or a number for a
+categorical one). Timeouts, connection and in-flight caps and the accounting of every response:
+onerec.serve.guard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import math
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,6 +39,7 @@ from pydantic import ValidationError
 from onerec import __version__
 from onerec.errors import UserError
 from onerec.serve.batcher import BatcherStopped, DynamicBatcher
+from onerec.serve.guard import RequestGuard
 from onerec.serve.model_store import ServedModel, load_served_model, parse_model_uri
 from onerec.serve.schemas import HARD_MAX_BEAM, HARD_MAX_USERS, RecommendRequest
 
@@ -58,6 +64,15 @@ class ServerConfig:
     default_beam: int = 128
     max_body_bytes: int = 1 << 20
     threads: int = 0  # torch CPU threads for the beam search (0: torch's default)
+    # protections (onerec.serve.guard); the connection-level ones apply under uvicorn_config()
+    max_in_flight: int = 256  # requests being answered; beyond: 503 + Retry-After (health exempt)
+    max_connections: int = 1024  # open connections; beyond: 503 + Retry-After, closed
+    header_timeout_s: float = 5.0  # from a request's first byte (or the connection) to its last header
+    body_timeout_s: float = 10.0  # from the last header to the last body byte
+    # idle time between requests on one connection: longer than clients' pool expiry (httpx: 5 s),
+    # else a request sent just as the server closes the idle connection is reset (seen at 5 s)
+    keep_alive_s: float = 75.0
+    max_header_bytes: int = 64 * 1024
 
     def validate(self) -> None:
         checks = [
@@ -68,6 +83,11 @@ class ServerConfig:
             (1 <= self.default_k <= self.default_beam <= self.max_beam, "need 1 <= default_k <= default_beam <= max_beam"),
             (1024 <= self.max_body_bytes <= 1 << 30, "max_body_bytes must be in 1 KiB..1 GiB"),
             (0 <= self.threads <= 1024, "threads must be in 0..1024"),
+            (1 <= self.max_in_flight <= 65536, "max_in_flight must be in 1..65536"),
+            (1 <= self.max_connections <= 65536, "max_connections must be in 1..65536"),
+            (all(0 < t <= 3600 for t in (self.header_timeout_s, self.body_timeout_s, self.keep_alive_s)),
+             "header, body and keep-alive timeouts must be in (0, 3600] seconds"),
+            (1024 <= self.max_header_bytes <= 1 << 20, "max_header_bytes must be in 1 KiB..1 MiB"),
         ]
         for ok, message in checks:
             if not ok:
@@ -80,6 +100,7 @@ class PreparedUser:
     profile: np.ndarray | None  # [P] float32, complete (missing features filled)
     filled: int
     ignored: int
+    unseen: list[str] = field(default_factory=list)  # categorical features whose value is unseen
 
 
 @dataclass
@@ -90,26 +111,46 @@ class UserResult:
     truncated_items: int
     filled_profile_features: int = 0
     ignored_profile_features: int = 0
+    unseen_profile_values: int = 0
 
     def top(self, k: int) -> UserResult:
         return UserResult(self.items[:k], self.scores[:k], self.unknown_items, self.truncated_items,
-                          self.filled_profile_features, self.ignored_profile_features)
+                          self.filled_profile_features, self.ignored_profile_features, self.unseen_profile_values)
 
 
-def prepare_user(served: ServedModel, history: list[int], profile: dict[str, float] | None) -> PreparedUser:
+class ProfileError(ValueError):
+    """A profile value of the wrong type for its feature (answered 422)."""
+
+
+def prepare_user(served: ServedModel, history: list[int], profile: dict[str, float | str] | None) -> PreparedUser:
+    from onerec.features import encode_categorical
+
     names = served.profile_features
-    if not names:
+    categorical = served.model.cfg.categorical_features
+    if not names and not categorical:
         return PreparedUser(history, None, 0, len(profile or {}))
     given = profile or {}
-    known = set(names)
-    values = served.profile_fill.copy()
-    filled = 0
+    known = set(names) | set(categorical)
+    values = np.concatenate([served.profile_fill, np.zeros(len(categorical), np.float32)])
+    filled, unseen = 0, []
     for i, name in enumerate(names):
-        if name in given:
-            values[i] = given[name]
-        else:
+        if name not in given:
             filled += 1
-    return PreparedUser(history, values, filled, sum(1 for n in given if n not in known))
+        elif isinstance(given[name], str):
+            raise ProfileError(f"profile feature {name!r} is numeric, got a string")
+        else:
+            values[i] = given[name]
+    for i, (name, vocabulary) in enumerate(categorical.items()):
+        if name not in given:
+            filled += 1  # the unknown bucket, which also learnt missing values at training
+        elif not isinstance(given[name], str):
+            raise ProfileError(f"profile feature {name!r} is categorical: send a string, not {given[name]!r}")
+        else:
+            codes, n_unseen = encode_categorical([given[name]], vocabulary)
+            values[len(names) + i] = codes[0]
+            if n_unseen:
+                unseen.append(name)
+    return PreparedUser(history, values, filled, sum(1 for n in given if n not in known), unseen)
 
 
 def run_users(served: ServedModel, users: list[PreparedUser], k: int, beam: int) -> list[UserResult]:
@@ -120,7 +161,7 @@ def run_users(served: ServedModel, users: list[PreparedUser], k: int, beam: int)
 
     sids, mask, unknown = encode_histories([u.history for u in users], served.table, served.context_len)
     profile = None
-    if served.profile_features:
+    if users[0].profile is not None:
         profile = torch.from_numpy(np.stack([u.profile for u in users])).to(served.device)
     with torch.inference_mode():
         recs = served.search(sids.to(served.device), mask.to(served.device), profile, beam, k)
@@ -132,7 +173,7 @@ def run_users(served: ServedModel, users: list[PreparedUser], k: int, beam: int)
         known = len(user.history) - unknown[i]
         results.append(UserResult(
             items[i][valid].tolist(), [float(s) for s in scores[i][valid]], unknown[i],
-            max(0, known - served.context_len), user.filled, user.ignored,
+            max(0, known - served.context_len), user.filled, user.ignored, len(user.unseen),
         ))
     return results
 
@@ -158,6 +199,10 @@ class Metrics:
         self.users = Counter("onerec_recommended_users", "users answered by /v1/recommend", registry=r)
         self.unknown_items = Counter("onerec_unknown_items", "history items dropped as unknown to the model", registry=r)
         self.truncated_items = Counter("onerec_truncated_items", "history items beyond the context, dropped", registry=r)
+        self.unseen_profile_values = Counter(
+            "onerec_unseen_profile_values", "categorical profile values unknown to the model (unknown bucket)",
+            ["feature"], registry=r,
+        )
         self.ready = Gauge("onerec_ready", "1 when /v2/health/ready answers 200", registry=r)
         self.in_flight = Gauge("onerec_in_flight_requests", "recommend requests waiting or computing", registry=r)
         self.model = Info("onerec_model", "the served model version", registry=r)
@@ -261,6 +306,8 @@ def create_app(
             result = await state.batcher.submit([warm_user], 1, min(config.default_beam, config.max_beam))
             if not result or not result[0].items:
                 raise RuntimeError("warm-up request returned no item")
+            if not all(map(math.isfinite, result[0].scores)):
+                raise RuntimeError(f"warm-up scores are not finite ({result[0].scores}): NaN or Inf weights?")
             state.warmed = True
             metrics.ready.set(1)
             log.info("ready: %s version %s", served.name, served.version)
@@ -289,16 +336,8 @@ def create_app(
     app.state.metrics = metrics
     app.state.config = config
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = _route(request.url.path)
-        metrics.latency.labels(route).observe(time.perf_counter() - start)
-        metrics.responses.labels(route, str(response.status_code)).inc()
-        if response.status_code >= 400:
-            metrics.errors.labels(str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestGuard, metrics=metrics, route_of=_route, body_timeout_s=config.body_timeout_s,
+                       max_in_flight=config.max_in_flight)
 
     @app.post("/v1/recommend")
     async def recommend(request: Request):
@@ -321,7 +360,13 @@ def create_app(
         if not state.serving:
             return _error(503, f"model not ready ({state.reason()})")
         served = state.served
-        users = [prepare_user(served, u.history, u.profile) for u in req.users]
+        try:
+            users = [prepare_user(served, u.history, u.profile) for u in req.users]
+        except ProfileError as exc:
+            return _error(422, str(exc))
+        for user in users:
+            for feature in user.unseen:
+                metrics.unseen_profile_values.labels(feature).inc()
         metrics.in_flight.inc()
         try:
             results = await state.batcher.submit(users, k, beam)
@@ -329,6 +374,11 @@ def create_app(
             return _error(503, f"not accepting requests: {exc}")
         finally:
             metrics.in_flight.dec()
+        # a ready model gives finite scores (warm-up checks it): non-finite ones come from this input
+        for i, r in enumerate(results):
+            if not all(map(math.isfinite, r.scores)):
+                return _error(422, f"users.{i}: the model's scores are not finite for this input "
+                                   "(profile values far outside the training range?)")
         metrics.users.inc(len(results))
         metrics.unknown_items.inc(sum(r.unknown_items for r in results))
         metrics.truncated_items.inc(sum(r.truncated_items for r in results))
@@ -353,7 +403,7 @@ def create_app(
         return {"name": "onerec-fp8", "version": __version__, "extensions": []}
 
     def model_metadata(served: ServedModel) -> dict:
-        P = len(served.profile_features)
+        P = len(served.model.cfg.profile_columns)
         return {
             "name": served.name, "versions": [served.version], "platform": "pytorch",
             "inputs": [
@@ -368,6 +418,7 @@ def create_app(
                 "kind": served.kind, "digest": served.digest, "backend": served.backend, "device": served.device,
                 "recipe": ((served.recipe or {}).get("recipe") or {}).get("name"),
                 "context_len": served.context_len, "profile_features": served.profile_features,
+                "categorical_profile_features": list(served.model.cfg.categorical_features),
                 "default_k": config.default_k, "default_beam": config.default_beam, "max_beam": config.max_beam,
                 "max_users": config.max_users, "ready": state.ready,
             },

@@ -1,10 +1,10 @@
 """Model URI -> verified local folder -> a model ready to recommend.
 
 Accepted URIs:
-- `models:/NAME@ALIAS` or `models:/NAME/VERSION`: an MLflow registry version, downloaded by the
-  pipeline area's `tasks.registry.download_model(model_uri, dst_dir)` (imported lazily);
-- a local folder: a quantized artifact (it has recipe.json; loaded by
-  `onerec.quant.export.load_quantized`) or a bf16 checkpoint (`onerec.checkpoint.load_checkpoint`).
+- `models:/NAME@ALIAS` or `models:/NAME/VERSION`: an MLflow registry version, downloaded by
+  `onerec.serve.registry.download_model` from the tracking server of onerec.settings.Settings;
+- a local folder: a quantized artifact (it has recipe.json) or a bf16 checkpoint, loaded by
+  `onerec.checkpoint.load_model_folder`.
 
 Every file of the folder's manifest is hashed before anything is loaded, and every file the
 loaders read (json, safetensors, npy) must be listed in it: an altered or unlisted file refuses
@@ -15,7 +15,6 @@ engine area's fast path (`onerec.engine`) is used when it is importable.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,14 +24,13 @@ import numpy as np
 
 from onerec.devices import resolve_device
 from onerec.errors import UserError
+from onerec.settings import Settings
 
 log = logging.getLogger(__name__)
 
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9][\w.\-]*)(?:@(?P<alias>[\w.\-]+)|/(?P<version>\d+))$")
-RECIPE = "recipe.json"
 # suffixes of the files a loader reads: each must be covered by the manifest
 LOADED_SUFFIXES = (".json", ".safetensors", ".npy")
-DEFAULT_MODEL_NAME = "onerec-v2-fp8"
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ def parse_model_uri(uri: str, default_name: str | None = None) -> ModelRef:
     folder = Path(uri).expanduser()
     if not folder.is_dir():
         raise UserError(f"model folder {folder} does not exist or is not a folder")
-    name = default_name or os.environ.get("ONEREC_MODEL_NAME") or DEFAULT_MODEL_NAME
+    name = default_name or Settings.load().model_name
     return ModelRef(uri, name, folder=folder.resolve())
 
 
@@ -81,24 +79,20 @@ def registry_version(ref: ModelRef) -> str:
     try:
         from mlflow import MlflowClient
 
-        return str(MlflowClient().get_model_version_by_alias(ref.name, ref.alias).version)
+        client = MlflowClient(Settings.load().tracking_uri())
+        return str(client.get_model_version_by_alias(ref.name, ref.alias).version)
     except Exception as exc:  # mlflow raises its own types; the message names the cause
         raise UserError(f"cannot resolve {ref.uri} in the MLflow registry: {exc}") from None
 
 
 def download(ref: ModelRef, cache_dir: Path) -> Path:
-    """A registry version's local folder, fetched by the pipeline area's registry module."""
-    try:
-        from tasks.registry import download_model
-    except ImportError as exc:
-        raise UserError(
-            f"cannot serve {ref.uri}: registry download is unavailable (tasks.registry.download_model: {exc}); "
-            "serve a local folder instead"
-        ) from None
+    """A registry version's local folder, downloaded into cache_dir (an intact earlier download is reused)."""
+    from onerec.serve.registry import download_model
+
     dst = cache_dir / f"{ref.name}-{ref.version or ref.alias}"
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        return Path(download_model(ref.uri, dst))
+        return Path(download_model(ref.uri, dst, Settings.load().tracking_uri()))
     except UserError:
         raise
     except Exception as exc:
@@ -151,7 +145,7 @@ def _reference_search(model, index) -> Callable:
     return search
 
 
-def _engine_search(model, index, device: str, fallback: Callable) -> Callable | None:
+def _engine_search(model, index, device: str, fallback: Callable, attention: str = "bf16") -> Callable | None:
     """The engine area's fast beam search (onerec.engine.engine.Engine) on a CUDA GPU, when importable.
 
     An Engine has a fixed beam width (its steps have static shapes), so one is built per beam
@@ -170,7 +164,7 @@ def _engine_search(model, index, device: str, fallback: Callable) -> Callable | 
     def search(sids, mask, profile, beam, k):
         if beam not in engines:
             try:
-                engines[beam] = Engine(model, index, EngineConfig(beam_size=beam, k=beam))
+                engines[beam] = Engine(model, index, EngineConfig(beam_size=beam, k=beam, attention=attention))
             except Exception as exc:  # a fast path that cannot build must not take serving down
                 log.warning("engine for beam %d unavailable (%s); using the reference beam search", beam, exc)
                 engines[beam] = None
@@ -189,8 +183,9 @@ def load_served_model(
     """Resolve, verify and load `uri` (see module doc). `name`/`version` override the derived labels."""
     import torch
 
-    from onerec.checkpoint import load_checkpoint
+    from onerec.checkpoint import load_model_folder
     from onerec.manifest import manifest_digest
+    from onerec.quant.export import recipe_attention
     from onerec.semantic_ids import SemanticIdIndex
 
     ref = parse_model_uri(uri, default_name=name)
@@ -198,33 +193,25 @@ def load_served_model(
     if ref.is_registry:
         version = version or registry_version(ref)
         ref = parse_model_uri(ref.pinned_uri(version))
-        cache = Path(cache_dir or Path(os.environ.get("ONEREC_STATE_DIR", ".onerec")) / "serving" / "cache")
+        cache = Path(cache_dir or Path(Settings.load().state_dir) / "serving" / "cache")
         folder = download(ref, cache)
     else:
         folder = ref.folder
     log.info("verifying %s", folder)
     verify_folder(folder)
     digest = manifest_digest(folder)
-    recipe = None
-    if (folder / RECIPE).is_file():
-        try:
-            from onerec.quant.export import load_quantized
-        except ImportError as exc:
-            raise UserError(f"{folder} is a quantized model but onerec.quant.export is unavailable ({exc})") from None
-        model, table, recipe = load_quantized(folder, device=device, verify=False)
-        kind = "fp8"
-    else:
-        # bf16 on a GPU; float32 on CPU, where bf16 matmuls are slow and gain nothing
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model, table = load_checkpoint(folder, device=device, dtype=dtype, verify=False)
-        kind = "bf16"
+    # bf16 on a GPU; float32 on CPU, where bf16 matmuls are slow and gain nothing (a quantized
+    # folder keeps its stored dtypes)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model, table, recipe = load_model_folder(folder, device=device, dtype=dtype, verify=False)
+    kind = "bf16" if recipe is None else "fp8"
     model.eval()
     cfg = model.cfg
     index = SemanticIdIndex.build(table, cfg.codebook_size).to(device)
     mean = getattr(model.context, "profile_mean", None)
     fill = mean.detach().float().cpu().numpy() if mean is not None else np.zeros(cfg.num_profile_features, np.float32)
     reference = _reference_search(model, index)
-    search = _engine_search(model, index, device, reference)
+    search = _engine_search(model, index, device, reference, recipe_attention(recipe))
     backend = "engine" if search is not None else "reference"
     search = search or reference
     return ServedModel(

@@ -16,9 +16,16 @@ MAX_PROFILE_FEATURES = 256
 HARD_MAX_USERS = 4096
 HARD_MAX_BEAM = 4096
 
+FLOAT32_MAX = 3.4028234663852886e38  # numeric features become float32: larger values would be inf
+MAX_CATEGORY_CHARS = 256
+
 ItemId = Annotated[int, Field(strict=True, ge=0, le=MAX_ITEM_ID)]
 FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-FeatureValue = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# Numeric features: finite and within float32; categorical ones: a string (compared with the
+# model's vocabulary, onerec/features.py). A missing value is a missing key, not null.
+NumericValue = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+CategoryValue = Annotated[str, StringConstraints(max_length=MAX_CATEGORY_CHARS)]
+FeatureValue = NumericValue | CategoryValue
 
 
 class UserRequest(BaseModel):
@@ -27,7 +34,8 @@ class UserRequest(BaseModel):
     history: list[ItemId] = Field(max_length=MAX_HISTORY_ITEMS, description="item ids, newest last")
     profile: dict[FeatureName, FeatureValue] | None = Field(
         default=None, max_length=MAX_PROFILE_FEATURES,
-        description="numeric profile features by name; missing ones take the model's training mean",
+        description="profile features by name: numbers for numeric features, strings for categorical ones; "
+                    "missing ones take the model's training mean / unknown bucket",
     )
 
 

@@ -44,6 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds for in-flight requests at shutdown")
     parser.add_argument("--drain-seconds", type=float, default=0.0, help="keep serving this long after readiness flips")
     parser.add_argument("--access-log", action="store_true", help="log every request (stderr)")
+    limits = parser.add_argument_group("limits (docs/serving.md)")
+    limits.add_argument("--max-in-flight", type=int, default=256,
+                        help="requests being answered; beyond: 503 + Retry-After (health and metrics exempt)")
+    limits.add_argument("--max-connections", type=int, default=1024,
+                        help="open connections; beyond: 503 + Retry-After and closed")
+    limits.add_argument("--header-timeout", type=float, default=5.0, help="seconds for a request's headers")
+    limits.add_argument("--body-timeout", type=float, default=10.0, help="seconds for a request's body, after its headers")
+    limits.add_argument("--keep-alive-timeout", type=float, default=75.0,
+                        help="idle seconds between requests (above clients' pool expiry)")
 
 
 def _log_config() -> dict:
@@ -54,6 +63,19 @@ def _log_config() -> dict:
     for handler in config["handlers"].values():
         handler["stream"] = "ext://sys.stderr"
     return config
+
+
+def uvicorn_config(app, host: str, port: int, **kwargs):
+    """The uvicorn.Config for an app of onerec.serve.app.create_app, with its connection limits."""
+    import uvicorn
+
+    from onerec.serve.guard import connection_cap, guarded_protocol
+
+    config = app.state.config
+    protocol = guarded_protocol(config.header_timeout_s, config.max_header_bytes,
+                                connection_cap(config.max_connections), config.keep_alive_s, app.state.metrics)
+    return uvicorn.Config(app, host=host, port=port, http=protocol, lifespan="on",
+                          timeout_keep_alive=config.keep_alive_s, **kwargs)
 
 
 def _draining_server_class():
@@ -86,8 +108,6 @@ def _draining_server_class():
 
 
 def main(args: argparse.Namespace) -> dict:
-    import uvicorn
-
     from onerec.serve.app import ServerConfig, create_app
 
     if not 0 < args.port < 65536:
@@ -99,7 +119,8 @@ def main(args: argparse.Namespace) -> dict:
         device=args.device, cache_dir=args.cache_dir, max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms, max_users=args.max_users, max_beam=args.max_beam,
         default_k=args.default_k, default_beam=args.default_beam, max_body_bytes=args.max_body_bytes,
-        threads=args.threads,
+        threads=args.threads, max_in_flight=args.max_in_flight, max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive_timeout,
     )
     holder: dict = {}
 
@@ -110,9 +131,9 @@ def main(args: argparse.Namespace) -> dict:
             server.should_exit = True
 
     app = create_app(config, on_fatal=on_fatal)  # checks the config and the URI's form before binding
-    uv_config = uvicorn.Config(
-        app, host=args.host, port=args.port, lifespan="on", log_config=_log_config(),
-        access_log=args.access_log, timeout_graceful_shutdown=args.graceful_timeout,
+    uv_config = uvicorn_config(
+        app, args.host, args.port, log_config=_log_config(), access_log=args.access_log,
+        timeout_graceful_shutdown=args.graceful_timeout,
     )
     server = _draining_server_class()(uv_config, app.state.server, args.drain_seconds)
     holder["server"] = server

@@ -1,0 +1,328 @@
+"""Triton kernels of the MoE op (onerec/kernels/fused_moe.py has the op, its plan and its PyTorch reference):
+the routing plan in three launches, the gate|up and down grouped GEMMs (bf16, or FP8 with block
+scales), the FP32 combine, and the 1x128 block quantization of x.
+
+The kernels are defined on first use (`_kernels()`, cached), not at import: Triton decides at
+definition time whether a kernel is compiled or run by its CPU interpreter (TRITON_INTERPRET=1),
+and the tests run these on CPU through the interpreter (tests/triton_interpreter.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from onerec.kernels.fused_moe import MoEWeights, RoutePlan
+from onerec.quant.fp8 import AMAX_MIN, BLOCK, E4M3, E4M3_MAX
+
+
+def moe(x: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor, w: MoEWeights,
+        config: dict | None = None) -> torch.Tensor:
+    """The routed (+ folded shared) experts of x [N, d] routed as (gates, experts) [N, k] -> [N, d]."""
+    n_experts = w.w1.shape[0]
+    cfg = {**default_config(x.shape[0] * (w.top_k + w.shared_folded), n_experts, w.fp8), **(config or {})}
+    plan = plan_routes(gates, experts, n_experts, w.shared_folded, cfg["BLOCK_M"])
+    return grouped_experts(x, plan, w, cfg)
+
+
+def default_config(pairs: int, n_experts: int, fp8: bool) -> dict:
+    """Tile sizes by rows per expert: decode batches put ~30-900 rows on each expert."""
+    per_expert = pairs / n_experts
+    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64 if per_expert <= 256 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, num_warps=4 if block_m <= 64 else 8, num_stages=3)
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gate_up_kernel(
+        x_ptr, xs_ptr, w1_ptr, w3_ptr, w1s_ptr, w3s_ptr, h_ptr, hs_ptr,
+        token_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+        K, I, KB, IB, N_EXPERTS,
+        FP8: tl.constexpr, IEEE: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, SCALE_MIN: tl.constexpr,
+    ):
+        # h[r] = SiLU(x[token[r]] W1[e]^T) * (x[token[r]] W3[e]^T) for the rows r of tile t.
+        tile = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(tile_expert_ptr + tile)
+        if e >= N_EXPERTS:
+            return
+        row0 = tl.load(tile_row_ptr + tile)
+        row_end = tl.load(offsets_ptr + e + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        rmask = rows < row_end
+        tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < I
+        e64 = e.to(tl.int64)
+        w_off = e64 * I * K + cols[:, None].to(tl.int64) * K
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kb = k0 // BLOCK_K
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            a = tl.load(x_ptr + tok[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wg = tl.load(w1_ptr + w_off + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            wu = tl.load(w3_ptr + w_off + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if FP8:
+                # 1x128 activation block scale per row, one 128x128 weight block scale per tile
+                sa = tl.load(xs_ptr + tok * KB + kb, mask=rmask, other=0.0)
+                sg = tl.load(w1s_ptr + (e64 * IB + pid_n * BLOCK_N // 128) * KB + kb)
+                su = tl.load(w3s_ptr + (e64 * IB + pid_n * BLOCK_N // 128) * KB + kb)
+                acc_g += tl.dot(a, tl.trans(wg)) * (sa[:, None] * sg)
+                acc_u += tl.dot(a, tl.trans(wu)) * (sa[:, None] * su)
+            elif IEEE:
+                acc_g = tl.dot(a, tl.trans(wg), acc_g, input_precision="ieee")
+                acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(a, tl.trans(wg), acc_g)
+                acc_u = tl.dot(a, tl.trans(wu), acc_u)
+        # the module's roundings: gate, up, SiLU and the product each rounded to the model dtype
+        dt = DTYPE
+        g = acc_g.to(dt).to(tl.float32)
+        u = acc_u.to(dt).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        y = (s * u).to(dt).to(tl.float32)
+        out_off = rows[:, None].to(tl.int64) * I + cols[None, :]
+        omask = rmask[:, None] & cmask[None, :]
+        if FP8:  # BLOCK_N == 128: this tile holds exactly one 1x128 block of each row
+            amax = tl.max(tl.abs(y), axis=1)
+            scale = tl.maximum(amax, SCALE_MIN) / FP8_MAX
+            q = tl.clamp(y / scale[:, None], -FP8_MAX, FP8_MAX)
+            tl.store(h_ptr + out_off, q.to(tl.float8e4nv), mask=omask)
+            tl.store(hs_ptr + rows.to(tl.int64) * IB + pid_n, scale, mask=rmask)
+        else:
+            tl.store(h_ptr + out_off, y.to(h_ptr.dtype.element_ty), mask=omask)
+
+    @triton.jit
+    def down_kernel(
+        h_ptr, hs_ptr, w2_ptr, w2s_ptr, y_ptr, gate_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+        D, I, IB, DB, N_EXPERTS,
+        FP8: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # y[r] = gate[r] * (h[r] W2[e]^T) for the rows r of tile t (rows already sorted by expert).
+        tile = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(tile_expert_ptr + tile)
+        if e >= N_EXPERTS:
+            return
+        row0 = tl.load(tile_row_ptr + tile)
+        row_end = tl.load(offsets_ptr + e + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        rmask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < D
+        e64 = e.to(tl.int64)
+        w_off = e64 * D * I + cols[:, None].to(tl.int64) * I
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            kb = k0 // BLOCK_K
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < I
+            a = tl.load(h_ptr + rows64[:, None] * I + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wt = tl.load(w2_ptr + w_off + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if FP8:
+                sa = tl.load(hs_ptr + rows64 * IB + kb, mask=rmask, other=0.0)
+                sw = tl.load(w2s_ptr + (e64 * DB + pid_n * BLOCK_N // 128) * IB + kb)
+                acc += tl.dot(a, tl.trans(wt)) * (sa[:, None] * sw)
+            elif IEEE:
+                acc = tl.dot(a, tl.trans(wt), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(wt), acc)
+        gate = tl.load(gate_ptr + rows, mask=rmask, other=0.0)
+        dt = y_ptr.dtype.element_ty
+        y = acc.to(dt).to(tl.float32) * gate[:, None]
+        tl.store(y_ptr + rows64[:, None] * D + cols[None, :], y.to(dt), mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def combine_kernel(y_ptr, inverse_ptr, out_ptr, D, SLOTS: tl.constexpr, BLOCK: tl.constexpr):
+        # out[n] = sum over its slots of y[inverse[n, j]], in FP32
+        n = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < D
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(SLOTS):
+            r = tl.load(inverse_ptr + n * SLOTS + j)
+            acc += tl.load(y_ptr + r * D + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * D + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def quantize_blocks_kernel(x_ptr, out_ptr, scale_ptr, K, KB, FP8_MAX: tl.constexpr, SCALE_MIN: tl.constexpr):
+        # one program per (row, 1x128 block)
+        row = tl.program_id(0).to(tl.int64)
+        kb = tl.program_id(1)
+        cols = kb * 128 + tl.arange(0, 128)
+        mask = cols < K
+        x = tl.load(x_ptr + row * K + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), SCALE_MIN) / FP8_MAX
+        q = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
+        tl.store(out_ptr + row * K + cols, q.to(tl.float8e4nv), mask=mask)
+        tl.store(scale_ptr + row * KB + kb, scale)
+
+    # The plan in three launches instead of ~40 small torch ops; same result as plan_routes (a stable
+    # counting sort: block histograms, one scan, then each pair's row = its expert's offset + the
+    # pairs of that expert in earlier blocks + those before it in its own block).
+    @triton.jit
+    def plan_histogram_kernel(
+        experts_ptr, hist_ptr, M, SHARED_EXPERT, K_TOP: tl.constexpr, SLOTS: tl.constexpr,
+        BLOCK: tl.constexpr, E_PAD: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        pairs = b * BLOCK + tl.arange(0, BLOCK)
+        token = pairs // SLOTS
+        slot = pairs % SLOTS  # slot K_TOP (if any) is the shared expert
+        e = tl.load(experts_ptr + token * K_TOP + slot, mask=(pairs < M) & (slot < K_TOP), other=0).to(tl.int32)
+        e = tl.where(slot < K_TOP, e, SHARED_EXPERT)
+        onehot = ((e[:, None] == tl.arange(0, E_PAD)[None, :]) & (pairs < M)[:, None]).to(tl.int32)
+        tl.store(hist_ptr + b * E_PAD + tl.arange(0, E_PAD), tl.sum(onehot, axis=0))
+
+    @triton.jit
+    def plan_scan_kernel(
+        hist_ptr, base_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, N_BLOCKS, N_EXPERTS, N_TILES,
+        BLOCK_M: tl.constexpr, NB_PAD: tl.constexpr, E_PAD: tl.constexpr, TILE_CHUNK: tl.constexpr,
+    ):
+        blocks = tl.arange(0, NB_PAD)
+        ex = tl.arange(0, E_PAD)
+        hist = tl.load(hist_ptr + blocks[:, None] * E_PAD + ex[None, :], mask=(blocks < N_BLOCKS)[:, None], other=0)
+        before = tl.cumsum(hist, axis=0) - hist  # pairs of expert e in earlier blocks
+        counts = tl.sum(hist, axis=0)
+        offsets = tl.cumsum(counts, axis=0) - counts  # first row of expert e
+        tl.store(base_ptr + blocks[:, None] * E_PAD + ex[None, :], offsets[None, :] + before,
+                 mask=(blocks < N_BLOCKS)[:, None])
+        tl.store(offsets_ptr + ex, offsets, mask=ex < N_EXPERTS)
+        tl.store(offsets_ptr + N_EXPERTS, tl.sum(counts, axis=0))
+        tiles = (counts + BLOCK_M - 1) // BLOCK_M
+        tile_end = tl.cumsum(tiles, axis=0)
+        tile_start = tile_end - tiles
+        for t0 in range(0, N_TILES, TILE_CHUNK):
+            t = t0 + tl.arange(0, TILE_CHUNK)
+            expert = tl.sum((tile_end[None, :] <= t[:, None]).to(tl.int32), axis=1)  # N_EXPERTS: unused tile
+            mine = ex[None, :] == expert[:, None]
+            row = tl.sum(tl.where(mine, offsets[None, :] + (t[:, None] - tile_start[None, :]) * BLOCK_M, 0), axis=1)
+            tl.store(tile_expert_ptr + t, tl.minimum(expert, N_EXPERTS), mask=t < N_TILES)
+            tl.store(tile_row_ptr + t, row, mask=t < N_TILES)
+
+    @triton.jit
+    def plan_scatter_kernel(
+        experts_ptr, gates_ptr, base_ptr, token_ptr, gate_ptr, inverse_ptr, M, SHARED_EXPERT,
+        K_TOP: tl.constexpr, SLOTS: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        pairs = b * BLOCK + tl.arange(0, BLOCK)
+        valid = pairs < M
+        token = pairs // SLOTS
+        slot = pairs % SLOTS  # slot K_TOP (if any) is the shared expert
+        e = tl.load(experts_ptr + token * K_TOP + slot, mask=(pairs < M) & (slot < K_TOP), other=0).to(tl.int32)
+        e = tl.where(slot < K_TOP, e, SHARED_EXPERT)
+        onehot = ((e[:, None] == tl.arange(0, E_PAD)[None, :]) & valid[:, None]).to(tl.int32)
+        rank = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1), axis=1)  # earlier pairs of e in this block
+        base = tl.load(base_ptr + b * E_PAD + tl.arange(0, E_PAD))
+        row = tl.sum(onehot * base[None, :], axis=1) + rank
+        gate = tl.load(gates_ptr + token * K_TOP + slot, mask=valid & (slot < K_TOP), other=1.0)
+        tl.store(token_ptr + row, token.to(tl.int32), mask=valid)
+        tl.store(gate_ptr + row, gate, mask=valid)
+        tl.store(inverse_ptr + pairs, row.to(tl.int64), mask=valid)
+
+    _TL_DTYPES.update({torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32})
+    return (gate_up_kernel, down_kernel, combine_kernel, quantize_blocks_kernel, plan_histogram_kernel,
+            plan_scan_kernel, plan_scatter_kernel)
+
+
+_TL_DTYPES: dict = {}  # torch dtype -> Triton dtype, filled when Triton is imported
+
+
+_FP8_CONSTANTS = dict(FP8_MAX=E4M3_MAX, SCALE_MIN=AMAX_MIN)
+
+
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (FP8 [M, K], scales [M, ceil(K/128)]): `quantize_blockwise(x, (1, 128))` as one kernel."""
+    M, K = x.shape
+    KB = -(-K // BLOCK)
+    out = torch.empty(M, K, dtype=E4M3, device=x.device)
+    scale = torch.empty(M, KB, dtype=torch.float32, device=x.device)
+    _kernels()[3][(M, KB)](x.contiguous(), out, scale, K, KB, **_FP8_CONSTANTS)
+    return out, scale
+
+
+def plan_routes(gates: torch.Tensor, experts: torch.Tensor, n_experts: int, shared: bool, block_m: int,
+                       block: int = 256) -> RoutePlan:
+    """`onerec.kernels.fused_moe.plan_routes` in three Triton launches (identical result: the same stable order)."""
+    import triton
+
+    histogram, scan, scatter = _kernels()[4:]
+    N, k = experts.shape
+    slots = k + shared
+    M = N * slots
+    device = experts.device
+    n_blocks = triton.cdiv(M, block)
+    e_pad = max(16, triton.next_power_of_2(n_experts))
+    n_tiles = triton.cdiv(M, block_m) + n_experts
+    experts, gates = experts.contiguous(), gates.float().contiguous()
+    shared_expert = n_experts - 1 if shared else n_experts  # (unused without a shared slot)
+    hist = torch.empty(n_blocks, e_pad, dtype=torch.int32, device=device)
+    base = torch.empty_like(hist)
+    offsets = torch.empty(n_experts + 1, dtype=torch.int32, device=device)
+    tile_expert = torch.empty(n_tiles, dtype=torch.int32, device=device)
+    tile_row = torch.empty(n_tiles, dtype=torch.int32, device=device)
+    token = torch.empty(M, dtype=torch.int32, device=device)
+    gate = torch.empty(M, dtype=torch.float32, device=device)
+    inverse = torch.empty(N, slots, dtype=torch.int64, device=device)
+    histogram[(n_blocks,)](experts, hist, M, shared_expert, K_TOP=k, SLOTS=slots, BLOCK=block, E_PAD=e_pad)
+    scan[(1,)](hist, base, offsets, tile_expert, tile_row, n_blocks, n_experts, n_tiles, BLOCK_M=block_m,
+               NB_PAD=max(16, triton.next_power_of_2(n_blocks)), E_PAD=e_pad, TILE_CHUNK=128, num_warps=8)
+    scatter[(n_blocks,)](experts, gates, base, token, gate, inverse, M, shared_expert, K_TOP=k, SLOTS=slots,
+                         BLOCK=block, E_PAD=e_pad)
+    return RoutePlan(token, gate, inverse, offsets, tile_expert, tile_row, block_m)
+
+
+def grouped_experts(x: torch.Tensor, plan: RoutePlan, w: MoEWeights, cfg: dict) -> torch.Tensor:
+    """The routed (+ folded shared) experts through the grouped Triton kernels: x [N, d] -> [N, d]."""
+    gate_up, down, combine = _kernels()[:3]
+    N, D = x.shape
+    E, I, _ = w.w1.shape
+    M = plan.token.shape[0]
+    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launch = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if w.fp8 and (BK != BLOCK or BN != BLOCK):
+        raise ValueError("moe: the FP8 block kernels need BLOCK_N == BLOCK_K == 128")
+    ieee = x.dtype == torch.float32
+    n_tiles = plan.tile_expert.shape[0]
+    x = x.contiguous()
+    if w.fp8:
+        x_in, x_scale = quantize_blocks(x)
+        h = torch.empty(M, I, dtype=E4M3, device=x.device)
+        h_scale = torch.empty(M, -(-I // BLOCK), dtype=torch.float32, device=x.device)
+    else:
+        x_in, x_scale = x, x
+        h, h_scale = torch.empty(M, I, dtype=x.dtype, device=x.device), x
+    KB, IB, DB = -(-D // BLOCK), -(-I // BLOCK), -(-D // BLOCK)
+    gate_up[(n_tiles, triton_cdiv(I, BN))](
+        x_in, x_scale, w.w1, w.w3, _or(w.w1_scale, x), _or(w.w3_scale, x), h, h_scale,
+        plan.token, plan.tile_expert, plan.tile_row, plan.offsets, D, I, KB, IB, E,
+        FP8=w.fp8, IEEE=ieee, DTYPE=_TL_DTYPES[x.dtype], **launch, **_FP8_CONSTANTS,
+    )
+    y = torch.empty(M, D, dtype=x.dtype, device=x.device)
+    down[(n_tiles, triton_cdiv(D, BN))](
+        h, h_scale, w.w2, _or(w.w2_scale, x), y, plan.gate, plan.tile_expert, plan.tile_row, plan.offsets,
+        D, I, IB, DB, E, FP8=w.fp8, IEEE=ieee, **launch,
+    )
+    out = torch.empty(N, D, dtype=x.dtype, device=x.device)
+    block = min(1024, 1 << (D - 1).bit_length())
+    combine[(N, triton_cdiv(D, block))](y, plan.inverse, out, D, SLOTS=plan.inverse.shape[1], BLOCK=block)
+    return out
+
+
+def _or(t, default):
+    return t if t is not None else default
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,153 @@
+"""The helm rollout target (production): the chart helm/onerec-serving through the Helm engine as a library.
+
+deploy = `helm upgrade --install` with model.uri/model.version set, rolling back by itself on
+failure, waiting for the rollout, with a timeout; returns the release revision. rollback =
+`helm rollback` to the last revision before the current one that was deployed successfully.
+One engine: helm-python-sdk (the Helm v4 engine, in the `[pipeline]` extra), so no helm binary
+and no version-dependent flags are needed in the Airflow image. Options (or Settings):
+release (ONEREC_HELM_RELEASE, onerec-serving), namespace (ONEREC_HELM_NAMESPACE, onerec),
+values_files (ONEREC_HELM_VALUES, os.pathsep-separated), kube_context (ONEREC_KUBE_CONTEXT),
+kubeconfig (KUBECONFIG), timeout_s, chart, dry_run (render and validate, touch no cluster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from onerec.settings import Settings
+from ops.rollout import RolloutError
+
+log = logging.getLogger(__name__)
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "onerec-serving"
+
+
+def _options(
+    release: str | None = None, namespace: str | None = None, values_files: list[str] | None = None,
+    kube_context: str | None = None, kubeconfig: str | None = None, timeout_s: float = 600,
+    chart: str | Path | None = None, dry_run: bool = False, **_,
+) -> dict:
+    settings = Settings.load()
+    files = values_files if values_files is not None else [f for f in settings.helm_values.split(os.pathsep) if f]
+    return {
+        "release": release or settings.helm_release,
+        "namespace": namespace or settings.helm_namespace,
+        "values_files": [str(f) for f in files],
+        "kube_context": kube_context or settings.kube_context,
+        "kubeconfig": kubeconfig or settings.kubeconfig,
+        "timeout_s": int(timeout_s),
+        "chart": str(chart or CHART),
+        "dry_run": bool(dry_run),
+        "tracking_uri": settings.mlflow_tracking_uri,
+    }
+
+
+def _model_values(model_uri: str, version: str, tracking_uri: str | None) -> dict:
+    values = {"model": {"uri": model_uri, "version": version}}
+    if tracking_uri:
+        values["mlflow"] = {"trackingUri": tracking_uri}
+    return values
+
+
+def _service_url(release: str, namespace: str) -> str:
+    name = release if "onerec-serving" in release else f"{release}-onerec-serving"
+    return f"http://{name[:63].rstrip('-')}.{namespace}.svc.cluster.local"
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@contextlib.contextmanager
+def _helm(o: dict, action: str):
+    """The Helm engine for these options; its errors become one RolloutError naming the action."""
+    import helm_python as hp
+
+    try:
+        with hp.Config(kubeconfig_path=o["kubeconfig"], kube_context=o["kube_context"], namespace=o["namespace"],
+                       storage_driver="memory" if o["dry_run"] else None) as cfg:
+            yield hp, cfg
+    except hp.HelmError as exc:
+        raise RolloutError(f"helm {action} of {o['release']} failed: {exc}") from None
+
+
+def _status_of(entry: dict) -> str:
+    info = entry.get("info")
+    return str((info or {}).get("status") if isinstance(info, dict) else entry.get("status", "")).lower()
+
+
+def _revision_of(entry: dict) -> int:
+    return int(entry.get("revision", entry.get("version", 0)))
+
+
+def _previous_good(history: list[dict], current: int) -> int:
+    """The newest revision before `current` that was deployed successfully (superseded since)."""
+    good = [_revision_of(h) for h in history if _revision_of(h) < current and _status_of(h) in ("superseded", "deployed")]
+    if not good:
+        raise RolloutError(f"nothing to roll back to: no successful revision before {current}")
+    return max(good)
+
+
+def deploy(model_uri: str, version: str, **options) -> dict:
+    import yaml
+
+    o = _options(**options)
+    values: dict = {}
+    for f in o["values_files"]:
+        values = _deep_merge(values, yaml.safe_load(Path(f).read_text()) or {})
+    values = _deep_merge(values, _model_values(model_uri, version, o["tracking_uri"]))
+    with _helm(o, "upgrade --install") as (hp, cfg), hp.Chart.load(o["chart"]) as chart:
+        if o["dry_run"]:
+            release = cfg.install(chart, o["release"], values, namespace=o["namespace"], dry_run="client")
+        else:
+            try:
+                cfg.history(o["release"])
+                exists = True
+            except hp.HelmNotFoundError:
+                exists = False
+            common = dict(namespace=o["namespace"], timeout=o["timeout_s"], wait="watcher", rollback_on_failure=True)
+            if exists:
+                release = cfg.upgrade(chart, o["release"], values, **common)
+            else:
+                release = cfg.install(chart, o["release"], values, create_namespace=True, **common)
+    revision = _revision_of(release)
+    log.info("helm release %s revision %d serves version %s%s", o["release"], revision, version,
+             " (dry run)" if o["dry_run"] else "")
+    result = {
+        "target": "helm", "engine": "helm-python-sdk", "release": o["release"], "namespace": o["namespace"],
+        "revision": revision, "version": version, "model_uri": model_uri, "url": _service_url(o["release"], o["namespace"]),
+    }
+    if o["dry_run"]:
+        result.update(dry_run=True, manifest=release.get("manifest", ""))
+    return result
+
+
+def rollback(revision: int | None = None, **options) -> dict:
+    o = _options(**options)
+    with _helm(o, "rollback") as (_, cfg):
+        history = cfg.history(o["release"])
+        current = max(_revision_of(h) for h in history if _status_of(h) == "deployed")
+        to = revision or _previous_good(history, current)
+        cfg.rollback(o["release"], version=to, timeout=o["timeout_s"], wait="watcher")
+        new = cfg.status(o["release"])
+        values = cfg.get_values(o["release"])
+    model = (values or {}).get("model", {})
+    return {
+        "target": "helm", "release": o["release"], "namespace": o["namespace"], "revision": _revision_of(new),
+        "rolled_back_from": current, "rolled_back_to": to, "version": model.get("version"),
+        "model_uri": model.get("uri"), "url": _service_url(o["release"], o["namespace"]),
+    }
+
+
+def status(**options) -> dict:
+    o = _options(**options)
+    with _helm(o, "status") as (_, cfg):
+        release = cfg.status(o["release"])
+    return {"target": "helm", "release": o["release"], "namespace": o["namespace"],
+            "revision": _revision_of(release), "status": _status_of(release)}

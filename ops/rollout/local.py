@@ -1,0 +1,238 @@
+"""The local rollout target: serving processes on this machine behind a stable loopback endpoint.
+
+A reverse proxy (ops/rollout/proxy.py) on a fixed loopback port (Settings.local_serve_port,
+ONEREC_LOCAL_SERVE_PORT, 8800) is the stable endpoint; each deploy starts `onerec-fp8 serve` for
+the new version on a free port in its own process group, waits for /v2/health/ready, switches
+the proxy to it, then stops the old server gracefully (it drains). Clients of the proxy never
+see a failed request. The server runs torch with `threads` CPU threads (default 1: the embedded
+stack shares a small machine with Airflow, MLflow and S3, where more OpenMP threads than free
+cores made a tiny model's beam search 10x slower). rollback starts the previous revision's
+version the same way. State (pids, ports, revisions) lives in <state_dir>/serving/local.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from onerec.settings import Settings
+from ops.processes import file_lock, free_port, is_alive, log_tail, spawn_detached, stop_processes
+from ops.rollout import RolloutError, pinned_uri
+
+log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls would log every request
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _state_dir(state_dir: str | Path | None) -> Path:
+    root = Path(state_dir or Settings.load().state_dir)
+    path = root / "serving"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _spawn(cmd: list[str], log_path: Path) -> dict:
+    """Start `cmd` detached in its own process group (it outlives the caller); {pid, create_time}."""
+    proc = spawn_detached(cmd, log_path, env={**Settings.load().subprocess_env(), "PYTHONUNBUFFERED": "1"}, cwd=REPO_ROOT)
+    if not is_alive(proc):
+        raise RolloutError(f"{cmd[2]} exited at once; see {log_path}")
+    return {"pid": proc["pid"], "create_time": proc["create_time"]}
+
+
+def _wait_http(url: str, record: dict, timeout_s: float, log_path: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not is_alive(record):
+            raise RolloutError(f"the process for {url} exited before it was ready; log {log_path}:\n{log_tail(log_path)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RolloutError(f"{url} not ready after {timeout_s:.0f} s; log {log_path}:\n{log_tail(log_path)}")
+
+
+def _locked(folder: Path):
+    """One rollout at a time per state dir (a promote and a rollback must not interleave)."""
+    return file_lock(folder / "rollout.lock")
+
+
+def _read_state(folder: Path) -> dict:
+    path = folder / "local.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"proxy": None, "revision": 0, "current": None, "history": []}
+
+
+def _write_state(folder: Path, state: dict) -> None:
+    tmp = folder / ".local.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, folder / "local.json")
+
+
+def _proxy_up(proxy: dict | None) -> bool:
+    import httpx
+
+    if not proxy or not is_alive(proxy):
+        return False
+    try:
+        return httpx.get(proxy["url"] + "/_proxy/status", timeout=2.0).json().get("pid") == proxy["pid"]
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def _ensure_proxy(folder: Path, state: dict, port: int | None) -> dict:
+    proxy = state.get("proxy")
+    port = port or (proxy or {}).get("port") or Settings.load().local_serve_port
+    if _proxy_up(proxy) and proxy["port"] == port:
+        return proxy
+    if proxy:
+        stop_processes([proxy], 10)
+    log_path = folder / "proxy.log"
+    cmd = [sys.executable, "-m", "ops.rollout.proxy", "--port", str(port), "--state-file", str(folder / "proxy-upstream.json"),
+           "--token-file", str(_proxy_token_file(folder))]
+    proxy = {**_spawn(cmd, log_path), "port": port, "url": f"http://127.0.0.1:{port}", "log": str(log_path)}
+    try:
+        _wait_http(proxy["url"] + "/_proxy/status", proxy, 30, log_path)
+    except RolloutError:
+        stop_processes([proxy], 5)
+        raise
+    state["proxy"] = proxy
+    _write_state(folder, state)
+    log.info("local endpoint (proxy) on %s, pid %s", proxy["url"], proxy["pid"])
+    return proxy
+
+
+def _server_command(
+    model_uri: str, version: str, port: int, folder: Path, device: str, threads: int, server_args: list[str],
+) -> list[str]:
+    return [
+        sys.executable, "-m", "onerec_fp8.cli", "serve", "--model-uri", model_uri, "--model-version", version,
+        "--port", str(port), "--host", "127.0.0.1", "--device", device, "--cache-dir", str(folder / "cache"),
+        "--drain-seconds", "0.5", "--graceful-timeout", "20", "--threads", str(threads), *server_args,
+    ]
+
+
+def _proxy_token_file(folder: Path) -> Path:
+    """The proxy's admin token (0600, generated once per serving folder)."""
+    from ops.mlflow_auth import secret_token
+
+    path = folder / "proxy-admin-token"
+    secret_token(path)
+    return path
+
+
+def _switch(proxy: dict, upstream: str) -> None:
+    import httpx
+
+    token = _proxy_token_file(Path(proxy["log"]).parent).read_text().strip()
+    try:
+        reply = httpx.put(proxy["url"] + "/_proxy/upstream", json={"url": upstream}, timeout=5.0,
+                          headers={"Authorization": f"Bearer {token}"})
+        reply.raise_for_status()
+        if httpx.get(proxy["url"] + "/v2/health/ready", timeout=5.0).status_code != 200:
+            raise RolloutError(f"the local endpoint {proxy['url']} is not ready through the proxy after the switch")
+    except httpx.HTTPError as exc:
+        raise RolloutError(f"could not switch the local endpoint {proxy['url']} to {upstream}: {exc}") from None
+
+
+def _local_rollout(
+    model_uri: str, version: str, action: str, *, state_dir=None, port: int | None = None, device: str = "auto",
+    threads: int = 1, ready_timeout_s: float = 300, stop_timeout_s: float = 30, server_args: list[str] | None = None,
+) -> dict:
+    folder = _state_dir(state_dir)
+    with _locked(folder):
+        state = _read_state(folder)
+        proxy = _ensure_proxy(folder, state, port)
+        revision = state["revision"] + 1
+        server_port = free_port()
+        log_path = folder / f"server-r{revision}.log"
+        cmd = _server_command(model_uri, version, server_port, folder, device, threads, list(server_args or []))
+        log.info("%s revision %d: %s version %s on port %d", action, revision, model_uri, version, server_port)
+        record = {
+            "revision": revision, "action": action, "model_uri": model_uri, "version": version, **_spawn(cmd, log_path),
+            "port": server_port, "url": f"http://127.0.0.1:{server_port}", "log": str(log_path),
+            "deployed_at": _now(),
+        }
+        try:
+            _wait_http(record["url"] + "/v2/health/ready", record, ready_timeout_s, log_path)
+            _switch(proxy, record["url"])
+        except BaseException:
+            # the old server never stopped serving: put the proxy back if it moved, stop the new one
+            old = state.get("current")
+            if old and is_alive(old):
+                with contextlib.suppress(RolloutError):
+                    _switch(proxy, old["url"])
+            stop_processes([record], stop_timeout_s)
+            raise
+        old = state.get("current")
+        state.update(revision=revision, current=record)
+        state["history"].append({k: v for k, v in record.items() if k not in ("pid", "create_time")})
+        _write_state(folder, state)
+        if old:
+            log.info("stopping revision %s (version %s, pid %s)", old["revision"], old["version"], old["pid"])
+            stop_processes([old], stop_timeout_s)
+    return {
+        "target": "local", "action": action, "revision": revision, "url": proxy["url"], "version": version,
+        "model_uri": model_uri, "server_url": record["url"], "pid": record["pid"],
+        "replaced": None if not old else {"revision": old["revision"], "version": old["version"]},
+    }
+
+
+def deploy(model_uri: str, version: str, **options) -> dict:
+    return _local_rollout(model_uri, version, "deploy", **options)
+
+
+def rollback(model_uri: str | None = None, version: str | None = None, **options) -> dict:
+    """Restart `model_uri`/`version`, or by default the revision before the current one."""
+    if model_uri is None:
+        state = _read_state(_state_dir(options.get("state_dir")))
+        current = (state.get("current") or {}).get("revision")
+        earlier = [r for r in state["history"] if current is None or r["revision"] < current]
+        if not earlier:
+            raise RolloutError("nothing to roll back to: no earlier local revision")
+        model_uri, version = earlier[-1]["model_uri"], earlier[-1]["version"]
+        if version is None:
+            raise RolloutError("the previous revision has no version")
+    elif version is None:
+        raise RolloutError("rollback to a given model_uri needs its version too")
+    return _local_rollout(pinned_uri(model_uri, version), str(version), "rollback", **options)
+
+
+def status(state_dir=None, **_) -> dict:
+    folder = _state_dir(state_dir)
+    state = _read_state(folder)
+    current = state.get("current")
+    return {
+        "target": "local", "revision": state["revision"], "url": (state.get("proxy") or {}).get("url"),
+        "proxy_alive": _proxy_up(state.get("proxy")),
+        "current": None if not current else {**current, "alive": is_alive(current)},
+        "history": [{k: r[k] for k in ("revision", "action", "version", "model_uri", "deployed_at")} for r in state["history"]],
+    }
+
+
+def stop(state_dir=None, timeout_s: float = 30) -> dict:
+    """Stop the local target's server and proxy (the history stays for the next deploy)."""
+    folder = _state_dir(state_dir)
+    with _locked(folder):
+        state = _read_state(folder)
+        stopped = []
+        for key in ("current", "proxy"):
+            if state.get(key):
+                stop_processes([state[key]], timeout_s)
+                stopped.append(key)
+        state.update(current=None, proxy=None)
+        _write_state(folder, state)
+    return {"target": "local", "stopped": stopped}

@@ -1,0 +1,101 @@
+"""On-call and events against the real local stack: a failing DAG run mails on-call (read from the
+stack's mail sink), and an approval in the registry triggers the promote DAG through MLflow's
+webhook, the approval relay and an Airflow asset event, without waiting for the schedule.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ops.smtp_sink import read_mail
+
+pytestmark = pytest.mark.integration
+
+
+def airflow_client(state: dict) -> httpx.Client:
+    url = state["services"]["airflow"]["url"]
+    creds = state["credentials"]["airflow"]
+    token = httpx.post(f"{url}/auth/token", json={"username": creds["username"], "password": creds["password"]},
+                       timeout=30, trust_env=False).json()["access_token"]
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30, trust_env=False)
+
+
+def wait_for(what: str, check, timeout_s: float = 120.0, every_s: float = 2.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every_s)
+    pytest.fail(f"timed out after {timeout_s:g}s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_failing_dag_run_mails_on_call(local_stack, tmp_path):
+    """A real `airflow dags test` run of the rollback DAG that fails (nothing to restore): one mail."""
+    from tasks.demo import dags_test
+
+    maildir = Path(local_stack["state_dir"]) / "mail"
+    before = len(read_mail(maildir))
+    run = dags_test("onerec_fp8_rollback", local_stack, tmp_path / "rollback.log",
+                    {"ONEREC_MODEL_NAME": "onerec-test-oncall", "ONEREC_S3_PREFIX": "test-oncall"},
+                    conf={"reason": "on-call notification test", "version": "424242"}, timeout_s=600)
+    text = Path(run["log"]).read_text()
+    assert run["state"] == "failed", text[-3000:]
+    assert "not registered by the pipeline" in text and "up_for_retry" not in text.lower()
+    mails = wait_for("the failure mail", lambda: read_mail(maildir)[before:] or None, timeout_s=60)
+    assert len(mails) == 1
+    assert "onerec_fp8_rollback failed" in mails[0]["Subject"] and mails[0]["To"] == "onerec-oncall@localhost"
+
+
+@pytest.mark.slow
+def test_approval_event_triggers_promote_at_once(local_stack):
+    from tasks.demo import approve_as_the_ui_does
+
+    state = local_stack
+    mlflow_url = state["services"]["mlflow"]["url"]
+    accounts = state["credentials"]["mlflow"]
+    service = (accounts["service"]["username"], accounts["service"]["password"])
+    approver = (accounts["approver"]["username"], accounts["approver"]["password"])
+    name = "onerec-test-events"
+    with httpx.Client(base_url=mlflow_url, auth=service, timeout=30, trust_env=False) as http:
+        http.post("/api/2.0/mlflow/registered-models/create", json={"name": name}).raise_for_status()
+        version = http.post("/api/2.0/mlflow/model-versions/create", json={
+            "name": name, "source": "s3://onerec/nothing", "tags": [{"key": "approval", "value": "pending"}],
+        }).json()["model_version"]["version"]
+
+    with airflow_client(state) as airflow:
+        # the promote DAG is parsed (its asset exists) and unpaused; its hourly schedule will not fire now
+        wait_for("the promote DAG", lambda: airflow.get("/api/v2/dags/onerec_fp8_promote").status_code == 200)
+        airflow.patch("/api/v2/dags/onerec_fp8_promote", json={"is_paused": False}).raise_for_status()
+        try:
+            approve_as_the_ui_does(mlflow_url, name, version, approver).raise_for_status()
+
+            def asset_triggered_run():
+                runs = airflow.get("/api/v2/dags/onerec_fp8_promote/dagRuns").json()["dag_runs"]
+                return [r for r in runs if r["run_type"] == "asset_triggered"]
+
+            [run] = wait_for("an asset-triggered promote run", asset_triggered_run, timeout_s=120)
+            assets = airflow.get("/api/v2/assets", params={"name_pattern": "onerec_model_approved"}).json()["assets"]
+            events = airflow.get("/api/v2/assets/events", params={"asset_id": assets[0]["id"]}).json()["asset_events"]
+            assert any(e["extra"].get("name") == name and e["extra"].get("version") == version for e in events)
+        finally:
+            airflow.patch("/api/v2/dags/onerec_fp8_promote", json={"is_paused": True})
+
+
+@pytest.mark.slow
+def test_relay_refuses_unsigned_or_forged_deliveries(local_stack):
+    relay = local_stack["services"]["relay"]["url"]
+    body = b'{"entity": "model_version_tag", "action": "set", "data": {"key": "approval", "name": "x", "version": "1"}}'
+    stamp = str(int(time.time()))
+    wrong = "v1," + base64.b64encode(hmac.new(b"not the secret", f"d.{stamp}.".encode() + body,
+                                              hashlib.sha256).digest()).decode()
+    for headers in ({}, {"X-MLflow-Delivery-Id": "d", "X-MLflow-Timestamp": stamp, "X-MLflow-Signature": wrong}):
+        assert httpx.post(f"{relay}/mlflow-webhook", content=body, headers=headers, trust_env=False).status_code == 401

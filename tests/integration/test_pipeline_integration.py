@@ -1,0 +1,483 @@
+"""The pipeline end to end against the real local servers (S3, MLflow; Airflow for one test).
+
+Every test uses its OWN S3 prefix and registered model name on the session's servers, so tests
+never see each other's checkpoints or versions. The checkpoint is the model area's trained tiny
+one (`trained_tiny`) when that fixture exists, else a small one trained here. FP8 quality is
+not under test here: the quality gate runs for real on a few users with thresholds that always
+pass (or, for the failing-gate test, can never pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from onerec.errors import UserError
+from onerec.manifest import write_manifest
+
+pytestmark = pytest.mark.integration
+
+# Margins of 1000%: on 32 users only the sensitive check (top-K overlap) decides, never the sample size.
+PASS_THRESHOLDS = {"max_relative_recall_drop": 10.0, "max_relative_ndcg_drop": 10.0, "min_topk_overlap": 0.0}
+FAIL_THRESHOLDS = {"max_relative_recall_drop": 10.0, "max_relative_ndcg_drop": 10.0, "min_topk_overlap": 1.01}
+
+
+# --- setup ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyModel:
+    checkpoint_dir: Path
+    calibration_path: Path
+
+
+@pytest.fixture(scope="module")
+def tiny(request, tmp_path_factory) -> TinyModel:
+    try:
+        trained = request.getfixturevalue("trained_tiny")
+        return TinyModel(Path(trained.checkpoint_dir), Path(trained.calibration_path))
+    except pytest.FixtureLookupError:
+        pass
+    from onerec.data import calibration_requests, load_dataset, split_leave_last_out
+    from onerec.synth import synthesize
+    from onerec.train import train
+
+    root = tmp_path_factory.mktemp("pipeline_model")
+    synthesize(root / "data", seed=0, users=300, items=200)
+    train(root / "data", "tiny", root / "checkpoint", epochs=1, seed=0, progress=False, threads=1)
+    split = split_leave_last_out(load_dataset(root / "data"), max_history=50)
+    calibration_requests(split, 256, seed=0).to_parquet(root / "calibration.parquet")
+    return TinyModel(root / "checkpoint", root / "calibration.parquet")
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set, restored afterwards (boto3, MLflow and the serving process read it)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def stack(s3_and_mlflow, tmp_path_factory):
+    """The session's S3 + MLflow in os.environ, a free port for the local serving endpoint."""
+    from ops.processes import free_port
+    from ops.stack import stack_env
+
+    work = tmp_path_factory.mktemp("pipeline_work")
+    env = {**stack_env(s3_and_mlflow), "ONEREC_STATE_DIR": str(work), "ONEREC_LOCAL_SERVE_PORT": str(free_port())}
+    with environment(env):
+        try:
+            yield {"state": s3_and_mlflow, "work": work}
+        finally:
+            from ops.rollout.local import stop
+
+            stop(state_dir=work)  # the local serving processes the promote/rollback tests started
+
+
+def config(stack: dict, name: str, thresholds: dict | None = None, **overrides):
+    """A PipelineConfig on the session's servers with its own prefix and model name."""
+    from ops.stack import stack_env
+    from tasks.config import PipelineConfig
+
+    work = stack["work"]
+    return PipelineConfig.from_env(stack_env(stack["state"]), {
+        "state_dir": str(work), "s3_prefix": f"test-{name}", "model_name": f"onerec-test-{name}",
+        "latency_gate_blocking": False, "quality_gate": {**(thresholds or PASS_THRESHOLDS), "max_users": 32},
+        "quality_eval_requests": 64, **overrides,
+    })
+
+
+def variant(checkpoint: Path, out: Path, tag: str) -> Path:
+    """The same weights plus one file: another checkpoint (another manifest sha256) to publish."""
+    shutil.copytree(checkpoint, out)
+    (out / "variant.txt").write_text(tag)
+    write_manifest(out)
+    return out
+
+
+def publish(cfg, checkpoint: Path, calibration: Path, checkpoint_id: str, date: str = "2026-01-01") -> dict:
+    from tasks.publish import publish as publish_checkpoint
+
+    return publish_checkpoint(str(checkpoint), cfg.s3_root, str(calibration), date, checkpoint_id)
+
+
+def versions(cfg) -> list:
+    from tasks.registry import client
+
+    return list(client(cfg).search_model_versions(f"name='{cfg.model_name}'"))
+
+
+def runs(cfg) -> list:
+    from tasks.registry import EXPERIMENT, client
+
+    c = client(cfg)
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    return [] if exp is None else list(c.search_runs([exp.experiment_id], f"params.checkpoint_uri LIKE '%/{cfg.s3_prefix}/%'"))
+
+
+def account(stack: dict, role: str) -> tuple[str, str]:
+    creds = stack["state"]["credentials"]["mlflow"][role]
+    return creds["username"], creds["password"]
+
+
+def approve_as_the_ui_does(stack, cfg, version: str, value: str = "approved", role: str = "approver"):
+    """The UI's set-tag call, signed in as the stack's `role` account; returns the response."""
+    from tasks.demo import approve_as_the_ui_does as approve
+
+    return approve(cfg.tracking_uri(), cfg.model_name, version, account(stack, role), value)
+
+
+def alias(cfg, name: str) -> str | None:
+    from tasks.promote import alias_version
+    from tasks.registry import client
+
+    return alias_version(client(cfg), cfg.model_name, name)
+
+
+# --- S3 contract --------------------------------------------------------------------------------------
+
+
+def test_incomplete_checkpoint_upload_is_never_picked(stack, tiny):
+    from tasks.checkpoints import download_checkpoint, find_latest_checkpoint, s3_client, upload_file
+
+    cfg = config(stack, "incomplete")
+    done = publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    # a newer upload that crashed before its manifest: files there, manifest.json missing
+    client = s3_client(cfg)
+    for name in ("config.json", "model.safetensors"):
+        upload_file(client, tiny.checkpoint_dir / name, f"{cfg.checkpoints_uri}20260102T000000Z/{name}")
+    found = find_latest_checkpoint(cfg)
+    assert found["checkpoint_id"] == "20260101T000000Z" == done["checkpoint_id"]
+    assert found["skipped"] == ["20260102T000000Z"]
+    with pytest.raises(UserError, match="incomplete"):
+        download_checkpoint(cfg, f"{cfg.checkpoints_uri}20260102T000000Z/", stack["work"] / "never")
+    assert not (stack["work"] / "never").exists()
+
+
+def test_download_verifies_every_file_and_names_the_corrupt_one(stack, tiny):
+    from tasks.checkpoints import download_checkpoint, s3_client
+
+    cfg = config(stack, "corrupt")
+    done = publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    dst = stack["work"] / "corrupt-download"
+    first = download_checkpoint(cfg, done["checkpoint_uri"], dst)
+    assert first["checkpoint_sha256"] == done["checkpoint_sha256"] and not first["reused"]
+    assert download_checkpoint(cfg, done["checkpoint_uri"], dst)["reused"]
+    # someone overwrites the weights in S3 after publishing
+    bucket, key = cfg.s3_bucket, f"{cfg.s3_prefix}/checkpoints/20260101T000000Z/semantic_ids.npy"
+    s3_client(cfg).put_object(Bucket=bucket, Key=key, Body=b"not the table")
+    shutil.rmtree(dst)
+    with pytest.raises(UserError, match="semantic_ids.npy"):
+        download_checkpoint(cfg, done["checkpoint_uri"], dst)
+    assert not dst.exists()  # nothing renamed into place
+
+
+# --- the requantize pipeline --------------------------------------------------------------------------
+
+
+def test_bad_calibration_data_stops_before_quantization(stack, tiny, tmp_path):
+    import pandas as pd
+
+    from tasks.requantize import StepFailed, run_requantize
+
+    cfg = config(stack, "baddata")
+    bad = pd.read_parquet(tiny.calibration_path)
+    bad.at[0, "history"] = [10**7]  # an item id the checkpoint's tokenizer does not know
+    bad.loc[1, bad.columns[-1]] = float("nan")
+    bad.to_parquet(tmp_path / "bad.parquet")
+    done = publish(cfg, tiny.checkpoint_dir, tmp_path / "bad.parquet", "20260101T000000Z")
+    with pytest.raises(StepFailed) as failure:
+        run_requantize(cfg)
+    message = str(failure.value)
+    assert "history_unknown_items" in message and "expect_column_values_to_not_be_null" in message
+    work = Path(cfg.state_dir) / "pipeline" / done["checkpoint_id"]
+    assert (work / "reports" / "validation" / "data_docs" / "index.html").is_file()
+    assert not list(work.glob("quantized-*")), "nothing may be quantized after a validation failure"
+    assert versions(cfg) == [] and runs(cfg) == []
+
+
+def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
+    import mlflow
+    import pandas as pd
+
+    from onerec.serve.registry import download_model
+    from tasks.promote import promote_newest_approved
+    from tasks.registry import client
+    from tasks.requantize import run_requantize
+
+    cfg = config(stack, "happy")
+    done = publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    result = run_requantize(cfg)
+    # on CPU the latency gate cannot measure; the local config lets that pass, and the label says so
+    assert result["registered"] and result["gates"] == "passed-latency-unmeasured"
+    [version] = versions(cfg)
+    assert version.tags["approval"] == "pending" and version.tags["gates"] == "passed-latency-unmeasured"
+    assert version.tags["state"] == "pending" and version.tags["provenance"].startswith("hmac-sha256-v1:")
+    description = client(cfg).get_model_version(cfg.model_name, version.version).description
+    assert "Latency: NOT MEASURED" in description and "Quality: PASSED" in description
+    assert "Promote model" in description and "reports/validation/data_docs/index.html" in description
+    assert version.tags["checkpoint_sha256"] == done["checkpoint_sha256"]
+    assert version.tags["calibration_sha256"] == done["calibration_sha256"]
+    assert version.tags["recipe"] == cfg.recipe and version.tags["checkpoint_uri"] == done["checkpoint_uri"]
+    assert alias(cfg, "challenger") == version.version
+    run = mlflow.get_run(result["run_id"])
+    assert run.data.params["checkpoint_sha256"] == done["checkpoint_sha256"]
+    assert "quality.top10_overlap" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "reports")}
+    assert {"reports/gates.json", "reports/validation", "reports/quality_gate.json", "reports/quality_gate.png",
+            "reports/latency_gate.json", "reports/quantization"} <= artifacts
+
+    # nothing is promoted before an engineer approves
+    assert promote_newest_approved(cfg)["promoted"] is None and alias(cfg, "champion") is None
+
+    # the registered model answers as a pyfunc and downloads as a verified folder
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@challenger")
+    requests = pd.read_parquet(tiny.calibration_path).head(3).drop(columns=["target"])
+    out = model.predict(requests, params={"k": 5})
+    assert len(out) == 3 and all(len(items) == 5 for items in out["items"])
+    folder = download_model(f"models:/{cfg.model_name}/{version.version}", stack["work"] / "download",
+                            cfg.tracking_uri())
+    assert (folder / "recipe.json").is_file() and (folder / "manifest.json").is_file()
+
+    approve_as_the_ui_does(stack, cfg, version.version).raise_for_status()
+    promoted = promote_newest_approved(cfg)
+    assert promoted["promoted"] == version.version and promoted["approved_by"] == "approver"
+    assert promoted["registering_run"] == result["run_id"]
+    assert alias(cfg, "champion") == version.version and alias(cfg, "challenger") is None
+    tags = client(cfg).get_model_version(cfg.model_name, version.version).tags
+    assert tags["deployed_at"] and tags["helm_revision"] == str(promoted["rollout"]["revision"])
+    served = httpx.post(f"{promoted['rollout']['url']}/v1/recommend",
+                        json={"users": [{"history": requests["history"].iloc[0].tolist()}], "k": 3}, timeout=60)
+    assert served.status_code == 200 and served.json()["model"]["version"] == version.version
+
+    # the same checkpoint and recipe again: nothing new (no quantization, no version, no run)
+    n_runs = len(runs(cfg))
+    again = run_requantize(cfg)
+    assert again["registered"] is False and again["existing"]["version"] == version.version
+    assert len(versions(cfg)) == 1 and len(runs(cfg)) == n_runs
+    assert promote_newest_approved(cfg)["promoted"] is None  # deployed versions are not rolled out again
+
+
+def test_failing_gate_registers_nothing(stack, tiny):
+    from tasks.requantize import run_requantize
+
+    cfg = config(stack, "failgate", thresholds=FAIL_THRESHOLDS)
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    result = run_requantize(cfg)
+    assert result["registered"] is False and result["gates"] == "failed" and result["version"] is None
+    assert versions(cfg) == []
+    [run] = runs(cfg)
+    assert run.data.tags["gates"] == "failed" and run.data.metrics["quality.passed"] == 0.0
+    # a re-run on the same inputs does not repeat the work
+    assert run_requantize(cfg)["existing"]["status"] == "failed" and len(runs(cfg)) == 1
+
+
+def test_latency_gate_that_cannot_measure_blocks_in_production(stack, tiny):
+    from tasks.requantize import run_requantize
+
+    cfg = config(stack, "blocking", latency_gate_blocking=True)
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    result = run_requantize(cfg)
+    # on CPU (no FP8 GPU) the latency gate is not measurable: production config registers nothing
+    assert result["gates"] == "failed" and versions(cfg) == []
+
+
+def test_rollback_restores_the_previous_champion(stack, tiny, tmp_path):
+    from tasks.approval import expire_stale
+    from tasks.promote import promote_newest_approved
+    from tasks.registry import client
+    from tasks.requantize import run_requantize
+    from tasks.rollback import rollback
+
+    cfg = config(stack, "rollback")
+    c = client(cfg)
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    v1 = run_requantize(cfg)["version"]
+    approve_as_the_ui_does(stack, cfg, v1)
+    promote_newest_approved(cfg)
+    publish(cfg, variant(tiny.checkpoint_dir, tmp_path / "v2", "v2"), tiny.calibration_path, "20260102T000000Z")
+    v2 = run_requantize(cfg)["version"]
+    assert v2 != v1 and alias(cfg, "challenger") == v2
+    approve_as_the_ui_does(stack, cfg, v2)
+    assert promote_newest_approved(cfg)["promoted"] == v2
+    assert (alias(cfg, "champion"), alias(cfg, "previous-champion")) == (v2, v1)
+
+    with pytest.raises(UserError, match="reason"):
+        rollback(cfg, "  ")
+    result = rollback(cfg, "p99 latency regression (INC-42)", by="oncall@example.com")
+    assert result["champion"] == v1 and result["rolled_back_from"] == v2
+    assert alias(cfg, "champion") == v1 and alias(cfg, "previous-champion") is None
+    tags = c.get_model_version(cfg.model_name, v2).tags
+    assert tags["rollback_reason"] == "p99 latency regression (INC-42)"
+    assert tags["rolled_back_by"] == "oncall@example.com" and tags["rolled_back_at"]
+    from ops.rollout.local import status as local_status
+
+    assert local_status(state_dir=cfg.state_dir)["current"]["version"] == v1
+    assert promote_newest_approved(cfg)["promoted"] is None  # the rolled-back version stays out
+    # whatever its tags say later: an approver re-approves it, someone deletes deployed_at
+    c.delete_model_version_tag(cfg.model_name, v2, "deployed_at")
+    approve_as_the_ui_does(stack, cfg, v2, "pending").raise_for_status()
+    approve_as_the_ui_does(stack, cfg, v2).raise_for_status()
+    with pytest.raises(UserError, match="refused"):
+        promote_newest_approved(cfg)
+    with pytest.raises(UserError, match="rolled_back"):
+        rollback(cfg, "restore it anyway", version=v2)
+    assert (alias(cfg, "champion"), local_status(state_dir=cfg.state_dir)["current"]["version"]) == (v1, v1)
+    assert "terminal" in c.get_model_version(cfg.model_name, v2).tags["promotion_refused"]
+    with pytest.raises(UserError, match="digits only"):
+        rollback(cfg, "bad form input", version="2; rm -rf /")
+
+    # a third candidate nobody approves expires; its challenger alias goes with it
+    publish(cfg, variant(tiny.checkpoint_dir, tmp_path / "v3", "v3"), tiny.calibration_path, "20260103T000000Z")
+    v3 = run_requantize(cfg)["version"]
+    assert expire_stale(cfg)["expired"] == []
+    expired = expire_stale(config(stack, "rollback", approval_max_age_hours=0.0))
+    assert expired["expired"] == [v3] and alias(cfg, "challenger") is None
+    assert c.get_model_version(cfg.model_name, v3).tags["state"] == "expired"
+
+
+def test_failed_rollout_leaves_aliases_unchanged(stack, tiny, monkeypatch):
+    from ops import rollout
+    from tasks.promote import promote_newest_approved
+    from tasks.requantize import run_requantize
+
+    cfg = config(stack, "failrollout")
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    v1 = run_requantize(cfg)["version"]
+    approve_as_the_ui_does(stack, cfg, v1)
+
+    def broken_deploy(*args, **kwargs):
+        raise rollout.RolloutError("new pods never became ready")
+
+    monkeypatch.setattr(rollout, "deploy", broken_deploy)
+    with pytest.raises(UserError, match="never became ready"):
+        promote_newest_approved(cfg)
+    assert alias(cfg, "champion") is None and alias(cfg, "challenger") == v1
+    from tasks.registry import client
+
+    assert "deployed_at" not in client(cfg).get_model_version(cfg.model_name, v1).tags
+
+
+# --- trust: only what the pipeline gated and an approver approved is deployed ------------------------
+
+
+def test_only_approvers_decide_and_forged_or_dead_versions_are_refused(stack, tiny, tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    from ops.rollout.local import status as local_status
+    from tasks.approval import review
+    from tasks.promote import promote, promote_newest_approved
+    from tasks.registry import client
+    from tasks.requantize import run_requantize
+
+    cfg = config(stack, "trust")
+    c = client(cfg)  # the pipeline's service account
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    v1 = run_requantize(cfg)["version"]
+
+    # the viewer and the service account cannot decide: 403, nothing changes
+    for role in ("viewer", "service"):
+        refused = approve_as_the_ui_does(stack, cfg, v1, role=role)
+        assert refused.status_code == 403, (role, refused.text)
+    tags = c.get_model_version(cfg.model_name, v1).tags
+    assert tags["approval"] == "pending" and "approval_by" not in tags
+
+    # a typo is flagged on the version and decides nothing; capitals and spaces are fine
+    approve_as_the_ui_does(stack, cfg, v1, "aproved").raise_for_status()
+    assert review(cfg)["flagged"] == [v1]
+    tags = c.get_model_version(cfg.model_name, v1).tags
+    assert "'aproved'" in tags["approval_problem"] and tags["state"] == "pending"
+    approve_as_the_ui_does(stack, cfg, v1, " Approved ").raise_for_status()
+    promoted = promote_newest_approved(cfg)
+    assert promoted["promoted"] == v1 and promoted["approved_by"] == "approver"
+    tags = c.get_model_version(cfg.model_name, v1).tags
+    assert tags["state"] == "deployed" and tags["approval_by"] == "approver" and "approval_problem" not in tags
+
+    # a forger with registry write access (here: the service account's password) cannot register a
+    # pre-approved version, and a version copied from v1's artifacts and tags is never promoted
+    legit = c.get_model_version(cfg.model_name, v1)
+    forged_tags = {k: v for k, v in legit.tags.items() if k not in ("approval_by", "approval_at", "state")}
+    logged_model = legit.source.removeprefix("models:/")  # the same model artifacts as v1
+    with pytest.raises(MlflowException, match="pending only"):
+        c.create_model_version(cfg.model_name, legit.source, run_id=legit.run_id, tags=forged_tags,
+                               model_id=logged_model)
+    forged = c.create_model_version(cfg.model_name, legit.source, run_id=legit.run_id, model_id=logged_model,
+                                    tags={**forged_tags, "approval": "pending"}).version
+    approve_as_the_ui_does(stack, cfg, forged).raise_for_status()  # a tired approver
+    with pytest.raises(UserError, match=f"refused version.*{forged}"):
+        promote_newest_approved(cfg)
+    with pytest.raises(UserError, match="no pipeline state record"):
+        promote(cfg, forged)
+    assert "not registered by the pipeline" in c.get_model_version(cfg.model_name, forged).tags["promotion_refused"]
+
+    # an expired candidate stays dead when someone approves it afterwards
+    publish(cfg, variant(tiny.checkpoint_dir, tmp_path / "v3", "v3"), tiny.calibration_path, "20260102T000000Z")
+    v3 = run_requantize(cfg)["version"]
+    assert review(config(stack, "trust", approval_max_age_hours=0.0))["expired"] == [v3]
+    approve_as_the_ui_does(stack, cfg, v3).raise_for_status()
+    with pytest.raises(UserError, match="refused"):
+        promote_newest_approved(cfg)
+    with pytest.raises(UserError, match="expired"):
+        promote(cfg, v3)
+    assert c.get_model_version(cfg.model_name, v3).tags["state"] == "expired"
+
+    # nothing of it reached serving or the aliases
+    assert alias(cfg, "champion") == v1 and alias(cfg, "previous-champion") is None
+    assert local_status(state_dir=cfg.state_dir)["current"]["version"] == v1
+
+
+def test_tampered_evidence_is_refused(stack, tiny):
+    from tasks.promote import promote_newest_approved
+    from tasks.registry import client
+    from tasks.requantize import run_requantize
+
+    cfg = config(stack, "tamper")
+    c = client(cfg)
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    v1 = run_requantize(cfg)["version"]
+    approve_as_the_ui_does(stack, cfg, v1).raise_for_status()
+    c.set_model_version_tag(cfg.model_name, v1, "recipe", "fp8_block")  # what an EDIT account can do
+    with pytest.raises(UserError, match=f"refused version.*{v1}"):
+        promote_newest_approved(cfg)
+    assert alias(cfg, "champion") is None
+    assert "does not verify" in c.get_model_version(cfg.model_name, v1).tags["promotion_refused"]
+
+
+# --- through real Airflow ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_requantize_dag_through_airflow(local_stack, stack, tiny, tmp_path):
+    """`airflow dags test onerec_fp8_requantize` with the stack's Airflow: ends at a registered challenger."""
+    from tasks.demo import dags_test
+
+    cfg = config(stack, "airflow")
+    done = publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    env = {"ONEREC_S3_PREFIX": cfg.s3_prefix, "ONEREC_MODEL_NAME": cfg.model_name,
+           "ONEREC_STATE_DIR": cfg.state_dir, "ONEREC_LATENCY_GATE_BLOCKING": "false",
+           "ONEREC_QUALITY_GATE": json.dumps(dataclasses.asdict(cfg.quality_gate)), "ONEREC_QUALITY_EVAL_REQUESTS": "64"}
+    run = dags_test("onerec_fp8_requantize", local_stack, tmp_path / "requantize.log", env)
+    assert run["state"] == "success", Path(run["log"]).read_text()[-5000:]
+    [version] = versions(cfg)
+    assert version.tags["checkpoint_sha256"] == done["checkpoint_sha256"] and version.tags["approval"] == "pending"
+    assert alias(cfg, "challenger") == version.version
+    # a second run short-circuits after check_registered: still one version
+    again = dags_test("onerec_fp8_requantize", local_stack, tmp_path / "requantize-2.log", env)
+    assert again["state"] == "success" and len(versions(cfg)) == 1
+    assert "Skipping downstream tasks" in Path(again["log"]).read_text()

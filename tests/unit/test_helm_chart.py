@@ -1,0 +1,188 @@
+"""helm/onerec-serving through the real Helm engine (helm-python-sdk): lint, render, schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import helm_python as hp
+import pytest
+import yaml
+
+from onerec.serve import server as serve_command
+from onerec.serve.schemas import RecommendRequest
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "onerec-serving"
+MODEL = {"model": {"uri": "models:/onerec-v2-fp8/4", "version": "4"}}
+
+VALUE_SETS = {
+    "defaults": {},
+    "pinned-version": MODEL,
+    "cpu-autoscaled": {
+        **MODEL, "gpu": {"count": 0}, "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 6},
+        "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
+    },
+    "h100-pool": {
+        **MODEL, "gpu": {"count": 2}, "replicaCount": 4,
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "inference", "effect": "NoSchedule"}],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                               "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "onerec-serving"}}}}]}},
+        "image": {"repository": "registry.example/onerec-serving", "tag": "0.1.0", "digest": "sha256:" + "a" * 64},
+        "mlflow": {"trackingUri": "https://mlflow.internal", "s3EndpointUrl": "https://s3.internal", "credentialsSecret": "mlflow-s3"},
+        "serviceAccount": {"create": True, "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/onerec"}},
+        "server": {"maxBatchSize": 128, "maxWaitMs": 2, "extraArgs": ["--access-log"]},
+        "podDisruptionBudget": {"enabled": False},
+    },
+}
+
+
+def render(values: dict, name: str = "onerec") -> dict[str, dict]:
+    """Rendered manifests by kind (one object per kind here), parsed from YAML."""
+    with hp.Chart.load(CHART) as chart:
+        out = chart.render(values, name=name, namespace="serving")
+    objects = {}
+    for path, text in out.items():
+        if path.endswith("NOTES.txt"):
+            objects["NOTES"] = text
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                key = "TestPod" if "tests/" in path else doc["kind"]
+                assert key not in objects, f"two {key} objects"
+                objects[key] = doc
+    return objects
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_lint_strict_is_clean(name):
+    report = hp.lint(CHART, VALUE_SETS[name], strict=True)
+    assert report["errors"] == [] and report["messages"] == [], report
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_rendered_manifests(name):
+    values = VALUE_SETS[name]
+    with hp.Chart.load(CHART) as chart:
+        merged = chart.merge_values(values)
+    m = render(values)
+    deployment, service, config = m["Deployment"], m["Service"], m["ConfigMap"]
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+
+    # the command line is one the server accepts, with the model URI and version from the values
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    args = parser.parse_args(container["args"])
+    assert container["command"] == ["onerec-fp8", "serve"]
+    assert args.model_uri == merged["model"]["uri"]
+    assert (args.model_version or "") == str(merged["model"]["version"])
+    assert args.host == "0.0.0.0" and args.port == merged["server"]["port"]
+    gpus = merged["gpu"]["count"]
+    assert args.device == ("cuda" if gpus else "cpu")
+    limits = container["resources"]["limits"]
+    assert limits.get("nvidia.com/gpu") == (gpus or None)
+    assert "nvidia.com/gpu" not in container["resources"].get("requests", {})
+
+    # probes on the KServe v2 health endpoints
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert spec["terminationGracePeriodSeconds"] > merged["server"]["drainSeconds"] + merged["server"]["gracefulTimeoutSeconds"]
+
+    # non-root, read-only root filesystem, writable emptyDirs for /tmp and the model cache
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] > 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    mounts = {v["mountPath"]: v["name"] for v in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert {"/tmp", "/var/cache/onerec"} <= set(mounts)
+    assert all("emptyDir" in volumes[n] for n in mounts.values())
+    assert args.cache_dir.startswith("/var/cache/onerec")
+
+    # scheduling knobs pass through
+    assert spec.get("nodeSelector", {}) == merged["nodeSelector"]
+    assert spec.get("tolerations", []) == merged["tolerations"]
+    assert spec.get("affinity", {}) == merged["affinity"]
+    image = merged["image"]
+    assert container["image"] == (f"{image['repository']}@{image['digest']}" if image["digest"] else f"{image['repository']}:{image['tag']}")
+
+    # MLflow settings reach the pod through the ConfigMap (and the credentials Secret, by reference)
+    assert config["data"]["MLFLOW_TRACKING_URI"] == merged["mlflow"]["trackingUri"]
+    sources = container["envFrom"]
+    assert {"configMapRef": {"name": config["metadata"]["name"]}} in sources
+    if merged["mlflow"]["credentialsSecret"]:
+        assert {"secretRef": {"name": merged["mlflow"]["credentialsSecret"]}} in sources
+        assert config["data"]["MLFLOW_S3_ENDPOINT_URL"] == merged["mlflow"]["s3EndpointUrl"]
+
+    # the Service selects exactly the server pods; the helm test pod is not one of them
+    selector = service["spec"]["selector"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    assert selector == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    test_pod = m["TestPod"]
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert not selector.items() <= test_pod["metadata"]["labels"].items()
+    curl_args = test_pod["spec"]["containers"][0]["args"]
+    RecommendRequest.model_validate_json(curl_args[curl_args.index("--data") + 1])  # a body the server accepts
+    assert curl_args[-1] == f"http://{service['metadata']['name']}:{merged['service']['port']}/v1/recommend"
+    assert test_pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+    assert m["ServiceAccount"]["metadata"]["name"] == spec["serviceAccountName"]
+    if merged["autoscaling"]["enabled"]:
+        hpa = m["HorizontalPodAutoscaler"]
+        assert "replicas" not in deployment["spec"]
+        assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 6)
+    else:
+        assert "HorizontalPodAutoscaler" not in m
+        assert deployment["spec"]["replicas"] == merged["replicaCount"]
+    assert ("PodDisruptionBudget" in m) == merged["podDisruptionBudget"]["enabled"]
+    if "PodDisruptionBudget" in m:
+        assert m["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == selector
+    assert merged["model"]["uri"] in m["NOTES"]
+
+
+def test_a_new_model_version_or_config_changes_the_pod_template():
+    a = render(MODEL)["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    b = render({"model": {"uri": "models:/onerec-v2-fp8/5", "version": "5"}})["Deployment"]["spec"]["template"]
+    c = render({**MODEL, "mlflow": {"trackingUri": "https://other"}})["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert b["metadata"]["annotations"]["onerec.ai/model-version"] == "5" != a["onerec.ai/model-version"]
+    assert c["checksum/config"] != a["checksum/config"]
+
+
+BAD_VALUES = {
+    "negative replicas": {"replicaCount": -1},
+    "missing model uri": {"model": {"uri": None}},
+    "empty model uri": {"model": {"uri": ""}},
+    "model uri of another scheme": {"model": {"uri": "s3://bucket/model"}},
+    "too many gpus": {"gpu": {"count": 9}},
+    "gpu count as a string": {"gpu": {"count": "1"}},
+    "negative gpus": {"gpu": {"count": -1}},
+    "unknown key": {"replicas": 2},
+    "mutable image tag": {"image": {"tag": "latest"}},
+    "writable root filesystem": {"securityContext": {"readOnlyRootFilesystem": False}},
+    "root user allowed": {"podSecurityContext": {"runAsNonRoot": False}},
+    "bad service type": {"service": {"type": "ExternalName"}},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_schema_rejects_bad_values(case):
+    with pytest.raises(hp.HelmValuesError, match="onerec-serving"):
+        render(BAD_VALUES[case])
+    report = hp.lint(CHART, BAD_VALUES[case], strict=True)
+    assert report["errors"], f"lint accepted {case}"
+
+
+def test_schema_file_is_valid_json_schema():
+    import jsonschema
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    with hp.Chart.load(CHART) as chart:
+        jsonschema.validate(chart.values, schema)  # the chart's own defaults pass

@@ -1,0 +1,121 @@
+"""The requantize DAG's GPU steps exactly as its Kubernetes pods run them, here on CPU.
+
+The DAG is parsed in its kubernetes mode; each pod's `onerec-fp8 ...` command is rendered with the
+earlier steps' results as Airflow renders it, and run as a subprocess: quantize, then the quality
+gate (on CPU, with its duration) and the latency gate (no FP8 GPU: measurable false, with its
+duration). The work folder is laid out as the fetch step leaves it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PROFILE = ["age", "activity"]
+PROBE = r"""
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(sys.argv[1])
+assert not bag.import_errors, bag.import_errors
+dag = bag.dags["onerec_fp8_requantize"]
+print(json.dumps({t.task_id: [*t.cmds, *t.arguments] for t in dag.tasks if type(t).__name__ == "KubernetesPodOperator"}))
+"""
+
+
+@pytest.fixture(scope="module")
+def pod_commands(tmp_path_factory) -> dict[str, list[str]]:
+    home = tmp_path_factory.mktemp("airflow_home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(AIRFLOW_HOME=str(home), AIRFLOW__CORE__LOAD_EXAMPLES="False", ONEREC_GPU_EXECUTOR="kubernetes",
+               PYTHONPATH=os.pathsep.join([str(REPO / "dags"), str(REPO)]))
+    done = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "dags" / "onerec_fp8_requantize.py")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def fetched(tmp_path_factory) -> dict:
+    """A checkpoint with profile features and its calibration table, where the fetch step puts them
+    (the dict is a tasks.requantize.Fetched, which the steps check field by field)."""
+    from onerec.checkpoint import save_checkpoint
+    from onerec.manifest import manifest_digest
+    from onerec.model import OneRecV2, OneRecV2Config
+
+    work = tmp_path_factory.mktemp("state") / "pipeline" / "ckpt-1"
+    cfg = OneRecV2Config.from_preset("tiny", profile_features=PROFILE)
+    rng = np.random.default_rng(0)
+    codes = rng.permutation(64**3)[:200]
+    table = np.stack([codes // 4096, (codes // 64) % 64, codes % 64], 1).astype(np.int32)
+    ckpt = save_checkpoint(OneRecV2(cfg), table, work / "checkpoint")
+    rows = [(u, [int(i) for i in rng.integers(0, 200, rng.integers(3, 20))], int(rng.integers(0, 200)),
+             float(rng.normal()), float(rng.normal())) for u in range(48)]
+    pd.DataFrame(rows, columns=["user_id", "history", "target", *PROFILE]).to_parquet(work / "calibration.parquet")
+    return {"checkpoint_id": "ckpt-1", "checkpoint_uri": "s3://onerec/onerec-v2/checkpoints/ckpt-1/",
+            "checkpoint_dir": str(ckpt), "checkpoint_sha256": manifest_digest(ckpt),
+            "calibration_uri": "s3://onerec/onerec-v2/calibration/2026-01-01/calibration.parquet",
+            "calibration_path": str(work / "calibration.parquet"), "calibration_sha256": "0" * 64,
+            "work_dir": str(work), "report_dir": str(work / "reports"), "skipped": [], "files": 4, "reused": False}
+
+
+def run_pod(command: list[str], xcom: dict, tmp_path: Path, state_dir: str) -> dict:
+    """Render the pod's command as Airflow does (xcom_pull | tojson) and run it; the XCom file is the result."""
+
+    class TaskInstance:
+        @staticmethod
+        def xcom_pull(task_ids: str):
+            return xcom[task_ids]
+
+    rendered = [jinja2.Environment().from_string(arg).render(ti=TaskInstance) for arg in command]
+    assert rendered[0] == "onerec-fp8"
+    xcom_file = tmp_path / "return.json"
+    rendered[rendered.index("--xcom-file") + 1] = str(xcom_file)
+    env = {**os.environ, "ONEREC_STATE_DIR": state_dir,
+           "ONEREC_QUALITY_GATE": json.dumps({"max_relative_recall_drop": 1.0, "min_topk_overlap": 0.0, "beam_size": 8})}
+    done = subprocess.run([sys.executable, "-m", "onerec_fp8.cli", *rendered[1:]], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
+    assert done.returncode in (0, 3), done.stderr[-3000:]
+    result = json.loads(xcom_file.read_text())
+    assert result == json.loads(done.stdout)
+    return result
+
+
+def test_gpu_steps_run_as_the_pods_run_them(pod_commands, fetched, tmp_path):
+    assert set(pod_commands) == {"quantize", "quality_gate", "latency_gate"}
+    state_dir = str(Path(fetched["work_dir"]).parents[1])
+    xcom = {"fetch": fetched}
+    xcom["quantize"] = quantized = run_pod(pod_commands["quantize"], xcom, tmp_path, state_dir)
+    assert Path(quantized["quantized_dir"], "recipe.json").is_file() and quantized["eval_rows"] > 0
+
+    quality = run_pod(pod_commands["quality_gate"], xcom, tmp_path, state_dir)
+    assert quality["gate"] == "quality" and quality["passed"] is True
+    assert quality["config"]["device"] == "cpu"  # "auto" resolved: no CUDA here
+    assert quality["duration_s"] > 0
+    reports = Path(fetched["report_dir"])
+    assert json.loads((reports / "quality_gate.json").read_text())["duration_s"] == quality["duration_s"]
+    assert (reports / "quality_gate.png").is_file() and not (reports / "quality_gate").exists()
+
+    latency = run_pod(pod_commands["latency_gate"], xcom, tmp_path, state_dir)
+    assert latency["gate"] == "latency" and latency["measurable"] is False and latency["passed"] is None
+    assert "duration_s" in latency
+    assert json.loads((reports / "latency_gate.json").read_text())["measurable"] is False
+
+
+def test_exec_rejects_inputs_that_are_not_the_steps(fetched, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "onerec_fp8.cli", "pipeline", "exec", "quality_gate",
+                           "--inputs", json.dumps({"fetch": fetched})], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "ONEREC_STATE_DIR": str(tmp_path)}, timeout=300)
+    assert done.returncode == 1 and "missing ['quantize']" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    done = subprocess.run([sys.executable, "-m", "onerec_fp8.cli", "pipeline", "exec", "quantize",
+                           "--inputs", json.dumps({"fetch": {**fetched, "surprise": 1}})], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "ONEREC_STATE_DIR": str(tmp_path)}, timeout=300)
+    assert done.returncode == 1 and "unknown field(s) ['surprise']" in done.stderr

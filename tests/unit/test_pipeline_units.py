@@ -1,0 +1,331 @@
+"""Pipeline pieces without servers: config, the Great Expectations suites, gate logic, adapters."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from onerec.errors import UserError
+from tasks.config import PipelineConfig
+
+PROFILE = ["age", "activity"]
+
+
+# --- config -------------------------------------------------------------------------------------------
+
+
+def test_config_reads_contract_env_and_coerces_types():
+    env = {"ONEREC_S3_BUCKET": "b", "ONEREC_S3_PREFIX": "/p/q/", "MLFLOW_TRACKING_URI": "http://m:1",
+           "ONEREC_LATENCY_GATE_BLOCKING": "false", "ONEREC_APPROVAL_MAX_AGE_HOURS": "1.5",
+           "ONEREC_MIN_CALIBRATION_ROWS": "7"}
+    cfg = PipelineConfig.from_env(env)
+    assert (cfg.s3_bucket, cfg.s3_prefix, cfg.mlflow_tracking_uri) == ("b", "p/q", "http://m:1")
+    assert cfg.latency_gate_blocking is False and cfg.approval_max_age_hours == 1.5 and cfg.min_calibration_rows == 7
+    assert cfg.checkpoints_uri == "s3://b/p/q/checkpoints/"
+    # Airflow Variable overrides beat the environment
+    assert PipelineConfig.from_env(env, {"latency_gate_blocking": True}).latency_gate_blocking is True
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(UserError, match="bool"):
+        PipelineConfig.from_env({"ONEREC_LATENCY_GATE_BLOCKING": "maybe"})
+    with pytest.raises(UserError, match="unknown config keys"):
+        PipelineConfig.from_env({}, {"no_such_field": 1})
+    with pytest.raises(UserError, match="rollout target"):
+        PipelineConfig.from_env({"ONEREC_ROLLOUT_TARGET": "ftp"})
+
+
+def test_gate_settings_are_typed_and_checked():
+    env = {"ONEREC_QUALITY_GATE": '{"max_relative_recall_drop": 0.02, "max_users": 512}',
+           "ONEREC_LATENCY_GATE": '{"batch_sizes": [1, 16]}'}
+    cfg = PipelineConfig.from_env(env)
+    assert cfg.quality_gate.max_relative_recall_drop == 0.02 and cfg.quality_gate.max_users == 512
+    assert cfg.quality_gate.device == "auto"  # fields not given keep the pipeline's defaults
+    assert cfg.latency_gate.batch_sizes == (1, 16)
+    # the Airflow Variable (overrides) takes the same shape
+    cfg = PipelineConfig.from_env({}, {"latency_gate": {"batch_sizes": [8]}, "quality_gate": {"device": "cpu"}})
+    assert cfg.latency_gate.batch_sizes == (8,) and cfg.quality_gate.device == "cpu"
+    # an unknown gate field is one line naming it (the old CLI-flag spelling included)
+    for env, overrides in (({"ONEREC_QUALITY_GATE": '{"max_recall_drop": 0.02}'}, None),
+                           ({}, {"latency_gate": {"batch": 8}})):
+        with pytest.raises(UserError, match=r"unknown field\(s\) \['(max_recall_drop|batch)'\]") as err:
+            PipelineConfig.from_env(env, overrides)
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="quality_gate"):
+        PipelineConfig.from_env({"ONEREC_QUALITY_GATE": "--max-recall-drop 0.02"})  # not JSON
+    with pytest.raises(UserError, match="unknown config keys"):
+        PipelineConfig.from_env({}, {"quality_gate_args": "--max-users 32"})
+
+
+def test_the_in_worker_steps_import_no_torch():
+    """The Airflow image has no torch: the config, registry, promote and rollback modules must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tasks.config, tasks.registry, tasks.promote, tasks.rollback, tasks.approval, ops.rollout; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_settings_never_write_the_environment(tmp_path, monkeypatch):
+    import os
+
+    from onerec.settings import Settings
+
+    (tmp_path / "stack.json").write_text(json.dumps({"env": {
+        "ONEREC_S3_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret",
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:2"}}))
+    for name in ("ONEREC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ONEREC_STATE_DIR", str(tmp_path))
+    before = dict(os.environ)
+    settings = Settings.load()
+    assert dict(os.environ) == before
+    assert settings.s3_client_kwargs()["aws_secret_access_key"] == "secret"
+    assert settings.tracking_uri() == "http://127.0.0.1:2"
+    assert "secret" not in repr(settings) and "aws_secret_access_key" not in settings.to_dict()
+    assert settings.subprocess_env({})["AWS_SECRET_ACCESS_KEY"] == "secret"
+
+
+# --- Great Expectations ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small untrained checkpoint with profile features and one unknown item id (7)."""
+    from onerec.checkpoint import save_checkpoint
+    from onerec.model import OneRecV2, OneRecV2Config
+
+    cfg = OneRecV2Config.from_preset("tiny", profile_features=PROFILE)
+    rng = np.random.default_rng(0)
+    codes = rng.permutation(64**3)[:300]
+    table = np.stack([codes // 4096, (codes // 64) % 64, codes % 64], 1).astype(np.int32)
+    table[7] = -1
+    return save_checkpoint(OneRecV2(cfg), table, tmp_path_factory.mktemp("ckpt") / "ckpt")
+
+
+def requests(n: int, seed: int, zipf: float = 1.0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    p = 1 / np.arange(1, 301) ** zipf
+    p /= p.sum()
+    rows = []
+    for user in range(n):
+        history = [int(i) for i in rng.choice(300, rng.integers(1, 40), p=p) if i != 7] or [1]
+        target = int(rng.choice(300, p=p))
+        rows.append((user, history, 8 if target == 7 else target, rng.normal(), rng.normal()))
+    frame = pd.DataFrame(rows, columns=["user_id", "history", "target", *PROFILE])
+    return frame.astype({f: "float32" for f in PROFILE})
+
+
+def run_validation(tmp_path, checkpoint, frame: pd.DataFrame, reference=None, **overrides):
+    from tasks.validate import validate_calibration
+
+    path = tmp_path / f"cal-{len(list(tmp_path.iterdir()))}.parquet"
+    frame.to_parquet(path)
+    return validate_calibration(PipelineConfig(**overrides), path, checkpoint, tmp_path / "report", reference)
+
+
+def test_good_calibration_passes_and_writes_reports(tmp_path, checkpoint):
+    result = run_validation(tmp_path, checkpoint, requests(200, 1))
+    assert result["passed"] and result["failed"] == []
+    assert result["drift"]["checked"] is False  # first snapshot: nothing to compare with
+    assert (tmp_path / "report" / "data_docs" / "index.html").is_file()
+    assert (tmp_path / "report" / "calibration_validation.png").stat().st_size > 1000
+    profile = json.loads((tmp_path / "report" / "calibration_profile.json").read_text())
+    assert profile["rows"] == 200 and sum(profile["item_counts"].values()) == sum(map(len, requests(200, 1)["history"]))
+
+
+def test_bad_calibration_names_every_failed_expectation(tmp_path, checkpoint):
+    frame = requests(200, 2)
+    frame.at[3, "history"] = [5, 99999]  # outside the semantic-id table
+    frame.at[4, "history"] = [7]  # a known id range but unknown to the tokenizer
+    frame.loc[5, "age"] = np.nan
+    frame.loc[6, "activity"] = 1e6  # far outside the training statistics (mean 0, std 1)
+    result = run_validation(tmp_path, checkpoint, frame)
+    assert not result["passed"]
+    failed = {(f["expectation"], f.get("column")) for f in result["failed"]}
+    assert ("expect_column_values_to_be_between", "history_unknown_items") in failed
+    assert ("expect_column_values_to_not_be_null", "age") in failed
+    assert ("expect_column_values_to_be_between", "activity") in failed
+
+
+def test_schema_and_row_count_failures(tmp_path, checkpoint):
+    result = run_validation(tmp_path, checkpoint, requests(30, 3).drop(columns=["target"]), min_calibration_rows=64)
+    names = {f["expectation"] for f in result["failed"]}
+    assert {"required columns", "expect_table_row_count_to_be_between", "expect_column_to_exist"} <= names
+
+
+def test_drift_against_the_accepted_snapshot(tmp_path, checkpoint):
+    from tasks.validate import data_profile
+
+    reference = data_profile(requests(400, 4))
+    same = run_validation(tmp_path, checkpoint, requests(400, 5), reference)
+    assert same["passed"] and same["drift"]["checked"]
+    assert same["drift"]["popularity_kl"] < 0.1 and same["drift"]["history_length_kl"] < 0.1
+    shifted = run_validation(tmp_path, checkpoint, requests(400, 6, zipf=0.0), reference)  # uniform popularity
+    assert not shifted["passed"]
+    assert shifted["drift"]["popularity_kl"] > 0.5
+    assert [f["column"] for f in shifted["failed"]] == ["popularity_bucket"]
+
+
+# --- gates, metrics, adapters -------------------------------------------------------------------------
+
+
+def test_gates_passed_policy():
+    from tasks.registry import gates_passed
+
+    ok_quality = {"passed": True}
+    assert gates_passed({"quality": ok_quality, "latency": {"measurable": True, "passed": True}}, True)
+    assert not gates_passed({"quality": {"passed": False}, "latency": {"measurable": True, "passed": True}}, False)
+    assert not gates_passed({"quality": ok_quality, "latency": {"measurable": True, "passed": False}}, False)
+    unmeasured = {"quality": ok_quality, "latency": {"measurable": False, "reason": "no CUDA"}}
+    assert not gates_passed(unmeasured, latency_gate_blocking=True)  # production
+    assert gates_passed(unmeasured, latency_gate_blocking=False)  # the CPU demo
+
+
+def test_an_inconclusive_quality_gate_registers_nothing_and_says_why(monkeypatch, capsys):
+    """The registration step's decision (the Airflow run of it is the integration tests' job)."""
+    import onerec.quant.quality_gate as quality_gate
+    from onerec_fp8.cli import main
+    from tasks.registry import gate_metrics, gates_outcome, gates_passed
+
+    latency = {"measurable": True, "passed": True}
+    reason = "inconclusive on 40 users: recall@10 -3.00% [-9.10%, +2.90%] (margin -5%); about 900 users would decide it"
+    quality = {"passed": False, "verdict": "inconclusive", "reason": reason, "users_needed": 900,
+               "intervals": {"recall@10": {"estimate": -0.03, "low": -0.091, "high": 0.029}}}
+    gates = {"quality": quality, "latency": latency}
+    assert not gates_passed(gates, latency_gate_blocking=False)
+    assert gates_outcome(gates, False) == ("inconclusive", f"quality gate inconclusive: {reason}")
+    failed = {"quality": {"passed": False, "verdict": "failed", "reason": "failed topk_overlap: ..."}, "latency": latency}
+    assert gates_outcome(failed, False) == ("failed", "quality gate failed: failed topk_overlap: ...")
+    unmeasured = {"quality": {"passed": True, "verdict": "passed"}, "latency": {"measurable": False, "reason": "no GPU"}}
+    assert gates_outcome(unmeasured, True) == ("failed", "latency gate could not measure (no GPU) and blocks")
+    assert gates_outcome({"quality": {"passed": True, "verdict": "passed"}, "latency": latency}, False)[0] == "passed"
+    # the interval bounds become run metrics
+    assert gate_metrics(gates)["quality.intervals.recall_at_10.low"] == -0.091
+    # the CLI: 3 = failed, 4 = inconclusive, so a script can tell them apart
+    argv = ["gate", "quality", "--checkpoint", "c", "--quantized", "q", "--data", "d"]
+    for verdict, code in (("inconclusive", 4), ("failed", 3), ("passed", 0)):
+        monkeypatch.setattr(quality_gate, "run_quality_gate",
+                            lambda *a, v=verdict, **k: {"passed": v == "passed", "verdict": v})
+        assert main(argv) == code
+        assert json.loads(capsys.readouterr().out)["verdict"] == verdict
+
+
+def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path, monkeypatch):
+    """The pipeline's register step on a real (sqlite) MLflow: the run is kept with its reports,
+    tagged with the outcome and the reason; no model version, no alias."""
+    from mlflow import MlflowClient
+
+    from tasks.requantize import register_step
+
+    monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = PipelineConfig.from_env({}, {"mlflow_tracking_uri": uri, "state_dir": str(tmp_path),
+                                       "latency_gate_blocking": False})
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "quality_gate.json").write_text("{}")
+    fetched = {"checkpoint_id": "c1", "checkpoint_uri": "s3://b/c1/", "checkpoint_dir": str(tmp_path / "ckpt"),
+               "checkpoint_sha256": "a" * 64, "calibration_uri": "s3://b/cal.parquet",
+               "calibration_path": str(tmp_path / "cal.parquet"), "calibration_sha256": "b" * 64,
+               "work_dir": str(tmp_path), "report_dir": str(reports)}
+    quantized = {"quantized_dir": str(tmp_path / "q"), "recipe": "fp8_dynamic", "reused": False,
+                 "calibrate_path": "c", "eval_path": "e", "eval_data_dir": "d", "calibrate_rows": 1, "eval_rows": 1}
+    reason = "inconclusive on 40 users: recall@10 -3.00% [-9.10%, +2.90%] (margin -5%); about 900 users would decide it"
+    quality = {"passed": False, "verdict": "inconclusive", "reason": reason, "users_needed": 900}
+    result = register_step(cfg, fetched, quantized, quality, {"measurable": False, "reason": "no GPU"},
+                           {"passed": True, "rows": 10})
+    assert result["registered"] is False and result["version"] is None and result["gates"] == "inconclusive"
+    assert result["reason"] == f"quality gate inconclusive: {reason}"
+    c = MlflowClient(uri)
+    run = c.get_run(result["run_id"])
+    assert run.data.tags["gates"] == "inconclusive" and run.data.tags["reason"] == result["reason"]
+    assert run.data.tags["registration"] == "gates_failed" and run.info.status == "FINISHED"
+    assert run.data.metrics["quality.users_needed"] == 900
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "reports")} >= {"reports/quality_gate.json"}
+    assert c.search_model_versions(f"name='{cfg.model_name}'") == []
+
+
+def test_gate_metrics_flatten_every_number():
+    from tasks.registry import gate_metrics
+
+    m = gate_metrics({"quality": {"passed": True, "bf16_recall@10": 0.5, "kl_per_level": [1, 2], "recipe": "x",
+                                  "nested": {"p50_ms": 3}}, "latency": {"ratio": float("nan")}})
+    assert m == {"quality.passed": 1.0, "quality.bf16_recall_at_10": 0.5, "quality.nested.p50_ms": 3.0}
+
+
+def test_requests_as_data_folder_has_those_requests_as_its_test_split(tmp_path):
+    from onerec.data import load_dataset, split_leave_last_out
+    from tasks.quantize import requests_as_data_folder
+
+    frame = requests(50, 7)
+    folder = requests_as_data_folder(frame, tmp_path / "data")
+    test = split_leave_last_out(load_dataset(folder)).test
+    kept = frame[frame["history"].map(len) >= 2].reset_index(drop=True)  # shorter ones have no test target
+    assert len(test) == len(kept)
+    assert test["history"].tolist() == kept["history"].tolist()
+    assert test["target"].tolist() == kept["target"].tolist()
+    assert np.allclose(test["age"].to_numpy(), kept["age"].to_numpy())
+
+
+def test_parse_s3_uri():
+    from tasks.checkpoints import parse_s3_uri
+
+    assert parse_s3_uri("s3://b/k/x.json") == ("b", "k/x.json")
+    with pytest.raises(UserError):
+        parse_s3_uri("http://b/k")
+
+
+def test_approval_values_are_case_and_space_tolerant():
+    from tasks.approval import normalize_decision
+
+    assert [normalize_decision(v) for v in ("approved", "Approved ", " APPROVED", "rejected", "Pending")] == [
+        "approved", "approved", "approved", "rejected", "pending"]
+    assert [normalize_decision(v) for v in ("aproved", "yes", "", "approved!", None)] == [None] * 5
+
+
+def test_gates_label_and_reviewer_description(tmp_path):
+    from tasks.config import PipelineConfig
+    from tasks.review_page import gates_label, version_description
+
+    quality = {"passed": True, "num_users": 32, "top10_overlap": 0.96, "relative_recall@10_change": -0.004}
+    unmeasured = {"quality": quality, "latency": {"measurable": False, "reason": "no CUDA GPU is visible"}}
+    measured = {"quality": quality, "latency": {"measurable": True, "passed": True, "latency_ratio": 0.81,
+                                                "throughput_ratio": 1.3, "device": "H100"}}
+    assert gates_label(unmeasured) == "passed-latency-unmeasured" and gates_label(measured) == "passed"
+    (tmp_path / "recipe.json").write_text(json.dumps({"excluded": {"lm_head": "sensitive (SQNR 12 dB)"}}))
+    cfg = PipelineConfig(latency_gate_blocking=False)
+    text = version_description(cfg, unmeasured, tmp_path, "7", "run1", "http://mlflow")
+    assert "NOT MEASURED (no CUDA GPU is visible)" in text and "top10_overlap 0.96" in text
+    assert "lm_head (sensitive (SQNR 12 dB))" in text and "#/experiments/7/runs/run1" in text
+    assert "Promote model" in text
+    assert "p50 0.81, throughput 1.3 on H100" in version_description(cfg, measured, tmp_path, "7", "r", None)
+
+
+def test_provenance_signature_binds_every_field_and_the_key_stays_private(tmp_path):
+    import os
+
+    from tasks.config import PipelineConfig
+    from tasks.provenance import ProvenanceError, evidence, load_key, sign, verifies
+
+    cfg = PipelineConfig(state_dir=str(tmp_path))
+    with pytest.raises(ProvenanceError, match="no provenance key"):
+        load_key(cfg)  # promote never creates one
+    key = load_key(cfg, create=True)
+    assert os.stat(tmp_path / "secrets" / "provenance.key").st_mode & 0o777 == 0o600
+    record = evidence(model="m", version="3", run_id="r", model_manifest_sha256="a" * 64, checkpoint_sha256="b" * 64,
+                      recipe="fp8_dynamic", gates_report_sha256="c" * 64)
+    signature = sign(key, "version", record)
+    assert verifies(key, "version", record, signature)
+    for field in record:
+        assert not verifies(key, "version", {**record, field: "x"}, signature), field
+    assert not verifies(key, "state", record, signature)  # a state record's signature is no version's
+    assert not verifies(b"k" * 64, "version", record, signature)
+    os.chmod(tmp_path / "secrets" / "provenance.key", 0o644)
+    with pytest.raises(ProvenanceError, match="chmod 600"):
+        load_key(cfg)

@@ -1,0 +1,61 @@
+"""The helm rollout target through the real Helm engine (helm-python-sdk); no cluster runs here.
+
+A dry run renders the release exactly as `helm upgrade --install` would (the pinned model URI and
+version land in the Deployment); against an unreachable cluster the rollout and the rollback
+fail with RolloutError, which the pipeline treats as "aliases unchanged".
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ops import rollout
+from ops.processes import free_port
+from ops.rollout import helm
+
+
+@pytest.fixture
+def unreachable_kubeconfig(tmp_path, monkeypatch):
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": f"https://127.0.0.1:{free_port()}"}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+        "users": [{"name": "test", "user": {"token": "placeholder"}}],
+    }))
+    return str(path)
+
+
+def test_dry_run_renders_the_pinned_version(unreachable_kubeconfig, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    result = rollout.deploy("models:/onerec-v2-fp8@champion", 9, target="helm", kubeconfig=unreachable_kubeconfig,
+                            release="recs", namespace="serving", dry_run=True)
+    assert result["engine"] == "helm-python-sdk" and result["revision"] == 1 and result["dry_run"]
+    assert result["model_uri"] == "models:/onerec-v2-fp8/9"  # an alias is pinned before it ships
+    assert result["url"] == "http://recs-onerec-serving.serving.svc.cluster.local"
+    docs = {d["kind"]: d for d in yaml.safe_load_all(result["manifest"]) if d}
+    args = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--model-uri=models:/onerec-v2-fp8/9" in args and "--model-version=9" in args
+    assert docs["ConfigMap"]["data"]["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+
+
+def test_failed_rollout_and_rollback_raise(unreachable_kubeconfig):
+    with pytest.raises(rollout.RolloutError, match="unreachable"):
+        rollout.deploy("models:/onerec-v2-fp8/3", "3", target="helm", kubeconfig=unreachable_kubeconfig, timeout_s=30)
+    with pytest.raises(rollout.RolloutError, match="unreachable"):
+        rollout.rollback(target="helm", kubeconfig=unreachable_kubeconfig)
+    with pytest.raises(rollout.RolloutError):
+        rollout.status(target="helm", kubeconfig=unreachable_kubeconfig)
+
+
+def test_previous_good_revision_skips_failed_ones():
+    history = [
+        {"revision": 1, "status": "superseded"},
+        {"revision": 2, "status": "superseded"},
+        {"revision": 3, "status": "failed"},
+        {"revision": 4, "status": "deployed"},
+    ]
+    assert helm._previous_good(history, 4) == 2
+    with pytest.raises(rollout.RolloutError):
+        helm._previous_good(history[2:], 4)

