@@ -91,6 +91,37 @@ def test_settings_never_write_the_environment(tmp_path, monkeypatch):
     assert settings.subprocess_env({})["AWS_SECRET_ACCESS_KEY"] == "secret"
 
 
+def test_the_mlflow_account_reaches_children_and_requests_without_the_environment(tmp_path, monkeypatch):
+    import base64
+    import os
+
+    from mlflow.tracking.request_header.registry import resolve_request_headers
+
+    from tasks.config import PipelineConfig
+    from tasks.registry import _SERVICE_ACCOUNT, use_service_account
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "mlflow-service.json").write_text(json.dumps({"username": "svc", "password": "pw"}))
+    cfg = PipelineConfig.from_env({}, {"state_dir": str(tmp_path)})
+    env = cfg.subprocess_env({})
+    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("svc", "pw")
+    assert cfg.subprocess_env({"MLFLOW_TRACKING_USERNAME": "other"})["MLFLOW_TRACKING_USERNAME"] == "other"
+    before = dict(os.environ)
+    try:
+        use_service_account(cfg)
+        assert dict(os.environ) == before
+        assert resolve_request_headers()["Authorization"] == "Basic " + base64.b64encode(b"svc:pw").decode()
+    finally:
+        _SERVICE_ACCOUNT.clear()
+    assert "Authorization" not in resolve_request_headers()
+    (secrets / "mlflow-service.json").write_text("not json")
+    with pytest.raises(UserError, match="username and password"):
+        cfg.mlflow_credentials()
+
+
 # --- Great Expectations ----------------------------------------------------------------------------------
 
 
