@@ -42,12 +42,12 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
     if target == current:
         raise UserError(f"version {target} is already the champion")
     mv = model_version(c, name, target)  # a version that does not exist is a one-line error
+    require_files(c, name, target)  # its files are all in the artifact store, before anything moves
     record = read_record(cfg, target)
     if record is None or record["state"] != "deployed":
         state = record["state"] if record else "not registered by the pipeline"
         raise StateError(f"version {target} is {state}: only a version that was deployed and not rolled back "
                          "can be restored")
-    require_files(c, name, target)  # its files are all in the artifact store, before anything moves
     verify_version(cfg, c, mv)  # the same evidence promote checks
     model_uri = f"models:/{name}/{target}"
     log.info("rolling back %s from version %s to %s (reason: %s, by %s)", name, current, target, reason, by)

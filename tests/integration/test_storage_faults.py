@@ -153,9 +153,11 @@ def last_line(output: str) -> str:
 
 
 def registry(env: dict):
-    from mlflow import MlflowClient
+    """The registry as the pipeline's service account (the local MLflow requires a login)."""
+    from tasks.config import PipelineConfig
+    from tasks.registry import client
 
-    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    return client(PipelineConfig.from_env(env))
 
 
 def versions(env: dict) -> list:
@@ -202,7 +204,7 @@ def test_pipeline_through_s3_and_mlflow_crashes_then_racing_reruns(tmp_path, tra
         assert "error: S3" in last_line(output) and "Traceback" not in output, output[-3000:]
         assert took < 240
         assert versions(env) == []
-        assert all(r.data.tags.get("gates") != "passed" for r in runs(env))
+        assert all(not r.data.tags.get("gates", "").startswith("passed") for r in runs(env))
         assert any(r.data.tags.get("registration") == "failed" for r in runs(env))
 
         restart(state_dir, "s3")
@@ -220,7 +222,7 @@ def test_pipeline_through_s3_and_mlflow_crashes_then_racing_reruns(tmp_path, tra
 
         restart(state_dir, "mlflow")
         assert versions(env) == []
-        assert all(r.data.tags.get("gates") != "passed" for r in runs(env))
+        assert all(not r.data.tags.get("gates", "").startswith("passed") for r in runs(env))
 
         # 3. two runs at once on the same checkpoint and recipe: one version
         racing = [start_run(env, tmp_path / f"race{i}.log") for i in range(2)]
@@ -228,7 +230,8 @@ def test_pipeline_through_s3_and_mlflow_crashes_then_racing_reruns(tmp_path, tra
         for rc, output, _ in results:
             assert rc == 0, output[-3000:]
         [version] = versions(env)
-        assert version.tags["gates"] == "passed" and version.tags["approval"] == "pending"
+        # on CPU the latency gate cannot measure (the local config lets that pass; the label says so)
+        assert version.tags["gates"] == "passed-latency-unmeasured" and version.tags["approval"] == "pending"
         outcomes = sorted(json.loads(last_line(output)).get("registered", False) for _, output, _ in results)
         assert outcomes == [False, True]
         assert registry(env).get_model_version_by_alias(env["ONEREC_MODEL_NAME"], "challenger").version == version.version
