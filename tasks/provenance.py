@@ -111,7 +111,8 @@ def verify_version(cfg, c, mv) -> dict:
     Returns {"evidence": ..., "gates": <the gate report>}.
     """
     from onerec.manifest import manifest_digest
-    from tasks.registry import download_model, gates_passed
+    from onerec.serve.registry import download_model
+    from tasks.registry import gates_passed
 
     name, version = cfg.model_name, str(mv.version)
     signature = mv.tags.get(PROVENANCE_TAG)
@@ -132,7 +133,8 @@ def verify_version(cfg, c, mv) -> dict:
         gates = json.loads(data)
     except json.JSONDecodeError:
         raise ProvenanceError(f"{name} version {version}: {GATES_REPORT} is not JSON") from None
-    folder = download_model(f"models:/{name}/{version}", Path(cfg.work_dir) / "verify" / name / version)
+    folder = download_model(f"models:/{name}/{version}", Path(cfg.work_dir) / "verify" / name / version,
+                            cfg.tracking_uri())
     record = evidence(model=name, version=version, run_id=mv.run_id, model_manifest_sha256=manifest_digest(folder),
                       checkpoint_sha256=mv.tags.get("checkpoint_sha256", ""), recipe=mv.tags.get("recipe", ""),
                       gates_report_sha256=hashlib.sha256(data).hexdigest())
