@@ -138,10 +138,19 @@ def ensure_accounts(url: str, state_dir: str | Path, timeout: float = 30.0) -> d
             if created.status_code != 200:
                 http.patch("/api/2.0/mlflow/users/update-password", json=creds).raise_for_status()
         # EDIT on every registered model, present and future: MLflow's half of the approver's right
-        http.post("/api/3.0/mlflow/users/permissions/grant", json={
+        granted = http.post("/api/3.0/mlflow/users/permissions/grant", json={
             "username": APPROVER, "resource_type": "registered_model", "resource_id": "*", "permission": "EDIT",
-        }).raise_for_status()
+        })
+        if not _already_exists(granted):  # a restart on a kept auth database finds the grant there
+            granted.raise_for_status()
     return {role: ACCOUNTS[role] for role in ACCOUNTS}
+
+
+def _already_exists(reply) -> bool:
+    try:
+        return reply.status_code == 400 and reply.json().get("error_code") == "RESOURCE_ALREADY_EXISTS"
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
