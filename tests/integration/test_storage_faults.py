@@ -240,7 +240,8 @@ def test_pipeline_through_s3_and_mlflow_crashes_then_racing_reruns(tmp_path, tra
 
 
 def register_small_version(cfg, tmp_path: Path) -> str:
-    """A version as the pipeline registers it (pyfunc + quantized folder with its manifest), approved."""
+    """A version as the pipeline registers it (pyfunc + quantized folder with its manifest); approval
+    pending (the server lets only an approver set it), which does not matter: the files are checked first."""
     import mlflow
 
     from onerec.manifest import write_manifest
@@ -257,7 +258,7 @@ def register_small_version(cfg, tmp_path: Path) -> str:
         info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
                                        artifacts={"quantized": str(folder)}, pip_requirements=["onerec-fp8"])
     version = mlflow.register_model(info.model_uri, cfg.model_name,
-                                    tags={"gates": "passed", "approval": "approved"}).version
+                                    tags={"gates": "passed", "approval": "pending"}).version
     assert c.get_model_version(cfg.model_name, version)
     return version
 
