@@ -14,18 +14,19 @@ import posixpath
 import tempfile
 from pathlib import Path
 
-from onerec.errors import UserError
-
 
 def model_version(c, name: str, version: str):
-    """The registry's model version, or a one-line UserError when there is no such version."""
+    """The registry's model version, or StepFailed (a one-line UserError, not retried: the version
+    will not appear by waiting) when there is no such version."""
     from mlflow.exceptions import MlflowException
+
+    from tasks.requantize import StepFailed
 
     try:
         return c.get_model_version(name, str(version))
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise UserError(f"{name} has no version {version}") from None
+            raise StepFailed(f"{name} has no version {version}") from None
         raise
 
 

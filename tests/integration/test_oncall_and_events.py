@@ -6,6 +6,7 @@ webhook, the approval relay and an Airflow asset event, without waiting for the 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import time
@@ -40,8 +41,17 @@ def wait_for(what: str, check, timeout_s: float = 120.0, every_s: float = 2.0):
 @pytest.mark.slow
 def test_failing_dag_run_mails_on_call(local_stack, tmp_path):
     """A real `airflow dags test` run of the rollback DAG that fails (nothing to restore): one mail."""
-    from tasks.demo import dags_test
+    from mlflow.exceptions import MlflowException
 
+    from ops.stack import stack_env
+    from tasks.config import PipelineConfig
+    from tasks.demo import dags_test
+    from tasks.registry import client
+
+    # the model exists (as the service account's), its version 424242 does not
+    cfg = PipelineConfig.from_env({**stack_env(local_stack), "ONEREC_MODEL_NAME": "onerec-test-oncall"})
+    with contextlib.suppress(MlflowException):
+        client(cfg).create_registered_model(cfg.model_name)
     maildir = Path(local_stack["state_dir"]) / "mail"
     before = len(read_mail(maildir))
     run = dags_test("onerec_fp8_rollback", local_stack, tmp_path / "rollback.log",
@@ -49,7 +59,7 @@ def test_failing_dag_run_mails_on_call(local_stack, tmp_path):
                     conf={"reason": "on-call notification test", "version": "424242"}, timeout_s=600)
     text = Path(run["log"]).read_text()
     assert run["state"] == "failed", text[-3000:]
-    assert "not registered by the pipeline" in text and "up_for_retry" not in text.lower()
+    assert "onerec-test-oncall has no version 424242" in text and "up_for_retry" not in text.lower()
     mails = wait_for("the failure mail", lambda: read_mail(maildir)[before:] or None, timeout_s=60)
     assert len(mails) == 1
     assert "onerec_fp8_rollback failed" in mails[0]["Subject"] and mails[0]["To"] == "onerec-oncall@localhost"
