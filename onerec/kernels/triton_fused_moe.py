@@ -35,8 +35,21 @@ def default_config(pairs: int, n_experts: int, fp8: bool) -> dict:
 
 @functools.cache
 def _kernels():
+    # Triton resolves a kernel's callees among its module's globals (a closure is not seen).
+    global expert_rows
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def expert_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, N_EXPERTS, BLOCK_M: tl.constexpr):
+        # This program's tile: its expert (N_EXPERTS marks an unused tile of the static grid) and
+        # its rows of the expert-sorted pairs, masked at the expert's end.
+        tile = tl.program_id(0)
+        e = tl.load(tile_expert_ptr + tile)
+        row0 = tl.load(tile_row_ptr + tile)
+        row_end = tl.load(offsets_ptr + tl.minimum(e, N_EXPERTS - 1) + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        return e, rows, rows < row_end
 
     @triton.jit
     def gate_up_kernel(
@@ -47,15 +60,10 @@ def _kernels():
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, SCALE_MIN: tl.constexpr,
     ):
         # h[r] = SiLU(x[token[r]] W1[e]^T) * (x[token[r]] W3[e]^T) for the rows r of tile t.
-        tile = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e = tl.load(tile_expert_ptr + tile)
+        e, rows, rmask = expert_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, N_EXPERTS, BLOCK_M)
         if e >= N_EXPERTS:
             return
-        row0 = tl.load(tile_row_ptr + tile)
-        row_end = tl.load(offsets_ptr + e + 1)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        rmask = rows < row_end
         tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < I
@@ -108,15 +116,10 @@ def _kernels():
         BLOCK_K: tl.constexpr,
     ):
         # y[r] = gate[r] * (h[r] W2[e]^T) for the rows r of tile t (rows already sorted by expert).
-        tile = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e = tl.load(tile_expert_ptr + tile)
+        e, rows, rmask = expert_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, N_EXPERTS, BLOCK_M)
         if e >= N_EXPERTS:
             return
-        row0 = tl.load(tile_row_ptr + tile)
-        row_end = tl.load(offsets_ptr + e + 1)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        rmask = rows < row_end
         rows64 = rows.to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < D
