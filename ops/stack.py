@@ -337,10 +337,7 @@ def _airflow_password(cfg: StackConfig) -> tuple[Path, str]:
         passwords = json.loads(path.read_text())
     if AIRFLOW_USER not in passwords:
         passwords[AIRFLOW_USER] = secrets.token_urlsafe(12)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(passwords) + "\n")
+        mlflow_auth.write_private(path, json.dumps(passwords) + "\n")
     return path, passwords[AIRFLOW_USER]
 
 
