@@ -88,13 +88,16 @@ def test_approval_event_triggers_promote_at_once(local_stack):
         try:
             approve_as_the_ui_does(mlflow_url, name, version, approver).raise_for_status()
 
-            def asset_triggered_run():
+            def started_asset_triggered_run():
                 runs = airflow.get("/api/v2/dags/onerec_fp8_promote/dagRuns").json()["dag_runs"]
-                return [r for r in runs if r["run_type"] == "asset_triggered"]
+                return [r for r in runs if r["run_type"] == "asset_triggered" and r["start_date"]]
 
-            [run] = wait_for("an asset-triggered promote run", asset_triggered_run, timeout_s=120)
+            # Airflow 3.3's event listing answers 500 while a run it created is still queued
+            # (start_date None fails its response model), so read the events once the run started.
+            [run] = wait_for("an asset-triggered promote run", started_asset_triggered_run, timeout_s=120)
             assets = airflow.get("/api/v2/assets", params={"name_pattern": "onerec_model_approved"}).json()["assets"]
-            events = airflow.get("/api/v2/assets/events", params={"asset_id": assets[0]["id"]}).json()["asset_events"]
+            listing = airflow.get("/api/v2/assets/events", params={"asset_id": assets[0]["id"]})
+            events = listing.raise_for_status().json()["asset_events"]
             assert any(e["extra"].get("name") == name and e["extra"].get("version") == version for e in events)
         finally:
             airflow.patch("/api/v2/dags/onerec_fp8_promote", json={"is_paused": True})
