@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from ops.mlflow_auth import read_private
+
 log = logging.getLogger("onerec.approval_relay")
 
 MAX_BODY = 64 << 10
@@ -102,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", default=None, help="the local stack's state dir (Airflow URL and login)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.secret_file.stat().st_mode & 0o077:
-        parser.error(f"{args.secret_file} is readable by other users; chmod 600 it")
-    secret = args.secret_file.read_text().strip()
+    try:
+        secret = read_private(args.secret_file, "webhook secret", 16)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
     uvicorn.run(create_relay_app(secret, args.state_dir), host="127.0.0.1", port=args.port, access_log=False,
                 timeout_keep_alive=5, limit_concurrency=32)
     return 0

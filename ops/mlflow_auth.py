@@ -55,6 +55,17 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_private(path: Path, what: str, min_length: int) -> str:
+    """The text of a secret file that only its owner can read; ValueError when others can, or when
+    it is shorter than `min_length` characters (a truncated or placeholder secret)."""
+    if path.stat().st_mode & 0o077:
+        raise ValueError(f"{path} is readable by other users; chmod 600 it")
+    text = path.read_text().strip()
+    if len(text) < min_length:
+        raise ValueError(f"{path}: the {what} is too short (at least {min_length} characters)")
+    return text
+
+
 def credentials_file(state_dir: str | Path, role: str) -> Path:
     return secrets_dir(state_dir) / f"mlflow-{role}.json"
 

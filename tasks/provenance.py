@@ -53,12 +53,12 @@ def load_key(cfg, create: bool = False) -> bytes:
         log.warning("no provenance key at %s: generating one (versions signed with another key will not verify)",
                     path)
         secret_token(path)
-    if path.stat().st_mode & 0o077:
-        raise ProvenanceError(f"{path} is readable by other users; chmod 600 it")
-    key = path.read_text().strip().encode()
-    if len(key) < 32:
-        raise ProvenanceError(f"{path}: the provenance key is too short (at least 32 characters)")
-    return key
+    from ops.mlflow_auth import read_private
+
+    try:
+        return read_private(path, "provenance key", 32).encode()
+    except ValueError as exc:
+        raise ProvenanceError(str(exc)) from None
 
 
 def _mac(key: bytes, purpose: str, record: dict) -> str:

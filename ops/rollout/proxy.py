@@ -48,12 +48,9 @@ def check_upstream(url: str) -> str:
 
 def read_token(path: Path) -> str:
     """The admin token from a file only its owner can read."""
-    if path.stat().st_mode & 0o077:
-        raise ValueError(f"{path} is readable by other users; chmod 600 it")
-    token = path.read_text().strip()
-    if len(token) < 16:
-        raise ValueError(f"{path}: the admin token is too short (at least 16 characters)")
-    return token
+    from ops.mlflow_auth import read_private
+
+    return read_private(path, "admin token", 16)
 
 
 def create_proxy_app(state_file: Path, token: str):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from starlette.testclient import TestClient
 
 from ops.rollout.proxy import create_proxy_app, read_token
@@ -35,3 +36,25 @@ def test_proxy_refuses_a_token_file_others_can_read(tmp_path):
     assert result.returncode == 2 and "chmod 600" in result.stderr and "Traceback" not in result.stderr
     os.chmod(token_file, 0o600)
     assert read_token(token_file) == TOKEN
+
+
+def test_every_secret_reader_refuses_files_others_can_read_and_short_secrets(tmp_path):
+    """The relay's webhook secret and the provenance key go through the same check as the token."""
+    from tasks.config import PipelineConfig
+    from tasks.provenance import ProvenanceError, load_key
+
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 40)
+    os.chmod(secret, 0o640)
+    relay = subprocess.run([sys.executable, "-m", "ops.approval_relay", "--port", "9", "--secret-file", str(secret)],
+                           capture_output=True, text=True, timeout=60)
+    assert relay.returncode == 2 and "chmod 600" in relay.stderr and "Traceback" not in relay.stderr
+    cfg = PipelineConfig.from_env({"ONEREC_PROVENANCE_KEY_FILE": str(secret)})
+    with pytest.raises(ProvenanceError, match="chmod 600"):
+        load_key(cfg)
+    os.chmod(secret, 0o600)
+    secret.write_text("short")
+    with pytest.raises(ProvenanceError, match="too short"):
+        load_key(cfg)
+    secret.write_text("k" * 40)
+    assert load_key(cfg) == b"k" * 40

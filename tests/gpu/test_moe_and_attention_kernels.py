@@ -1,0 +1,164 @@
+"""The fused MoE and FP8 context-attention Triton kernels against their torch references on CUDA,
+at the shapes they serve (moe-4b experts, 1b heads over a 3000-token context), and through the
+engine with CUDA graphs.
+
+The CPU tests (tests/unit/test_engine_kernels.py) check the same kernels through Triton's
+interpreter on tiny shapes; these run the compiled sm_90 code (FP8 wgmma, tensor-core summation
+order), so their bounds are the reference's bf16 rounding, not zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onerec.kernels import fp8_attention as ak
+from onerec.kernels import fused_moe as mk
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# Outside the expert GEMMs both paths do the same bf16/FP8 roundings; inside, another FP32
+# summation order moves a few bf16 (and, with FP8, E4M3) roundings: ~1e-3 measured on CPU.
+MOE_TOLERANCE = {False: 1e-2, True: 2e-2}
+# FP8 attention: the kernel rounds P against its running maximum, the reference against the global one.
+ATTENTION_VS_REFERENCE = 0.04
+FP8_ATTENTION_BUDGET = 0.12  # against exact float64 attention, as in the CPU tests
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all()
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def moe_module(preset: str):
+    from onerec.model import MoE, OneRecV2Config
+
+    torch.manual_seed(0)
+    moe = MoE(OneRecV2Config.from_preset(preset))
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.02)
+        moe.router.weight.normal_(0, 0.1)  # spread routing: no near-ties between experts
+    return moe.to("cuda", torch.bfloat16).eval()
+
+
+@pytest.fixture(scope="module")
+def moe_4b():
+    return moe_module("moe-4b")
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("tokens", [512, 7 * 512 + 3])  # one user's beams; a ragged batch
+def test_grouped_expert_kernels_equal_the_reference(moe_4b, fp8, tokens):
+    weights = mk.MoEWeights.from_module(moe_4b, fp8=fp8)
+    x = torch.randn(tokens, moe_4b.router.weight.shape[1], device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = mk.moe(x, weights, "torch")
+        for block_m in (16, 64):
+            out = mk.moe(x, weights, "triton", config=dict(BLOCK_M=block_m))
+            assert rel(out, ref) < MOE_TOLERANCE[fp8], block_m
+        if not fp8:
+            assert rel(mk.moe(x, weights, "triton"), moe_4b(x)) < MOE_TOLERANCE[fp8]
+
+
+@pytest.mark.parametrize("tokens, block_m", [(512, 16), (4096 + 5, 64)])
+def test_route_plan_kernels_equal_the_torch_plan(moe_4b, tokens, block_m):
+    from onerec.kernels import triton_fused_moe as tmk
+
+    x = torch.randn(tokens, moe_4b.router.weight.shape[1], device="cuda", dtype=torch.bfloat16)
+    gates, chosen = mk.route(x, moe_4b.router.weight, moe_4b.top_k)
+    n_experts = mk.MoEWeights.from_module(moe_4b).w1.shape[0]  # routed + the folded shared expert
+    ref = mk.plan_routes(gates, chosen, n_experts, True, block_m)
+    out = tmk.plan_routes(gates, chosen, n_experts, True, block_m)
+    for name in ("token", "gate", "inverse", "offsets", "tile_expert"):
+        assert torch.equal(getattr(out, name), getattr(ref, name).to(getattr(out, name).dtype)), name
+
+
+def test_block_quantization_kernel_equals_quantize_blockwise():
+    from onerec.kernels import triton_fused_moe as tmk
+    from onerec.quant.fp8 import quantize_blockwise
+
+    x = torch.randn(77, 1408) * torch.logspace(-3, 2, 1408)
+    q, s = tmk.quantize_blocks(x.cuda().bfloat16())
+    q_ref, s_ref = quantize_blockwise(x.bfloat16().float(), (1, 128))
+    assert torch.allclose(s.cpu(), s_ref, rtol=1e-6)
+    assert (q.cpu().view(torch.uint8) == q_ref.view(torch.uint8)).float().mean() >= 0.999
+
+
+def attention_inputs(users=2, beams=512, heads=14, groups=14, T=3001, dh=128, sharpness=1.0, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = (sharpness * torch.randn(users, beams, heads, dh, device="cuda", generator=g)).bfloat16()
+    k = F.rms_norm(torch.randn(users, groups, T, dh, device="cuda", generator=g), (dh,)).bfloat16()
+    v = F.rms_norm(torch.randn(users, groups, T, dh, device="cuda", generator=g), (dh,)).bfloat16()
+    mask = torch.ones(users, T, dtype=torch.bool, device="cuda")
+    mask[-1, : T // 3] = False  # the last user's history is left-padded
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("splits", [None, 1, 4])
+@pytest.mark.parametrize("sharpness", [1.0, 4.0])
+def test_fp8_context_attention_kernel_equals_the_reference(splits, sharpness):
+    q, k, v, mask = attention_inputs(sharpness=sharpness, seed=int(sharpness))
+    kv = ak.quantize_context_kv(k, v)
+    out = ak.context_attention(q, kv, mask, "triton", splits=splits)
+    assert rel(out, ak.context_attention(q, kv, mask, "torch")) < ATTENTION_VS_REFERENCE
+    assert rel(out, ak.exact_attention(q, k, v, mask)) < FP8_ATTENTION_BUDGET
+
+
+def test_fp8_context_attention_kernel_is_captured_by_a_cuda_graph():
+    q, k, v, mask = attention_inputs(users=1, T=1000)
+    kv = ak.quantize_context_kv(k, v)
+    eager = ak.context_attention(q, kv, mask, "triton")
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ak.context_attention(q, kv, mask, "triton")  # compile and autotune outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        captured = ak.context_attention(q, kv, mask, "triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+@pytest.mark.parametrize("moe_kernel, attention", [("triton", "bf16"), ("triton", "fp8"), ("torch", "fp8")])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_engine_with_the_new_kernels_replays_its_graphs_exactly(moe_kernel, attention, fp8):
+    """The whole MoE step and FP8 attention inside the CUDA graphs: replays equal the eager run,
+    and the top-k stays close to the plain search (bf16, torch ops) on the same weights."""
+    from onerec.engine.engine import Engine, EngineConfig
+    from onerec.evaluate import topk_overlap
+    from onerec.generate import beam_search
+    from onerec.model import OneRecV2, OneRecV2Config
+    from onerec.semantic_ids import SemanticIdIndex
+
+    torch.manual_seed(0)
+    cfg = OneRecV2Config.from_preset("tiny-moe")
+    model = OneRecV2(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+        model.bos.normal_(0, 0.3)
+        model.context.user_token.normal_(0, 0.3)
+    model = model.to("cuda", torch.bfloat16).eval()
+    rng = np.random.default_rng(0)
+    table = np.unique(rng.integers(0, cfg.codebook_size, (600, 3)), axis=0).astype(np.int32)
+    index = SemanticIdIndex.build(table, cfg.codebook_size).to("cuda")
+    sids = torch.from_numpy(table[rng.integers(0, len(table), (8, 40))].astype(np.int64)).cuda()
+    mask = torch.ones(8, 40, dtype=torch.bool, device="cuda")
+    mask[1, :15] = False
+    config = EngineConfig(beam_size=16, k=10, fp8=fp8, moe_kernel=moe_kernel, attention=attention)
+    eager = Engine(model, index, EngineConfig(**{**config.__dict__, "cuda_graphs": False})).recommend(sids, mask)
+    graphs = Engine(model, index, config)
+    first, again = graphs.recommend(sids, mask), graphs.recommend(sids, mask)
+    assert torch.equal(first.items, eager.items) and torch.equal(again.items, eager.items)
+    plain = beam_search(model, sids, mask, index, beam_size=16, k=10)
+    # random weights: near-ties make FP8 overlaps low (0.7-0.9 on CPU); trained models are the gate's
+    assert topk_overlap(eager.items.cpu().numpy(), plain.items.cpu().numpy(), 10) >= (0.6 if fp8 or attention == "fp8"
+                                                                                       else 0.95)
