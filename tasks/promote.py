@@ -11,12 +11,21 @@ version (promotion_refused) and an error; nothing is deployed and no alias moves
     version tags      deployed_at, helm_revision, previous_champion_version
 
 A failed rollout raises and leaves every alias and tag as it was.
+
+Promote and rollback change what serves, so they take turns (`serving_change`): a lock per model
+on this host, and, for runs on other hosts, the champion read before the rollout must still be the
+champion before the aliases move.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 
+from ops.processes import file_lock
 from tasks.model_artifacts import model_version, require_files
 from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, client, now_iso
 
@@ -26,6 +35,28 @@ log = logging.getLogger(__name__)
 def rollout_options(cfg) -> dict:
     """Options for ops.rollout: the local target keeps its state in our state dir."""
     return {"state_dir": cfg.state_dir} if cfg.rollout_target == "local" else {}
+
+
+@contextlib.contextmanager
+def serving_change(cfg) -> Iterator[None]:
+    """Hold this host's lock on what serves `cfg.model_name` (blocks until the holder is done;
+    the kernel releases it when its holder dies)."""
+    key = hashlib.sha256(cfg.model_name.encode()).hexdigest()[:24]
+    path = Path(cfg.state_dir) / "locks" / f"serving-{key}.lock"
+    log.info("waiting for the serving lock %s (one promote or rollback at a time)", path)
+    with file_lock(path):
+        yield
+
+
+def require_champion_unchanged(c, name: str, champion: str | None) -> None:
+    """The champion read before the rollout is still the champion (a run on another host did not
+    promote or roll back meanwhile); otherwise no alias moves and on-call must look."""
+    from tasks.requantize import StepFailed
+
+    now = alias_version(c, name, CHAMPION)
+    if now != champion:
+        raise StepFailed(f"{name}: the champion changed from {champion} to {now} while this rollout ran "
+                         "(another promote or rollback); the aliases were not moved: check what serves")
 
 
 def alias_version(c, name: str, alias: str) -> str | None:
@@ -71,33 +102,35 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
 
     c = mlflow_client or client(cfg)
     name, version = cfg.model_name, str(version)
-    model_version(c, name, version)  # a version that does not exist is a one-line error
-    require_files(c, name, version)  # its files are all in the artifact store, before anything moves
-    champion = alias_version(c, name, CHAMPION)
-    checked = check_promotable(cfg, c, version, champion, scheduled)
-    approved = checked["record"]["history"][-1]
-    model_uri = f"models:/{name}/{version}"
-    log.info("rolling out %s with target %s (current champion: %s; approved by %s at %s)", model_uri,
-             cfg.rollout_target, champion, approved.get("by"), approved.get("approved_at") or approved.get("at"))
-    from ops import rollout as rollout_api
+    with serving_change(cfg):
+        model_version(c, name, version)  # a version that does not exist is a one-line error
+        require_files(c, name, version)  # its files are all in the artifact store, before anything moves
+        champion = alias_version(c, name, CHAMPION)
+        checked = check_promotable(cfg, c, version, champion, scheduled)
+        approved = checked["record"]["history"][-1]
+        model_uri = f"models:/{name}/{version}"
+        log.info("rolling out %s with target %s (current champion: %s; approved by %s at %s)", model_uri,
+                 cfg.rollout_target, champion, approved.get("by"), approved.get("approved_at") or approved.get("at"))
+        from ops import rollout as rollout_api
 
-    rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, **rollout_options(cfg))
-    # Only now, with the rollout done, the registry says so.
-    transition(cfg, c, version, "deployed", by="pipeline", note=f"rollout revision {rollout.get('revision', '')}",
-               previous_champion=champion, approved_by=approved.get("by"),
-               registering_run=checked["record"]["run_id"])
-    if champion and champion != version:
-        c.set_registered_model_alias(name, PREVIOUS, champion)
-        c.set_model_version_tag(name, version, "previous_champion_version", champion)
-    c.set_registered_model_alias(name, CHAMPION, version)
-    if alias_version(c, name, CHALLENGER) == version:
-        c.delete_registered_model_alias(name, CHALLENGER)
-    c.set_model_version_tag(name, version, "deployed_at", now_iso())
-    c.set_model_version_tag(name, version, "helm_revision", str(rollout.get("revision", "")))
-    log.info("%s version %s is champion (previous champion: %s)", name, version, champion)
-    return {"promoted": version, "previous_champion": champion, "approved_by": approved.get("by"),
-            "approved_at": approved.get("approved_at") or approved.get("at"),
-            "registering_run": checked["record"]["run_id"], "evidence": checked["evidence"], "rollout": rollout}
+        rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, **rollout_options(cfg))
+        require_champion_unchanged(c, name, champion)
+        # Only now, with the rollout done, the registry says so.
+        transition(cfg, c, version, "deployed", by="pipeline", note=f"rollout revision {rollout.get('revision', '')}",
+                   previous_champion=champion, approved_by=approved.get("by"),
+                   registering_run=checked["record"]["run_id"])
+        if champion and champion != version:
+            c.set_registered_model_alias(name, PREVIOUS, champion)
+            c.set_model_version_tag(name, version, "previous_champion_version", champion)
+        c.set_registered_model_alias(name, CHAMPION, version)
+        if alias_version(c, name, CHALLENGER) == version:
+            c.delete_registered_model_alias(name, CHALLENGER)
+        c.set_model_version_tag(name, version, "deployed_at", now_iso())
+        c.set_model_version_tag(name, version, "helm_revision", str(rollout.get("revision", "")))
+        log.info("%s version %s is champion (previous champion: %s)", name, version, champion)
+        return {"promoted": version, "previous_champion": champion, "approved_by": approved.get("by"),
+                "approved_at": approved.get("approved_at") or approved.get("at"),
+                "registering_run": checked["record"]["run_id"], "evidence": checked["evidence"], "rollout": rollout}
 
 
 def promote_newest_approved(cfg, mlflow_client=None) -> dict:

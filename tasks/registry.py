@@ -125,10 +125,12 @@ def find_existing(cfg, checkpoint_sha256: str, recipe: str, calibration_sha256: 
 
     {"status": "registered", "version": ...} when a version exists (nothing will be registered),
     {"status": "failed", "run_id": ...} when a finished run with the same calibration failed its gates
-    (the same inputs would fail again; publish new data or a new checkpoint).
+    (the same inputs would fail again; publish new data or a new checkpoint). A version whose run
+    died halfway through registering it (`abandoned_registration`) does not count.
     """
     c = mlflow_client or client(cfg)
-    versions = find_versions(cfg, c, checkpoint_sha256=checkpoint_sha256, recipe=recipe)
+    versions = [v for v in find_versions(cfg, c, checkpoint_sha256=checkpoint_sha256, recipe=recipe)
+                if abandoned_registration(c, v) is None]
     if versions:
         v = versions[0]
         return {"status": "registered", "version": v.version, "approval": v.tags.get("approval")}
@@ -145,6 +147,35 @@ def find_existing(cfg, checkpoint_sha256: str, recipe: str, calibration_sha256: 
             if runs:
                 return {"status": "failed", "run_id": runs[0].info.run_id}
     return None
+
+
+# A registering run still RUNNING after this long was killed (kill -9 leaves MLflow's status as it
+# was): longer than the GPU steps' 3 h execution timeout plus the registration itself.
+REGISTRATION_STALE_AFTER_S = 6 * 3600
+
+
+def abandoned_registration(c, mv) -> str | None:
+    """Why version `mv` is a half-registered version, or None when it is complete or still being registered.
+
+    Registration ends by writing the version's signed state record (tag `state`); a version without
+    it was never approved, so nothing can have promoted it. It is abandoned when its run is over
+    (failed, killed, or finished without it) or has been RUNNING for longer than any run lasts.
+    """
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    if mv.tags.get("state"):  # tasks.approval.STATE_TAG: the last step of registration ran
+        return None
+    try:
+        run = c.get_run(mv.run_id) if mv.run_id else None
+    except MlflowException:
+        run = None  # the run was deleted
+    running = run is not None and run.info.status == "RUNNING"
+    if running and time.time() - run.info.start_time / 1000 < REGISTRATION_STALE_AFTER_S:
+        return None
+    status = run.info.status if run is not None else "gone"
+    return f"version {mv.version} was left half-registered by run {mv.run_id} ({status}, no state record)"
 
 
 def _metric_name(name: str) -> str:
@@ -215,6 +246,10 @@ def register_candidate(
 
     with registration_lock(cfg, checkpoint_sha256, cfg.recipe):
         c = client(cfg)
+        for mv in find_versions(cfg, c, checkpoint_sha256=checkpoint_sha256, recipe=cfg.recipe):
+            if why := abandoned_registration(c, mv):
+                log.warning("%s: deleting it and registering again (never signed off, never promotable)", why)
+                c.delete_model_version(cfg.model_name, mv.version)
         existing = find_existing(cfg, checkpoint_sha256, cfg.recipe, mlflow_client=c)
         if existing and existing["status"] == "registered":
             log.info("version %s already holds checkpoint %s with recipe %s: nothing registered",
@@ -261,6 +296,9 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
     mlflow.set_experiment(EXPERIMENT)
     run = mlflow.start_run(run_name=run_name, tags={**tags, "model_name": cfg.model_name, "registration": "running"})
     run_id = run.info.run_id
+    # the version once it exists, and once its state record is written: a version that exists but
+    # is not complete is deleted again if registration stops
+    version = complete = None
     try:
         mlflow.log_params({
             "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256, "recipe": cfg.recipe,
@@ -297,13 +335,19 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
         c.update_model_version(cfg.model_name, version, description=description)
         provenance.sign_version(cfg, c, version, run_id, quantized_dir, gates_sha256)
         approval.start(cfg, c, version, run_id)
+        complete = version
         c.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
         mlflow.set_tags({"gates": label, "registration": "registered", "registered_version": version})
         mlflow.end_run()
     except BaseException:
-        # Best effort (the tracking server may be the thing that failed): the run says it failed.
+        # Best effort (the tracking server may be the thing that failed): the run says it failed,
+        # and a version it created but did not finish goes (else the next run finds and removes it).
         with contextlib.suppress(Exception):
             c.set_tag(run_id, "registration", "failed")
+        if version is not None and complete != version:
+            with contextlib.suppress(Exception):
+                c.delete_model_version(cfg.model_name, version)
+                log.warning("deleted version %s: its registration stopped before its state record", version)
         with contextlib.suppress(Exception):
             mlflow.end_run("FAILED")  # leaves this process's active-run stack even when the call fails
         raise

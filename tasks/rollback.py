@@ -9,6 +9,7 @@ and the version rolled back FROM gets rolled_back_at, rollback_reason, rolled_ba
 deployed_at) and its state record becomes rolled_back, a terminal state: it is never promoted or
 restored again. Only a version whose record is `deployed` (it was champion once and was not
 rolled back) and whose provenance verifies can be restored. A failed rollout changes nothing.
+Rollback and promote take turns (tasks.promote.serving_change).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 from onerec.errors import UserError
 from tasks.approval import StateError, read_record, transition
 from tasks.model_artifacts import model_version, require_files
-from tasks.promote import alias_version, rollout_options
+from tasks.promote import alias_version, require_champion_unchanged, rollout_options, serving_change
 from tasks.provenance import verify_version
 from tasks.registry import CHAMPION, PREVIOUS, client, now_iso
 from tasks.requantize import StepFailed
@@ -35,39 +36,41 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
     version = str(version).strip() if version is not None else None
     c = mlflow_client or client(cfg)
     name = cfg.model_name
-    current = alias_version(c, name, CHAMPION)
-    target = str(version) if version else alias_version(c, name, PREVIOUS)
-    if target is None:
-        raise UserError(f"{name} has no {PREVIOUS} alias: give the version to restore explicitly")
-    if target == current:
-        raise UserError(f"version {target} is already the champion")
-    mv = model_version(c, name, target)  # a version that does not exist is a one-line error
-    require_files(c, name, target)  # its files are all in the artifact store, before anything moves
-    record = read_record(cfg, target)
-    if record is None or record["state"] != "deployed":
-        state = record["state"] if record else "not registered by the pipeline"
-        raise StateError(f"version {target} is {state}: only a version that was deployed and not rolled back "
-                         "can be restored")
-    verify_version(cfg, c, mv)  # the same evidence promote checks
-    model_uri = f"models:/{name}/{target}"
-    log.info("rolling back %s from version %s to %s (reason: %s, by %s)", name, current, target, reason, by)
-    from ops import rollout as rollout_api
+    with serving_change(cfg):
+        current = alias_version(c, name, CHAMPION)
+        target = str(version) if version else alias_version(c, name, PREVIOUS)
+        if target is None:
+            raise UserError(f"{name} has no {PREVIOUS} alias: give the version to restore explicitly")
+        if target == current:
+            raise UserError(f"version {target} is already the champion")
+        mv = model_version(c, name, target)  # a version that does not exist is a one-line error
+        require_files(c, name, target)  # its files are all in the artifact store, before anything moves
+        record = read_record(cfg, target)
+        if record is None or record["state"] != "deployed":
+            state = record["state"] if record else "not registered by the pipeline"
+            raise StateError(f"version {target} is {state}: only a version that was deployed and not rolled back "
+                             "can be restored")
+        verify_version(cfg, c, mv)  # the same evidence promote checks
+        model_uri = f"models:/{name}/{target}"
+        log.info("rolling back %s from version %s to %s (reason: %s, by %s)", name, current, target, reason, by)
+        from ops import rollout as rollout_api
 
-    if version:  # an explicit version: deploy exactly that one
-        rollout = rollout_api.deploy(model_uri, target, target=cfg.rollout_target, **rollout_options(cfg))
-    else:  # previous-champion: the target's own rollback (helm rollback / local restart of that version)
-        rollout = rollout_api.rollback(cfg.rollout_target, model_uri, target, **rollout_options(cfg))
-    c.set_registered_model_alias(name, CHAMPION, target)
-    before = mv.tags.get("previous_champion_version")
-    if before and before not in (target, current):
-        c.set_registered_model_alias(name, PREVIOUS, before)
-    elif alias_version(c, name, PREVIOUS) is not None:
-        c.delete_registered_model_alias(name, PREVIOUS)
-    c.set_model_version_tag(name, target, "helm_revision", str(rollout.get("revision", "")))
-    if current:
-        with contextlib.suppress(StateError):  # a champion from before the state records: tags only
-            transition(cfg, c, current, "rolled_back", by=by, note=reason.strip())
-        for key, value in (("rolled_back_at", now_iso()), ("rollback_reason", reason.strip()[:500]),
-                           ("rolled_back_by", by)):
-            c.set_model_version_tag(name, current, key, value)
-    return {"champion": target, "rolled_back_from": current, "reason": reason, "by": by, "rollout": rollout}
+        if version:  # an explicit version: deploy exactly that one
+            rollout = rollout_api.deploy(model_uri, target, target=cfg.rollout_target, **rollout_options(cfg))
+        else:  # previous-champion: the target's own rollback (helm rollback / local restart of that version)
+            rollout = rollout_api.rollback(cfg.rollout_target, model_uri, target, **rollout_options(cfg))
+        require_champion_unchanged(c, name, current)
+        c.set_registered_model_alias(name, CHAMPION, target)
+        before = mv.tags.get("previous_champion_version")
+        if before and before not in (target, current):
+            c.set_registered_model_alias(name, PREVIOUS, before)
+        elif alias_version(c, name, PREVIOUS) is not None:
+            c.delete_registered_model_alias(name, PREVIOUS)
+        c.set_model_version_tag(name, target, "helm_revision", str(rollout.get("revision", "")))
+        if current:
+            with contextlib.suppress(StateError):  # a champion from before the state records: tags only
+                transition(cfg, c, current, "rolled_back", by=by, note=reason.strip())
+            for key, value in (("rolled_back_at", now_iso()), ("rollback_reason", reason.strip()[:500]),
+                               ("rolled_back_by", by)):
+                c.set_model_version_tag(name, current, key, value)
+        return {"champion": target, "rolled_back_from": current, "reason": reason, "by": by, "rollout": rollout}

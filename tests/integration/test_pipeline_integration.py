@@ -362,6 +362,8 @@ def test_failed_rollout_leaves_aliases_unchanged(stack, tiny, monkeypatch):
     v1 = run_requantize(cfg)["version"]
     approve_as_the_ui_does(stack, cfg, v1)
 
+    real_deploy = rollout.deploy
+
     def broken_deploy(*args, **kwargs):
         raise rollout.RolloutError("new pods never became ready")
 
@@ -369,9 +371,57 @@ def test_failed_rollout_leaves_aliases_unchanged(stack, tiny, monkeypatch):
     with pytest.raises(UserError, match="never became ready"):
         promote_newest_approved(cfg)
     assert alias(cfg, "champion") is None and alias(cfg, "challenger") == v1
+    from tasks.approval import read_record
     from tasks.registry import client
 
     assert "deployed_at" not in client(cfg).get_model_version(cfg.model_name, v1).tags
+
+    # a run on another host (no shared lock file) moves the champion while this rollout runs:
+    # this run moves no alias and says so
+    def deploy_while_another_host_promotes(*args, **kwargs):
+        result = real_deploy(*args, **kwargs)
+        client(cfg).set_registered_model_alias(cfg.model_name, "champion", v1)
+        return result
+
+    monkeypatch.setattr(rollout, "deploy", deploy_while_another_host_promotes)
+    with pytest.raises(UserError, match=f"champion changed from None to {v1} while this rollout ran"):
+        promote_newest_approved(cfg)
+    assert alias(cfg, "challenger") == v1 and read_record(cfg, v1)["state"] == "approved"
+    assert "deployed_at" not in client(cfg).get_model_version(cfg.model_name, v1).tags
+
+
+def test_a_registration_that_stopped_halfway_leaves_no_version_or_is_replaced(stack, tiny, monkeypatch):
+    """The tracking server fails between creating the version and signing it: the version goes.
+    When even that cleanup fails (as after kill -9), the next run deletes the unsigned version and
+    registers the checkpoint again instead of answering "already registered" forever."""
+    from mlflow import MlflowClient
+
+    from tasks import provenance
+    from tasks.requantize import run_requantize
+
+    cfg = config(stack, "halfway")
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+
+    def tracking_server_went_away(*args, **kwargs):
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(provenance, "sign_version", tracking_server_went_away)
+    with pytest.raises(ConnectionError, match="went away"):
+        run_requantize(cfg)
+    assert versions(cfg) == []  # created, then deleted again by the run that stopped
+
+    monkeypatch.setattr(MlflowClient, "delete_model_version", tracking_server_went_away)
+    with pytest.raises(ConnectionError, match="went away"):
+        run_requantize(cfg)
+    [left] = versions(cfg)
+    assert "state" not in left.tags and "provenance" not in left.tags
+    monkeypatch.undo()
+
+    result = run_requantize(cfg)
+    assert result["registered"] and result["version"] != left.version
+    [version] = versions(cfg)
+    assert version.version == result["version"] and version.tags["state"] == "pending"
+    assert alias(cfg, "challenger") == version.version
 
 
 # --- trust: only what the pipeline gated and an approver approved is deployed ------------------------

@@ -94,6 +94,31 @@ def test_registration_lock_is_exclusive_per_checkpoint_and_recipe(tmp_path):
     assert order == ["other recipe", "first done", "second"]
 
 
+def test_promote_and_rollback_take_turns_per_model(tmp_path):
+    import threading
+
+    from tasks.promote import serving_change
+
+    cfg, other = (SimpleNamespace(model_name=m, state_dir=str(tmp_path)) for m in ("m", "another-model"))
+    inside, order = threading.Event(), []
+
+    def hold():
+        with serving_change(cfg):
+            inside.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    inside.wait(5)
+    with serving_change(other):  # another model's serving: not blocked
+        order.append("other model")
+    with serving_change(cfg):
+        order.append("second")
+    holder.join()
+    assert order == ["other model", "first done", "second"]
+
+
 def test_stop_processes_skips_a_zombie_in_the_group(tmp_path):
     import psutil
 
