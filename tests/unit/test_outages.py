@@ -69,41 +69,31 @@ def test_racing_registrations_leave_the_oldest_version():
     assert sorted(registry.versions) == sorted([other, first])
 
 
-def test_registration_lock_is_exclusive_per_checkpoint_and_recipe(tmp_path):
-    import threading
-
+def _registration_locks(tmp_path):
     from tasks.registration_claim import registration_lock
 
     cfg = SimpleNamespace(model_name="m", state_dir=str(tmp_path))
-    inside, order = threading.Event(), []
-
-    def hold():
-        with registration_lock(cfg, "abc", "fp8_dynamic"):
-            inside.set()
-            time.sleep(0.3)
-            order.append("first done")
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    inside.wait(5)
-    with registration_lock(cfg, "abc", "fp8_block"):  # another recipe: not blocked
-        order.append("other recipe")
-    with registration_lock(cfg, "abc", "fp8_dynamic"):
-        order.append("second")
-    holder.join()
-    assert order == ["other recipe", "first done", "second"]
+    # the same checkpoint with another recipe is not blocked
+    return (lambda: registration_lock(cfg, "abc", "fp8_dynamic")), (lambda: registration_lock(cfg, "abc", "fp8_block"))
 
 
-def test_promote_and_rollback_take_turns_per_model(tmp_path):
-    import threading
-
+def _serving_locks(tmp_path):
     from tasks.promote import serving_change
 
     cfg, other = (SimpleNamespace(model_name=m, state_dir=str(tmp_path)) for m in ("m", "another-model"))
+    # promote and rollback of one model take turns; another model's serving is not blocked
+    return (lambda: serving_change(cfg)), (lambda: serving_change(other))
+
+
+@pytest.mark.parametrize("locks", [_registration_locks, _serving_locks], ids=["registration", "serving"])
+def test_host_locks_are_exclusive_per_key(tmp_path, locks):
+    import threading
+
+    same, other = locks(tmp_path)
     inside, order = threading.Event(), []
 
     def hold():
-        with serving_change(cfg):
+        with same():
             inside.set()
             time.sleep(0.3)
             order.append("first done")
@@ -111,12 +101,12 @@ def test_promote_and_rollback_take_turns_per_model(tmp_path):
     holder = threading.Thread(target=hold)
     holder.start()
     inside.wait(5)
-    with serving_change(other):  # another model's serving: not blocked
-        order.append("other model")
-    with serving_change(cfg):
+    with other():
+        order.append("other key")
+    with same():
         order.append("second")
     holder.join()
-    assert order == ["other model", "first done", "second"]
+    assert order == ["other key", "first done", "second"]
 
 
 def test_stop_processes_skips_a_zombie_in_the_group(tmp_path):
