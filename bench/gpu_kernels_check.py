@@ -10,7 +10,10 @@
 - FP8 context attention (`onerec/kernels/fp8_attention.py`, `triton_fp8_attention.py`) on the 1b shapes (14 heads x 128,
   context 3000 + user token, beam 512 queries per user): against the FP8 torch reference and exact
   attention, then median times against bf16 SDPA as the engine calls it (default and flash), and
-  for 1/2/4/8 key splits.
+  for 1/2/4/8 key splits;
+- where FP8 GEMMs pay (the one-user path): each Linear shape of the 1b model at the row counts of
+  1, 8 and 32 users (decode: users x beams, context: users x 3001), bf16 against the FP8 GEMM
+  alone and with its row-quantization pass, all as CUDA-graph replays.
 
 Errors are ||out - ref|| / ||ref||; NaN never passes; the allocator is filled with NaN before each
 checked run, so an unwritten output element shows as NaN. Each item runs in its own try/except;
@@ -292,6 +295,47 @@ def time_attention(users: int, heads: int, d_head: int, context: int, beams: int
 
 
 # ---------------------------------------------------------------------------------------------
+# Where FP8 GEMMs pay: each Linear shape of the dense model, bf16 against FP8 (the GEMM alone, and
+# with the row quantization a norm or SiLU*mul kernel otherwise does in its own pass), per row count
+
+
+def time_gemm_shapes(preset: str, rows_list: list[int]) -> dict:
+    from onerec import kernels
+    from onerec.model import OneRecV2
+    from onerec.quant.fp8 import quantize_per_channel, scaled_mm_rowwise
+
+    with torch.device("meta"):
+        model = OneRecV2(OneRecV2Config.from_preset(preset))
+    shapes = {name.removeprefix("blocks.0."): (m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and name.startswith(("context.", "blocks.0."))}
+    if {"ffn.w1", "ffn.w3"} <= shapes.keys():  # the engine runs w1|w3 as one GEMM
+        K, N = shapes.pop("ffn.w1")
+        shapes["ffn.w13"] = (K, N + shapes.pop("ffn.w3")[1])
+    kernel = "triton" if DEVICE == "cuda" else "torch"
+    out = {"rows": rows_list}
+    for name, (K, N) in shapes.items():
+        w = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16) * 0.02
+        w8, ws = quantize_per_channel(w)
+        for M in rows_list:
+            x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
+            xq = kernels.quantize_rows(x, kernel=kernel)
+            t_bf16 = bench(lambda x=x, w=w: torch.nn.functional.linear(x, w), graph=True)
+            t_fp8 = bench(lambda xq=xq, w8=w8, ws=ws: scaled_mm_rowwise(xq.data, xq.scale, w8, ws), graph=True)
+
+            def quantize_and_gemm(x=x, w8=w8, ws=ws):
+                q = kernels.quantize_rows(x, kernel=kernel)
+                return scaled_mm_rowwise(q.data, q.scale, w8, ws)
+
+            t_both = bench(quantize_and_gemm, graph=True)
+            out[f"{name}_{K}x{N}_M{M}"] = {
+                "bf16_ms": t_bf16, "fp8_gemm_ms": t_fp8, "fp8_with_quantize_ms": t_both,
+                "bf16_tflops": 2 * M * N * K / t_bf16 / 1e9, "fp8_tflops": 2 * M * N * K / t_fp8 / 1e9,
+                "fp8_gemm_speedup": t_bf16 / t_fp8, "fp8_with_quantize_speedup": t_bf16 / t_both,
+            }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def table(results: dict) -> str:
@@ -301,6 +345,11 @@ def table(results: dict) -> str:
             continue
         if "error" in r:
             lines.append(f"| {name} | ERROR {r['error'][:120]} |")
+            continue
+        if any(isinstance(v, dict) and "fp8_gemm_speedup" in v for v in r.values()):  # gemm_shapes
+            lines.append(f"| {name} (FP8 speedup: GEMM alone / with quantize) | " + ", ".join(
+                f"{k}={v['fp8_gemm_speedup']:.2f}/{v['fp8_with_quantize_speedup']:.2f}"
+                for k, v in r.items() if isinstance(v, dict)) + " |")
             continue
         keys = [k for k, v in r.items() if isinstance(v, (int, float, bool, str)) and k != "command"]
         lines.append(f"| {name} | " + ", ".join(
@@ -372,6 +421,9 @@ def main() -> None:
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
+    # decode GEMMs have users x beams rows, the context projection users x (context + 1)
+    gemm_rows = [512, 3001, 4096, 16384, 24008] if DEVICE == "cuda" else [16, 51]
+    run(results, "gemm_shapes", lambda: time_gemm_shapes(attention_preset, gemm_rows))
     cfg = OneRecV2Config.from_preset(attention_preset)
     heads, d_head, context = cfg.n_heads, cfg.d_head, cfg.context_len + 1  # + the user token
     run(results, "attention_check", lambda: check_attention(heads, d_head, context, beams))

@@ -119,13 +119,19 @@ def find_versions(cfg, mlflow_client=None, **tags: str) -> list:
     return sorted(versions, key=lambda v: int(v.version), reverse=True)
 
 
+# gate verdicts that depend only on the inputs (checkpoint, recipe, calibration data): not re-run
+REMEMBERED_VERDICTS = ("failed", "inconclusive")
+
+
 def find_existing(cfg, checkpoint_sha256: str, recipe: str, calibration_sha256: str | None = None,
                   mlflow_client=None) -> dict | None:
     """What an earlier run already did for this checkpoint + recipe, or None.
 
     {"status": "registered", "version": ...} when a version exists (nothing will be registered),
-    {"status": "failed", "run_id": ...} when a finished run with the same calibration failed its gates
-    (the same inputs would fail again; publish new data or a new checkpoint). A version whose run
+    {"status": "failed" | "inconclusive", "run_id": ...} when a finished run with the same calibration
+    got that verdict from its gates: the same inputs would get it again (publish new data, more of
+    it, or a new checkpoint). A latency gate that could not measure (`unmeasured`: the run landed
+    where there is no FP8 GPU) is not remembered: the next run tries again. A version whose run
     died halfway through registering it (`abandoned_registration`) does not count.
     """
     c = mlflow_client or client(cfg)
@@ -137,15 +143,13 @@ def find_existing(cfg, checkpoint_sha256: str, recipe: str, calibration_sha256: 
     if calibration_sha256:
         exp = c.get_experiment_by_name(EXPERIMENT)
         if exp is not None:
-            runs = c.search_runs(
-                [exp.experiment_id],
-                f"tags.checkpoint_sha256 = {_quote(checkpoint_sha256)} and tags.recipe = {_quote(recipe)} and "
-                f"tags.calibration_sha256 = {_quote(calibration_sha256)} and tags.gates = 'failed' and "
-                f"tags.model_name = {_quote(cfg.model_name)}",
-                max_results=1,
-            )
-            if runs:
-                return {"status": "failed", "run_id": runs[0].info.run_id}
+            same_inputs = (f"tags.checkpoint_sha256 = {_quote(checkpoint_sha256)} and tags.recipe = {_quote(recipe)} "
+                           f"and tags.calibration_sha256 = {_quote(calibration_sha256)} and "
+                           f"tags.model_name = {_quote(cfg.model_name)}")
+            for verdict in REMEMBERED_VERDICTS:
+                runs = c.search_runs([exp.experiment_id], f"{same_inputs} and tags.gates = '{verdict}'", max_results=1)
+                if runs:
+                    return {"status": verdict, "run_id": runs[0].info.run_id}
     return None
 
 
@@ -218,7 +222,8 @@ def gates_passed(gates: dict, latency_gate_blocking: bool) -> bool:
 
 
 def gates_outcome(gates: dict, latency_gate_blocking: bool) -> tuple[str, str]:
-    """(passed | failed | inconclusive, why): an inconclusive quality gate is not a pass either."""
+    """(passed | failed | inconclusive | unmeasured, why): an inconclusive quality gate is not a pass
+    either; `unmeasured` is a blocking latency gate that could not measure (no FP8 GPU where it ran)."""
     if gates_passed(gates, latency_gate_blocking):
         return "passed", "gates passed"
     quality, latency = gates.get("quality", {}), gates.get("latency", {})
@@ -227,7 +232,7 @@ def gates_outcome(gates: dict, latency_gate_blocking: bool) -> tuple[str, str]:
     if not quality.get("passed", False):
         return "failed", "quality gate failed" + (f": {quality['reason']}" if quality.get("reason") else "")
     if latency.get("measurable", True) is False:
-        return "failed", f"latency gate could not measure ({latency.get('reason', 'unknown')}) and blocks"
+        return "unmeasured", f"latency gate could not measure ({latency.get('reason', 'unknown')}) and blocks"
     return "failed", "latency gate failed"
 
 
@@ -287,7 +292,7 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
 
     outcome, reason = gates_outcome(gates, cfg.latency_gate_blocking)
     passed = outcome == "passed"
-    label = gates_label(gates) if passed else outcome  # passed | passed-latency-unmeasured | failed | inconclusive
+    label = gates_label(gates) if passed else outcome  # passed | passed-latency-unmeasured | failed | inconclusive | unmeasured
     tags = {
         "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256,
         "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
@@ -310,7 +315,7 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
         _, gates_sha256 = provenance.write_gates_report(gates, report_dir)
         mlflow.log_artifacts(report_dir, "reports")
         if not passed:
-            # gates: failed | inconclusive (an inconclusive quality gate is not a pass either)
+            # gates: failed | inconclusive | unmeasured (none of them is a pass)
             mlflow.set_tags({"gates": outcome, "registration": "gates_failed", "reason": reason[:5000]})
             mlflow.end_run()
             log.warning("%s: run %s logged with its reports, no model version", reason, run_id)

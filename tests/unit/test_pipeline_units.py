@@ -234,7 +234,7 @@ def test_an_inconclusive_quality_gate_registers_nothing_and_says_why(monkeypatch
     failed = {"quality": {"passed": False, "verdict": "failed", "reason": "failed topk_overlap: ..."}, "latency": latency}
     assert gates_outcome(failed, False) == ("failed", "quality gate failed: failed topk_overlap: ...")
     unmeasured = {"quality": {"passed": True, "verdict": "passed"}, "latency": {"measurable": False, "reason": "no GPU"}}
-    assert gates_outcome(unmeasured, True) == ("failed", "latency gate could not measure (no GPU) and blocks")
+    assert gates_outcome(unmeasured, True) == ("unmeasured", "latency gate could not measure (no GPU) and blocks")
     assert gates_outcome({"quality": {"passed": True, "verdict": "passed"}, "latency": latency}, False)[0] == "passed"
     # the interval bounds become run metrics
     assert gate_metrics(gates)["quality.intervals.recall_at_10.low"] == -0.091
@@ -280,6 +280,18 @@ def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path,
     assert run.data.metrics["quality.users_needed"] == 900
     assert {a.path for a in c.list_artifacts(run.info.run_id, "reports")} >= {"reports/quality_gate.json"}
     assert c.search_model_versions(f"name='{cfg.model_name}'") == []
+    # the same inputs are not gated again; a latency gate that could not measure is retried
+    from tasks.registry import find_existing
+
+    existing = find_existing(cfg, "a" * 64, "fp8_dynamic", "b" * 64)
+    assert existing == {"status": "inconclusive", "run_id": result["run_id"]}
+    cfg = PipelineConfig.from_env({}, {"mlflow_tracking_uri": uri, "state_dir": str(tmp_path),
+                                       "latency_gate_blocking": True})
+    unmeasured = register_step(cfg, {**fetched, "checkpoint_sha256": "c" * 64}, quantized,
+                               {"passed": True, "verdict": "passed"}, {"measurable": False, "reason": "no GPU"},
+                               {"passed": True, "rows": 10})
+    assert unmeasured["registered"] is False and unmeasured["gates"] == "unmeasured"
+    assert find_existing(cfg, "c" * 64, "fp8_dynamic", "b" * 64) is None
 
 
 def test_gate_metrics_flatten_every_number():
