@@ -11,6 +11,7 @@ DIR` runs `trained_overlap` on an existing folder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -26,13 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 log = logging.getLogger(__name__)
 
 
-def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size: int = 256, device=None) -> dict:
+def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size: int = 256, device=None,
+                    moe_kernel: str | None = None) -> dict:
     """FP8 vs bf16 top-k overlap on a trained checkpoint's real validation histories.
 
     `folder` holds ckpt/ (onerec-fp8 train), quantized/ (onerec-fp8 quantize) and data/ (its data
-    folder). Compares the FP8 engine on the quantized model with the bf16 engine and with the plain
-    bf16 search, and the plain search on the quantized model (what the quality gate runs) with
-    plain bf16; also recall@k of each against the validation targets.
+    folder). Compares the FP8 engine on the quantized model, without and with FP8 attention over
+    the context (the recipe option attention="fp8"), with the bf16 engine and with the plain bf16
+    search, and the plain search on the quantized model (what the quality gate runs) with plain
+    bf16; also recall@k of each against the validation targets and, for the FP8 engines, the
+    quality gate's paired interval of the relative recall@k change against the bf16 engine and its
+    non-inferiority verdict at the gate's default margin. `moe_kernel`: the engines' MoE op
+    (EngineConfig.moe_kernel; None: the model's MoE module).
     """
     import numpy as np
     import torch
@@ -41,9 +47,11 @@ def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size
     from onerec.checkpoint import load_model_folder
     from onerec.data import iter_batches, load_dataset, split_leave_last_out
     from onerec.engine.engine import Engine, EngineConfig
-    from onerec.evaluate import ranking_metrics
+    from onerec.evaluate import per_user_metrics, ranking_metrics
     from onerec.generate import beam_search
     from onerec.quant.export import recipe_name
+    from onerec.quant.gate_stats import non_inferiority, paired_relative_change
+    from onerec.quant.quality_gate import QualityGateConfig
     from onerec.semantic_ids import SemanticIdIndex
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -55,10 +63,11 @@ def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size
     index = SemanticIdIndex.build(table, cfg.codebook_size).to(device)
     out: dict = {"model": f"d_model {cfg.d_model}, {cfg.n_layers} blocks, codebook {cfg.codebook_size}, "
                           f"context {cfg.context_len}, {len(table)} items",
-                 "users": len(requests), "k": k, "recipe": recipe_name(recipe) or "?", "by_beam": {}}
+                 "users": len(requests), "k": k, "recipe": recipe_name(recipe) or "?", "moe_kernel": moe_kernel,
+                 "recall_margin": QualityGateConfig().max_relative_recall_drop, "by_beam": {}}
     for beam in beam_sizes:
         # graphs off: the histories' lengths vary by batch; graphs do not change the numerics
-        engine_cfg = EngineConfig(beam_size=beam, k=k, cuda_graphs=False)
+        engine_cfg = EngineConfig(beam_size=beam, k=k, cuda_graphs=False, moe_kernel=moe_kernel)
         runs = {
             "bf16-eager": lambda b, beam=beam: beam_search(model, b.history_sids, b.history_mask, index, b.profile,
                                                             beam_size=beam, k=k),
@@ -66,6 +75,7 @@ def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size
                                                            beam_size=beam, k=k),
             "bf16-engine": Engine(model, index, engine_cfg).recommend,
             "fp8-engine": Engine(qmodel, index, engine_cfg).recommend,
+            "fp8-engine-fp8-attention": Engine(qmodel, index, dataclasses.replace(engine_cfg, attention="fp8")).recommend,
         }
         items = {name: [] for name in runs}
         for batch in iter_batches(requests, table, cfg.context_len, cfg.profile_features, batch_size,
@@ -80,9 +90,18 @@ def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size
             "overlap_fp8_engine_vs_bf16_eager": overlap(items["fp8-engine"], items["bf16-eager"]),
             "overlap_bf16_engine_vs_bf16_eager": overlap(items["bf16-engine"], items["bf16-eager"]),
             "overlap_fp8_eager_vs_bf16_eager": overlap(items["fp8-eager"], items["bf16-eager"]),
+            "overlap_fp8_attention_engine_vs_bf16_engine": overlap(items["fp8-engine-fp8-attention"],
+                                                                   items["bf16-engine"]),
+            "overlap_fp8_attention_engine_vs_fp8_engine": overlap(items["fp8-engine-fp8-attention"],
+                                                                  items["fp8-engine"]),
         }
         for name, v in items.items():
             row[f"recall@{k}_{name}"] = ranking_metrics(v.numpy(), targets, k)[f"recall@{k}"]
+        bf16_hits = per_user_metrics(items["bf16-engine"].numpy(), targets, k)[0]
+        for name in ("fp8-engine", "fp8-engine-fp8-attention"):
+            interval = paired_relative_change(bf16_hits, per_user_metrics(items[name].numpy(), targets, k)[0])
+            row[f"recall@{k}_change_{name}_vs_bf16_engine"] = {
+                **interval, "verdict": non_inferiority(interval, out["recall_margin"])}
         out["by_beam"][str(beam)] = row
         log.info("trained checkpoint, beam %d: %s", beam, row)
     for key in next(iter(out["by_beam"].values()), {}):
@@ -99,6 +118,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--beams", default="64,256")
     parser.add_argument("--device", default="cuda", help="cpu only to try the script on small sizes")
+    parser.add_argument("--moe-kernel", default=None, choices=["torch", "triton"],
+                        help="the engines' MoE op (MoE presets; default: the model's MoE module)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -117,7 +138,8 @@ def main() -> int:
     split = split_leave_last_out(load_dataset(work / "data"), max_history=cfg.context_len)
     calibration_requests(split, n=512, seed=0).to_parquet(work / "calibration.parquet", index=False)
     quantized = quantize_folder(work / "ckpt", work / "calibration.parquet", "fp8_dynamic", work / "quantized")
-    overlap = trained_overlap(work, [int(b) for b in args.beams.split(",")], k=10, device=args.device)
+    overlap = trained_overlap(work, [int(b) for b in args.beams.split(",")], k=10, device=args.device,
+                              moe_kernel=args.moe_kernel)
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
