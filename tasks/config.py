@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onerec.engine.latency_gate import LatencyGateConfig
+from onerec.errors import UserError
 from onerec.quant.quality_gate import QualityGateConfig
 from onerec.settings import AIRFLOW_VARIABLE, Settings
 
@@ -49,11 +50,23 @@ class PipelineConfig(Settings):
     mlflow_approvers: str = "approver"  # MLflow accounts whose approval counts (comma-separated)
     # on-call notifications of failed DAG runs (tasks.notify)
     alert_smtp: str = ""  # host:port of the mail relay; the local stack sets its mail sink
+    alert_smtp_starttls: bool = False  # upgrade to TLS (certificate verified) before anything is sent
+    alert_smtp_ca_file: str = ""  # CA bundle of a relay with a private CA; empty: the system's
+    alert_smtp_user: str = ""  # log in as this user (needs STARTTLS: never a password in clear)
+    alert_smtp_password_file: str = ""  # the password, a 0600 file (Kubernetes: a mounted Secret)
     alert_email: str = "onerec-oncall@localhost"
     alert_from: str = "onerec-fp8-pipeline@localhost"
     alert_webhook_url: str = ""  # a JSON {"text"} webhook (chat, incident tool); empty: none
     # the provenance signing key: path of a 0600 file (Kubernetes: a mounted Secret), never the value
     provenance_key_file: str | None = None  # None: <state_dir>/secrets/provenance.key
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alert_smtp_user and not self.alert_smtp_starttls:
+            raise UserError("alert_smtp_user needs alert_smtp_starttls: the SMTP password would cross the network "
+                            "in clear (ONEREC_ALERT_SMTP_STARTTLS=true)")
+        if self.alert_smtp_user and not self.alert_smtp_password_file:
+            raise UserError("alert_smtp_user needs alert_smtp_password_file (a 0600 file with the password)")
 
     @property
     def accepted_profile_uri(self) -> str:

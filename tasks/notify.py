@@ -1,6 +1,12 @@
 """On-call notifications: a failed DAG run becomes a mail (SMTP) and, optionally, a webhook post.
 
     alert_smtp         host:port of the mail relay (the local stack: its mail sink); empty: no mail
+    alert_smtp_starttls, alert_smtp_ca_file
+                       STARTTLS with the relay's certificate verified (against the system's CAs or
+                       this bundle) before anything is sent; a relay that cannot is not mailed
+    alert_smtp_user, alert_smtp_password_file
+                       log in after STARTTLS (the config refuses a login without it); the password
+                       is read from a 0600 file when mailing, never logged
     alert_email        who gets it
     alert_webhook_url  a chat/incident webhook that accepts a JSON {"text": ...} POST; empty: none
 
@@ -25,15 +31,13 @@ def send_failure(subject: str, body: str, cfg=None) -> dict:
         import smtplib
         from email.message import EmailMessage
 
-        host, _, port = cfg.alert_smtp.rpartition(":")
         message = EmailMessage()
         message["Subject"], message["From"], message["To"] = subject, cfg.alert_from, cfg.alert_email
         message.set_content(body)
         try:
-            with smtplib.SMTP(host, int(port), timeout=15) as smtp:
-                smtp.send_message(message)
+            send_mail(cfg, message)
             sent["smtp"] = "sent"
-        except (OSError, smtplib.SMTPException, ValueError) as exc:
+        except (OSError, smtplib.SMTPException, ValueError) as exc:  # ssl.SSLError is an OSError
             sent["smtp"] = f"failed: {exc}"
     if cfg.alert_webhook_url:
         import httpx
@@ -48,3 +52,20 @@ def send_failure(subject: str, body: str, cfg=None) -> dict:
     if not sent:
         log.warning("no notification channel configured (alert_smtp, alert_webhook_url): %s", subject)
     return sent
+
+
+def send_mail(cfg, message) -> None:
+    """`message` through the configured relay: STARTTLS and login when configured (module doc)."""
+    import smtplib
+    import ssl
+    from pathlib import Path
+
+    host, _, port = cfg.alert_smtp.rpartition(":")
+    with smtplib.SMTP(host, int(port), timeout=15) as smtp:
+        if cfg.alert_smtp_starttls:
+            smtp.starttls(context=ssl.create_default_context(cafile=cfg.alert_smtp_ca_file or None))
+        if cfg.alert_smtp_user:
+            from ops.mlflow_auth import read_private
+
+            smtp.login(cfg.alert_smtp_user, read_private(Path(cfg.alert_smtp_password_file), "SMTP password", 1))
+        smtp.send_message(message)
