@@ -32,47 +32,28 @@ CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
 PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 
 
-_SERVICE_ACCOUNT: dict = {}  # the Authorization header MLflow requests of this process carry
-
-
 def use_service_account(cfg) -> None:
     """Sign this process's MLflow requests in as the pipeline's service account.
 
     MLflow's client takes credentials from MLFLOW_TRACKING_USERNAME/PASSWORD (set in Kubernetes
     from a Secret: then nothing is done here). Otherwise the account comes from its 0600 file
-    (Settings.mlflow_credentials) through a request-header provider, so os.environ stays untouched
-    and child processes get the account explicitly (Settings.subprocess_env).
+    (Settings.mlflow_credentials) through a request-header provider (tasks/mlflow_headers.py, an
+    MLflow plugin), so os.environ stays untouched and child processes get the account explicitly
+    (Settings.subprocess_env).
     """
     import base64
     import os
+
+    from tasks.mlflow_headers import SERVICE_ACCOUNT
 
     if os.environ.get("MLFLOW_TRACKING_USERNAME"):
         return
     creds = cfg.mlflow_credentials()
     if creds is None:
-        _SERVICE_ACCOUNT.clear()  # an MLflow without authentication (or credentials from elsewhere)
+        SERVICE_ACCOUNT.clear()  # an MLflow without authentication (or credentials from elsewhere)
         return
-    if not _SERVICE_ACCOUNT:
-        _register_header_provider()
     basic = base64.b64encode(f"{creds['username']}:{creds['password']}".encode()).decode()
-    _SERVICE_ACCOUNT["Authorization"] = f"Basic {basic}"
-
-
-def _register_header_provider() -> None:
-    from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
-    from mlflow.tracking.request_header.registry import _request_header_provider_registry
-
-    if any(type(p).__name__ == "ServiceAccountHeaders" for p in _request_header_provider_registry):
-        return
-
-    class ServiceAccountHeaders(RequestHeaderProvider):
-        def in_context(self) -> bool:
-            return bool(_SERVICE_ACCOUNT)
-
-        def request_headers(self) -> dict:
-            return dict(_SERVICE_ACCOUNT)
-
-    _request_header_provider_registry.register(ServiceAccountHeaders)
+    SERVICE_ACCOUNT["Authorization"] = f"Basic {basic}"
 
 
 def use_tracking_server(cfg) -> str:

@@ -98,7 +98,8 @@ def test_the_mlflow_account_reaches_children_and_requests_without_the_environmen
     from mlflow.tracking.request_header.registry import resolve_request_headers
 
     from tasks.config import PipelineConfig
-    from tasks.registry import _SERVICE_ACCOUNT, use_service_account
+    from tasks.mlflow_headers import SERVICE_ACCOUNT
+    from tasks.registry import use_service_account
 
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
@@ -115,7 +116,7 @@ def test_the_mlflow_account_reaches_children_and_requests_without_the_environmen
         assert dict(os.environ) == before
         assert resolve_request_headers()["Authorization"] == "Basic " + base64.b64encode(b"svc:pw").decode()
     finally:
-        _SERVICE_ACCOUNT.clear()
+        SERVICE_ACCOUNT.clear()
     assert "Authorization" not in resolve_request_headers()
     (secrets / "mlflow-service.json").write_text("not json")
     with pytest.raises(UserError, match="username and password"):
