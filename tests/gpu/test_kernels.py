@@ -114,42 +114,57 @@ def test_cached_self_attention(users, K1, K2, H, dh, t, gen, triton_ops):
     assert rel(got.cpu(), ref) < 1e-2
 
 
+def random_cuda_setup(preset: str, std: float, n_items: int, history: int, padded: int):
+    """A random bf16 model of `preset` on CUDA (2-D weights ~ N(0, std): well-separated scores), its
+    item index, and 8 users' histories of `history` items (the second user's first `padded` masked)."""
+    import numpy as np
+
+    from onerec.model import OneRecV2, OneRecV2Config
+    from onerec.semantic_ids import SemanticIdIndex
+
+    torch.manual_seed(0)
+    cfg = OneRecV2Config.from_preset(preset)
+    model = OneRecV2(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, std)
+        model.bos.normal_(0, 0.3)
+        model.context.user_token.normal_(0, 0.3)
+    model = model.to("cuda", torch.bfloat16).eval()
+    rng = np.random.default_rng(0)
+    table = np.unique(rng.integers(0, cfg.codebook_size, (n_items, 3)), axis=0).astype(np.int32)
+    index = SemanticIdIndex.build(table, cfg.codebook_size).to("cuda")
+    sids = torch.from_numpy(table[rng.integers(0, len(table), (8, history))].astype(np.int64)).cuda()
+    mask = torch.ones(8, history, dtype=torch.bool, device="cuda")  # a batch bucket: no padding rows
+    mask[1, :padded] = False
+    return model, index, sids, mask
+
+
+def eager_run_equal_to_graph_replays(model, index, config, sids, mask):
+    """The engine's eager result, after asserting that its first and second graph replays equal it."""
+    from onerec.engine.engine import Engine, EngineConfig
+
+    eager = Engine(model, index, EngineConfig(**{**config.__dict__, "cuda_graphs": False})).recommend(sids, mask)
+    graphs = Engine(model, index, config)
+    first, again = graphs.recommend(sids, mask), graphs.recommend(sids, mask)
+    assert torch.equal(first.items, eager.items) and torch.equal(again.items, eager.items)
+    return eager
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_engine_on_cuda_matches_the_plain_search(fp8):
     """Triton kernels and CUDA graphs in the engine: replays equal the eager run, and the top-k is
     (nearly) the plain search's with torch ops on the same weights (FP8: quantized the same way)."""
     import copy
 
-    import numpy as np
-
-    from onerec.engine.engine import Engine, EngineConfig
+    from onerec.engine.engine import EngineConfig
     from onerec.evaluate import topk_overlap
     from onerec.generate import beam_search
-    from onerec.model import OneRecV2, OneRecV2Config
     from onerec.quant.recipes import quantize
-    from onerec.semantic_ids import SemanticIdIndex
 
-    torch.manual_seed(0)
-    cfg = OneRecV2Config.from_preset("small")
-    model = OneRecV2(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-        model.bos.normal_(0, 0.3)
-        model.context.user_token.normal_(0, 0.3)
-    model = model.to("cuda", torch.bfloat16).eval()
-    rng = np.random.default_rng(0)
-    table = np.unique(rng.integers(0, cfg.codebook_size, (3000, 3)), axis=0).astype(np.int32)
-    index = SemanticIdIndex.build(table, cfg.codebook_size).to("cuda")
-    sids = torch.from_numpy(table[rng.integers(0, len(table), (8, 150))].astype(np.int64)).cuda()
-    mask = torch.ones(8, 150, dtype=torch.bool, device="cuda")  # a batch bucket: no padding rows
-    mask[1, :40] = False
-    config = EngineConfig(beam_size=64, k=10, fp8=fp8)
-    eager = Engine(model, index, EngineConfig(**{**config.__dict__, "cuda_graphs": False})).recommend(sids, mask)
-    graphs = Engine(model, index, config)
-    first, again = graphs.recommend(sids, mask), graphs.recommend(sids, mask)
-    assert torch.equal(first.items, eager.items) and torch.equal(again.items, eager.items)
+    model, index, sids, mask = random_cuda_setup("small", std=0.1, n_items=3000, history=150, padded=40)
+    eager = eager_run_equal_to_graph_replays(model, index, EngineConfig(beam_size=64, k=10, fp8=fp8), sids, mask)
     reference_model = model
     if fp8:  # the plain search on the model quantized with the same recipe (fp8_dynamic)
         reference_model = copy.deepcopy(model)

@@ -9,10 +9,10 @@ order), so their bounds are the reference's bf16 rounding, not zero.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_kernels import eager_run_equal_to_graph_replays, random_cuda_setup
 
 from onerec.kernels import fp8_attention as ak
 from onerec.kernels import fused_moe as mk
@@ -131,33 +131,13 @@ def test_fp8_context_attention_kernel_is_captured_by_a_cuda_graph():
 def test_engine_with_the_new_kernels_replays_its_graphs_exactly(moe_kernel, attention, fp8):
     """The whole MoE step and FP8 attention inside the CUDA graphs: replays equal the eager run,
     and the top-k stays close to the plain search (bf16, torch ops) on the same weights."""
-    from onerec.engine.engine import Engine, EngineConfig
+    from onerec.engine.engine import EngineConfig
     from onerec.evaluate import topk_overlap
     from onerec.generate import beam_search
-    from onerec.model import OneRecV2, OneRecV2Config
-    from onerec.semantic_ids import SemanticIdIndex
 
-    torch.manual_seed(0)
-    cfg = OneRecV2Config.from_preset("tiny-moe")
-    model = OneRecV2(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-        model.bos.normal_(0, 0.3)
-        model.context.user_token.normal_(0, 0.3)
-    model = model.to("cuda", torch.bfloat16).eval()
-    rng = np.random.default_rng(0)
-    table = np.unique(rng.integers(0, cfg.codebook_size, (600, 3)), axis=0).astype(np.int32)
-    index = SemanticIdIndex.build(table, cfg.codebook_size).to("cuda")
-    sids = torch.from_numpy(table[rng.integers(0, len(table), (8, 40))].astype(np.int64)).cuda()
-    mask = torch.ones(8, 40, dtype=torch.bool, device="cuda")
-    mask[1, :15] = False
+    model, index, sids, mask = random_cuda_setup("tiny-moe", std=0.3, n_items=600, history=40, padded=15)
     config = EngineConfig(beam_size=16, k=10, fp8=fp8, moe_kernel=moe_kernel, attention=attention)
-    eager = Engine(model, index, EngineConfig(**{**config.__dict__, "cuda_graphs": False})).recommend(sids, mask)
-    graphs = Engine(model, index, config)
-    first, again = graphs.recommend(sids, mask), graphs.recommend(sids, mask)
-    assert torch.equal(first.items, eager.items) and torch.equal(again.items, eager.items)
+    eager = eager_run_equal_to_graph_replays(model, index, config, sids, mask)
     plain = beam_search(model, sids, mask, index, beam_size=16, k=10)
     # random weights: near-ties make FP8 overlaps low (0.7-0.9 on CPU); trained models are the gate's
     assert topk_overlap(eager.items.cpu().numpy(), plain.items.cpu().numpy(), 10) >= (0.6 if fp8 or attention == "fp8"
