@@ -150,7 +150,9 @@ def abandoned_registration(c, mv) -> str | None:
 
     from mlflow.exceptions import MlflowException
 
-    if mv.tags.get("state"):  # tasks.approval.STATE_TAG: the last step of registration ran
+    from tasks.approval import STATE_TAG
+
+    if mv.tags.get(STATE_TAG):  # the last step of registration ran
         return None
     try:
         run = c.get_run(mv.run_id) if mv.run_id else None
