@@ -76,12 +76,25 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
+# history-length mixes (--history-mix): "short" uniform in 10..60 items; "mixed" log-uniform in
+# 1..3000 (most histories short, a long tail up to the 1b context: real feeds look like this)
+HISTORY_MIXES = ("short", "mixed")
+
+
+def history_length(args, rng: np.random.Generator) -> int:
+    if args.history_mix == "short":
+        return int(rng.integers(10, 61))
+    if args.history_mix == "mixed":
+        return int(min(3000, np.exp(rng.uniform(0, np.log(3001)))))
+    return int(rng.integers(max(1, args.history_len // 2), args.history_len + 1))
+
+
 def make_bodies(n: int, args, known: np.ndarray | None, rng: np.random.Generator) -> list[bytes]:
     bodies = []
     for _ in range(n):
         users = []
         for _ in range(args.users_per_request):
-            length = int(rng.integers(max(1, args.history_len // 2), args.history_len + 1))
+            length = history_length(args, rng)
             ids = rng.choice(known, size=length) if known is not None else rng.integers(0, args.max_item_id, size=length)
             users.append({"history": [int(i) for i in ids]})
         bodies.append(json.dumps({"users": users, "k": args.k, "beam": args.beam}).encode())
@@ -153,6 +166,21 @@ async def run_level(
         "_latencies_ms": lat_ms.tolist(),
         "_rss": rss,
     }
+
+
+def engine_counters(url: str) -> dict:
+    """The server's engine counters (onerec.serve.app.EngineCollector): eager fallbacks, graph
+    captures after ready, history positions real and padding."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        for key, name in (("onerec_eager_fallbacks_total", "eager_fallbacks"),
+                          ("onerec_graph_captures_after_ready_total", "captures_after_ready"),
+                          ('onerec_history_positions_total{kind="real"}', "real_positions"),
+                          ('onerec_history_positions_total{kind="padding"}', "padding_positions")):
+            if line.startswith(key + " "):
+                out[name] = float(line.split()[-1])
+    return out
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -234,7 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--duration", type=float, default=20.0, help="most seconds per level")
     parser.add_argument("--warmup", type=int, default=10, help="requests before measuring")
     parser.add_argument("--users-per-request", type=int, default=1)
-    parser.add_argument("--history-len", type=int, default=50)
+    parser.add_argument("--history-len", type=int, default=50, help="histories of len/2..len items")
+    parser.add_argument("--history-mix", choices=HISTORY_MIXES, default=None,
+                        help="instead of --history-len: short (10..60) or mixed (log-uniform 1..3000)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--beam", type=int, default=128)
     parser.add_argument("--items-from", help="model folder whose known item ids make the histories")
@@ -269,9 +299,12 @@ def main(argv: list[str] | None = None) -> dict:
         levels = []
         for concurrency in levels_wanted:
             s0, c0 = batch_stats(url)
+            e0 = engine_counters(url)
             level = asyncio.run(run_level(url, bodies, concurrency, args.requests, args.duration, pid))
             s1, c1 = batch_stats(url)
+            e1 = engine_counters(url)
             level["mean_users_per_batch"] = round((s1 - s0) / (c1 - c0), 2) if c1 > c0 else None
+            level["engine"] = {k: e1[k] - e0.get(k, 0) for k in e1}
             levels.append(level)
             print(f"concurrency {concurrency}: {level['requests_per_s']} req/s, p50 {level['latency_ms']['p50']} ms, "
                   f"p99 {level['latency_ms']['p99']} ms, errors {level['errors']}, server RSS {level['server_rss_mb']}",
@@ -288,7 +321,8 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": environment()["versions"],
         "model": {"name": metadata.get("name"), "versions": metadata.get("versions"), "kind": params.get("kind"),
                   "digest": params.get("digest"), "context_len": params.get("context_len")},
-        "workload": {"users_per_request": args.users_per_request, "history_len": args.history_len, "k": args.k,
+        "workload": {"users_per_request": args.users_per_request, "history_len": args.history_len,
+                     "history_mix": args.history_mix, "k": args.k,
                      "beam": args.beam, "requests_per_level": args.requests, "max_seconds_per_level": args.duration},
         "server_args": args.server_arg,
         "note": args.note,

@@ -104,31 +104,41 @@ class SemanticIdIndex:
         return child, self.codes[level][child], valid
 
 
+def encode_history(history, table: np.ndarray, context_len: int) -> tuple[np.ndarray, int]:
+    """One item-id history (newest last) -> its kept codes [n, n_levels] and the number of unknown ids.
+
+    Unknown ids (outside the table or with an unknown row) are dropped and counted; of what
+    remains the newest `context_len` items are kept.
+    """
+    ids = np.asarray(history, dtype=np.int64)
+    inside = (ids >= 0) & (ids < len(table))
+    known = np.zeros(len(ids), dtype=bool)
+    known[inside] = (table[ids[inside]] >= 0).all(1)
+    kept = ids[known]
+    kept = kept[max(0, len(kept) - context_len):]
+    return table[kept].astype(np.int64), int((~known).sum())
+
+
+def pad_histories(codes: list[np.ndarray], n_levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept codes per user -> codes [B, T, n_levels] left-padded and mask [B, T]; T is the longest (at least 1)."""
+    T = max(1, max((len(c) for c in codes), default=0))
+    sids = np.zeros((len(codes), T, n_levels), dtype=np.int64)
+    mask = np.zeros((len(codes), T), dtype=bool)
+    for i, c in enumerate(codes):
+        if len(c):
+            sids[i, T - len(c):] = c
+            mask[i, T - len(c):] = True
+    return torch.from_numpy(sids), torch.from_numpy(mask)
+
+
 def encode_histories(
     histories: list[list[int]], table: np.ndarray, context_len: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Item-id histories (newest last) -> codes [B, T, n_levels] left-padded, mask [B, T], unknowns per user.
-
-    Unknown ids (outside the table or with an unknown row) are dropped and counted; of what
-    remains the newest `context_len` items are kept. T is the longest kept history (at least 1).
-    """
-    n_levels = table.shape[1]
-    kept, unknown = [], []
-    for history in histories:
-        ids = np.asarray(history, dtype=np.int64)
-        inside = (ids >= 0) & (ids < len(table))
-        known = np.zeros(len(ids), dtype=bool)
-        known[inside] = (table[ids[inside]] >= 0).all(1)
-        unknown.append(int((~known).sum()))
-        kept.append(ids[known][-context_len:])
-    T = max(1, max((len(k) for k in kept), default=0))
-    sids = np.zeros((len(histories), T, n_levels), dtype=np.int64)
-    mask = np.zeros((len(histories), T), dtype=bool)
-    for i, ids in enumerate(kept):
-        if len(ids):
-            sids[i, T - len(ids) :] = table[ids]
-            mask[i, T - len(ids) :] = True
-    return torch.from_numpy(sids), torch.from_numpy(mask), unknown
+    """Item-id histories (newest last) -> codes [B, T, n_levels] left-padded, mask [B, T], unknowns per user
+    (`encode_history` per user, then `pad_histories`)."""
+    encoded = [encode_history(h, table, context_len) for h in histories]
+    sids, mask = pad_histories([c for c, _ in encoded], table.shape[1])
+    return sids, mask, [u for _, u in encoded]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from onerec import __version__
 from onerec.errors import UserError
 from onerec.serve.batcher import BatcherStopped, DynamicBatcher
 from onerec.serve.guard import RequestGuard
-from onerec.serve.model_store import ServedModel, load_served_model, parse_model_uri
+from onerec.serve.model_store import ServedModel, ServingShapes, load_served_model, parse_model_uri
 from onerec.serve.schemas import HARD_MAX_BEAM, HARD_MAX_USERS, RecommendRequest
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,10 @@ class ServerConfig:
     max_beam: int = 512
     default_k: int = 10
     default_beam: int = 128
+    # widths searched; a request's beam is rounded up to the next one, beyond the largest it is a
+    # 422. None: (default_beam, max_beam) on the engine (GPU), any width on the reference search
+    beam_widths: tuple[int, ...] | None = None
+    history_buckets: tuple[int, ...] | None = None  # engine: None = length_buckets(context_len)
     max_body_bytes: int = 1 << 20
     threads: int = 0  # torch CPU threads for the beam search (0: torch's default)
     # protections (onerec.serve.guard); the connection-level ones apply under uvicorn_config()
@@ -81,6 +85,14 @@ class ServerConfig:
             (1 <= self.max_users <= HARD_MAX_USERS, f"max_users must be in 1..{HARD_MAX_USERS}"),
             (1 <= self.max_beam <= HARD_MAX_BEAM, f"max_beam must be in 1..{HARD_MAX_BEAM}"),
             (1 <= self.default_k <= self.default_beam <= self.max_beam, "need 1 <= default_k <= default_beam <= max_beam"),
+            (self.beam_widths is None or (0 < len(self.beam_widths) <= 16 and all(
+                isinstance(w, int) and 1 <= w <= self.max_beam for w in self.beam_widths)),
+             f"beam_widths: 1 to 16 widths, each in 1..max_beam={self.max_beam}"),
+            (self.beam_widths is None or self.default_beam <= max(self.beam_widths),
+             "default_beam must not exceed the largest of beam_widths"),
+            (self.history_buckets is None or (0 < len(self.history_buckets) <= 64 and all(
+                isinstance(b, int) and 1 <= b <= 1 << 20 for b in self.history_buckets)),
+             "history_buckets: 1 to 64 lengths, each in 1..1048576"),
             (1024 <= self.max_body_bytes <= 1 << 30, "max_body_bytes must be in 1 KiB..1 GiB"),
             (0 <= self.threads <= 1024, "threads must be in 0..1024"),
             (1 <= self.max_in_flight <= 65536, "max_in_flight must be in 1..65536"),
@@ -93,6 +105,13 @@ class ServerConfig:
             if not ok:
                 raise UserError(message)
 
+    def shapes(self) -> ServingShapes:
+        return ServingShapes(
+            beam_widths=tuple(sorted(set(self.beam_widths))) if self.beam_widths else None,
+            engine_widths=tuple(sorted({self.default_beam, self.max_beam})),
+            max_batch_users=self.max_batch_size, history_buckets=self.history_buckets,
+        )
+
 
 @dataclass
 class PreparedUser:
@@ -101,6 +120,17 @@ class PreparedUser:
     filled: int
     ignored: int
     unseen: list[str] = field(default_factory=list)  # categorical features whose value is unseen
+    codes: np.ndarray | None = None  # the kept history's semantic ids [n, levels] (encode_history)
+    unknown: int = 0  # history ids unknown to the model, dropped
+
+
+def encode_user(served: ServedModel, user: PreparedUser) -> PreparedUser:
+    """The user's history as the model's codes, done when the request arrives (host work that
+    overlaps the batch on the GPU), not when its batch runs."""
+    from onerec.semantic_ids import encode_history
+
+    user.codes, user.unknown = encode_history(user.history, served.table, served.context_len)
+    return user
 
 
 @dataclass
@@ -157,14 +187,16 @@ def run_users(served: ServedModel, users: list[PreparedUser], k: int, beam: int)
     """One beam search for `users` (any number): the work of one batch."""
     import torch
 
-    from onerec.semantic_ids import encode_histories
+    from onerec.semantic_ids import pad_histories
 
-    sids, mask, unknown = encode_histories([u.history for u in users], served.table, served.context_len)
+    users = [u if u.codes is not None else encode_user(served, u) for u in users]
+    sids, mask = pad_histories([u.codes for u in users], served.table.shape[1])
+    unknown = [u.unknown for u in users]
     profile = None
     if users[0].profile is not None:
-        profile = torch.from_numpy(np.stack([u.profile for u in users])).to(served.device)
+        profile = torch.from_numpy(np.stack([u.profile for u in users]))
     with torch.inference_mode():
-        recs = served.search(sids.to(served.device), mask.to(served.device), profile, beam, k)
+        recs = served.search(sids, mask, profile, beam, k)  # host tensors: the search moves them
     items = recs.items.cpu().numpy()
     scores = recs.scores.float().cpu().numpy()
     results = []
@@ -176,6 +208,33 @@ def run_users(served: ServedModel, users: list[PreparedUser], k: int, beam: int)
             max(0, known - served.context_len), user.filled, user.ignored, len(user.unseen),
         ))
     return results
+
+
+class EngineCollector:
+    """The engine's own counters, read when /metrics is scraped: eager fallbacks (shapes outside
+    the captured set), graph captures after ready (0 by design) and history positions served vs
+    padded by the buckets."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        engine = getattr(self.metrics.served, "engine", None)
+        eager = CounterMetricFamily("onerec_eager_fallbacks", "batches run eagerly: their shape had no CUDA graph")
+        captures = CounterMetricFamily("onerec_graph_captures_after_ready", "CUDA graphs captured after ready")
+        positions = CounterMetricFamily("onerec_history_positions", "history positions searched, real or bucket padding",
+                                        labels=["kind"])
+        if engine is not None:
+            eager.add_metric([], engine.eager_fallbacks)
+            captures.add_metric([], engine.captures_after_ready)
+            for kind, n in engine.positions.items():
+                positions.add_metric([kind], n)
+        yield from (eager, captures, positions)
 
 
 class Metrics:
@@ -204,6 +263,11 @@ class Metrics:
             ["feature"], registry=r,
         )
         self.ready = Gauge("onerec_ready", "1 when /v2/health/ready answers 200", registry=r)
+        self.startup_seconds = Gauge("onerec_startup_seconds", "from the app's start to ready", registry=r)
+        self.graphs = Gauge("onerec_cuda_graphs", "CUDA graphs captured before ready", registry=r)
+        self.graph_memory = Gauge("onerec_cuda_graph_memory_bytes", "GPU memory the captured graphs hold", registry=r)
+        self.served = None  # the ServedModel, once loaded: its engine's counters are read at scrape time
+        r.register(EngineCollector(self))
         self.in_flight = Gauge("onerec_in_flight_requests", "recommend requests waiting or computing", registry=r)
         self.model = Info("onerec_model", "the served model version", registry=r)
 
@@ -216,6 +280,8 @@ class ServerState:
     draining: bool = False
     failed: str | None = None
     batcher: DynamicBatcher | None = field(default=None, repr=False)
+    prepared: dict = field(default_factory=dict)  # ServedModel.prepare()'s report (graphs, seconds, memory)
+    startup_s: float | None = None
 
     @property
     def serving(self) -> bool:
@@ -280,7 +346,8 @@ def create_app(
     ref = parse_model_uri(config.model_uri, default_name=config.model_name)
     state = ServerState(name=config.model_name or ref.name)
     metrics = Metrics()
-    loader = loader or (lambda c: load_served_model(c.model_uri, c.device, c.cache_dir, c.model_name, c.model_version))
+    loader = loader or (lambda c: load_served_model(c.model_uri, c.device, c.cache_dir, c.model_name, c.model_version,
+                                                    c.shapes()))
 
     def run(users, k, beam):
         if config.threads:
@@ -291,9 +358,13 @@ def create_app(
         return run_users(state.served, users, k, beam)
 
     async def load_and_warm_up() -> None:
+        started = asyncio.get_running_loop().time()
         try:
             served = await asyncio.to_thread(loader, config)
-            state.served = served
+            state.prepared = await asyncio.to_thread(served.prepare)
+            metrics.graphs.set(state.prepared["graphs"])
+            metrics.graph_memory.set(state.prepared["memory_gib"] * 2**30)
+            state.served = metrics.served = served
             state.name = served.name
             metrics.model.info({
                 "name": served.name, "version": served.version, "kind": served.kind, "digest": served.digest,
@@ -303,14 +374,18 @@ def create_app(
                      served.kind, served.backend, served.device)
             first_item = int(np.flatnonzero((served.table >= 0).all(1))[0])
             warm_user = prepare_user(served, [first_item], None)
-            result = await state.batcher.submit([warm_user], 1, min(config.default_beam, config.max_beam))
+            result = await state.batcher.submit([encode_user(served, warm_user)], 1, served.width(config.default_beam))
             if not result or not result[0].items:
                 raise RuntimeError("warm-up request returned no item")
             if not all(map(math.isfinite, result[0].scores)):
                 raise RuntimeError(f"warm-up scores are not finite ({result[0].scores}): NaN or Inf weights?")
             state.warmed = True
+            state.startup_s = asyncio.get_running_loop().time() - started
+            metrics.startup_seconds.set(state.startup_s)
             metrics.ready.set(1)
-            log.info("ready: %s version %s", served.name, served.version)
+            log.info("ready: %s version %s in %.1f s (%d CUDA graphs holding %.2f GiB; beam widths %s)",
+                     served.name, served.version, state.startup_s, state.prepared["graphs"],
+                     state.prepared["memory_gib"], "any" if served.beam_widths is None else list(served.beam_widths))
         except Exception as exc:
             state.failed = f"{type(exc).__name__}: {exc}" if not isinstance(exc, UserError) else str(exc)
             log.error("model %s failed to load or warm up: %s", config.model_uri, state.failed)
@@ -360,8 +435,12 @@ def create_app(
         if not state.serving:
             return _error(503, f"model not ready ({state.reason()})")
         served = state.served
+        width = served.width(beam)
+        if width is None:
+            return _error(422, f"beam {beam}: this server searches with beam widths {list(served.beam_widths)}; "
+                               f"ask for at most {max(served.beam_widths)}")
         try:
-            users = [prepare_user(served, u.history, u.profile) for u in req.users]
+            users = [encode_user(served, prepare_user(served, u.history, u.profile)) for u in req.users]
         except ProfileError as exc:
             return _error(422, str(exc))
         for user in users:
@@ -369,7 +448,7 @@ def create_app(
                 metrics.unseen_profile_values.labels(feature).inc()
         metrics.in_flight.inc()
         try:
-            results = await state.batcher.submit(users, k, beam)
+            results = await state.batcher.submit(users, k, width)
         except BatcherStopped as exc:
             return _error(503, f"not accepting requests: {exc}")
         finally:
@@ -384,7 +463,7 @@ def create_app(
         metrics.truncated_items.inc(sum(r.truncated_items for r in results))
         return {
             "model": {"name": served.name, "version": served.version, "kind": served.kind},
-            "k": k, "beam": beam,
+            "k": k, "beam": width,
             "users": [r.__dict__ for r in results],
         }
 
@@ -420,9 +499,19 @@ def create_app(
                 "context_len": served.context_len, "profile_features": served.profile_features,
                 "categorical_profile_features": list(served.model.cfg.categorical_features),
                 "default_k": config.default_k, "default_beam": config.default_beam, "max_beam": config.max_beam,
+                "beam_widths": None if served.beam_widths is None else list(served.beam_widths),
                 "max_users": config.max_users, "ready": state.ready,
+                "startup_seconds": None if state.startup_s is None else round(state.startup_s, 2),
+                "cuda_graphs": state.prepared, **served_shapes(served),
             },
         }
+
+    def served_shapes(served: ServedModel) -> dict:
+        engine = served.engine
+        if engine is None:
+            return {}
+        return {"batch_buckets": list(engine.config.batch_buckets), "history_buckets": list(engine.history_buckets),
+                "eager_fallbacks": engine.eager_fallbacks, "padding": dict(engine.positions)}
 
     @app.get("/v2/models/{name}")
     async def metadata(name: str):

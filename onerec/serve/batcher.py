@@ -1,12 +1,16 @@
-"""Dynamic batching: concurrent requests share one beam search.
+"""Dynamic batching: concurrent requests share one beam search, and the next batch fills while
+the current one runs.
 
 A background task takes the first waiting request, then keeps collecting until the batch holds
-`max_batch_users` users or `max_wait_s` has passed since that first request, and runs the batch
-in one worker thread (torch releases the GIL, so the event loop keeps accepting requests and the
-next batch fills while this one computes). A request is never split: one whose users would
-overflow the batch starts the next one. Requests with different beam sizes cannot share a beam
-search (the beam width changes the result), so a batch runs one search per beam size; different
-k share it (the top-k of the same beams is a prefix of the top-max(k)).
+`max_batch_users` users, or `max_wait_s` has passed since that first request AND the previous
+batch has finished: while the GPU is busy there is no reason to close a batch early, so under
+load batches fill up to the maximum. Requests arrive with their inputs already encoded on the
+host (onerec/serve/app.py), the batch runs in one worker thread (torch releases the GIL, so the
+event loop keeps accepting requests and the next batch fills while this one computes). A request
+is never split: one whose users would overflow the batch starts the next one. Requests with
+different beam widths cannot share a beam search (the width changes the result), so a batch runs
+one search per width; different k share it (the top-k of the same beams is a prefix of the
+top-max(k)).
 """
 
 from __future__ import annotations
@@ -77,8 +81,8 @@ class DynamicBatcher:
         finally:
             self.in_flight -= 1
 
-    async def _collect(self) -> tuple[list[Job], bool]:
-        """The next batch, and whether stop was requested."""
+    async def _collect(self, running: asyncio.Task | None) -> tuple[list[Job], bool]:
+        """The next batch, and whether stop was requested. `running`: the batch on the GPU now."""
         loop = asyncio.get_running_loop()
         first = self._carry or await self._queue.get()
         self._carry = None
@@ -87,16 +91,21 @@ class DynamicBatcher:
         jobs, n_users = [first], len(first.users)
         deadline = loop.time() + self.max_wait_s
         while n_users < self.max_batch_users:
-            try:
-                if self._queue.empty():
-                    timeout = deadline - loop.time()
-                    if timeout <= 0:
-                        break
-                    job = await asyncio.wait_for(self._queue.get(), timeout)
-                else:
-                    job = self._queue.get_nowait()
-            except TimeoutError:
-                break
+            if self._queue.empty():
+                busy = running is not None and not running.done()
+                timeout = deadline - loop.time()
+                if timeout <= 0 and not busy:
+                    break
+                getter = asyncio.ensure_future(self._queue.get())
+                waiting = {getter, running} if busy else {getter}
+                await asyncio.wait(waiting, timeout=None if busy and timeout <= 0 else max(timeout, 0),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue  # the deadline passed or the GPU became free: check again
+                job = getter.result()
+            else:
+                job = self._queue.get_nowait()
             if job is None:
                 return jobs, True
             if n_users + len(job.users) > self.max_batch_users:
@@ -106,31 +115,39 @@ class DynamicBatcher:
             n_users += len(job.users)
         return jobs, False
 
-    async def _loop(self) -> None:
+    async def _run(self, jobs: list[Job]) -> None:
         loop = asyncio.get_running_loop()
+        for beam in sorted({j.beam for j in jobs}):
+            group = [j for j in jobs if j.beam == beam]
+            users = [u for j in group for u in j.users]
+            try:
+                results = await loop.run_in_executor(self._executor, self.run, users, max(j.k for j in group), beam)
+            except Exception as exc:
+                log.exception("batch of %d users failed", len(users))
+                for j in group:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+                continue
+            start = 0
+            for j in group:
+                mine = results[start : start + len(j.users)]
+                start += len(j.users)
+                if not j.future.done():
+                    j.future.set_result([r.top(j.k) for r in mine])
+
+    async def _loop(self) -> None:
         stopping = False
+        running: asyncio.Task | None = None
         while not stopping or self._carry is not None or not self._queue.empty():
-            jobs, stop = await self._collect()
+            jobs, stop = await self._collect(running)
             stopping = stopping or stop
             jobs = [j for j in jobs if not j.future.done()]  # callers that went away
             if not jobs:
                 continue
+            if running is not None:
+                await running  # one batch on the GPU at a time; this one is already collected
             if self.on_batch is not None:
                 self.on_batch(sum(len(j.users) for j in jobs))
-            for beam in sorted({j.beam for j in jobs}):
-                group = [j for j in jobs if j.beam == beam]
-                users = [u for j in group for u in j.users]
-                try:
-                    results = await loop.run_in_executor(self._executor, self.run, users, max(j.k for j in group), beam)
-                except Exception as exc:
-                    log.exception("batch of %d users failed", len(users))
-                    for j in group:
-                        if not j.future.done():
-                            j.future.set_exception(exc)
-                    continue
-                start = 0
-                for j in group:
-                    mine = results[start : start + len(j.users)]
-                    start += len(j.users)
-                    if not j.future.done():
-                        j.future.set_result([r.top(j.k) for r in mine])
+            running = asyncio.get_running_loop().create_task(self._run(jobs), name="onerec-batch")
+        if running is not None:
+            await running

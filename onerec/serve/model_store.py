@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,23 +134,65 @@ class ServedModel:
     backend: str  # "engine" or "reference"
     search: Callable = field(repr=False)  # (sids, mask, profile, beam, k) -> Recommendations
     recipe: dict | None = None
+    beam_widths: tuple[int, ...] | None = None  # the widths served; None: any (the reference search)
+    engine: object | None = field(default=None, repr=False)  # onerec.engine.engine.Engine on CUDA
+
+    def width(self, beam: int) -> int | None:
+        """The width a request for `beam` is searched with: the smallest served width >= beam, or
+        None when beam is wider than every served width."""
+        if self.beam_widths is None:
+            return beam
+        return next((w for w in self.beam_widths if w >= beam), None)
+
+    def prepare(self) -> dict:
+        """Everything the server runs, prepared before it says ready: every CUDA graph of the
+        served shapes (the engine), then nothing is captured while requests wait."""
+        if self.engine is None:
+            return {"graphs": 0, "seconds": 0.0, "memory_gib": 0.0, "failed": []}
+        return self.engine.capture().to_dict()
+
+
+@dataclass(frozen=True)
+class ServingShapes:
+    """The shapes a server is prepared for: beam widths, users per batch and history buckets.
+
+    `beam_widths` None: the engine serves `engine_widths` (the server's default and maximum beam)
+    and the reference search any width (it keeps nothing per width). On the engine every (width,
+    batch bucket, history bucket) gets a CUDA graph before the server is ready (docs/serving.md:
+    sizing them).
+    """
+
+    beam_widths: tuple[int, ...] | None = None
+    engine_widths: tuple[int, ...] = (128, 512)
+    max_batch_users: int = 64
+    history_buckets: tuple[int, ...] | None = None  # None: onerec.engine.engine.length_buckets(context_len)
+
+    def batch_buckets(self) -> tuple[int, ...]:
+        sizes, n = [], 1
+        while n < self.max_batch_users:
+            sizes.append(n)
+            n *= 2
+        return (*sizes, self.max_batch_users)
 
 
 def _reference_search(model, index) -> Callable:
     from onerec.generate import beam_search
 
+    device = model.token_embedding.weight.device
+
     def search(sids, mask, profile, beam, k):
-        return beam_search(model, sids, mask, index, profile, beam_size=beam, k=k)
+        profile = None if profile is None else profile.to(device)
+        return beam_search(model, sids.to(device), mask.to(device), index, profile, beam_size=beam, k=k)
 
     return search
 
 
-def _engine_search(model, index, device: str, fallback: Callable, attention: str = "bf16") -> Callable | None:
-    """The engine area's fast beam search (onerec.engine.engine.Engine) on a CUDA GPU, when importable.
+def _engine(model, index, device: str, shapes: ServingShapes, attention: str = "bf16"):
+    """The engine area's fast beam search (onerec.engine.engine.Engine) on a CUDA GPU, or None.
 
-    An Engine has a fixed beam width (its steps have static shapes), so one is built per beam
-    size on first use and kept; it returns the top `beam` items, of which the caller keeps k (the
-    top-k of the same sorted beams, as onerec.generate.finalize does).
+    One Engine over one serving view of the weights serves every width; it returns the top
+    `width` items, of which the caller keeps k (the top-k of the same sorted beams, as
+    onerec.generate.finalize does).
     """
     if not device.startswith("cuda"):
         return None
@@ -159,28 +201,22 @@ def _engine_search(model, index, device: str, fallback: Callable, attention: str
     except ImportError as exc:
         log.info("onerec.engine is not available (%s); using the reference beam search on %s", exc, device)
         return None
-    engines: dict[int, Engine | None] = {}
-
-    def search(sids, mask, profile, beam, k):
-        if beam not in engines:
-            try:
-                engines[beam] = Engine(model, index, EngineConfig(beam_size=beam, k=beam, attention=attention))
-            except Exception as exc:  # a fast path that cannot build must not take serving down
-                log.warning("engine for beam %d unavailable (%s); using the reference beam search", beam, exc)
-                engines[beam] = None
-        if engines[beam] is None:
-            return fallback(sids, mask, profile, beam, k)
-        recs = engines[beam].recommend(sids, mask, profile)
-        return type(recs)(recs.items[:, :k], recs.scores[:, :k])
-
-    return search
+    widths = shapes.beam_widths
+    try:
+        return Engine(model, index, EngineConfig(
+            beam_size=max(widths), beam_sizes=widths, k=max(widths), batch_buckets=shapes.batch_buckets(),
+            history_buckets=shapes.history_buckets, attention=attention))
+    except Exception as exc:  # a fast path that cannot build must not take serving down
+        log.warning("the engine is unavailable (%s); using the reference beam search", exc)
+        return None
 
 
 def load_served_model(
     uri: str, device: str = "auto", cache_dir: str | Path | None = None,
-    name: str | None = None, version: str | None = None,
+    name: str | None = None, version: str | None = None, shapes: ServingShapes | None = None,
 ) -> ServedModel:
-    """Resolve, verify and load `uri` (see module doc). `name`/`version` override the derived labels."""
+    """Resolve, verify and load `uri` (see module doc). `name`/`version` override the derived labels;
+    `shapes` (beam widths with the engine, batch and history buckets) default to ServingShapes's."""
     import torch
 
     from onerec.checkpoint import load_model_folder
@@ -210,14 +246,21 @@ def load_served_model(
     index = SemanticIdIndex.build(table, cfg.codebook_size).to(device)
     mean = getattr(model.context, "profile_mean", None)
     fill = mean.detach().float().cpu().numpy() if mean is not None else np.zeros(cfg.num_profile_features, np.float32)
-    reference = _reference_search(model, index)
-    search = _engine_search(model, index, device, reference, recipe_attention(recipe))
-    backend = "engine" if search is not None else "reference"
-    search = search or reference
+    shapes = shapes or ServingShapes()
+    engine = _engine(model, index, device, replace(shapes, beam_widths=shapes.beam_widths or shapes.engine_widths),
+                     recipe_attention(recipe))
+    if engine is not None:
+        def search(sids, mask, profile, beam, k):
+            recs = engine.recommend(sids, mask, profile, beam=beam)
+            return type(recs)(recs.items[:, :k], recs.scores[:, :k])
+        widths = engine.widths
+    else:
+        search, widths = _reference_search(model, index), shapes.beam_widths
+    backend = "engine" if engine is not None else "reference"
     return ServedModel(
         name=name or ref.name,
         version=str(version or ref.version or f"local-{digest[:12]}"),
         kind=kind, folder=folder, digest=digest, model=model, table=table, index=index, device=device,
         context_len=cfg.context_len, profile_features=list(cfg.profile_features), profile_fill=fill.astype(np.float32),
-        backend=backend, search=search, recipe=recipe,
+        backend=backend, search=search, recipe=recipe, beam_widths=widths, engine=engine,
     )

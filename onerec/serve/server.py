@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-beam", type=int, default=512)
     parser.add_argument("--default-k", type=int, default=10)
     parser.add_argument("--default-beam", type=int, default=128)
+    parser.add_argument("--beam-widths", default=None,
+                        help="comma-separated beam widths searched (a request's beam is rounded up to the next; "
+                             "wider is a 422); default: --default-beam and --max-beam on a GPU, any on CPU")
+    parser.add_argument("--history-buckets", default=None,
+                        help="comma-separated history lengths a batch is padded up to on a GPU (one CUDA graph each "
+                             "per width and batch bucket); default: 64, 128, ... doubling, then the model's context")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); 1 avoids oversubscription on a busy small host")
@@ -53,6 +59,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--body-timeout", type=float, default=10.0, help="seconds for a request's body, after its headers")
     limits.add_argument("--keep-alive-timeout", type=float, default=75.0,
                         help="idle seconds between requests (above clients' pool expiry)")
+
+
+def int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    """'128,512' -> (128, 512); None stays None; anything else is a one-line error naming the flag."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    return values
 
 
 def _log_config() -> dict:
@@ -121,6 +138,8 @@ def main(args: argparse.Namespace) -> dict:
         default_k=args.default_k, default_beam=args.default_beam, max_body_bytes=args.max_body_bytes,
         threads=args.threads, max_in_flight=args.max_in_flight, max_connections=args.max_connections,
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive_timeout,
+        beam_widths=int_list(args.beam_widths, "--beam-widths"),
+        history_buckets=int_list(args.history_buckets, "--history-buckets"),
     )
     holder: dict = {}
 
