@@ -12,6 +12,9 @@ And when `triton.language` was imported before TRITON_INTERPRET was set, its lib
 (tl.max, tl.sum, ...) are compiled-mode JIT functions that refuse to be called: they are run
 through the interpreter instead, with its patches of triton.language undone after each call
 (Triton's own device-function path leaves them in place, which breaks later compilation).
+
+`compile_for_hopper` compiles a kernel for sm_90 on CPU (Triton's own ptxas, no GPU): its PTX and
+its shared memory, as a launch on an H100/H200 would compile it.
 """
 
 from __future__ import annotations
@@ -82,3 +85,26 @@ def interpret_triton(monkeypatch, *kernel_caches) -> None:
     monkeypatch.setattr(interpreter, "_convert_float", _convert_float)
     for cache in kernel_caches:
         cache.cache_clear()
+
+
+def compile_for_hopper(kernel, pointers: dict, scalars_fp32: tuple, constexprs: dict, divisible: tuple = (),
+                       **options):
+    """`kernel` compiled for sm_90 (a triton CompiledKernel: .asm["ptx"], .metadata.shared).
+
+    pointers {arg: Triton type}; other non-constexpr args are i32, fp32 where named in scalars_fp32.
+    With `divisible` (int args), those ints and the pointers are marked 16-divisible, as a launch
+    with aligned tensors and sizes multiple of 16 specializes them: that decides vectorized loads
+    and so the pipelined tiles in shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {
+        name: "constexpr" if name in constexprs else f"*{pointers[name]}" if name.endswith("_ptr")
+        else "fp32" if name in scalars_fp32 else "i32"
+        for name in kernel.arg_names
+    }
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if name in divisible or (name.endswith("_ptr") and name not in constexprs)}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs if divisible else None)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)

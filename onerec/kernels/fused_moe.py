@@ -176,7 +176,9 @@ def plan_routes(gates: torch.Tensor, experts: torch.Tensor, n_experts: int, shar
 
 def moe(x: torch.Tensor, w: MoEWeights, kernel: str = "torch", config: dict | None = None) -> torch.Tensor:
     """MoE layer on x [..., d] -> [..., d] (same as the module). kernel: torch | triton;
-    config: the Triton tile sizes (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    config: Triton launch values overriding the device table's or heuristic config
+    (`triton_fused_moe.moe_config`): BLOCK_M, per-kernel dicts gate_up / down, or BLOCK_N, BLOCK_K,
+    num_warps, num_stages for both kernels."""
     if kernel not in ("torch", "triton"):
         raise ValueError(f"moe: kernel must be torch or triton, got {kernel!r}")
     shape = x.shape

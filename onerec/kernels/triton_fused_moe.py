@@ -1,6 +1,14 @@
 """Triton kernels of the MoE op (onerec/kernels/fused_moe.py has the op, its plan and its PyTorch reference):
 the routing plan in three launches, the gate|up and down grouped GEMMs (bf16, or FP8 with block
-scales), the FP32 combine, and the 1x128 block quantization of x.
+scales), the FP32 combine, and the 1x128 block quantization of x; and their launch configs.
+
+Launch configs (`moe_config`), the way vLLM keeps them: a table per device,
+configs/fused_moe_<device>.json (written by bench/tune_fused_moe.py), holds for each expert shape and
+format (bf16 | fp8) a config per token count; the nearest token count is used. A device or shape
+without a table gets `default_config`'s heuristic. A config is BLOCK_M (shared by both GEMMs: the
+routing plan tiles the rows by it) and, per kernel (gate_up, down), BLOCK_N, BLOCK_K, num_warps and
+num_stages (FP8: BLOCK_N == BLOCK_K == 128, the weight blocks). Every config, from a table, the
+heuristic or a caller, is fitted to the device's shared memory before launch (`fit_shared_memory`).
 
 The kernels are defined on first use (`_kernels()`, cached), not at import: Triton decides at
 definition time whether a kernel is compiled or run by its CPU interpreter (TRITON_INTERPRET=1),
@@ -10,6 +18,9 @@ and the tests run these on CPU through the interpreter (tests/triton_interpreter
 from __future__ import annotations
 
 import functools
+import json
+import re
+from pathlib import Path
 
 import torch
 
@@ -20,17 +31,156 @@ from onerec.quant.fp8 import AMAX_MIN, BLOCK, E4M3, E4M3_MAX
 def moe(x: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor, w: MoEWeights,
         config: dict | None = None) -> torch.Tensor:
     """The routed (+ folded shared) experts of x [N, d] routed as (gates, experts) [N, k] -> [N, d]."""
-    n_experts = w.w1.shape[0]
-    cfg = {**default_config(x.shape[0] * (w.top_k + w.shared_folded), n_experts, w.fp8), **(config or {})}
-    plan = plan_routes(gates, experts, n_experts, w.shared_folded, cfg["BLOCK_M"])
+    cfg = moe_config(x.shape[0], w, x.device, config)
+    plan = plan_routes(gates, experts, w.w1.shape[0], w.shared_folded, cfg["BLOCK_M"])
     return grouped_experts(x, plan, w, cfg)
 
 
+# ---------------------------------------------------------------------------------------------
+# launch configs
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+KERNELS = ("gate_up", "down")
+KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+# Shared memory per block (opt-in) of sm_90: the limit assumed where the device is not CUDA
+# (Triton's interpreter, CPU tests) and what the tables are checked against.
+HOPPER_SHARED_MEMORY = 232448
+# Beyond the pipelined tiles: mbarriers and alignment. Compiled for sm_90 (Triton 3.6), the kernels
+# use at most num_stages x (x tile + weight tiles) bytes; their epilogue scratch reuses that space.
+SHARED_MEMORY_MARGIN = 1024
+MIN_BLOCK = 32  # the smallest BLOCK_K / BLOCK_N the fit goes down to (tl.dot needs >= 16)
+
+
 def default_config(pairs: int, n_experts: int, fp8: bool) -> dict:
-    """Tile sizes by rows per expert: decode batches put ~30-900 rows on each expert."""
+    """The heuristic config by rows per expert (decode batches put ~30-900 rows on each expert)."""
     per_expert = pairs / n_experts
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64 if per_expert <= 256 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, num_warps=4 if block_m <= 64 else 8, num_stages=3)
+    kernel = dict(BLOCK_N=128, BLOCK_K=128, num_warps=4 if block_m <= 64 else 8, num_stages=3)
+    return {"BLOCK_M": block_m, "gate_up": dict(kernel), "down": dict(kernel)}
+
+
+def device_slug(name: str) -> str:
+    """"NVIDIA H200" -> "nvidia_h200": the device part of a table's file name."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def table_path(name: str) -> Path:
+    return CONFIG_DIR / f"fused_moe_{device_slug(name)}.json"
+
+
+def shape_key(w: MoEWeights) -> str:
+    """The table key of an expert shape: experts (with the folded shared one), slots per token, d_model, hidden."""
+    E, I, D = w.w1.shape
+    return f"experts={E},slots={w.top_k + w.shared_folded},d_model={D},hidden={I}"
+
+
+def format_key(w: MoEWeights) -> str:
+    return "fp8" if w.fp8 else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(w.w1.dtype, "fp32")
+
+
+def element_bytes(w: MoEWeights) -> int:
+    """Bytes of one element of the GEMMs' operand tiles (FP8: x and h are quantized to 1 byte)."""
+    return 1 if w.fp8 else w.w1.element_size()
+
+
+@functools.cache
+def load_table(name: str) -> dict:
+    """{shape key: {format: {tokens (int): config}}} of device `name`; {} without a table file."""
+    path = table_path(name)
+    if not path.exists():
+        return {}
+    try:
+        configs = json.loads(path.read_text())["configs"]
+        return {shape: {fmt: {int(tokens): check_config(cfg) for tokens, cfg in by_tokens.items()}
+                        for fmt, by_tokens in formats.items()} for shape, formats in configs.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a fused MoE config table ({type(exc).__name__}: {exc})") from None
+
+
+def check_config(cfg: dict) -> dict:
+    """`cfg` if it has BLOCK_M and, per kernel, positive ints BLOCK_N, BLOCK_K, num_warps, num_stages."""
+    values = [cfg["BLOCK_M"], *(cfg[k][key] for k in KERNELS for key in KERNEL_KEYS)]
+    if not all(isinstance(v, int) and v > 0 for v in values):
+        raise ValueError(f"config values must be positive integers: {cfg}")
+    return {"BLOCK_M": cfg["BLOCK_M"], **{k: {key: cfg[k][key] for key in KERNEL_KEYS} for k in KERNELS}}
+
+
+def table_config(tokens: int, w: MoEWeights, name: str) -> dict | None:
+    """The table's config of the token count nearest `tokens` (the smaller on a tie), or None."""
+    by_tokens = load_table(name).get(shape_key(w), {}).get(format_key(w))
+    if not by_tokens:
+        return None
+    nearest = min(sorted(by_tokens), key=lambda t: abs(t - tokens))
+    return by_tokens[nearest]
+
+
+def merge_config(cfg: dict, override: dict | None) -> dict:
+    """`cfg` with `override`'s values: BLOCK_M, per-kernel dicts (gate_up, down), and kernel keys
+    given at the top level (BLOCK_N, BLOCK_K, num_warps, num_stages), which apply to both kernels."""
+    override = override or {}
+    out = {"BLOCK_M": override.get("BLOCK_M", cfg["BLOCK_M"])}
+    for kernel in KERNELS:
+        out[kernel] = {**cfg[kernel], **override.get(kernel, {}),
+                       **{key: override[key] for key in KERNEL_KEYS if key in override}}
+    return out
+
+
+@functools.cache
+def shared_memory_limit(device: torch.device) -> int:
+    """Shared memory per block (opt-in) of `device`; HOPPER_SHARED_MEMORY off CUDA."""
+    if device.type != "cuda":
+        return HOPPER_SHARED_MEMORY
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def shared_memory_bytes(kernel: str, block_m: int, kcfg: dict, elem_bytes: int) -> int:
+    """Estimate of a kernel's shared memory: its pipelined tiles (gate_up loads an x tile and the w1, w3
+    tiles per stage; down an h tile and a w2 tile) times the stages, plus SHARED_MEMORY_MARGIN."""
+    weight_tiles = 2 if kernel == "gate_up" else 1
+    tiles = (block_m + weight_tiles * kcfg["BLOCK_N"]) * kcfg["BLOCK_K"] * elem_bytes
+    return kcfg["num_stages"] * tiles + SHARED_MEMORY_MARGIN
+
+
+def fit_shared_memory(cfg: dict, fp8: bool, elem_bytes: int, limit: int) -> dict:
+    """`cfg` reduced, per kernel, until its shared memory fits `limit`: fewer stages (down to 2), then
+    (not FP8, whose tiles are the 128 x 128 weight blocks) halving BLOCK_K, then BLOCK_N, then 1 stage."""
+    out = {"BLOCK_M": cfg["BLOCK_M"]}
+    for kernel in KERNELS:
+        k = dict(cfg[kernel])
+        while shared_memory_bytes(kernel, cfg["BLOCK_M"], k, elem_bytes) > limit:
+            if k["num_stages"] > 2:
+                k["num_stages"] -= 1
+            elif not fp8 and k["BLOCK_K"] > MIN_BLOCK:
+                k["BLOCK_K"] //= 2
+            elif not fp8 and k["BLOCK_N"] > MIN_BLOCK:
+                k["BLOCK_N"] //= 2
+            elif k["num_stages"] > 1:
+                k["num_stages"] = 1
+            else:
+                raise ValueError(f"moe: no {kernel} config with BLOCK_M={cfg['BLOCK_M']} fits {limit} bytes "
+                                 f"of shared memory")
+        out[kernel] = k
+    return out
+
+
+def moe_config(tokens: int, w: MoEWeights, device: torch.device, override: dict | None = None) -> dict:
+    """The launch config of `tokens` tokens through `w` on `device` (`choose_config` for its table and limit)."""
+    return choose_config(tokens, w, device_name(device), shared_memory_limit(device), override)
+
+
+def choose_config(tokens: int, w: MoEWeights, name: str | None, limit: int, override: dict | None = None) -> dict:
+    """Device `name`'s table config (nearest token count; name None: no table) or the heuristic, with
+    `override`'s values, fitted to `limit` bytes of shared memory."""
+    cfg = (name and table_config(tokens, w, name)) or default_config(tokens * (w.top_k + w.shared_folded), w.w1.shape[0], w.fp8)
+    cfg = merge_config(cfg, override)
+    if w.fp8 and any(cfg[k]["BLOCK_N"] != BLOCK or cfg[k]["BLOCK_K"] != BLOCK for k in KERNELS):
+        raise ValueError("moe: the FP8 block kernels need BLOCK_N == BLOCK_K == 128")
+    return fit_shared_memory(cfg, w.fp8, element_bytes(w), limit)
 
 
 @functools.cache
@@ -287,40 +437,54 @@ def plan_routes(gates: torch.Tensor, experts: torch.Tensor, n_experts: int, shar
 
 
 def grouped_experts(x: torch.Tensor, plan: RoutePlan, w: MoEWeights, cfg: dict) -> torch.Tensor:
-    """The routed (+ folded shared) experts through the grouped Triton kernels: x [N, d] -> [N, d]."""
-    gate_up, down, combine = _kernels()[:3]
+    """The routed (+ folded shared) experts through the grouped Triton kernels: x [N, d] -> [N, d].
+    `cfg`: a fitted config (`moe_config`) with the plan's BLOCK_M."""
+    combine = _kernels()[2]
     N, D = x.shape
-    E, I, _ = w.w1.shape
-    M = plan.token.shape[0]
-    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    launch = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if w.fp8 and (BK != BLOCK or BN != BLOCK):
-        raise ValueError("moe: the FP8 block kernels need BLOCK_N == BLOCK_K == 128")
-    ieee = x.dtype == torch.float32
-    n_tiles = plan.tile_expert.shape[0]
     x = x.contiguous()
-    if w.fp8:
-        x_in, x_scale = quantize_blocks(x)
-        h = torch.empty(M, I, dtype=E4M3, device=x.device)
-        h_scale = torch.empty(M, -(-I // BLOCK), dtype=torch.float32, device=x.device)
-    else:
-        x_in, x_scale = x, x
-        h, h_scale = torch.empty(M, I, dtype=x.dtype, device=x.device), x
-    KB, IB, DB = -(-D // BLOCK), -(-I // BLOCK), -(-D // BLOCK)
-    gate_up[(n_tiles, triton_cdiv(I, BN))](
-        x_in, x_scale, w.w1, w.w3, _or(w.w1_scale, x), _or(w.w3_scale, x), h, h_scale,
-        plan.token, plan.tile_expert, plan.tile_row, plan.offsets, D, I, KB, IB, E,
-        FP8=w.fp8, IEEE=ieee, DTYPE=_TL_DTYPES[x.dtype], **launch, **_FP8_CONSTANTS,
-    )
-    y = torch.empty(M, D, dtype=x.dtype, device=x.device)
-    down[(n_tiles, triton_cdiv(D, BN))](
-        h, h_scale, w.w2, _or(w.w2_scale, x), y, plan.gate, plan.tile_expert, plan.tile_row, plan.offsets,
-        D, I, IB, DB, E, FP8=w.fp8, IEEE=ieee, **launch,
-    )
+    x_in, x_scale = quantize_blocks(x) if w.fp8 else (x, None)
+    h, h_scale = gate_up(x_in, x_scale, plan, w, cfg["gate_up"], x.dtype)
+    y = down(h, h_scale, plan, w, cfg["down"], x.dtype)
     out = torch.empty(N, D, dtype=x.dtype, device=x.device)
     block = min(1024, 1 << (D - 1).bit_length())
     combine[(N, triton_cdiv(D, block))](y, plan.inverse, out, D, SLOTS=plan.inverse.shape[1], BLOCK=block)
     return out
+
+
+def gate_up(x: torch.Tensor, x_scale: torch.Tensor | None, plan: RoutePlan, w: MoEWeights, kcfg: dict,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gate|up grouped GEMM, one launch: x [N, d] (FP8: quantized, with its 1x128 scales) ->
+    h [M, I] = SiLU(x W1^T) * (x W3^T) in the plan's sorted rows, rounded as `dtype` (the model's);
+    FP8: h quantized, with its 1x128 scales. kcfg: BLOCK_N, BLOCK_K, num_warps, num_stages."""
+    E, I, D = w.w1.shape
+    M = plan.token.shape[0]
+    if w.fp8:
+        h = torch.empty(M, I, dtype=E4M3, device=x.device)
+        h_scale = torch.empty(M, -(-I // BLOCK), dtype=torch.float32, device=x.device)
+    else:
+        h, h_scale = torch.empty(M, I, dtype=dtype, device=x.device), None
+    _kernels()[0][(plan.tile_expert.shape[0], triton_cdiv(I, kcfg["BLOCK_N"]))](
+        x, _or(x_scale, x), w.w1, w.w3, _or(w.w1_scale, x), _or(w.w3_scale, x), h, _or(h_scale, x),
+        plan.token, plan.tile_expert, plan.tile_row, plan.offsets, D, I, -(-D // BLOCK), -(-I // BLOCK), E,
+        FP8=w.fp8, IEEE=dtype == torch.float32, DTYPE=_TL_DTYPES[dtype], BLOCK_M=plan.block_m, **kcfg,
+        **_FP8_CONSTANTS,
+    )
+    return h, h_scale
+
+
+def down(h: torch.Tensor, h_scale: torch.Tensor | None, plan: RoutePlan, w: MoEWeights, kcfg: dict,
+         dtype: torch.dtype) -> torch.Tensor:
+    """The down grouped GEMM, one launch: h [M, I] (the plan's sorted rows) -> y [M, d] = gate * (h W2^T),
+    in `dtype`. kcfg: BLOCK_N, BLOCK_K, num_warps, num_stages."""
+    E, D, I = w.w2.shape
+    M = plan.token.shape[0]
+    y = torch.empty(M, D, dtype=dtype, device=h.device)
+    _kernels()[1][(plan.tile_expert.shape[0], triton_cdiv(D, kcfg["BLOCK_N"]))](
+        h, _or(h_scale, y), w.w2, _or(w.w2_scale, y), y, plan.gate, plan.tile_expert, plan.tile_row, plan.offsets,
+        D, I, -(-I // BLOCK), -(-D // BLOCK), E, FP8=w.fp8, IEEE=dtype == torch.float32, BLOCK_M=plan.block_m,
+        **kcfg,
+    )
+    return y
 
 
 def _or(t, default):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_engine import _random_setup
-from triton_interpreter import interpret_triton, requires_triton
+from triton_interpreter import compile_for_hopper, interpret_triton, requires_triton
 
 from onerec.engine.engine import Engine, EngineConfig
 from onerec.evaluate import topk_overlap
@@ -241,17 +241,7 @@ def test_fp8_context_attention_kernel_matches_the_reference_interpreted(interpre
 
 def _compile_for_hopper(kernel, pointers: dict, scalars_fp32: tuple, constexprs: dict, **options) -> str:
     """PTX of `kernel` compiled for sm_90; pointers {arg: Triton type}, other non-constexpr args i32."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {
-        name: "constexpr" if name in constexprs else f"*{pointers[name]}" if name.endswith("_ptr")
-        else "fp32" if name in scalars_fp32 else "i32"
-        for name in kernel.arg_names
-    }
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    return compile_for_hopper(kernel, pointers, scalars_fp32, constexprs, **options).asm["ptx"]
 
 
 FP8_WGMMA = "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"
