@@ -145,7 +145,7 @@ def _reference_search(model, index) -> Callable:
     return search
 
 
-def _engine_search(model, index, device: str, fallback: Callable, attention: str = "bf16") -> Callable | None:
+def _engine_search(model, index, device: str, fallback: Callable) -> Callable | None:
     """The engine area's fast beam search (onerec.engine.engine.Engine) on a CUDA GPU, when importable.
 
     An Engine has a fixed beam width (its steps have static shapes), so one is built per beam
@@ -164,7 +164,7 @@ def _engine_search(model, index, device: str, fallback: Callable, attention: str
     def search(sids, mask, profile, beam, k):
         if beam not in engines:
             try:
-                engines[beam] = Engine(model, index, EngineConfig(beam_size=beam, k=beam, attention=attention))
+                engines[beam] = Engine(model, index, EngineConfig(beam_size=beam, k=beam))
             except Exception as exc:  # a fast path that cannot build must not take serving down
                 log.warning("engine for beam %d unavailable (%s); using the reference beam search", beam, exc)
                 engines[beam] = None
@@ -185,7 +185,6 @@ def load_served_model(
 
     from onerec.checkpoint import load_model_folder
     from onerec.manifest import manifest_digest
-    from onerec.quant.export import recipe_attention
     from onerec.semantic_ids import SemanticIdIndex
 
     ref = parse_model_uri(uri, default_name=name)
@@ -211,7 +210,7 @@ def load_served_model(
     mean = getattr(model.context, "profile_mean", None)
     fill = mean.detach().float().cpu().numpy() if mean is not None else np.zeros(cfg.num_profile_features, np.float32)
     reference = _reference_search(model, index)
-    search = _engine_search(model, index, device, reference, recipe_attention(recipe))
+    search = _engine_search(model, index, device, reference)
     backend = "engine" if search is not None else "reference"
     search = search or reference
     return ServedModel(
