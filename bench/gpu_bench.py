@@ -74,8 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-split", type=int, default=0, help="batch for the engine's GPU time split (1b)")
     parser.add_argument("--moe-kernel", default=None, choices=["torch", "triton"],
                         help="both engines: the fused MoE op (EngineConfig.moe_kernel); default the MoE module")
-    parser.add_argument("--attention", default="bf16", choices=["bf16", "fp8"],
-                        help="the FP8 engine's cross-attention over the context (the recipe option)")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -97,7 +95,7 @@ def main(args: argparse.Namespace) -> dict:
             time_budget_s=args.time_budget_s,
             torchao_presets=[p for p in args.torchao_presets.split(",") if p],
             torchao_batches=[int(b) for b in args.torchao_batches.split(",") if b] or None,
-            moe_kernel=args.moe_kernel, attention=args.attention,
+            moe_kernel=args.moe_kernel,
         )
         if args.trained:
             from bench.gpu_trained_overlap import trained_overlap
@@ -165,7 +163,7 @@ def _sdpa_priority(names: list[str]):
 def run_benchmark(
     presets, batches, variants, context_len=3000, beam_size=512, k=10, num_items=1_000_000,
     warmup=3, repeats=20, seed=0, time_budget_s=480.0, torchao_presets=None,
-    torchao_batches=None, moe_kernel=None, attention="bf16",
+    torchao_batches=None, moe_kernel=None,
 ) -> dict:
     import torch
 
@@ -178,7 +176,7 @@ def run_benchmark(
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "settings": dict(context_len=context_len, beam_size=beam_size, k=k, num_items=num_items,
                          warmup=warmup, repeats=repeats, seed=seed, batches=batches, variants=variants,
-                         moe_kernel=moe_kernel, attention=attention),
+                         moe_kernel=moe_kernel),
         "runs": [], "skipped": [],
     }
     try:
@@ -203,7 +201,7 @@ def run_benchmark(
                    if torchao_presets is None or preset in torchao_presets]
     for preset, preset_variants, preset_batches in passes:
         _bench_preset(result, preset, preset_batches, preset_variants, context_len, beam_size, k, num_items,
-                      warmup, repeats, seed, t0, time_budget_s, device, moe_kernel, attention)
+                      warmup, repeats, seed, t0, time_budget_s, device, moe_kernel)
         torch.cuda.empty_cache()
     result["elapsed_s"] = time.time() - t0
     result["summary"] = summarize(result)
@@ -211,7 +209,7 @@ def run_benchmark(
 
 
 def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, num_items,
-                  warmup, repeats, seed, t0, time_budget_s, device, moe_kernel=None, attention="bf16") -> None:
+                  warmup, repeats, seed, t0, time_budget_s, device, moe_kernel=None) -> None:
     import torch
 
     from onerec.engine.engine import Engine, EngineConfig
@@ -224,8 +222,7 @@ def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, 
     index = index.to(device)
     engines = {
         name: Engine(model, index, EngineConfig(
-            beam_size=beam_size, k=k, fp8=name == "fp8-engine", moe_kernel=moe_kernel,
-            attention=attention if name == "fp8-engine" else "bf16"))
+            beam_size=beam_size, k=k, fp8=name == "fp8-engine", moe_kernel=moe_kernel))
         for name in ("bf16-engine", "fp8-engine") if name in variants or name == "bf16-engine"
     }
     beams = engines["bf16-engine"].beams

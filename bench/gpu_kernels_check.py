@@ -7,10 +7,6 @@
   (bf16 and FP8 block scales) against the torch reference and the model's eager MoE module, the
   same inside a CUDA graph (no host sync), then median times against the eager module, and a small
   tile-config sweep;
-- FP8 context attention (`onerec/kernels/fp8_attention.py`, `triton_fp8_attention.py`) on the 1b shapes (14 heads x 128,
-  context 3000 + user token, beam 512 queries per user): against the FP8 torch reference and exact
-  attention, then median times against bf16 SDPA as the engine calls it (default and flash), and
-  for 1/2/4/8 key splits;
 - where FP8 GEMMs pay (the one-user path): each Linear shape of the 1b model at the row counts of
   1, 8 and 32 users (decode: users x beams, context: users x 3001), bf16 against the FP8 GEMM
   alone and with its row-quantization pass, all as CUDA-graph replays.
@@ -38,11 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from onerec.kernels import fp8_attention as ak  # noqa: E402
 from onerec.kernels import fused_moe as mk  # noqa: E402
-from onerec.kernels import triton_fp8_attention as tak  # noqa: E402
 from onerec.kernels import triton_fused_moe as tmk  # noqa: E402
 from onerec.model import MoE, OneRecV2Config  # noqa: E402
 
@@ -222,79 +215,6 @@ def sweep_moe(weights: dict, tokens: int, budget_s: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# FP8 context attention
-
-
-def attention_inputs(users: int, beams: int, heads: int, d_head: int, context: int, logit_std: float = 1.0):
-    q = (logit_std * torch.randn(users, beams, heads, d_head, device=DEVICE)).bfloat16()
-    k = F.rms_norm(torch.randn(users, heads, context, d_head, device=DEVICE), (d_head,)).bfloat16()
-    v = F.rms_norm(torch.randn(users, heads, context, d_head, device=DEVICE), (d_head,)).bfloat16()
-    return q, k, v
-
-
-def sdpa(q, k, v):
-    """The engine's bf16 call: a user's beams as the query rows of one sequence, no mask."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v).transpose(1, 2)
-
-
-def check_attention(heads: int, d_head: int, context: int, beams: int) -> dict:
-    out = {}
-    for users, padded, std in ((2, False, 1.0), (2, True, 1.0), (1, False, 4.0)):
-        q, k, v = attention_inputs(users, beams, heads, d_head, context, std)
-        mask = None
-        if padded:
-            mask = torch.ones(users, context, dtype=torch.bool, device=DEVICE)
-            mask[1, : context // 2] = False
-        kv = ak.quantize_context_kv(k, v)
-        exact = ak.exact_attention(q, k, v, mask)
-        ref = ak.context_attention(q, kv, mask, "torch")
-        tag = f"users{users}_{'padded' if padded else 'full'}_logitstd{std:g}"
-        for name, splits, config in (("splits1", 1, None), ("splits4", 4, None),
-                                     ("m128n128", None, dict(block_m=128, block_n=128, num_warps=8))):
-            poison_allocator()
-            tri = ak.context_attention(q, kv, mask, "triton", splits=splits, config=config)
-            out[f"{tag}_{name}_vs_reference"] = rel(tri, ref)
-            out[f"{tag}_{name}_vs_exact"] = rel(tri, exact)
-        out[f"{tag}_reference_vs_exact"] = rel(ref, exact)
-        if mask is None:
-            out[f"{tag}_bf16_sdpa_vs_exact"] = rel(sdpa(q, k, v), exact)
-    out["passed"] = all(v < 0.05 for k, v in out.items() if k.endswith("vs_reference")) and all(
-        v < 0.12 for k, v in out.items() if k.endswith("vs_exact"))
-    return out
-
-
-def time_attention(users: int, heads: int, d_head: int, context: int, beams: int) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    q, k, v = attention_inputs(users, beams, heads, d_head, context)
-    flops = 4 * users * heads * beams * context * d_head
-    out = {"users": users, "gflop": flops / 1e9}
-    out["quantize_context_kv_ms"] = bench(lambda: ak.quantize_context_kv(k, v))
-    kv = ak.quantize_context_kv(k, v)
-    out["sdpa_default_ms"] = bench(lambda: sdpa(q, k, v))
-    try:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            out["sdpa_flash_ms"] = bench(lambda: sdpa(q, k, v))
-    except RuntimeError as exc:
-        out["sdpa_flash_ms"] = f"unavailable: {exc}"[:200]
-    out["fp8_default_splits_ms"] = bench(lambda: ak.context_attention(q, kv, None, "triton"))
-    out["fp8_default_splits_graph_ms"] = bench(lambda: ak.context_attention(q, kv, None, "triton"), graph=True)
-    for splits in (1, 2, 4, 8):
-        out[f"fp8_splits{splits}_ms"] = bench(lambda s=splits: ak.context_attention(q, kv, None, "triton", splits=s))
-    for bm, bn, nw, ns in ((128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 4, 3)):
-        cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
-        try:
-            out[f"fp8_m{bm}_n{bn}_w{nw}_s{ns}_ms"] = bench(lambda c=cfg: ak.context_attention(q, kv, None, "triton", config=c))
-        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-            out[f"fp8_m{bm}_n{bn}_w{nw}_s{ns}_ms"] = f"failed: {exc}"[:200]
-    best = min(v for key, v in out.items() if key.startswith("fp8_") and isinstance(v, float))
-    out["fp8_best_tflops"] = flops / best / 1e9
-    out["sdpa_default_tflops"] = flops / out["sdpa_default_ms"] / 1e9
-    out["fp8_best_vs_sdpa_default"] = out["sdpa_default_ms"] / best
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Where FP8 GEMMs pay: each Linear shape of the dense model, bf16 against FP8 (the GEMM alone, and
 # with the row quantization a norm or SiLU*mul kernel otherwise does in its own pass), per row count
 
@@ -361,13 +281,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/kernels_check.json")
     parser.add_argument("--moe-tokens", default="512,4096,16384", help="users x beams (1, 8, 32 users at beam 512)")
-    parser.add_argument("--attention-users", default="1,8,32")
     parser.add_argument("--sweep-seconds", type=float, default=20.0, help="time budget of each tile sweep")
     parser.add_argument("--skip-peaks", action="store_true")
     parser.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on CPU, Triton interpreter")
     args = parser.parse_args()
     global DEVICE
-    moe_preset, attention_preset, beams = "moe-4b", "1b", 512
+    moe_preset, dense_preset = "moe-4b", "1b"
     if args.dry_run_cpu:
 
         import pytest
@@ -375,9 +294,9 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from triton_interpreter import interpret_triton
 
-        interpret_triton(pytest.MonkeyPatch(), tmk._kernels, tak._kernels)
-        DEVICE, moe_preset, attention_preset, beams = "cpu", "tiny-moe", "tiny", 16
-        args.skip_peaks, args.moe_tokens, args.attention_users, args.sweep_seconds = True, "24,40", "1,2", 5.0
+        interpret_triton(pytest.MonkeyPatch(), tmk._kernels)
+        DEVICE, moe_preset, dense_preset = "cpu", "tiny-moe", "tiny"
+        args.skip_peaks, args.moe_tokens, args.sweep_seconds = True, "24,40", 5.0
     import triton
 
     results: dict = {
@@ -423,12 +342,7 @@ def main() -> None:
 
     # decode GEMMs have users x beams rows, the context projection users x (context + 1)
     gemm_rows = [512, 3001, 4096, 16384, 24008] if DEVICE == "cuda" else [16, 51]
-    run(results, "gemm_shapes", lambda: time_gemm_shapes(attention_preset, gemm_rows))
-    cfg = OneRecV2Config.from_preset(attention_preset)
-    heads, d_head, context = cfg.n_heads, cfg.d_head, cfg.context_len + 1  # + the user token
-    run(results, "attention_check", lambda: check_attention(heads, d_head, context, beams))
-    for users in (int(u) for u in args.attention_users.split(",")):
-        run(results, f"attention_time_{users}", lambda u=users: time_attention(u, heads, d_head, context, beams))
+    run(results, "gemm_shapes", lambda: time_gemm_shapes(dense_preset, gemm_rows))
 
     results["meta"]["seconds"] = time.time() - T0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ DIR` runs `trained_overlap` on an existing folder.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import logging
@@ -32,9 +31,8 @@ def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size
     """FP8 vs bf16 top-k overlap on a trained checkpoint's real validation histories.
 
     `folder` holds ckpt/ (onerec-fp8 train), quantized/ (onerec-fp8 quantize) and data/ (its data
-    folder). Compares the FP8 engine on the quantized model, without and with FP8 attention over
-    the context (the recipe option attention="fp8"), with the bf16 engine and with the plain bf16
-    search, and the plain search on the quantized model (what the quality gate runs) with plain
+    folder). Compares the FP8 engine on the quantized model with the bf16 engine and with the
+    plain bf16 search, and the plain search on the quantized model (what the quality gate runs) with plain
     bf16; also recall@k of each against the validation targets and, for the FP8 engines, the
     quality gate's paired interval of the relative recall@k change against the bf16 engine and its
     non-inferiority verdict at the gate's default margin. `moe_kernel`: the engines' MoE op
@@ -75,7 +73,6 @@ def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size
                                                            beam_size=beam, k=k),
             "bf16-engine": Engine(model, index, engine_cfg).recommend,
             "fp8-engine": Engine(qmodel, index, engine_cfg).recommend,
-            "fp8-engine-fp8-attention": Engine(qmodel, index, dataclasses.replace(engine_cfg, attention="fp8")).recommend,
         }
         items = {name: [] for name in runs}
         for batch in iter_batches(requests, table, cfg.context_len, cfg.profile_features, batch_size,
@@ -90,18 +87,13 @@ def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size
             "overlap_fp8_engine_vs_bf16_eager": overlap(items["fp8-engine"], items["bf16-eager"]),
             "overlap_bf16_engine_vs_bf16_eager": overlap(items["bf16-engine"], items["bf16-eager"]),
             "overlap_fp8_eager_vs_bf16_eager": overlap(items["fp8-eager"], items["bf16-eager"]),
-            "overlap_fp8_attention_engine_vs_bf16_engine": overlap(items["fp8-engine-fp8-attention"],
-                                                                   items["bf16-engine"]),
-            "overlap_fp8_attention_engine_vs_fp8_engine": overlap(items["fp8-engine-fp8-attention"],
-                                                                  items["fp8-engine"]),
         }
         for name, v in items.items():
             row[f"recall@{k}_{name}"] = ranking_metrics(v.numpy(), targets, k)[f"recall@{k}"]
         bf16_hits = per_user_metrics(items["bf16-engine"].numpy(), targets, k)[0]
-        for name in ("fp8-engine", "fp8-engine-fp8-attention"):
-            interval = paired_relative_change(bf16_hits, per_user_metrics(items[name].numpy(), targets, k)[0])
-            row[f"recall@{k}_change_{name}_vs_bf16_engine"] = {
-                **interval, "verdict": non_inferiority(interval, out["recall_margin"])}
+        interval = paired_relative_change(bf16_hits, per_user_metrics(items["fp8-engine"].numpy(), targets, k)[0])
+        row[f"recall@{k}_change_fp8-engine_vs_bf16_engine"] = {
+            **interval, "verdict": non_inferiority(interval, out["recall_margin"])}
         out["by_beam"][str(beam)] = row
         log.info("trained checkpoint, beam %d: %s", beam, row)
     for key in next(iter(out["by_beam"].values()), {}):

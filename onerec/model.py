@@ -300,8 +300,8 @@ class MoE(nn.Module):
 class ContextKV:
     """Per-user keys/values of the context, computed once per request and shared by all beams."""
 
-    keys: list[torch.Tensor]  # L_kv tensors [B, G_kv, T, d_head] (or kernels.QuantizedContextKV, K and V)
-    values: list[torch.Tensor]  # same; the same tensors as keys when S_kv == 1 or quantized
+    keys: list[torch.Tensor]  # L_kv tensors [B, G_kv, T, d_head]
+    values: list[torch.Tensor]  # same; the same tensors as keys when S_kv == 1
     mask: torch.Tensor  # [B, T] bool, True where a context position is real
     # False when no position is padded: cross-attention then runs without a mask, which lets SDPA
     # use its fastest (flash) kernels; True (the safe default) always applies the mask.
@@ -361,9 +361,6 @@ class ContextProcessor(nn.Module):
         chunk = cfg.G_kv * cfg.d_head
         self.k_norms = nn.ModuleList(RMSNorm(chunk, cfg.norm_eps) for _ in range(cfg.L_kv))
         self.v_norms = nn.ModuleList(RMSNorm(chunk, cfg.norm_eps) for _ in range(cfg.L_kv)) if cfg.S_kv == 2 else None
-        # True: the K/V leave in FP8 (kernels.QuantizedContextKV), quantized once per request, and
-        # cross-attention runs in FP8 (the recipe option attention="fp8", set by a serving backend)
-        self.quantize_kv = False
 
     def embed(self, history_sids: torch.Tensor, history_mask: torch.Tensor, profile: torch.Tensor | None):
         """[B, T, n_levels] codes (left-padded: newest last) -> context sequence [B, 1 + T, d] and mask."""
@@ -409,8 +406,6 @@ class ContextProcessor(nn.Module):
         for l in range(cfg.L_kv):
             k = heads(self.k_norms[l](chunks[l * cfg.S_kv]))
             v = heads(self.v_norms[l](chunks[l * cfg.S_kv + 1])) if self.v_norms is not None else k
-            if self.quantize_kv:
-                k = v = kernels.quantize_context_kv(k, v)
             keys.append(k)
             values.append(v)
         return ContextKV(keys, values, mask, padded=not bool(mask.all()) if padded is None else padded)

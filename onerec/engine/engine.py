@@ -25,9 +25,8 @@ plain search. MoE blocks run the model's MoE module by default; its routing sync
 so such a model runs without graphs. `EngineConfig(moe_kernel="triton")` (opt-in until measured on
 a GPU) stacks each MoE's experts once and runs the fused op `kernels.moe` instead: routing and
 grouped expert GEMMs without host syncs, so the request is captured as a graph again
-(`moe_kernel="torch"`: the fused op's PyTorch reference, for tests). `attention="fp8"` (the
-recipe option of that name) quantizes the context K/V once per request and runs cross-attention
-in FP8 (`kernels.cross_attention` over `QuantizedContextKV`).
+(`moe_kernel="torch"`: the fused op's PyTorch reference, for tests). Cross-attention over the
+context stays bf16 SDPA.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ from onerec.engine.linear import ModuleMethod, fuse, serving_linear
 from onerec.generate import Recommendations, beam_search
 from onerec.model import MoE, OneRecV2, SwiGLU
 from onerec.quant.fp8 import FP8Linear
-from onerec.quant.recipes import ATTENTION_MODES
 from onerec.semantic_ids import SemanticIdIndex
 
 log = logging.getLogger(__name__)
@@ -70,7 +68,6 @@ class EngineConfig:
     kernel: str | None = None  # "torch" | "triton" (onerec.kernels); None: "triton" on CUDA, else "torch"
     # None: the model's MoE module; "torch" | "triton": the fused MoE op (kernels.moe) with that kernel
     moe_kernel: str | None = None
-    attention: str = "bf16"  # cross-attention over the context: "bf16" | "fp8" (the recipe option)
 
 
 def shared_weights_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -79,8 +76,8 @@ def shared_weights_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def serving_model(model: OneRecV2, fp8: bool, quantize_context: bool, kernel: str, moe_kernel: str | None = None,
-                  attention: str = "bf16") -> OneRecV2:
+def serving_model(model: OneRecV2, fp8: bool, quantize_context: bool, kernel: str,
+                  moe_kernel: str | None = None) -> OneRecV2:
     """The serving view of `model` (see module doc); heads and norms stay in high precision."""
     view = shared_weights_copy(model).eval()
     dtype = model.token_embedding.weight.dtype
@@ -93,7 +90,6 @@ def serving_model(model: OneRecV2, fp8: bool, quantize_context: bool, kernel: st
             module.kernel = kernel
     ctx = view.context
     ctx.proj = linear(ctx.proj, fp8 and quantize_context)
-    ctx.quantize_kv = attention == "fp8"
     ctx.input_norm.quantize_output = ctx.proj.takes_fp8
     for block in view.blocks:
         for name in ("cross_q", "cross_o", "self_qkv", "self_o"):
@@ -225,10 +221,8 @@ class Engine:
             raise ValueError(f"unknown kernel {self.kernel!r}; known: {', '.join(kernels.KERNELS)}")
         if config.moe_kernel not in (None, *kernels.KERNELS):
             raise ValueError(f"unknown moe_kernel {config.moe_kernel!r}; known: {', '.join(kernels.KERNELS)}")
-        if config.attention not in ATTENTION_MODES:
-            raise ValueError(f"unknown attention {config.attention!r}; known: {', '.join(ATTENTION_MODES)}")
         self.model = serving_model(model.eval(), bool(config.fp8), config.quantize_context, self.kernel,
-                                   config.moe_kernel, config.attention)
+                                   config.moe_kernel)
         self.fp8 = any(  # does any block GEMM run in FP8 (natively or through an FP8Linear's own forward)?
             m.takes_fp8 or isinstance(getattr(m, "source", None), FP8Linear)
             for b in self.model.blocks for m in (b.cross_q, b.cross_o, b.self_qkv, b.self_o)

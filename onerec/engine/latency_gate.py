@@ -193,7 +193,7 @@ def measure_latency(
     from onerec.checkpoint import load_checkpoint
     from onerec.engine.engine import Engine, EngineConfig
     from onerec.engine.timing import flop_count, matmul_peaks, percentile
-    from onerec.quant.export import check_made_from, load_quantized, recipe_attention
+    from onerec.quant.export import check_made_from, load_quantized
     from onerec.semantic_ids import SemanticIdIndex
 
     device = torch.device("cuda" if ok else "cpu")
@@ -209,8 +209,7 @@ def measure_latency(
         log.info("matmul peaks: bf16 %.0f, fp8 %.0f TFLOP/s", peaks["bf16_tflops"], peaks["fp8_tflops"])
     index = SemanticIdIndex.build(table, cfg.codebook_size).to(device)
     engine_config = EngineConfig(beam_size=config.beam_size, k=config.k)
-    fp8_config = dataclasses.replace(engine_config, attention=recipe_attention(recipe))  # the recipe's option
-    engines = {"bf16": Engine(model, index, engine_config), "fp8": Engine(qmodel, index, fp8_config)}
+    engines = {"bf16": Engine(model, index, engine_config), "fp8": Engine(qmodel, index, engine_config)}
     context_len = config.context_len or cfg.context_len
     latencies: dict = {"bf16": {}, "fp8": {}}
     shapes: dict = {}

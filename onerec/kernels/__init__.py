@@ -8,34 +8,31 @@ any device) or `kernel="triton"` (CUDA). The model's modules call these entries 
   scale) for an FP8 GEMM;
 - `silu_mul(gate_up, quantize=False)`: SiLU(gate) * up of a fused w1|w3 GEMM output;
 - `quantize_rows(x)`: per-token FP8 quantization alone (attention outputs);
-- `cross_attention(q, k, v, mask)`: the beams of a user as query rows over that user's context; in
-  FP8 (`context_attention`, onerec/kernels/fp8_attention.py) when the context K/V come as
-  `QuantizedContextKV` (`quantize_context_kv`, once per request: the recipe option attention="fp8");
+- `cross_attention(q, k, v, mask)`: the beams of a user as query rows over that user's context
+  (bf16 SDPA);
 - `cached_self_attention(qkv, past, rows)`: the newest target token over the earlier ones of its beam;
 - `moe(x, weights)`: a whole MoE layer over experts stacked once (`MoEWeights`): routing, grouped
   expert GEMMs (bf16 or FP8 blocks) and the combine, without host syncs (onerec/kernels/fused_moe.py).
 
 The references (onerec/kernels/reference.py) have the same rounding as the unfused model ops, so a
 fused result equals what the model's FP8Linear would have computed; tests/gpu/test_kernels.py
-compares each Triton kernel (onerec/kernels/triton_kernels.py) with its reference. The two larger
-ops, MoE and FP8 context attention, keep entry and reference in their own module and their Triton
-kernels beside (triton_fused_moe.py, triton_fp8_attention.py); tests/unit/test_engine_kernels.py checks
-those kernels on CPU through Triton's interpreter.
+compares each Triton kernel (onerec/kernels/triton_kernels.py) with its reference. The larger
+MoE op keeps entry and reference in its own module and its Triton kernels beside
+(triton_fused_moe.py); tests/unit/test_engine_kernels.py checks those kernels on CPU through
+Triton's interpreter.
 """
 
 from __future__ import annotations
 
 from onerec.kernels import reference
-from onerec.kernels.fp8_attention import QuantizedContextKV, context_attention, quantize_context_kv
 from onerec.kernels.fused_moe import MoEWeights, moe
 from onerec.kernels.reference import SDPA_MAX_BATCH, QuantizedRows, attention
 
 KERNELS = ("torch", "triton")
 
 __all__ = [
-    "KERNELS", "SDPA_MAX_BATCH", "MoEWeights", "QuantizedContextKV", "QuantizedRows", "attention",
-    "cached_self_attention", "context_attention", "cross_attention", "moe", "quantize_context_kv", "quantize_rows",
-    "rmsnorm", "silu_mul",
+    "KERNELS", "SDPA_MAX_BATCH", "MoEWeights", "QuantizedRows", "attention", "cached_self_attention",
+    "cross_attention", "moe", "quantize_rows", "rmsnorm", "silu_mul",
 ]
 
 
@@ -65,11 +62,9 @@ def quantize_rows(x, kernel: str = "torch") -> QuantizedRows:
 def cross_attention(q, k, v, mask=None, kernel: str = "torch"):
     """q [B, H, N, dh] over k/v [B, G, T, dh] (G divides H), mask [B, T] or None -> [B, H, N, dh].
 
-    bf16: SDPA (flash kernels without a mask) whatever the kernel. k (and v, the same object) a
-    `QuantizedContextKV`: FP8 context attention with that kernel.
+    SDPA (flash kernels without a mask) whatever the kernel (an FP8 kernel measured 0.38-0.46x
+    SDPA's speed on an H200 on 2026-12-04 and was removed: bench/README.md).
     """
-    if isinstance(k, QuantizedContextKV):
-        return context_attention(q.transpose(1, 2), k, mask, kernel=kernel).transpose(1, 2)
     return reference.cross_attention(q, k, v, mask)
 
 

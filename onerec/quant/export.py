@@ -53,13 +53,6 @@ def recipe_name(recipe_json: dict) -> str | None:
     return recipe.get("name") if isinstance(recipe, dict) else recipe_json.get("name")
 
 
-def recipe_attention(recipe_json: dict | None) -> str:
-    """How the engine runs cross-attention for a folder: its recipe's `attention` option ("bf16" for a
-    checkpoint, or a recipe.json written before the option existed)."""
-    recipe = (recipe_json or {}).get("recipe")
-    return recipe.get("attention", "bf16") if isinstance(recipe, dict) else "bf16"
-
-
 def fp8_layers(model: torch.nn.Module) -> dict[str, FP8Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
 
@@ -154,7 +147,7 @@ def load_quantized(
     qdir: str | Path, device: str | torch.device = "cpu", verify: bool = True,
 ) -> tuple[OneRecV2, np.ndarray, dict]:
     """(FP8 model in eval mode, semantic-id table, recipe.json as a dict) from a quantized folder."""
-    from onerec.quant.recipes import _replace
+    from onerec.quant.recipes import _replace, recipe_from_dict
 
     qdir = Path(qdir)
     if not is_quantized_folder(qdir):
@@ -168,6 +161,7 @@ def load_quantized(
         raise UserError(f"{qdir}: invalid {RECIPE} or {CONFIG} ({exc})") from None
     if recipe.get("format") != FORMAT:
         raise UserError(f"{qdir / RECIPE}: format {recipe.get('format')!r}, this code reads {FORMAT!r}")
+    recipe_from_dict(recipe["recipe"])  # a recipe this code can serve (e.g. not the retired FP8 attention)
     with torch.device("meta"):
         model = OneRecV2(cfg)  # no random init: every tensor comes from the file
     for name, spec in recipe["layers"].items():

@@ -187,7 +187,7 @@ def _reference_search(model, index) -> Callable:
     return search
 
 
-def _engine(model, index, device: str, shapes: ServingShapes, attention: str = "bf16"):
+def _engine(model, index, device: str, shapes: ServingShapes):
     """The engine area's fast beam search (onerec.engine.engine.Engine) on a CUDA GPU, or None.
 
     One Engine over one serving view of the weights serves every width; it returns the top
@@ -205,7 +205,7 @@ def _engine(model, index, device: str, shapes: ServingShapes, attention: str = "
     try:
         return Engine(model, index, EngineConfig(
             beam_size=max(widths), beam_sizes=widths, k=max(widths), batch_buckets=shapes.batch_buckets(),
-            history_buckets=shapes.history_buckets, attention=attention))
+            history_buckets=shapes.history_buckets))
     except Exception as exc:  # a fast path that cannot build must not take serving down
         log.warning("the engine is unavailable (%s); using the reference beam search", exc)
         return None
@@ -221,7 +221,6 @@ def load_served_model(
 
     from onerec.checkpoint import load_model_folder
     from onerec.manifest import manifest_digest
-    from onerec.quant.export import recipe_attention
     from onerec.semantic_ids import SemanticIdIndex
 
     ref = parse_model_uri(uri, default_name=name)
@@ -247,8 +246,7 @@ def load_served_model(
     mean = getattr(model.context, "profile_mean", None)
     fill = mean.detach().float().cpu().numpy() if mean is not None else np.zeros(cfg.num_profile_features, np.float32)
     shapes = shapes or ServingShapes()
-    engine = _engine(model, index, device, replace(shapes, beam_widths=shapes.beam_widths or shapes.engine_widths),
-                     recipe_attention(recipe))
+    engine = _engine(model, index, device, replace(shapes, beam_widths=shapes.beam_widths or shapes.engine_widths))
     if engine is not None:
         def search(sids, mask, profile, beam, k):
             recs = engine.recommend(sids, mask, profile, beam=beam)

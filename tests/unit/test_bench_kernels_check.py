@@ -23,7 +23,7 @@ def test_kernel_check_script_runs_every_item_on_cpu(tmp_path):
     results = json.loads(out.read_text())
     errors = {name: r["error"] for name, r in results.items() if isinstance(r, dict) and "error" in r}
     assert not errors
-    assert results["moe_check_16"]["passed"] and results["attention_check"]["passed"]
+    assert results["moe_check_16"]["passed"]
     assert results["moe_quantize_blocks_check"] == {"scales_equal": True, "fp8_mismatches": 0}
     gemms = {k: v for k, v in results["gemm_shapes"].items() if k != "rows"}
     # every Linear of a dense block and the context projection, w1|w3 fused, at each row count

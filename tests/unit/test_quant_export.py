@@ -128,6 +128,22 @@ def test_tampered_or_foreign_folders_are_refused(quantized_dir, trained_tiny, tm
     assert code == 1  # --out exists: a one-line error, not an overwrite
 
 
+def test_folder_written_with_the_retired_attention_field_loads_for_bf16_and_is_refused_for_fp8(quantized_dir, tmp_path):
+    qdir, _ = quantized_dir
+    for attention in ("bf16", "fp8"):
+        copy = tmp_path / attention
+        shutil.copytree(qdir, copy)
+        recipe = json.loads((copy / "recipe.json").read_text())
+        recipe["recipe"]["attention"] = attention
+        (copy / "recipe.json").write_text(json.dumps(recipe))
+        if attention == "bf16":
+            model, _, loaded = load_quantized(copy, verify=False)
+            assert loaded["recipe"]["attention"] == "bf16" and isinstance(model.blocks[0].ffn.w1, FP8Linear)
+        else:
+            with pytest.raises(UserError, match="retired"):
+                load_quantized(copy, verify=False)
+
+
 def test_load_model_folder_takes_either_kind_of_folder(trained_tiny, quantized_dir, tmp_path):
     from onerec.checkpoint import load_model_folder
 

@@ -110,21 +110,15 @@ def test_user_exclude_patterns_and_unknown_options():
         quantize(OneRecV2(cfg), "fp8_static", None)
 
 
-def test_attention_option_defaults_to_bf16_is_validated_and_round_trips():
-    assert make_recipe("fp8_dynamic").attention == "bf16"
+def test_recipe_json_with_the_retired_attention_field_loads_for_bf16_and_is_refused_for_fp8():
     for name in RECIPES:
-        recipe = make_recipe(name, attention="fp8")
-        assert recipe_from_dict(recipe.to_dict()).attention == "fp8"
-    old = make_recipe("fp8_block").to_dict()
-    del old["attention"]  # a recipe.json written before the option existed
-    assert recipe_from_dict(old).attention == "bf16"
-    with pytest.raises(UserError, match="attention must be one of bf16, fp8"):
-        make_recipe("fp8_static", attention="int8")
-    # what the engine is given for a folder (serving, latency gate): the recipe's option, else bf16
-    from onerec.quant.export import recipe_attention
-
-    assert recipe_attention({"recipe": make_recipe("fp8_block", attention="fp8").to_dict()}) == "fp8"
-    assert recipe_attention({"recipe": old}) == "bf16" and recipe_attention(None) == "bf16"
+        written = {**make_recipe(name).to_dict(), "attention": "bf16"}  # a recipe.json from before
+        assert recipe_from_dict(written).to_dict() == make_recipe(name).to_dict()
+    with pytest.raises(UserError, match="FP8 attention .* was retired") as err:
+        recipe_from_dict({**make_recipe("fp8_dynamic").to_dict(), "attention": "fp8"})
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="no option"):
+        make_recipe("fp8_dynamic", attention="fp8")
 
 
 def test_nan_in_calibration_activations_raises_naming_the_layer():
