@@ -306,6 +306,11 @@ class ContextKV:
     # False when no position is padded: cross-attention then runs without a mask, which lets SDPA
     # use its fastest (flash) kernels; True (the safe default) always applies the mask.
     padded: bool = True
+    # [B] int32: each user's first real position. The real keys of a user are contiguous, from
+    # here to the end (history left-padded, the user token last), so a variable-length attention
+    # kernel reads only those (onerec/kernels: lengths as device-side metadata, no host sync).
+    key_start: torch.Tensor | None = None
+    kernel_cache: dict = field(default_factory=dict, repr=False)  # per-request layouts a kernel derives once
 
 
 @dataclass
@@ -363,7 +368,8 @@ class ContextProcessor(nn.Module):
         self.v_norms = nn.ModuleList(RMSNorm(chunk, cfg.norm_eps) for _ in range(cfg.L_kv)) if cfg.S_kv == 2 else None
 
     def embed(self, history_sids: torch.Tensor, history_mask: torch.Tensor, profile: torch.Tensor | None):
-        """[B, T, n_levels] codes (left-padded: newest last) -> context sequence [B, 1 + T, d] and mask."""
+        """[B, T, n_levels] codes (left-padded: newest last) -> context sequence [B, T + 1, d] (the
+        history, then the user token) and its mask."""
         cfg = self.cfg
         B, T, _ = history_sids.shape
         if T > cfg.context_len:
@@ -388,8 +394,10 @@ class ContextProcessor(nn.Module):
             codes = profile[:, len(cfg.profile_features):].float().long()
             codes = codes.masked_fill((codes < 0) | (codes >= self.category_sizes), 0)  # out of range: unknown
             user = user + self.category_embedding(codes + self.category_offsets).sum(1)[:, None, :].to(items.dtype)
-        seq = torch.cat([user, items], dim=1)
-        mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=seq.device), history_mask], dim=1)
+        # The user token goes last: attention is order-free over keys (positions are embedded), and
+        # so every user's real positions form one block at the end of its row.
+        seq = torch.cat([items, user], dim=1)
+        mask = torch.cat([history_mask, torch.ones(B, 1, dtype=torch.bool, device=seq.device)], dim=1)
         return seq, mask
 
     def forward(self, history_sids, history_mask, profile=None, padded: bool | None = None) -> ContextKV:
@@ -408,7 +416,9 @@ class ContextProcessor(nn.Module):
             v = heads(self.v_norms[l](chunks[l * cfg.S_kv + 1])) if self.v_norms is not None else k
             keys.append(k)
             values.append(v)
-        return ContextKV(keys, values, mask, padded=not bool(mask.all()) if padded is None else padded)
+        key_start = (T - mask.sum(1)).to(torch.int32)  # real positions are the last ones (see embed)
+        return ContextKV(keys, values, mask, padded=not bool(mask.all()) if padded is None else padded,
+                         key_start=key_start)
 
 
 class LazyDecoderBlock(nn.Module):
@@ -433,7 +443,8 @@ class LazyDecoderBlock(nn.Module):
         B, N, _ = h.shape
         q = self.cross_q(h).view(B, N, cfg.n_heads, cfg.d_head).transpose(1, 2)
         k, v = ctx.keys[self.kv_set], ctx.values[self.kv_set]
-        out = kernels.cross_attention(q, k, v, ctx.mask if ctx.padded else None, kernel=self.kernel)
+        out = kernels.cross_attention(q, k, v, ctx.mask if ctx.padded else None, kernel=self.kernel,
+                                      key_start=ctx.key_start, cache=ctx.kernel_cache)
         return self.cross_o(out.transpose(1, 2).reshape(B, N, -1))
 
     def cross_attention(self, x: torch.Tensor, ctx: ContextKV) -> torch.Tensor:

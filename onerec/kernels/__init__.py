@@ -9,7 +9,7 @@ any device) or `kernel="triton"` (CUDA). The model's modules call these entries 
 - `silu_mul(gate_up, quantize=False)`: SiLU(gate) * up of a fused w1|w3 GEMM output;
 - `quantize_rows(x)`: per-token FP8 quantization alone (attention outputs);
 - `cross_attention(q, k, v, mask)`: the beams of a user as query rows over that user's context
-  (bf16 SDPA);
+  (bf16 SDPA; on a GPU FlashAttention-2's variable-length kernel over each user's real keys);
 - `cached_self_attention(qkv, past, rows)`: the newest target token over the earlier ones of its beam;
 - `moe(x, weights)`: a whole MoE layer over experts stacked once (`MoEWeights`): routing, grouped
   expert GEMMs (bf16 or FP8 blocks) and the combine, without host syncs (onerec/kernels/fused_moe.py).
@@ -59,12 +59,19 @@ def quantize_rows(x, kernel: str = "torch") -> QuantizedRows:
     return QuantizedRows(*(_triton().quantize_rows if kernel == "triton" else reference.quantize_rows)(x))
 
 
-def cross_attention(q, k, v, mask=None, kernel: str = "torch"):
+def cross_attention(q, k, v, mask=None, kernel: str = "torch", key_start=None, cache: dict | None = None):
     """q [B, H, N, dh] over k/v [B, G, T, dh] (G divides H), mask [B, T] or None -> [B, H, N, dh].
 
-    SDPA (flash kernels without a mask) whatever the kernel (an FP8 kernel measured 0.38-0.46x
-    SDPA's speed on an H200 on 2026-12-04 and was removed: bench/README.md).
+    `kernel="triton"` on a GPU with `key_start` (each user's real keys are key_start[b]..T-1):
+    FlashAttention-2's variable-length kernel over the real keys only (onerec/kernels/flash_attention.py);
+    otherwise SDPA with the mask. (An FP8 attention kernel measured 0.38-0.46x SDPA's speed on an
+    H200 on 2026-12-04 and was removed: bench/README.md.)
     """
+    if kernel == "triton" and key_start is not None:
+        from onerec.kernels import flash_attention
+
+        if flash_attention.supported(q):
+            return flash_attention.cross_attention(q, k, v, key_start, cache)
     return reference.cross_attention(q, k, v, mask)
 
 

@@ -283,3 +283,47 @@ def test_moe_kernel_switch_refuses_a_fused_kernel_without_stacked_experts():
     moe.kernel = "triton"
     with pytest.raises(ValueError, match="'triton' needs the stacked experts"):
         moe(torch.randn(2, model.cfg.d_model))
+
+
+def test_varlen_cross_attention_layout_reads_exactly_the_real_keys(monkeypatch):
+    """The offsets the GPU path hands FlashAttention-2 (`seqused_k` and `cu_seqlens_k` over the
+    padded rows) select each user's real keys: with the kernel emulated on CPU as documented, the
+    result equals SDPA with the mask, for random left padding, GQA and the cached layout."""
+    from onerec.kernels import flash_attention
+
+    def emulated(q, k, v, cu_q, cu_k, max_q, max_k, used_k):
+        out = torch.empty_like(q)
+        for b in range(len(used_k)):
+            qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b]) + int(used_k[b]))
+            assert int(cu_q[b + 1]) - int(cu_q[b]) <= max_q and int(used_k[b]) <= max_k
+            out[qs] = F.scaled_dot_product_attention(q[qs].transpose(0, 1), k[ks].transpose(0, 1), v[ks].transpose(0, 1),
+                                                     enable_gqa=True).transpose(0, 1)
+        return out
+
+    monkeypatch.setattr(flash_attention, "flash_varlen", emulated)
+    torch.manual_seed(0)
+    B, H, G, N, S, dh = 3, 4, 2, 5, 9, 8
+    q = torch.randn(B, N, H, dh).transpose(1, 2)  # the model's layouts: [B, N, H, dh] and [B, S, G, dh] in memory
+    k = torch.randn(B, S, G, dh).transpose(1, 2)
+    key_start = torch.tensor([0, 4, 8], dtype=torch.int32)  # no padding, some, only the user token
+    mask = torch.arange(S)[None, :] >= key_start[:, None]
+    want = reference.cross_attention(q, k, k, mask)
+    cache = {}
+    got = flash_attention.cross_attention(q, k, k, key_start, cache)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert list(cache) == [("varlen", S, N)]
+    torch.testing.assert_close(flash_attention.cross_attention(q, k, k, key_start, cache), want, rtol=1e-5, atol=1e-5)
+
+
+def test_context_keys_start_where_the_real_positions_start():
+    """The model lays each user's real context positions (history, then the user token) as one
+    block at the end of its row, and says where it starts: what the varlen kernel relies on."""
+    cfg = OneRecV2Config.from_preset("tiny")
+    model = OneRecV2(cfg).eval()
+    sids = torch.randint(0, cfg.codebook_size, (3, 6, 3))
+    mask = torch.tensor([[True] * 6, [False] * 4 + [True] * 2, [False] * 6])
+    ctx = model.encode_context(sids, mask)
+    assert ctx.key_start.tolist() == [0, 4, 6] and ctx.key_start.dtype == torch.int32
+    for b in range(3):
+        real = ctx.mask[b].nonzero().flatten().tolist()
+        assert real == list(range(int(ctx.key_start[b]), 7))
