@@ -10,7 +10,9 @@ Same GPU, same process, same random weights and inputs for every variant:
 1. bf16-eager: plain `OneRecV2` + `onerec.generate.beam_search` (the baseline a team starts from:
    SDPA cross-attention on the shared context, a self-attention KV cache reordered by parent beam);
 2. bf16-engine: `onerec.engine.Engine` without FP8 (KV cache, fused kernels, CUDA graphs);
-3. fp8-engine: the same engine with FP8 GEMMs and fused activation quantization;
+3. fp8-engine: the same engine with FP8 GEMMs and fused activation quantization (`--fp8-layers
+   timed`: only in the layers whose FP8 GEMM is faster on this GPU at one user, the recipe option
+   layer_choice="timed"; the others bf16);
 4. torchao-fp8: torchao `Float8DynamicActivationFloat8WeightConfig(PerRow)` on the plain
    model's decoder Linear layers + `torch.compile` of each block's decoding step, run by the plain
    beam search (bench/torchao_baseline.py).
@@ -30,6 +32,7 @@ import functools
 import json
 import logging
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -74,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-split", type=int, default=0, help="batch for the engine's GPU time split (1b)")
     parser.add_argument("--moe-kernel", default=None, choices=["torch", "triton"],
                         help="both engines: the fused MoE op (EngineConfig.moe_kernel); default the MoE module")
+    parser.add_argument("--fp8-layers", default="all", choices=["all", "timed"],
+                        help="fp8-engine: every Linear in FP8, or only where FP8 timed faster on this GPU at one "
+                             "user (fp8_dynamic layer_choice=timed, --beam-size rows; dense presets)")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -95,7 +101,7 @@ def main(args: argparse.Namespace) -> dict:
             time_budget_s=args.time_budget_s,
             torchao_presets=[p for p in args.torchao_presets.split(",") if p],
             torchao_batches=[int(b) for b in args.torchao_batches.split(",") if b] or None,
-            moe_kernel=args.moe_kernel,
+            moe_kernel=args.moe_kernel, fp8_layers=args.fp8_layers,
         )
         if args.trained:
             from bench.gpu_trained_overlap import trained_overlap
@@ -163,7 +169,7 @@ def _sdpa_priority(names: list[str]):
 def run_benchmark(
     presets, batches, variants, context_len=3000, beam_size=512, k=10, num_items=1_000_000,
     warmup=3, repeats=20, seed=0, time_budget_s=480.0, torchao_presets=None,
-    torchao_batches=None, moe_kernel=None,
+    torchao_batches=None, moe_kernel=None, fp8_layers="all",
 ) -> dict:
     import torch
 
@@ -176,7 +182,7 @@ def run_benchmark(
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "settings": dict(context_len=context_len, beam_size=beam_size, k=k, num_items=num_items,
                          warmup=warmup, repeats=repeats, seed=seed, batches=batches, variants=variants,
-                         moe_kernel=moe_kernel),
+                         moe_kernel=moe_kernel, fp8_layers=fp8_layers),
         "runs": [], "skipped": [],
     }
     try:
@@ -201,7 +207,7 @@ def run_benchmark(
                    if torchao_presets is None or preset in torchao_presets]
     for preset, preset_variants, preset_batches in passes:
         _bench_preset(result, preset, preset_batches, preset_variants, context_len, beam_size, k, num_items,
-                      warmup, repeats, seed, t0, time_budget_s, device, moe_kernel)
+                      warmup, repeats, seed, t0, time_budget_s, device, moe_kernel, fp8_layers)
         torch.cuda.empty_cache()
     result["elapsed_s"] = time.time() - t0
     result["summary"] = summarize(result)
@@ -209,7 +215,7 @@ def run_benchmark(
 
 
 def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, num_items,
-                  warmup, repeats, seed, t0, time_budget_s, device, moe_kernel=None) -> None:
+                  warmup, repeats, seed, t0, time_budget_s, device, moe_kernel=None, fp8_layers="all") -> None:
     import torch
 
     from onerec.engine.engine import Engine, EngineConfig
@@ -225,6 +231,8 @@ def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, 
             beam_size=beam_size, k=k, fp8=name == "fp8-engine", moe_kernel=moe_kernel))
         for name in ("bf16-engine", "fp8-engine") if name in variants or name == "bf16-engine"
     }
+    if fp8_layers == "timed" and "fp8-engine" in engines:
+        engines["fp8-engine"] = timed_fp8_engine(result, preset, model, index, beam_size, k, moe_kernel)
     beams = engines["bf16-engine"].beams
     flops_cached = flop_count(cfg, context_len, beams, cached=True)
     ao = None
@@ -291,6 +299,29 @@ def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, 
         "config": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
         "beams_per_step": beams, "flops_per_user_cached": flops_cached,
     }
+
+
+def timed_fp8_engine(result, preset, model, index, beam_size, k, moe_kernel):
+    """The FP8 engine on a copy of `model` quantized as the recipe does with layer_choice="timed"
+    (each GEMM timed on this GPU at `beam_size` rows); the choice goes into result["layer_choice"]."""
+    from onerec.engine.engine import Engine, EngineConfig, shared_weights_copy
+    from onerec.model import MoE
+    from onerec.quant.recipes import make_recipe, quantize
+
+    if any(isinstance(m, MoE) for m in model.modules()):
+        raise UserError("--fp8-layers timed: dense presets only (FP8 MoE experts come from the engine's fp8=True)")
+    timed = shared_weights_copy(model)
+    report = quantize(timed, make_recipe("fp8_dynamic", layer_choice="timed", layer_choice_rows=beam_size), measure=False)
+    choice = report.layer_choice
+    result.setdefault("layer_choice", {})[preset] = {
+        **{key: v for key, v in choice.items() if key != "layers"},
+        "bf16_layers": sorted(n for n, e in choice["layers"].items() if e["choice"] == "bf16"),
+        "gemms": {re.sub(r"blocks\.\d+\.", "", e["gemm"]):  # the same shape in every block: timed once
+                  {x: e[x] for x in ("shape", "rows", "fused_input", "bf16_ms", "fp8_ms", "speedup", "choice")}
+                  for e in choice["layers"].values()},
+    }
+    log.info("timed layer choice for %s: %s", preset, result["layer_choice"][preset]["gemms"])
+    return Engine(timed, index, EngineConfig(beam_size=beam_size, k=k, moe_kernel=moe_kernel))
 
 
 def summarize(result: dict) -> dict:

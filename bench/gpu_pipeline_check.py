@@ -12,9 +12,12 @@ On a machine with an FP8 GPU (H100/H200), no network needed:
 3. quantize, quality_gate, latency_gate: each one `onerec-fp8 pipeline exec STEP --inputs JSON
    --xcom-file F` in a subprocess, the inputs being the earlier steps' results by step name as the
    DAG renders them from XCom (tasks.requantize.STEPS[...].inputs), ONEREC_STATE_DIR set as in the
-   pod, ONEREC_QUALITY_EVAL_REQUESTS = --quality-users; timed, results read back from F;
+   pod, ONEREC_QUALITY_EVAL_REQUESTS = --quality-users, ONEREC_LAYER_CHOICE = --layer-choice
+   ("timed": quantize keeps in bf16 the layers whose FP8 GEMM is slower on this GPU at one user);
+   timed, results read back from F;
 4. bench/gpu_bench.py --variants bf16-engine,fp8-engine on the latency gate's shapes (each measured
-   batch at its history length, the trained table's item count), to compare the FP8/bf16 ratios.
+   batch at its history length, the trained table's item count; `--fp8-layers timed` with
+   --layer-choice timed), to compare the FP8/bf16 ratios.
 Checks: every step exited 0 (a pod succeeds once its step ran; the verdict is in the XCom), the quality gate ran on CUDA on
 --quality-users users, the latency gate measured on CUDA and gave a verdict, the ratios agree
 with bench within 10%, the GPU part within 5 minutes. One JSON (device, versions, date, command,
@@ -151,7 +154,8 @@ def make_work_folder(args, cli: list[str], env: dict, budget: Budget, timings: d
     return dataclasses.asdict(fetched)
 
 
-def bench_comparison(latency: dict, num_items: int, env: dict, budget: Budget, out: Path) -> dict:
+def bench_comparison(latency: dict, num_items: int, env: dict, budget: Budget, out: Path,
+                     layer_choice: str = "all") -> dict:
     """The GPU benchmark (bench/gpu_bench.py: bf16 vs FP8 engine, random weights, unpadded histories) at
     each batch the latency gate measured, with that batch's history length and the trained table's size."""
     cfg = latency["thresholds"]
@@ -166,7 +170,7 @@ def bench_comparison(latency: dict, num_items: int, env: dict, budget: Budget, o
         argv = [*bench, "--presets", latency["preset"], "--batches", b, "--variants", "bf16-engine,fp8-engine",
                 "--context-len", str(T), "--beam-size", str(cfg["beam_size"]), "--k", str(cfg["k"]),
                 "--num-items", str(num_items), "--warmup", str(cfg["warmup"]), "--repeats", str(cfg["repeats"]),
-                "--out", str(out), "--tag", f"pipeline_check_b{b}"]
+                "--fp8-layers", layer_choice, "--out", str(out), "--tag", f"pipeline_check_b{b}"]
         code, stdout, seconds = run(argv, env, budget, f"bench batch {b}")
         summary = last_json(stdout) or {}
         if code or not summary.get("results"):
@@ -199,6 +203,9 @@ def main() -> int:
     parser.add_argument("--train-batch-size", type=int, default=256)
     parser.add_argument("--quality-users", type=int, default=4096, help="held-out requests the quality gate scores")
     parser.add_argument("--recipe", default="fp8_dynamic")
+    parser.add_argument("--layer-choice", default="all", choices=["all", "timed"],
+                        help="ONEREC_LAYER_CHOICE of the quantize pod (fp8_dynamic): timed = FP8 only where it "
+                             "measured faster on this GPU at one user")
     parser.add_argument("--checkpoint-id", default="check")
     parser.add_argument("--latency-gate", default=None,
                         help='ONEREC_LATENCY_GATE for the pod, e.g. \'{"batch_sizes": [1, 8]}\' (default: the config\'s)')
@@ -222,7 +229,7 @@ def main() -> int:
     args.state = args.work / f"state-{args.preset}-{args.users}u-{args.items}i"
     args.state.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "ONEREC_STATE_DIR": str(args.state), "ONEREC_RECIPE": args.recipe,
-           "ONEREC_QUALITY_EVAL_REQUESTS": str(args.quality_users),
+           "ONEREC_QUALITY_EVAL_REQUESTS": str(args.quality_users), "ONEREC_LAYER_CHOICE": args.layer_choice,
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     if args.latency_gate:
         env["ONEREC_LATENCY_GATE"] = args.latency_gate
@@ -246,6 +253,10 @@ def main() -> int:
             break
         results[step] = result
     quality, latency = results.get("quality_gate"), results.get("latency_gate")
+    chosen = {}  # the timed per-layer choice of the quantized folder (recipe.json), when made
+    if results.get("quantize"):
+        recipe_json = json.loads((Path(results["quantize"]["quantized_dir"]) / "recipe.json").read_text())
+        chosen = recipe_json.get("layer_choice", {})
 
     checks = {"every_step_ran": all(s["exit_code"] == 0 and s["xcom_written"] for s in steps.values())
               and len(steps) == len(GPU_STEPS)}
@@ -266,7 +277,7 @@ def main() -> int:
 
         latency["preset"] = args.preset
         num_items = len(np.load(Path(fetched["checkpoint_dir"]) / "semantic_ids.npy"))
-        comparison = bench_comparison(latency, num_items, env, budget, args.work / "bench")
+        comparison = bench_comparison(latency, num_items, env, budget, args.work / "bench", args.layer_choice)
         latency.pop("preset")
         compared = [r["within_tolerance"] for r in comparison.values() if "within_tolerance" in r]
         checks["ratios_agree_with_bench_within_10pct"] = bool(compared) and all(compared)
@@ -276,12 +287,14 @@ def main() -> int:
         "command": " ".join(["python3", *sys.argv]), "pythonpath": os.environ.get("PYTHONPATH"),
         "entry_point": " ".join(cli[-3:]),
         "settings": {"preset": args.preset, "users": args.users, "items": args.items, "recipe": args.recipe,
+                     "layer_choice": args.layer_choice,
                      "quality_users": args.quality_users, "latency_gate": args.latency_gate,
                      "time_budget_s": args.time_budget},
         "seconds": {**{k: round(v, 1) for k, v in timings.items()}, **{s: v["seconds"] for s, v in steps.items()},
                     "gpu_part": round(gpu_part_s, 1), "total": round(time.monotonic() - budget.t0, 1)},
         "gpu_part_target_s": GPU_PART_TARGET_S,
-        "steps": steps, "quantize": results.get("quantize"), "quality_gate": quality, "latency_gate": latency,
+        "steps": steps, "quantize": results.get("quantize"), "layer_choice": chosen,
+        "quality_gate": quality, "latency_gate": latency,
         "bench_comparison": comparison, "ratio_tolerance": RATIO_TOLERANCE,
         "checks": checks, "ok": all(checks.values()),
     }
@@ -297,6 +310,9 @@ def main() -> int:
     if latency:
         say(f"latency gate: measurable={latency.get('measurable')} passed={latency.get('passed')} "
             f"latency ratio {latency.get('latency_ratio')} throughput ratio {latency.get('throughput_ratio')}")
+    if chosen:
+        say(f"timed layer choice on {chosen['device']} at {chosen['rows']} rows: bf16 for "
+            f"{sorted(n for n, e in chosen['layers'].items() if e['choice'] == 'bf16')}")
     say(f"checks: {checks}")
     return 0 if report["ok"] else 1
 

@@ -30,6 +30,9 @@ __all__ = ["AIRFLOW_VARIABLE", "PipelineConfig", "load_config"]
 class PipelineConfig(Settings):
     # quantization
     recipe: str = "fp8_dynamic"  # a recipe name of onerec.quant.recipes (fp8_dynamic | fp8_static | fp8_block)
+    # fp8_dynamic: "timed" keeps in bf16 the layers whose FP8 GEMM is slower on the quantize pod's
+    # GPU at one user (onerec/engine/layer_choice.py; needs that GPU); "all": every selected layer FP8
+    layer_choice: str = "all"
     # calibration-data validation (Great Expectations)
     min_calibration_rows: int = 64
     min_history_length: int = 1

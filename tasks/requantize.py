@@ -149,7 +149,8 @@ def validate_step(cfg, fetched: Fetched | dict) -> dict:
 
 
 def quantize_step(cfg, fetched: Fetched | dict) -> dict:
-    """Split the calibration table (calibrate / held out), then quantize with cfg.recipe."""
+    """Split the calibration table (calibrate / held out), then quantize with cfg.recipe (and
+    cfg.layer_choice: "timed" times the layers on this pod's GPU)."""
     from onerec.quant.export import quantize_folder
     from tasks.quantize import split_calibration
 
@@ -157,8 +158,10 @@ def quantize_step(cfg, fetched: Fetched | dict) -> dict:
     work = Path(fetched.work_dir)
     split = split_calibration(fetched.calibration_path, work / "split", cfg.quality_eval_requests)
     # calibrates on the GPU when there is one (a 1b checkpoint: about 50 s on an H200, minutes on CPU)
+    options = {"layer_choice": cfg.layer_choice} if cfg.layer_choice != "all" else {}
     result = quantize_folder(fetched.checkpoint_dir, split["calibrate_path"], cfg.recipe,
-                             work / f"quantized-{cfg.recipe}", overwrite=True, reuse=True, device="auto")
+                             work / f"quantized-{cfg.recipe}", options=options, overwrite=True, reuse=True,
+                             device="auto")
     log.info("quantize: %s", "reused the folder of an earlier run" if result["reused"] else
              f"{result['quantized_layers']} layers in {result['seconds']} s")
     return dataclasses.asdict(Quantized(

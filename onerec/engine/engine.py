@@ -70,6 +70,13 @@ class EngineConfig:
     moe_kernel: str | None = None
 
 
+# Layers (name suffixes) whose FP8 input serving_model has the kernel before them emit in the same
+# pass: the RMSNorm before context.proj, cross_q, self_qkv and w1|w3, the SiLU*mul before w2. The
+# others (cross_o, self_o) quantize their input in a quantize_rows pass of their own. The timed
+# per-layer choice (onerec/engine/layer_choice.py) times each GEMM with or without that pass.
+FUSED_INPUT = frozenset({"context.proj", "cross_q", "self_qkv", "ffn.w1", "ffn.w3", "ffn.w2"})
+
+
 def shared_weights_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of the module tree whose parameters and buffers are the original tensors."""
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}

@@ -3,7 +3,8 @@
 Folder (the data contract of docs/architecture.md):
     config.json          OneRecV2Config (the same file as the checkpoint's)
     recipe.json          format, recipe, per-layer FP8 layout, excluded layers and why,
-                         calibration statistics, source checkpoint manifest sha256, sizes
+                         calibration statistics, source checkpoint manifest sha256, sizes, and
+                         with layer_choice="timed" the choice's timings ("layer_choice")
     model.safetensors    FP8Linear buffers as stored (weight_fp8 float8_e4m3fn, weight_scale and
                          input_scale fp32) + every other tensor in bf16
     semantic_ids.npy     the tokenizer table
@@ -116,6 +117,8 @@ def save_quantized(
         "size": size_summary(model),
         "torch_version": torch.__version__,
     }
+    if report.get("layer_choice"):  # GPU, rows, per-layer times and choice (onerec/engine/layer_choice.py)
+        recipe_json["layer_choice"] = report["layer_choice"]
     with atomic_folder(out, overwrite) as tmp:
         model.cfg.save(tmp / CONFIG)
         (tmp / RECIPE).write_text(json.dumps(recipe_json, indent=2, sort_keys=True) + "\n")

@@ -6,7 +6,10 @@ layers, calibrates when the recipe needs it and swaps nn.Linear for FP8Linear in
 
 Recipes (onerec/quant/fp8.py has the numerics):
 - fp8_dynamic (default, the paper's): per-output-channel FP32 weight scales, per-token dynamic
-  activation scales;
+  activation scales. Option `layer_choice`: "all" (default: every selected layer in FP8) or
+  "timed" (on a CUDA GPU, each of the engine's GEMMs is timed in bf16 and FP8 at one user's rows,
+  `layer_choice_rows`, and a layer stays FP8 only where that is at least `min_speedup` times
+  faster; onerec/engine/layer_choice.py);
 - fp8_static: per-channel weights, one static per-tensor activation scale per layer from the
   calibration observer (max | percentile | mse);
 - fp8_block: 128x128 weight blocks, 1x128 dynamic activation blocks (the paper's MoE choice).
@@ -78,9 +81,24 @@ class FP8RecipeConfig:
         }
 
 
+LAYER_CHOICES = ("all", "timed")
+
+
 @dataclass
 class FP8DynamicConfig(FP8RecipeConfig):
+    layer_choice: str = "all"  # "all" | "timed": FP8 only where it measured faster (module doc)
+    layer_choice_rows: int = 512  # rows of each decoder GEMM the choice is timed at (1 user x beam 512)
+    min_speedup: float = 1.0  # FP8 stays where bf16 time / FP8 time >= this
+
     name = "fp8_dynamic"
+
+    def __post_init__(self) -> None:
+        if self.layer_choice not in LAYER_CHOICES:
+            raise UserError(f"fp8_dynamic: layer_choice must be one of {', '.join(LAYER_CHOICES)}, "
+                            f"got {self.layer_choice!r}")
+        if self.layer_choice_rows < 1 or not self.min_speedup > 0:
+            raise UserError(f"fp8_dynamic: layer_choice_rows must be >= 1 and min_speedup > 0, got "
+                            f"{self.layer_choice_rows} and {self.min_speedup}")
 
 
 @dataclass
@@ -220,6 +238,7 @@ class QuantizationReport:
     quantized: list[str]  # layer names now FP8Linear
     excluded: dict[str, str]  # layer name -> why it stays in high precision
     calibration: dict = field(default_factory=dict)  # "num_requests" and per-layer "layers" statistics
+    layer_choice: dict = field(default_factory=dict)  # the timed choice (layer_choice="timed"), else empty
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -238,13 +257,14 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def quantize(
     model: nn.Module, recipe: FP8RecipeConfig | str = "fp8_dynamic", calibration: Calibration | None = None,
-    measure: bool = True,
+    measure: bool = True, layer_timer=None,
 ) -> QuantizationReport:
     """Quantize `model` in place with `recipe`; returns what was quantized, what not and why.
 
     `calibration` is required for recipes with static scales; for the others it is still used (when
     given) to check activations for NaN/Inf and to record activation statistics and, with
-    `measure`, each layer's SQNR for recipe.json and the reports.
+    `measure`, each layer's SQNR for recipe.json and the reports. `layer_timer`: the GEMM timer of
+    layer_choice="timed" (onerec.engine.layer_choice.Timer; None: this machine's CUDA GPU).
     """
     if isinstance(recipe, str):
         recipe = make_recipe(recipe)
@@ -255,6 +275,14 @@ def quantize(
         raise UserError(f"recipe {recipe.name} needs calibration data (static activation scales)")
     model.eval()
     selected, excluded = select_layers(model, recipe)
+    choice: dict = {}
+    if getattr(recipe, "layer_choice", "all") == "timed":
+        from onerec.engine.layer_choice import choose_layers, excluded_reason
+
+        choice = choose_layers(model, selected, recipe.layer_choice_rows, recipe.min_speedup, layer_timer)
+        slower = {n: e for n, e in choice["layers"].items() if e["choice"] == "bf16"}
+        selected = [n for n in selected if n not in slower]
+        excluded.update({n: excluded_reason(e, recipe.min_speedup) for n, e in slower.items()})
     for name, reason in excluded.items():
         log.info("keeping %s in high precision: %s", name, reason)
     stats: dict[str, dict] = {name: {} for name in selected}
@@ -278,4 +306,4 @@ def quantize(
     for name, layer in fp8_layers.items():
         _replace(model, name, layer)
     log.info("%s: %d layers quantized, %d kept in high precision", recipe.name, len(fp8_layers), len(excluded))
-    return QuantizationReport(recipe.to_dict(), selected, excluded, {**calib_summary, "layers": stats})
+    return QuantizationReport(recipe.to_dict(), selected, excluded, {**calib_summary, "layers": stats}, choice)

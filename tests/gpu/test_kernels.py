@@ -171,3 +171,36 @@ def test_engine_on_cuda_matches_the_plain_search(fp8):
         quantize(reference_model, "fp8_dynamic", measure=False)
     plain = beam_search(reference_model, sids, mask, index, beam_size=64, k=10)
     assert topk_overlap(eager.items.cpu().numpy(), plain.items.cpu().numpy(), 10) >= 0.9
+
+
+def test_timed_layer_choice_times_the_1b_gemms_and_the_engine_serves_the_choice():
+    """The recipe option layer_choice="timed" on this GPU: every GEMM of the 1b shapes timed (FP8 at
+    512 rows against bf16), then a `small` model quantized with it runs in the engine with bf16
+    where FP8 was slower and FP8 elsewhere, its graph replays equal to the eager run."""
+    from onerec.engine import layer_choice
+    from onerec.engine.engine import Engine, EngineConfig
+    from onerec.engine.linear import FP8RowwiseMethod, UnquantizedMethod
+    from onerec.model import OneRecV2, OneRecV2Config
+    from onerec.quant.fp8 import FP8Linear
+    from onerec.quant.recipes import make_recipe, quantize, select_layers
+
+    with torch.device("meta"):  # shapes only
+        big = OneRecV2(OneRecV2Config.from_preset("1b"))
+    names = [n for n in select_layers(big, make_recipe("fp8_dynamic"))[0] if n.startswith(("context.", "blocks.0."))]
+    choice = layer_choice.choose_layers(big, names)
+    assert choice["device"] == torch.cuda.get_device_name() and len(choice["layers"]) == 8
+    for entry in choice["layers"].values():
+        assert 0 < entry["bf16_ms"] < 5 and 0 < entry["fp8_ms"] < 5
+        assert entry["choice"] == ("fp8" if entry["speedup"] >= 1.0 else "bf16")
+
+    model, index, sids, mask = random_cuda_setup("small", std=0.1, n_items=3000, history=150, padded=40)
+    report = quantize(model, make_recipe("fp8_dynamic", layer_choice="timed", layer_choice_rows=64), measure=False)
+    config = EngineConfig(beam_size=64, k=10)
+    eager = eager_run_equal_to_graph_replays(model, index, config, sids, mask)
+    assert eager.items.shape == (sids.shape[0], 10)
+    served = Engine(model, index, config).model
+    for name, entry in report.layer_choice["layers"].items():
+        assert isinstance(model.get_submodule(name), FP8Linear) == (entry["choice"] == "fp8"), name
+        if name.endswith(("cross_o", "self_o", "cross_q", "self_qkv")):
+            method = type(served.get_submodule(name).method)
+            assert method is (FP8RowwiseMethod if entry["choice"] == "fp8" else UnquantizedMethod), name
