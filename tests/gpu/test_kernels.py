@@ -204,3 +204,21 @@ def test_timed_layer_choice_times_the_1b_gemms_and_the_engine_serves_the_choice(
         if name.endswith(("cross_o", "self_o", "cross_q", "self_qkv")):
             method = type(served.get_submodule(name).method)
             assert method is (FP8RowwiseMethod if entry["choice"] == "fp8" else UnquantizedMethod), name
+
+
+@pytest.mark.parametrize("B, H, G, N, S", [(4, 14, 14, 512, 3001), (3, 8, 2, 64, 257), (2, 4, 4, 1, 65)])
+def test_varlen_cross_attention_equals_masked_sdpa(B, H, G, N, S):
+    """FlashAttention-2 over each user's real keys (onerec/kernels/flash_attention.py) against SDPA
+    with the mask, at the 1b serving shape (beam 512, context 3000 + user token), GQA and one beam."""
+    from onerec.kernels import flash_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(B * S)
+    q = torch.randn(B, N, H, 128, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+    k = torch.randn(B, S, G, 128, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+    v = torch.randn(B, S, G, 128, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+    key_start = torch.randint(0, S, (B,), device="cuda", generator=gen).to(torch.int32)
+    key_start[0] = 0  # one user without padding
+    mask = torch.arange(S, device="cuda")[None, :] >= key_start[:, None]
+    got = flash_attention.cross_attention(q, k, v, key_start)
+    want = reference.cross_attention(q.float(), k.float(), v.float(), mask)
+    assert rel(got, want) < 1e-2
