@@ -227,7 +227,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per load level")
     parser.add_argument("--beam", type=int, default=512)
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-wait-ms", type=float, default=0.0)
     parser.add_argument("--engine-batches", default="1,2,4,8,16,32,64")
     parser.add_argument("--device", default="cuda", help="cpu: a plumbing smoke run (tiny models), no numbers")
     parser.add_argument("--engine-warmup", type=int, default=3)

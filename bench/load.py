@@ -109,6 +109,54 @@ def rss_mb(pid: int | None) -> float | None:
     return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection that POSTs and reads a Content-Length framed answer.
+
+    The load generator's own cost must stay far below the server's: an httpx AsyncClient with 64
+    and more pooled connections spent more time per request than the server did (one process on a
+    16-core H200 host, 2026-12-04: the server saw 2 users per batch at concurrency 128), so the
+    levels run on plain asyncio streams; the timeout bounds every request.
+    """
+
+    def __init__(self, host: str, port: int, timeout_s: float):
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes) -> str:
+        """The status code as a string, or the error's name (the connection is then reopened)."""
+        try:
+            return await asyncio.wait_for(self._post(path, body), self.timeout_s)
+        except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
+            self.close()
+            return type(exc).__name__
+
+    async def _post(self, path: str, body: bytes) -> str:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
+                          f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        status = (await self.reader.readline()).split()
+        if len(status) < 2:
+            raise ValueError("no status line")
+        length, close = 0, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection" and value.strip().lower() == "close":
+                close = True
+        await self.reader.readexactly(length)
+        if close:
+            self.close()
+        return status[1].decode()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
 async def run_level(
     url: str, bodies: list[bytes], concurrency: int, max_requests: int, duration_s: float, pid: int | None = None,
 ) -> dict:
@@ -118,40 +166,36 @@ async def run_level(
     sent = 0
     start = time.perf_counter()
     deadline = start + duration_s
-    headers = {"content-type": "application/json"}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    target = urlsplit(url)
+    connections = [Connection(target.hostname, target.port or 80, timeout_s=60) for _ in range(concurrency)]
 
-        async def worker():
-            nonlocal sent
-            while sent < max_requests and time.perf_counter() < deadline:
-                body = bodies[sent % len(bodies)]
-                sent += 1
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/v1/recommend", content=body, headers=headers)
-                    code = str(r.status_code)
-                except httpx.HTTPError as exc:
-                    code = type(exc).__name__
-                t1 = time.perf_counter()
-                if code == "200":
-                    latencies.append(t1 - t0)
-                    finished.append(t1 - start)
-                else:
-                    errors[code] = errors.get(code, 0) + 1
+    async def worker(conn: Connection):
+        nonlocal sent
+        while sent < max_requests and time.perf_counter() < deadline:
+            body = bodies[sent % len(bodies)]
+            sent += 1
+            t0 = time.perf_counter()
+            code = await conn.post("/v1/recommend", body)
+            t1 = time.perf_counter()
+            if code == "200":
+                latencies.append(t1 - t0)
+                finished.append(t1 - start)
+            else:
+                errors[code] = errors.get(code, 0) + 1
+        conn.close()
 
-        rss: list[tuple[float, float]] = []
+    rss: list[tuple[float, float]] = []
 
-        async def sample_rss():
-            while True:
-                rss.append((round(time.perf_counter() - start, 2), rss_mb(pid)))
-                await asyncio.sleep(1.0)
-
-        sampler = asyncio.create_task(sample_rss()) if pid is not None else None
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        if sampler is not None:
-            sampler.cancel()
+    async def sample_rss():
+        while True:
             rss.append((round(time.perf_counter() - start, 2), rss_mb(pid)))
+            await asyncio.sleep(1.0)
+
+    sampler = asyncio.create_task(sample_rss()) if pid is not None else None
+    await asyncio.gather(*(worker(c) for c in connections))
+    if sampler is not None:
+        sampler.cancel()
+        rss.append((round(time.perf_counter() - start, 2), rss_mb(pid)))
     elapsed = time.perf_counter() - start
     lat_ms = np.asarray(latencies) * 1000
     pct = (lambda q: round(float(np.percentile(lat_ms, q)), 3)) if len(lat_ms) else (lambda q: None)
@@ -170,14 +214,16 @@ async def run_level(
 
 def engine_counters(url: str) -> dict:
     """The server's engine counters (onerec.serve.app.EngineCollector): eager fallbacks, graph
-    captures after ready, history positions real and padding."""
+    captures after ready, history positions real and padding; and its recommend latency sum and count."""
     text = httpx.get(url + "/metrics", timeout=10).text
     out = {}
     for line in text.splitlines():
         for key, name in (("onerec_eager_fallbacks_total", "eager_fallbacks"),
                           ("onerec_graph_captures_after_ready_total", "captures_after_ready"),
                           ('onerec_history_positions_total{kind="real"}', "real_positions"),
-                          ('onerec_history_positions_total{kind="padding"}', "padding_positions")):
+                          ('onerec_history_positions_total{kind="padding"}', "padding_positions"),
+                          ('onerec_request_duration_seconds_sum{route="/v1/recommend"}', "server_seconds"),
+                          ('onerec_request_duration_seconds_count{route="/v1/recommend"}', "server_requests")):
             if line.startswith(key + " "):
                 out[name] = float(line.split()[-1])
     return out
@@ -305,6 +351,10 @@ def main(argv: list[str] | None = None) -> dict:
             e1 = engine_counters(url)
             level["mean_users_per_batch"] = round((s1 - s0) / (c1 - c0), 2) if c1 > c0 else None
             level["engine"] = {k: e1[k] - e0.get(k, 0) for k in e1}
+            served = level["engine"].pop("server_requests", 0)
+            # the server's own time per request (its latency histogram): the client's latency minus
+            # this is spent in the network stack and the load generator
+            level["server_mean_ms"] = round(level["engine"].pop("server_seconds", 0) / served * 1000, 3) if served else None
             levels.append(level)
             print(f"concurrency {concurrency}: {level['requests_per_s']} req/s, p50 {level['latency_ms']['p50']} ms, "
                   f"p99 {level['latency_ms']['p99']} ms, errors {level['errors']}, server RSS {level['server_rss_mb']}",

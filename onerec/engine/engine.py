@@ -310,9 +310,11 @@ class Engine:
         return report
 
     def _reserved_memory(self) -> int:
+        """GPU memory reserved by torch, cached free blocks returned first (so a capture's growth shows)."""
         if self.device.type != "cuda":
             return 0
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         return torch.cuda.memory_reserved(self.device)
 
     @torch.no_grad()

@@ -57,7 +57,9 @@ class ServerConfig:
     device: str = "auto"
     cache_dir: str | None = None
     max_batch_size: int = 64  # users per beam search
-    max_wait_ms: float = 5.0
+    # with the GPU idle, wait this long for batch-mates (0: start at once; while a batch runs the
+    # next one fills anyway, onerec/serve/batcher.py)
+    max_wait_ms: float = 0.0
     max_users: int = 64  # users per request
     max_beam: int = 512
     default_k: int = 10

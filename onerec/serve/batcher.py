@@ -44,7 +44,7 @@ RunFn = Callable[[list, int, int], list]
 
 class DynamicBatcher:
     def __init__(
-        self, run: RunFn, max_batch_users: int = 64, max_wait_s: float = 0.005,
+        self, run: RunFn, max_batch_users: int = 64, max_wait_s: float = 0.0,
         on_batch: Callable[[int], None] | None = None,
     ):
         if max_batch_users < 1 or max_wait_s < 0:

@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, or cuda[:N]")
     parser.add_argument("--cache-dir", default=None, help="where registry versions are downloaded")
     parser.add_argument("--max-batch-size", type=int, default=64, help="users per beam search (dynamic batching)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for batch-mates")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0,
+                        help="with the GPU idle, how long a request waits for batch-mates (while a batch runs, "
+                             "the next one fills anyway)")
     parser.add_argument("--max-users", type=int, default=64, help="users per request")
     parser.add_argument("--max-beam", type=int, default=512)
     parser.add_argument("--default-k", type=int, default=10)
