@@ -155,7 +155,11 @@ def eager_run_equal_to_graph_replays(model, index, config, sids, mask):
 @pytest.mark.parametrize("fp8", [False, True])
 def test_engine_on_cuda_matches_the_plain_search(fp8):
     """Triton kernels and CUDA graphs in the engine: replays equal the eager run, and the top-k is
-    (nearly) the plain search's with torch ops on the same weights (FP8: quantized the same way)."""
+    the plain search's with torch ops on the same weights (FP8: quantized the same way) as nearly as
+    the plain search agrees with itself when its histories get 50 more masked positions, a change
+    that alters only the order of floating-point sums. On this random model FP8 top-k is that
+    fragile: on an H200 (2026-12-04) the plain FP8 search agreed with itself at 0.79 under that
+    change, and the FP8 engine with it at 0.81; bf16 at 0.96."""
     import copy
 
     from onerec.engine.engine import EngineConfig
@@ -169,8 +173,11 @@ def test_engine_on_cuda_matches_the_plain_search(fp8):
     if fp8:  # the plain search on the model quantized with the same recipe (fp8_dynamic)
         reference_model = copy.deepcopy(model)
         quantize(reference_model, "fp8_dynamic", measure=False)
-    plain = beam_search(reference_model, sids, mask, index, beam_size=64, k=10)
-    assert topk_overlap(eager.items.cpu().numpy(), plain.items.cpu().numpy(), 10) >= 0.9
+    plain = beam_search(reference_model, sids, mask, index, beam_size=64, k=10).items.cpu().numpy()
+    pad = torch.nn.functional.pad
+    padded = beam_search(reference_model, pad(sids, (0, 0, 50, 0)), pad(mask, (50, 0)), index, beam_size=64, k=10)
+    noise_floor = topk_overlap(plain, padded.items.cpu().numpy(), 10)
+    assert topk_overlap(eager.items.cpu().numpy(), plain, 10) >= min(0.9, noise_floor - 0.05)
 
 
 def test_timed_layer_choice_times_the_1b_gemms_and_the_engine_serves_the_choice():
