@@ -12,6 +12,11 @@ Five services, each a real server started as its own process group:
 - relay:   the approval relay (ops.approval_relay): MLflow's registry webhook -> Airflow asset
            event, so an approval triggers the promote DAG at once.
 
+The stack is a working deployment: the DAGs run unpaused (`--dags-paused` for a quiet one), and
+`up` after `down` starts every service on the ports of the last start (ports.json) with the same
+secrets (secrets/, 0600: MLflow's webhook encryption key among them), then serves the local rollout
+target's current revision again on its proxy port (ops.rollout.local.resume).
+
 Everything lives in the state dir (default .onerec/ in the repo): logs/<process>.log, one
 run/<process>.json per started process (written right after it starts, so `down` finds it even
 if `up` died), and stack.json (URLs, env, credentials; see read_state/stack_env). `up` reuses
@@ -630,7 +635,8 @@ def _resume_local_serving(cfg: StackConfig, env: dict) -> None:
         resumed = resume(cfg.state_dir, env=env)
     except RolloutError as exc:
         log.error("%s", exc)
-        raise UserError(f"serving: the deployed version did not start again; see {cfg.state_dir / 'serving'}/*.log") from None
+        first = str(exc).splitlines()[0].rstrip(":")  # names the server's log; the tail went to the log above
+        raise UserError(f"serving: the deployed version did not start again: {first}") from None
     if resumed and resumed["resumed"]:
         log.info("serving: version %s again on %s", resumed["version"], resumed["url"])
 

@@ -7,7 +7,9 @@ the proxy to it, then stops the old server gracefully (it drains). Clients of th
 see a failed request. The server runs torch with `threads` CPU threads (default 1: the embedded
 stack shares a small machine with Airflow, MLflow and S3, where more OpenMP threads than free
 cores made a tiny model's beam search 10x slower). rollback starts the previous revision's
-version the same way. State (pids, ports, revisions) lives in <state_dir>/serving/local.json.
+version the same way. State (pids, ports, revisions) lives in <state_dir>/serving/local.json;
+`stop` keeps it, so `resume` (run by `onerec-fp8 stack up`) serves the current revision again on
+the same proxy port after a `stack down` or a reboot.
 """
 
 from __future__ import annotations
