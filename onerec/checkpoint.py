@@ -18,12 +18,40 @@ from safetensors.torch import load_file, save_file
 
 from onerec.errors import UserError
 from onerec.manifest import atomic_folder, verify_manifest, write_manifest
-from onerec.model import OneRecV2, OneRecV2Config
+from onerec.model import OneRecV2, OneRecV2Config, approx_parameters
 from onerec.semantic_ids import load_table, validate_table
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 SEMANTIC_IDS = "semantic_ids.npy"
+
+
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+def check_weights_file(path: Path) -> None:
+    """UserError unless `path` starts like a safetensors file whose JSON header fits in it (and in
+    100 MiB): checked before the library reads, parses or allocates anything."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the weights ({exc.strerror})") from None
+    header = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 2 <= header <= min(MAX_SAFETENSORS_HEADER, size - 8):
+        raise UserError(f"{path}: not a safetensors file (header of {header} bytes in a file of {size} bytes)")
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a damaged or hostile file is a one-line UserError."""
+    from safetensors import SafetensorError
+
+    check_weights_file(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise UserError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
 def save_checkpoint(
@@ -56,8 +84,13 @@ def load_checkpoint(
         cfg = OneRecV2Config.load(folder / CONFIG)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         raise UserError(f"{folder / CONFIG}: invalid config ({exc})") from None
+    weights = folder / WEIGHTS
+    check_weights_file(weights)
+    if weights.stat().st_size < (n := approx_parameters(cfg)):  # even FP8 takes a byte a parameter
+        raise UserError(f"{weights}: {weights.stat().st_size} bytes cannot hold the ~{n:.3g} parameters "
+                        f"that {CONFIG} describes")
     model = OneRecV2(cfg)
-    state = load_file(str(folder / WEIGHTS))
+    state = load_weights(weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{folder / WEIGHTS}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")

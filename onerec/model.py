@@ -57,14 +57,31 @@ CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
     "n_shared_experts": (0, 64), "moe_top_k": (0, 64), "expert_hidden": (0, 262144), "moe_start_layer": (0, 1024),
 }
 MAX_PROFILE_FEATURES = 1024
+# Sizes each within bounds can still multiply to more than any host holds: the estimate below
+# must stay under 2**36 (69e9) parameters; the 8b preset has about 5e9.
+MAX_PARAMETERS = 1 << 36
+
+
+def approx_parameters(cfg) -> int:
+    """The main weights' parameter count (attention, FFN or experts, item embeddings and heads), from
+    the sizes alone: a lower bound of the real count, computed before anything is allocated."""
+    d = cfg.d_model
+    ffn = cfg.ffn_hidden or _ceil_to(8 / 3 * d, 128)
+    moe_layers = max(0, cfg.n_layers - cfg.moe_start_layer) if cfg.n_routed_experts else 0
+    experts = (cfg.n_routed_experts + cfg.n_shared_experts) * 3 * d * cfg.expert_hidden
+    layers = cfg.n_layers * 4 * d * d + (cfg.n_layers - moe_layers) * 3 * d * ffn + moe_layers * experts
+    return layers + 2 * cfg.n_levels * cfg.codebook_size * d
 
 
 def check_config_bounds(cfg) -> None:
-    """Raise ValueError naming the first size that is not an integer within CONFIG_BOUNDS."""
+    """Raise ValueError naming the first size that is not an integer within CONFIG_BOUNDS, or when
+    the sizes together exceed MAX_PARAMETERS."""
     for name, (low, high) in CONFIG_BOUNDS.items():
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    if (n := approx_parameters(cfg)) > MAX_PARAMETERS:
+        raise ValueError(f"the sizes together make about {n:.3g} parameters, more than {MAX_PARAMETERS:.3g}")
     n_features = len(cfg.profile_features) + len(cfg.categorical_features)
     if n_features > MAX_PROFILE_FEATURES:
         raise ValueError(f"profile features: {n_features} > {MAX_PROFILE_FEATURES} (numeric and categorical)")

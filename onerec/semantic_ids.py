@@ -28,7 +28,10 @@ UNKNOWN = -1
 
 
 def load_table(path: str | Path) -> np.ndarray:
-    table = np.load(path, allow_pickle=False)
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # a pickled (object) array, or not a .npy at all
+        raise UserError(f"{path}: not a plain .npy integer table ({str(exc).splitlines()[0]})") from None
     validate_table(table, source=str(path))
     return table
 

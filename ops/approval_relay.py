@@ -8,8 +8,11 @@ MLflow calls POST /mlflow-webhook on every `model_version_tag.set` (registered b
 `approval`, the relay posts the Airflow asset event MODEL_APPROVED, which triggers the promote
 DAG at once (its slow schedule stays as the safety net). The event is only a wake-up call: the
 promote DAG trusts nothing in it and re-reads the registry and the state records itself.
-Unsigned, badly signed or stale (more than 5 minutes) deliveries are refused with 401.
-Loopback only; bodies are capped at 64 KiB.
+Unsigned, badly signed or stale (more than 5 minutes) deliveries are refused with 401; a delivery
+id already relayed is answered and dropped (MLflow retries and replays post nothing twice).
+Loopback only, bounded like the inference server (onerec.serve.guard, the same code): headers within
+5 s and 64 KiB, a body within 10 s and 64 KiB (Content-Length checked before reading), at most 64
+connections and 32 requests in flight.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ import sys
 import time
 from pathlib import Path
 
+from onerec.errors import UserError
 from ops.mlflow_auth import read_private
 
 log = logging.getLogger("onerec.approval_relay")
 
 MAX_BODY = 64 << 10
 MAX_SKEW_S = 300
+LIMITS = {"header_timeout_s": 5.0, "max_header_bytes": 64 << 10, "max_connections": 64, "keep_alive_s": 5.0}
+BODY_TIMEOUT_S = 10.0
+MAX_IN_FLIGHT = 32
 WEBHOOK_NAME = "onerec-approval-relay"
 
 
@@ -40,18 +47,21 @@ def signature(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str
 
 def create_relay_app(secret: str, state_dir: str | None, post_event=None):
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    from onerec.serve.guard import RequestGuard, read_body
     from ops.airflow_events import MODEL_APPROVED, notify
 
     post_event = post_event or (lambda extra: notify(MODEL_APPROVED, extra, state_dir))
+    relayed: dict[str, float] = {}  # delivery id -> when it was relayed; kept while it could be fresh
 
     async def webhook(request: Request):
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return JSONResponse({"error": "body too large"}, status_code=413)
+        body = await read_body(request, MAX_BODY)
+        if body is None:
+            return JSONResponse({"error": f"body larger than {MAX_BODY} bytes"}, status_code=413)
         delivery = request.headers.get("x-mlflow-delivery-id", "")
         stamp = request.headers.get("x-mlflow-timestamp", "")
         given = request.headers.get("x-mlflow-signature", "")
@@ -66,24 +76,46 @@ def create_relay_app(secret: str, state_dir: str | None, post_event=None):
             return JSONResponse({"error": "not a webhook payload"}, status_code=400)
         if (payload.get("entity"), payload.get("action")) != ("model_version_tag", "set") or data.get("key") != "approval":
             return JSONResponse({"relayed": False})
+        now = time.time()
+        for seen in [d for d, at in relayed.items() if now - at > 2 * MAX_SKEW_S]:
+            del relayed[seen]  # its signed timestamp is stale by now: refused above anyway
+        if delivery in relayed:
+            log.info("delivery %s was relayed already: dropped", delivery)
+            return JSONResponse({"relayed": False, "duplicate": True})
         extra = {"name": str(data.get("name")), "version": str(data.get("version")), "delivery_id": delivery}
         log.info("approval tag set on %s version %s: waking the promote DAG", extra["name"], extra["version"])
-        return JSONResponse({"relayed": post_event(extra) is not None})
+        posted = post_event(extra) is not None
+        if posted:  # a delivery that failed to post may come again (MLflow retries) and is relayed then
+            relayed[delivery] = now
+        return JSONResponse({"relayed": posted})
 
     async def health(request: Request):
         return JSONResponse({"ok": True})
 
     return Starlette(routes=[Route("/mlflow-webhook", webhook, methods=["POST"]),
-                             Route("/health", health, methods=["GET"])])
+                             Route("/health", health, methods=["GET"])],
+                     middleware=[Middleware(RequestGuard, metrics=None, body_timeout_s=BODY_TIMEOUT_S,
+                                            max_in_flight=MAX_IN_FLIGHT)])
 
 
-def register_webhook(mlflow_url: str, admin: tuple[str, str], relay_url: str, secret: str) -> str:
-    """Create (or replace) the registry webhook that calls the relay on every version tag set."""
+def register_webhook(mlflow_url: str, admin: tuple[str, str], relay_url: str, secret: str,
+                     id_file: Path | None = None) -> str:
+    """Create (or replace) the registry webhook that calls the relay on every version tag set.
+
+    The id of the webhook created is kept in `id_file`, and that webhook is deleted by id first:
+    deleting needs no decryption of its secret, so a webhook that MLflow can no longer read (its
+    encryption key changed) is still replaced."""
     import httpx
 
     with httpx.Client(base_url=mlflow_url, auth=admin, timeout=30, trust_env=False) as http:
+        if id_file is not None and id_file.is_file() and (known := id_file.read_text().strip()):
+            gone = http.delete(f"/api/2.0/mlflow/webhooks/{known}")
+            if gone.status_code not in (200, 404):
+                gone.raise_for_status()
         listed = http.get("/api/2.0/mlflow/webhooks")
-        listed.raise_for_status()
+        if listed.status_code != 200:
+            raise UserError(f"MLflow at {mlflow_url} cannot list its webhooks (HTTP {listed.status_code}): a webhook "
+                            "stored under another encryption key? See MLflow's log")
         for hook in listed.json().get("webhooks", []):
             if hook.get("name") == WEBHOOK_NAME:
                 http.delete(f"/api/2.0/mlflow/webhooks/{hook['webhook_id']}").raise_for_status()
@@ -92,7 +124,11 @@ def register_webhook(mlflow_url: str, admin: tuple[str, str], relay_url: str, se
             "events": [{"entity": "MODEL_VERSION_TAG", "action": "SET"}],
         })
         created.raise_for_status()
-        return created.json()["webhook"]["webhook_id"]
+        webhook_id = created.json()["webhook"]["webhook_id"]
+    if id_file is not None:
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(webhook_id + "\n")
+    return webhook_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         secret = read_private(args.secret_file, "webhook secret", 16)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    uvicorn.run(create_relay_app(secret, args.state_dir), host="127.0.0.1", port=args.port, access_log=False,
-                timeout_keep_alive=5, limit_concurrency=32)
+    from onerec.serve.guard import guarded_config
+
+    config = guarded_config(create_relay_app(secret, args.state_dir), "127.0.0.1", args.port, **LIMITS,
+                            access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
     return 0
 
 

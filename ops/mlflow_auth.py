@@ -26,6 +26,7 @@ it on every registered model ("*"). The viewer has READ only and is refused by M
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -81,15 +82,16 @@ def credentials(state_dir: str | Path, role: str) -> dict:
         return creds
 
 
-def secret_token(path: Path, nbytes: int = 32) -> str:
-    """A random token kept in a 0600 file: generated on first use, the same ever after."""
+def secret_token(path: Path, nbytes: int = 32, fernet: bool = False) -> str:
+    """A random token kept in a 0600 file: generated on first use, the same ever after.
+    `fernet`: a Fernet key (32 random bytes, url-safe base64) instead of hex."""
     try:
         token = path.read_text().strip()
         if token:
             return token
     except OSError:
         pass
-    token = secrets.token_hex(nbytes)
+    token = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode() if fernet else secrets.token_hex(nbytes)
     write_private(path, token + "\n")
     return token
 
@@ -124,6 +126,9 @@ def server_env(state_dir: str | Path) -> dict[str, str]:
         "MLFLOW_AUTH_ADMIN_PASSWORD": credentials(state_dir, "admin")["password"],
         # the UI's CSRF protection signs with this; one per state dir so restarts keep sessions
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_token(secrets_dir(state_dir) / "mlflow-flask-secret"),
+        # encrypts the webhooks' signing secrets in its database: without a fixed key MLflow draws
+        # one per process and cannot read its own webhooks after a restart
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": secret_token(secrets_dir(state_dir) / "mlflow-webhook-key", fernet=True),
         APPROVERS_ENV: APPROVER,
         # the approval webhook posts to the relay on loopback (plain http there; signed deliveries)
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",

@@ -128,9 +128,12 @@ def stop_processes(records: list[dict], grace_s: float) -> None:
         for group in groups:
             with contextlib.suppress(OSError):
                 os.killpg(group, sig)
+        # one signal per process: a server takes a second SIGTERM as "exit now" (uvicorn then skips
+        # its shutdown), so a process its group's signal reached gets no second one
         for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(sig)
+            with contextlib.suppress(OSError, psutil.Error):
+                if os.getpgid(proc.pid) not in groups:
+                    proc.send_signal(sig)
 
     send(signal.SIGTERM)
     _, slow = psutil.wait_procs(leaders, timeout=grace_s)

@@ -12,6 +12,11 @@ Five services, each a real server started as its own process group:
 - relay:   the approval relay (ops.approval_relay): MLflow's registry webhook -> Airflow asset
            event, so an approval triggers the promote DAG at once.
 
+The stack is a working deployment: the DAGs run unpaused (`--dags-paused` for a quiet one), and
+`up` after `down` starts every service on the ports of the last start (ports.json) with the same
+secrets (secrets/, 0600: MLflow's webhook encryption key among them), then serves the local rollout
+target's current revision again on its proxy port (ops.rollout.local.resume).
+
 Everything lives in the state dir (default .onerec/ in the repo): logs/<process>.log, one
 run/<process>.json per started process (written right after it starts, so `down` finds it even
 if `up` died), and stack.json (URLs, env, credentials; see read_state/stack_env). `up` reuses
@@ -77,6 +82,7 @@ class StackConfig:
     rollout_target: str = "local"
     dags_folder: Path = REPO_ROOT / "dags"
     airflow_parallelism: int = 2
+    dags_paused: bool = False  # DAGs new to Airflow start paused (a quiet stack, e.g. for tests)
     timeout_s: float = 180.0  # per service, until its health endpoint answers
     grace_s: float = 10.0  # SIGTERM -> SIGKILL
 
@@ -349,6 +355,8 @@ def _airflow_env(cfg: StackConfig, port: int, env: dict, passwords_file: Path) -
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(cfg.dags_folder),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        # a working deployment: schedules, asset events (an approval) and the safety nets run
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": str(cfg.dags_paused),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": str(cfg.airflow_parallelism),
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(cfg.airflow_parallelism),
@@ -414,7 +422,8 @@ def _start_relay(cfg: StackConfig, port: int, env: dict) -> list[dict]:
     if not _mlflow_healthy(mlflow_url):
         raise UserError(f"relay: MLflow at {mlflow_url} is not running; start it with the relay")
     admin = mlflow_auth.credentials(cfg.state_dir, "admin")
-    register_webhook(mlflow_url, (admin["username"], admin["password"]), url, secret)
+    register_webhook(mlflow_url, (admin["username"], admin["password"]), url, secret,
+                     id_file=cfg.state_dir / "relay-webhook-id")
     return [record]
 
 
@@ -422,10 +431,25 @@ _STARTERS = {"s3": _start_s3, "smtp": _start_smtp, "mlflow": _start_mlflow, "air
              "relay": _start_relay}
 
 
+def _service_logs(cfg: StackConfig, service: str) -> str:
+    names = [f"airflow-{c}" for c in ("init", *AIRFLOW_COMPONENTS)] if service == "airflow" else [service]
+    if service == "relay":
+        names.append("mlflow")  # the relay's start registers its webhook with MLflow
+    return ", ".join(str(_log_path(cfg, name)) for name in names)
+
+
 def _start_timed(cfg: StackConfig, service: str, port: int, env: dict) -> list[dict]:
     log.info("%s: starting on port %d (logs in %s)", service, port, cfg.state_dir / "logs")
     t0 = time.monotonic()
-    records = _STARTERS[service](cfg, port, env)
+    try:
+        records = _STARTERS[service](cfg, port, env)
+    except UserError as exc:
+        message = str(exc) if str(exc).startswith(service) else f"{service}: {exc}"
+        if ".log" not in message:  # every failed start names where to look
+            message += f"; see {_service_logs(cfg, service)}"
+        raise UserError(message) from None
+    except Exception as exc:  # a server's unexpected answer during its start: one line, not a traceback
+        raise UserError(f"{service} did not start ({type(exc).__name__}: {exc}); see {_service_logs(cfg, service)}") from None
     log.info("%s: healthy after %.1fs", service, time.monotonic() - t0)
     return records
 
@@ -441,10 +465,19 @@ def _locked(cfg: StackConfig):
         yield
 
 
+def _last_ports(cfg: StackConfig) -> dict:
+    """service -> port of the last start in this state dir (ports.json; `down` keeps it)."""
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        return json.loads((cfg.state_dir / "ports.json").read_text())
+    return {}
+
+
 def _resolve_ports(cfg: StackConfig) -> dict[str, int]:
-    """Port per service: explicit (flag/ports) > the recorded (running or crashed) service's > env > default."""
+    """Port per service: explicit (flag/ports) > the recorded (running or crashed) service's > env >
+    the port of the last start in this state dir (so `up` after `down` comes back where it was) > default."""
     explicit = dict(cfg.ports or {})
     settings = Settings.from_env()
+    last = _last_ports(cfg)
     ports = {}
     for service in SERVICES:
         # A recorded server, alive or crashed: its port is the one stack.json and the clients know.
@@ -453,8 +486,10 @@ def _resolve_ports(cfg: StackConfig) -> dict[str, int]:
             ports[service] = int(explicit[service])
         elif running:
             ports[service] = running[0]
-        else:
+        elif os.environ.get(PORT_ENV[service]) or not isinstance(last.get(service), int):
             ports[service] = getattr(settings, f"{service}_port")  # env, else the default
+        else:
+            ports[service] = last[service]
     return ports
 
 
@@ -500,6 +535,8 @@ def _write_state(cfg: StackConfig, ports: dict[str, int]) -> dict:
     }
     if services:
         _write_json(cfg.state_dir / STACK_FILE, state)
+        ports_now = {s: st["port"] for s, st in services.items()}
+        _write_json(cfg.state_dir / "ports.json", {**_last_ports(cfg), **ports_now})
     else:
         with contextlib.suppress(FileNotFoundError):
             (cfg.state_dir / STACK_FILE).unlink()
@@ -557,7 +594,10 @@ def up(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
                     _stop(cfg, started)
             _write_state(cfg, ports)
             raise
-        return _write_state(cfg, ports)
+        state = _write_state(cfg, ports)
+    if set(services) == set(SERVICES):
+        _resume_local_serving(cfg, env)
+    return state
 
 
 def down(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
@@ -581,6 +621,24 @@ def down(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
     if set(services) == set(SERVICES):
         result["serving"] = _stop_local_serving(cfg)
     return result
+
+
+def _resume_local_serving(cfg: StackConfig, env: dict) -> None:
+    """The local rollout target's champion serves again on its proxy port after a `down` (or a
+    reboot): the stack is a working deployment, not only its services."""
+    if cfg.rollout_target != "local" or not (cfg.state_dir / "serving" / "local.json").is_file():
+        return
+    from ops.rollout import RolloutError
+    from ops.rollout.local import resume
+
+    try:
+        resumed = resume(cfg.state_dir, env=env)
+    except RolloutError as exc:
+        log.error("%s", exc)
+        first = str(exc).splitlines()[0].rstrip(":")  # names the server's log; the tail went to the log above
+        raise UserError(f"serving: the deployed version did not start again: {first}") from None
+    if resumed and resumed["resumed"]:
+        log.info("serving: version %s again on %s", resumed["version"], resumed["url"])
 
 
 def _stop_local_serving(cfg: StackConfig) -> dict | None:
@@ -665,6 +723,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{service} port (env {PORT_ENV[service]}; default {DEFAULT_PORTS[service]})")
     parser.add_argument("--dags-folder", type=Path, default=None, help="Airflow dags folder (default: dags/ of the repo)")
     parser.add_argument("--airflow-parallelism", type=int, default=None, help="Airflow task slots (default 2)")
+    parser.add_argument("--dags-paused", action="store_true", default=None,
+                        help="DAGs new to Airflow start paused (default: unpaused, they run on their schedules and events)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per service to become healthy (default 180)")
 
 
@@ -672,7 +732,7 @@ def main(args: argparse.Namespace) -> dict:
     ports = {s: getattr(args, f"{s}_port") for s in SERVICES if getattr(args, f"{s}_port") is not None}
     cfg = StackConfig.from_env(
         state_dir=args.state_dir, ports=ports, dags_folder=args.dags_folder,
-        airflow_parallelism=args.airflow_parallelism, timeout_s=args.timeout,
+        airflow_parallelism=args.airflow_parallelism, timeout_s=args.timeout, dags_paused=args.dags_paused,
     )
     if args.action == "up":
         state = up(cfg, args.services)

@@ -148,31 +148,77 @@ def list_checkpoints(cfg: PipelineConfig, client=None) -> list[dict]:
     return out
 
 
-def find_latest_checkpoint(cfg: PipelineConfig, client=None) -> dict:
-    """The newest (by sortable id) checkpoint whose manifest.json exists; incomplete ones are skipped.
+# --- inputs that failed validation: remembered per sha256, skipped by later runs ---------------------
 
-    Returns {checkpoint_id, checkpoint_uri, skipped: [ids]} and raises UserError when there is none.
+
+def rejection_uri(cfg: PipelineConfig, kind: str, digest: str) -> str:
+    """Where the rejection of a checkpoint (by its manifest's sha256) or calibration table (by its sha256) is kept."""
+    return f"{cfg.s3_root}/rejected/{kind}/{digest}.json"
+
+
+def record_rejection(cfg: PipelineConfig, kind: str, digest: str, uri: str, reason: str, client=None) -> None:
+    """Remember that this `kind` ("checkpoint" or "calibration") failed validation: the find step skips
+    it from now on (delete the record to try it again)."""
+    import datetime as dt
+
+    write_json(client or s3_client(cfg), rejection_uri(cfg, kind, digest), {
+        "kind": kind, "sha256": digest, "uri": uri, "reason": reason[:4000],
+        "rejected_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+    log.warning("%s %s (sha256 %s) is recorded as rejected: later runs skip it", kind, uri, digest[:12])
+
+
+def object_sha256(client, uri: str) -> str:
+    import hashlib
+
+    bucket, key = parse_s3_uri(uri)
+    digest = hashlib.sha256()
+    for chunk in client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_latest_checkpoint(cfg: PipelineConfig, client=None) -> dict:
+    """The newest (by sortable id) checkpoint whose manifest.json exists and that was not rejected
+    before; incomplete ones are skipped, rejected ones too (and listed, for the alert).
+
+    Returns {checkpoint_id, checkpoint_uri, skipped: [ids], rejected: [ids]}; UserError when there is none.
     """
     client = client or s3_client(cfg)
-    skipped = []
+    skipped, rejected = [], []
     for ckpt_id in reversed(list_prefixes(client, cfg.checkpoints_uri)):
         uri = join_uri(cfg.checkpoints_uri, ckpt_id) + "/"
-        if s3_exists(client, uri + MANIFEST):
-            return {"checkpoint_id": ckpt_id, "checkpoint_uri": uri, "skipped": skipped}
-        log.warning("checkpoint %s has no %s yet (upload in progress or crashed): skipped", uri, MANIFEST)
-        skipped.append(ckpt_id)
-    raise UserError(f"no complete checkpoint under {cfg.checkpoints_uri} (skipped incomplete: {skipped})")
+        if not s3_exists(client, uri + MANIFEST):
+            log.warning("checkpoint %s has no %s yet (upload in progress or crashed): skipped", uri, MANIFEST)
+            skipped.append(ckpt_id)
+            continue
+        if read_json(client, rejection_uri(cfg, "checkpoint", object_sha256(client, uri + MANIFEST))) is not None:
+            log.warning("checkpoint %s failed validation before: skipped", uri)
+            rejected.append(ckpt_id)
+            continue
+        return {"checkpoint_id": ckpt_id, "checkpoint_uri": uri, "skipped": skipped, "rejected": rejected}
+    raise UserError(f"no complete checkpoint under {cfg.checkpoints_uri} (skipped incomplete: {skipped}; "
+                    f"rejected before: {rejected})")
 
 
-def find_latest_calibration(cfg: PipelineConfig, client=None) -> str:
-    """URI of the newest calibration/<date>/calibration.parquet."""
+def find_latest_calibration(cfg: PipelineConfig, client=None, rejected: list | None = None) -> str:
+    """URI of the newest calibration/<date>/calibration.parquet that was not rejected before (the
+    URIs of rejected newer ones are appended to `rejected`)."""
     client = client or s3_client(cfg)
     root = f"{cfg.s3_root}/calibration/"
+    bucket, key = parse_s3_uri(f"{cfg.s3_root}/rejected/calibration/")
+    any_rejected = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount", 0) > 0
     for date in reversed(list_prefixes(client, root)):
         uri = join_uri(root, date, "calibration.parquet")
-        if date != "accepted" and s3_exists(client, uri):
-            return uri
-    raise UserError(f"no calibration data under {root} (expected <date>/calibration.parquet)")
+        if date == "accepted" or not s3_exists(client, uri):
+            continue
+        if any_rejected and read_json(client, rejection_uri(cfg, "calibration", object_sha256(client, uri))):
+            log.warning("calibration data %s failed validation before: skipped", uri)
+            if rejected is not None:
+                rejected.append(uri)
+            continue
+        return uri
+    raise UserError(f"no calibration data under {root} (expected <date>/calibration.parquet; rejected before: "
+                    f"{rejected or []})")
 
 
 def _safe_relpath(name: str, uri: str) -> str:

@@ -48,6 +48,8 @@ class Fetched:
     work_dir: str
     report_dir: str
     skipped: list = field(default_factory=list)  # incomplete checkpoint uploads passed over
+    rejected: list = field(default_factory=list)  # newer checkpoints passed over: they failed validation before
+    rejected_calibration: list = field(default_factory=list)  # the same for calibration tables
     files: int = 0
     reused: bool = False
 
@@ -90,22 +92,46 @@ def _work(cfg, checkpoint_id: str) -> Path:
 
 
 def find_step(cfg) -> dict:
+    """The newest complete checkpoint and calibration table that did not fail validation before;
+    skipping a rejected newer one alerts on-call (the run goes on with the newest good one)."""
     from tasks.checkpoints import find_latest_calibration, find_latest_checkpoint, s3_client
 
     client = s3_client(cfg)
     found = find_latest_checkpoint(cfg, client)
-    found["calibration_uri"] = find_latest_calibration(cfg, client)
+    rejected_calibration: list[str] = []
+    found["calibration_uri"] = find_latest_calibration(cfg, client, rejected_calibration)
+    found["rejected_calibration"] = rejected_calibration
     log.info("newest complete checkpoint: %s; calibration: %s", found["checkpoint_uri"], found["calibration_uri"])
+    if found["rejected"] or rejected_calibration:
+        from tasks.notify import send_failure
+
+        skipped = [f"checkpoint {c}" for c in found["rejected"]] + [f"calibration {u}" for u in rejected_calibration]
+        send_failure(f"onerec_fp8_requantize: skipped newer input(s) that failed validation before ({cfg.s3_root})",
+                     f"Skipped: {', '.join(skipped)}.\nUsing checkpoint {found['checkpoint_uri']} and calibration "
+                     f"{found['calibration_uri']}.\nRecords: {cfg.s3_root}/rejected/ (delete one to try it again).", cfg)
     return found
 
 
 def fetch_step(cfg, found: dict) -> dict:
-    """Download and verify the checkpoint and the calibration table into the work folder."""
-    from tasks.checkpoints import download_calibration, download_checkpoint, s3_client
+    """Download and verify the checkpoint and the calibration table into the work folder; a
+    checkpoint that does not verify is recorded as rejected (later runs skip it)."""
+    from tasks.checkpoints import (
+        MANIFEST,
+        download_calibration,
+        download_checkpoint,
+        object_sha256,
+        record_rejection,
+        s3_client,
+    )
 
     client = s3_client(cfg)
     work = _work(cfg, found["checkpoint_id"])
-    ckpt = download_checkpoint(cfg, found["checkpoint_uri"], work / "checkpoint", client)
+    try:
+        ckpt = download_checkpoint(cfg, found["checkpoint_uri"], work / "checkpoint", client)
+    except UserError as exc:
+        uri = found["checkpoint_uri"]
+        record_rejection(cfg, "checkpoint", object_sha256(client, uri + MANIFEST), uri, str(exc), client)
+        raise
     cal = download_calibration(cfg, found["calibration_uri"], work / "calibration.parquet", client)
     fetched = Fetched(**found, **ckpt, **cal, work_dir=str(work), report_dir=str(work / "reports"))
     return dataclasses.asdict(fetched)
@@ -139,6 +165,10 @@ def validate_step(cfg, fetched: Fetched | dict) -> dict:
     result = validate_calibration(cfg, fetched.calibration_path, fetched.checkpoint_dir,
                                   str(Path(fetched.report_dir) / "validation"), reference, fetched.calibration_sha256)
     if not result["passed"]:
+        from tasks.checkpoints import record_rejection
+
+        record_rejection(cfg, "calibration", fetched.calibration_sha256, fetched.calibration_uri,
+                         failure_summary(result), client)
         raise StepFailed(
             f"calibration data {fetched.calibration_uri} failed validation; nothing is quantized or "
             f"registered. Failed expectations:\n{failure_summary(result)}\nData Docs: {result['data_docs']}"

@@ -27,12 +27,15 @@ from tasks.requantize import StepFailed
 
 log = logging.getLogger(__name__)
 
+MAX_VERSION = 2**31 - 1  # the registry stores versions as 32-bit integers
+
 
 def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", mlflow_client=None) -> dict:
     if not reason or not reason.strip():
         raise UserError("a rollback needs a reason (it is recorded on the version)")
-    if version is not None and not str(version).strip().isdigit():
-        raise StepFailed(f"version must be a registry version number (digits only), not {version!r}")
+    if version is not None and not (str(version).strip().isdigit() and 1 <= int(version) <= MAX_VERSION):
+        raise StepFailed(f"version must be a registry version number (digits only, 1..{MAX_VERSION}), "
+                         f"not {str(version)[:40]!r}")
     version = str(version).strip() if version is not None else None
     c = mlflow_client or client(cfg)
     name = cfg.model_name

@@ -168,10 +168,13 @@ def _profile_stats(checkpoint_dir: Path) -> dict[str, tuple[float, float]]:
     """feature -> (mean, std) of the model's training data, from the normaliser buffers."""
     from safetensors import safe_open
 
+    from onerec.checkpoint import check_weights_file
+
     cfg = json.loads((checkpoint_dir / "config.json").read_text())
     features = cfg.get("profile_features", [])
     if not features:
         return {}
+    check_weights_file(checkpoint_dir / "model.safetensors")
     with safe_open(str(checkpoint_dir / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
         if not {"context.profile_mean", "context.profile_std"} <= keys:

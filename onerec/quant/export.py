@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from onerec.checkpoint import CONFIG, SEMANTIC_IDS, WEIGHTS
+from onerec.checkpoint import CONFIG, SEMANTIC_IDS, WEIGHTS, load_weights
 from onerec.errors import UserError
 from onerec.manifest import atomic_folder, manifest_digest, verify_manifest, write_manifest
 from onerec.model import MoE, OneRecV2, OneRecV2Config
@@ -175,7 +175,7 @@ def load_quantized(
     for m in model.modules():
         if isinstance(m, MoE):
             m.aux_loss = torch.zeros(())  # a plain attribute, created on "meta" above
-    state = load_file(str(qdir / WEIGHTS))
+    state = load_weights(qdir / WEIGHTS)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -39,7 +39,7 @@ from pydantic import ValidationError
 from onerec import __version__
 from onerec.errors import UserError
 from onerec.serve.batcher import BatcherStopped, DynamicBatcher
-from onerec.serve.guard import RequestGuard
+from onerec.serve.guard import RequestGuard, read_body
 from onerec.serve.model_store import ServedModel, ServingShapes, load_served_model, parse_model_uri
 from onerec.serve.schemas import HARD_MAX_BEAM, HARD_MAX_USERS, RecommendRequest
 
@@ -323,20 +323,6 @@ def _validation_error(exc: ValidationError) -> JSONResponse:
     return _error(422, f"invalid request: {where}: {first['msg']}", details=shown, n_errors=len(errors))
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None when it exceeds `limit` bytes (checked before and while reading, never after)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        return None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def create_app(
     config: ServerConfig,
     loader: Callable[[ServerConfig], ServedModel] | None = None,
@@ -421,7 +407,7 @@ def create_app(
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in JSON_TYPES:
             return _error(415, f"Content-Type must be application/json, not {content_type or 'missing'!r}")
-        body = await _read_body(request, config.max_body_bytes)
+        body = await read_body(request, config.max_body_bytes)
         if body is None:
             return _error(413, f"body larger than {config.max_body_bytes} bytes")
         try:

@@ -12,7 +12,11 @@ concurrency limit answers 503 without Retry-After to every path, health checks i
   a new one gets 503 + Retry-After, except health and metrics paths, so readiness reports the
   model's state, not the load; an exception escaping a handler becomes a counted 500; a client
   that disconnects is one debug line, not an ASGI traceback. Every response is counted in the
-  metrics by route and code.
+  metrics by route and code (when the app has metrics).
+- `read_body`, `read_capped`: a request body (or any byte stream) read only up to a size limit
+  (a request's Content-Length checked first).
+- `guarded_config`: the uvicorn.Config with the connection-level limits, for any app (the inference
+  server, the local serving proxy, the approval relay).
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 
 log = logging.getLogger(__name__)
 
@@ -194,15 +198,46 @@ def connection_cap(max_connections: int, reserve: int = 128) -> int:
     return max_connections
 
 
+def guarded_config(app, host: str, port: int, *, header_timeout_s: float, max_header_bytes: int,
+                   max_connections: int, keep_alive_s: float, metrics=None, **kwargs):
+    """uvicorn.Config for `app` under `guarded_protocol` (connections capped by `connection_cap`)."""
+    import uvicorn
+
+    protocol = guarded_protocol(header_timeout_s, max_header_bytes, connection_cap(max_connections), keep_alive_s,
+                                metrics)
+    return uvicorn.Config(app, host=host, port=port, http=protocol, lifespan="on", timeout_keep_alive=keep_alive_s,
+                          **kwargs)
+
+
+async def read_capped(chunks: AsyncIterator[bytes], limit: int) -> bytes | None:
+    """The bytes of `chunks`, or None as soon as they exceed `limit` (the rest is not read)."""
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it exceeds `limit` bytes (checked before and while reading, never after)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return None
+    return await read_capped(request.stream(), limit)
+
+
 class BodyReadTimeout(Exception):
     """The request body did not arrive in time."""
 
 
 class RequestGuard:
-    """Pure ASGI middleware: see the module doc. `metrics` is onerec.serve.app.Metrics; `route_of`
-    maps a path to its metrics label."""
+    """Pure ASGI middleware: see the module doc. `metrics` is onerec.serve.app.Metrics (or None: nothing
+    counted); `route_of` maps a path to its metrics label."""
 
-    def __init__(self, app, metrics, route_of: Callable[[str], str], body_timeout_s: float, max_in_flight: int):
+    def __init__(self, app, metrics, body_timeout_s: float, max_in_flight: int,
+                 route_of: Callable[[str], str] = str):
         self.app = app
         self.metrics = metrics
         self.route_of = route_of
@@ -249,6 +284,11 @@ class RequestGuard:
         except ClientDisconnect:
             log.debug("%s %s: client disconnected before the answer", scope.get("client"), path)
             status.append(499)  # nginx's "client closed request": counted, never sent
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when its graceful shutdown time is over; the request
+            # ends here with one line (re-raised, uvicorn would log a traceback for each)
+            log.warning("%s %s: cancelled at shutdown (graceful shutdown time exceeded)", scope["method"], path)
+            status.append(499)
         except Exception:
             log.exception("%s %s failed", scope["method"], path)
             if status:  # the response had started: nothing more to send
@@ -282,5 +322,7 @@ class RequestGuard:
         return receive_body
 
     def _observe(self, route: str, code: int, start: float) -> None:
+        if self.metrics is None:
+            return
         self.metrics.latency.labels(route).observe(time.perf_counter() - start)
         count_response(self.metrics, route, code)

@@ -211,6 +211,21 @@ def _engine(model, index, device: str, shapes: ServingShapes):
         return None
 
 
+def require_finite(model, folder: Path) -> None:
+    """Refuse a model with a NaN or an infinity in any weight, embedding row, scale or buffer: the
+    warm-up touches a few items only, and such a model would answer 422 to every request that
+    reaches the bad row. One tensor at a time (FP8 ones widened to float32 for the check)."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        values = tensor if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) else tensor.float()
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise UserError(f"{folder}: tensor {name} has {bad} value(s) that are not finite (NaN or inf); refusing to serve it")
+
+
 def load_served_model(
     uri: str, device: str = "auto", cache_dir: str | Path | None = None,
     name: str | None = None, version: str | None = None, shapes: ServingShapes | None = None,
@@ -239,6 +254,7 @@ def load_served_model(
     # folder keeps its stored dtypes)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model, table, recipe = load_model_folder(folder, device=device, dtype=dtype, verify=False)
+    require_finite(model, folder)
     kind = "bf16" if recipe is None else "fp8"
     model.eval()
     cfg = model.cfg

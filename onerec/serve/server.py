@@ -86,15 +86,12 @@ def _log_config() -> dict:
 
 def uvicorn_config(app, host: str, port: int, **kwargs):
     """The uvicorn.Config for an app of onerec.serve.app.create_app, with its connection limits."""
-    import uvicorn
-
-    from onerec.serve.guard import connection_cap, guarded_protocol
+    from onerec.serve.guard import guarded_config
 
     config = app.state.config
-    protocol = guarded_protocol(config.header_timeout_s, config.max_header_bytes,
-                                connection_cap(config.max_connections), config.keep_alive_s, app.state.metrics)
-    return uvicorn.Config(app, host=host, port=port, http=protocol, lifespan="on",
-                          timeout_keep_alive=config.keep_alive_s, **kwargs)
+    return guarded_config(app, host, port, header_timeout_s=config.header_timeout_s,
+                          max_header_bytes=config.max_header_bytes, max_connections=config.max_connections,
+                          keep_alive_s=config.keep_alive_s, metrics=app.state.metrics, **kwargs)
 
 
 def _draining_server_class():

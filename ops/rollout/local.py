@@ -7,7 +7,9 @@ the proxy to it, then stops the old server gracefully (it drains). Clients of th
 see a failed request. The server runs torch with `threads` CPU threads (default 1: the embedded
 stack shares a small machine with Airflow, MLflow and S3, where more OpenMP threads than free
 cores made a tiny model's beam search 10x slower). rollback starts the previous revision's
-version the same way. State (pids, ports, revisions) lives in <state_dir>/serving/local.json.
+version the same way. State (pids, ports, revisions) lives in <state_dir>/serving/local.json;
+`stop` keeps it, so `resume` (run by `onerec-fp8 stack up`) serves the current revision again on
+the same proxy port after a `stack down` or a reboot.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ def _state_dir(state_dir: str | Path | None) -> Path:
     return path
 
 
-def _spawn(cmd: list[str], log_path: Path) -> dict:
-    """Start `cmd` detached in its own process group (it outlives the caller); {pid, create_time}."""
-    proc = spawn_detached(cmd, log_path, env={**Settings.load().subprocess_env(), "PYTHONUNBUFFERED": "1"}, cwd=REPO_ROOT)
+def _spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> dict:
+    """Start `cmd` detached in its own process group (it outlives the caller); {pid, create_time}.
+    Its env: `env` (default os.environ) with the settings (and the local stack's) filled in."""
+    child_env = Settings.load(env=env).subprocess_env(env)
+    proc = spawn_detached(cmd, log_path, env={**child_env, "PYTHONUNBUFFERED": "1"}, cwd=REPO_ROOT)
     if not is_alive(proc):
         raise RolloutError(f"{cmd[2]} exited at once; see {log_path}")
     return {"pid": proc["pid"], "create_time": proc["create_time"]}
@@ -93,7 +97,7 @@ def _proxy_up(proxy: dict | None) -> bool:
         return False
 
 
-def _ensure_proxy(folder: Path, state: dict, port: int | None) -> dict:
+def _ensure_proxy(folder: Path, state: dict, port: int | None, env: dict | None = None) -> dict:
     proxy = state.get("proxy")
     port = port or (proxy or {}).get("port") or Settings.load().local_serve_port
     if _proxy_up(proxy) and proxy["port"] == port:
@@ -103,7 +107,7 @@ def _ensure_proxy(folder: Path, state: dict, port: int | None) -> dict:
     log_path = folder / "proxy.log"
     cmd = [sys.executable, "-m", "ops.rollout.proxy", "--port", str(port), "--state-file", str(folder / "proxy-upstream.json"),
            "--token-file", str(_proxy_token_file(folder))]
-    proxy = {**_spawn(cmd, log_path), "port": port, "url": f"http://127.0.0.1:{port}", "log": str(log_path)}
+    proxy = {**_spawn(cmd, log_path, env), "port": port, "url": f"http://127.0.0.1:{port}", "log": str(log_path)}
     try:
         _wait_http(proxy["url"] + "/_proxy/status", proxy, 30, log_path)
     except RolloutError:
@@ -148,36 +152,47 @@ def _switch(proxy: dict, upstream: str) -> None:
         raise RolloutError(f"could not switch the local endpoint {proxy['url']} to {upstream}: {exc}") from None
 
 
+def _start_server(
+    folder: Path, proxy: dict, previous: dict | None, revision: int, action: str, model_uri: str, version: str, *,
+    device: str = "auto", threads: int = 1, ready_timeout_s: float = 300, stop_timeout_s: float = 30,
+    server_args: list[str] | None = None, env: dict | None = None,
+) -> dict:
+    """Start a server for `model_uri`, wait until it is ready, switch the proxy to it; its record.
+    On failure the proxy goes back to `previous` (when it still runs) and the new server stops."""
+    server_port = free_port()
+    log_path = folder / f"server-r{revision}.log"
+    cmd = _server_command(model_uri, version, server_port, folder, device, threads, list(server_args or []))
+    log.info("%s revision %d: %s version %s on port %d", action, revision, model_uri, version, server_port)
+    record = {
+        "revision": revision, "action": action, "model_uri": model_uri, "version": version,
+        **_spawn(cmd, log_path, env), "port": server_port, "url": f"http://127.0.0.1:{server_port}",
+        "log": str(log_path), "deployed_at": _now(),
+    }
+    try:
+        _wait_http(record["url"] + "/v2/health/ready", record, ready_timeout_s, log_path)
+        _switch(proxy, record["url"])
+    except BaseException:
+        # the old server never stopped serving: put the proxy back if it moved, stop the new one
+        if previous and is_alive(previous):
+            with contextlib.suppress(RolloutError):
+                _switch(proxy, previous["url"])
+        stop_processes([record], stop_timeout_s)
+        raise
+    return record
+
+
 def _local_rollout(
-    model_uri: str, version: str, action: str, *, state_dir=None, port: int | None = None, device: str = "auto",
-    threads: int = 1, ready_timeout_s: float = 300, stop_timeout_s: float = 30, server_args: list[str] | None = None,
+    model_uri: str, version: str, action: str, *, state_dir=None, port: int | None = None, stop_timeout_s: float = 30,
+    **server_options,
 ) -> dict:
     folder = _state_dir(state_dir)
     with _locked(folder):
         state = _read_state(folder)
         proxy = _ensure_proxy(folder, state, port)
         revision = state["revision"] + 1
-        server_port = free_port()
-        log_path = folder / f"server-r{revision}.log"
-        cmd = _server_command(model_uri, version, server_port, folder, device, threads, list(server_args or []))
-        log.info("%s revision %d: %s version %s on port %d", action, revision, model_uri, version, server_port)
-        record = {
-            "revision": revision, "action": action, "model_uri": model_uri, "version": version, **_spawn(cmd, log_path),
-            "port": server_port, "url": f"http://127.0.0.1:{server_port}", "log": str(log_path),
-            "deployed_at": _now(),
-        }
-        try:
-            _wait_http(record["url"] + "/v2/health/ready", record, ready_timeout_s, log_path)
-            _switch(proxy, record["url"])
-        except BaseException:
-            # the old server never stopped serving: put the proxy back if it moved, stop the new one
-            old = state.get("current")
-            if old and is_alive(old):
-                with contextlib.suppress(RolloutError):
-                    _switch(proxy, old["url"])
-            stop_processes([record], stop_timeout_s)
-            raise
         old = state.get("current")
+        record = _start_server(folder, proxy, old, revision, action, model_uri, version, stop_timeout_s=stop_timeout_s,
+                               **server_options)
         state.update(revision=revision, current=record)
         state["history"].append({k: v for k, v in record.items() if k not in ("pid", "create_time")})
         _write_state(folder, state)
@@ -189,6 +204,32 @@ def _local_rollout(
         "model_uri": model_uri, "server_url": record["url"], "pid": record["pid"],
         "replaced": None if not old else {"revision": old["revision"], "version": old["version"]},
     }
+
+
+def resume(state_dir=None, env: dict | None = None, ready_timeout_s: float = 300) -> dict | None:
+    """Serve the current revision again when its processes are gone (`stack down`, a reboot): the
+    proxy on its port, the same model version on a new server. None when nothing was deployed;
+    "resumed": False when it still serves. The revision and the history stay as they are."""
+    folder = _state_dir(state_dir)
+    with _locked(folder):
+        state = _read_state(folder)
+        current = state.get("current")
+        if current is None:
+            return None
+        serving = is_alive(current)
+        if serving and _proxy_up(state.get("proxy")):
+            return {"target": "local", "resumed": False, "version": current["version"], "url": state["proxy"]["url"]}
+        proxy = _ensure_proxy(folder, state, None, env)
+        if serving:
+            _switch(proxy, current["url"])
+        else:
+            record = _start_server(folder, proxy, None, current["revision"], current["action"], current["model_uri"],
+                                   current["version"], ready_timeout_s=ready_timeout_s, env=env)
+            state["current"] = {**record, "deployed_at": current["deployed_at"], "resumed_at": _now()}
+            _write_state(folder, state)
+        log.info("serving revision %s (version %s) again on %s", current["revision"], current["version"], proxy["url"])
+    return {"target": "local", "resumed": True, "version": current["version"], "revision": current["revision"],
+            "url": proxy["url"]}
 
 
 def deploy(model_uri: str, version: str, **options) -> dict:
@@ -224,15 +265,14 @@ def status(state_dir=None, **_) -> dict:
 
 
 def stop(state_dir=None, timeout_s: float = 30) -> dict:
-    """Stop the local target's server and proxy (the history stays for the next deploy)."""
+    """Stop the local target's server and proxy. Their records stay: `resume` serves the same
+    revision on the same port again, and the history stays for the next deploy."""
     folder = _state_dir(state_dir)
     with _locked(folder):
         state = _read_state(folder)
         stopped = []
         for key in ("current", "proxy"):
-            if state.get(key):
+            if state.get(key) and is_alive(state[key]):
                 stop_processes([state[key]], timeout_s)
                 stopped.append(key)
-        state.update(current=None, proxy=None)
-        _write_state(folder, state)
     return {"target": "local", "stopped": stopped}

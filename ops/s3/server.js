@@ -2,7 +2,7 @@
 // durable writes. s3rver writes an object in place and answers before the file is flushed;
 // here an object goes to a temporary file that is fsynced and renamed over the old one after
 // its metadata, so a crash (kill -9) leaves either the previous object or the new one, and an
-// answered PUT is on disk. Keys that would resolve outside the directory are refused.
+// answered PUT is on disk. Keys that would resolve outside their bucket's folder are refused.
 //
 //   node --openssl-legacy-provider server.js --directory DIR --port N --bucket NAME --access-key-id ID
 //
@@ -33,11 +33,21 @@ function parseArgs(argv) {
   return args;
 }
 
+// A key is a file path below its bucket's folder: a `.` or `..` segment would name another key's
+// file, another bucket's or one outside the store, so such keys are refused, and whatever a key
+// resolves to must stay inside its bucket's folder.
 const resourcePath = FilesystemStore.prototype.getResourcePath;
 FilesystemStore.prototype.getResourcePath = function (bucket, key, resource) {
+  const segments = String(key || '').split(/[\\/]/);
+  if (segments.includes('..') || segments.includes('.')) {
+    throw new S3Error('InvalidArgument', `key ${key} has a '.' or '..' segment`);
+  }
   const resolved = resourcePath.call(this, bucket, key, resource);
   const root = path.resolve(this.rootDirectory) + path.sep;
-  if (!path.resolve(resolved).startsWith(root)) throw new S3Error('InvalidArgument', `key ${key} resolves outside the store`);
+  const bucketRoot = path.resolve(this.rootDirectory, bucket) + path.sep;
+  if (!bucketRoot.startsWith(root) || !path.resolve(resolved).startsWith(bucketRoot)) {
+    throw new S3Error('InvalidArgument', `key ${key} resolves outside its bucket`);
+  }
   return resolved;
 };
 

@@ -14,28 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fixtures.stack import airflow_client, wait_for
 
 from ops.smtp_sink import read_mail
 
 pytestmark = pytest.mark.integration
-
-
-def airflow_client(state: dict) -> httpx.Client:
-    url = state["services"]["airflow"]["url"]
-    creds = state["credentials"]["airflow"]
-    token = httpx.post(f"{url}/auth/token", json={"username": creds["username"], "password": creds["password"]},
-                       timeout=30, trust_env=False).json()["access_token"]
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30, trust_env=False)
-
-
-def wait_for(what: str, check, timeout_s: float = 120.0, every_s: float = 2.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    pytest.fail(f"timed out after {timeout_s:g}s waiting for {what}")
 
 
 @pytest.mark.slow

@@ -188,6 +188,51 @@ def test_download_verifies_every_file_and_names_the_corrupt_one(stack, tiny):
     assert not dst.exists()  # nothing renamed into place
 
 
+def test_a_newest_input_that_failed_validation_is_skipped_by_later_runs_with_an_alert(stack, tiny, tmp_path):
+    """A damaged newest checkpoint and a newest calibration table that fails validation are
+    remembered by sha256: the next runs take the newest good ones and mail on-call about the skip."""
+    import pandas as pd
+    from aiosmtpd.controller import Controller
+
+    from ops.processes import free_port
+    from ops.smtp_sink import MaildirHandler, read_mail
+    from tasks.checkpoints import s3_client
+    from tasks.requantize import StepFailed, find_step, run_requantize
+
+    maildir = tmp_path / "mail"
+    maildir.mkdir()
+    port = free_port()
+    sink = Controller(MaildirHandler(maildir), hostname="127.0.0.1", port=port)
+    sink.start()
+    try:
+        cfg = config(stack, "rejected", alert_smtp=f"127.0.0.1:{port}")
+        publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z", date="2026-01-01")
+        publish(cfg, variant(tiny.checkpoint_dir, tmp_path / "bad", "bad"), tiny.calibration_path, "20260102T000000Z",
+                date="2026-01-01")
+        s3_client(cfg).put_object(Bucket=cfg.s3_bucket, Key=f"{cfg.s3_prefix}/checkpoints/20260102T000000Z/semantic_ids.npy",
+                                  Body=b"not the table")
+        with pytest.raises(UserError, match="semantic_ids.npy"):
+            run_requantize(cfg, until="fetch")
+        assert read_mail(maildir) == []
+        found = find_step(cfg)
+        assert found["checkpoint_id"] == "20260101T000000Z" and found["rejected"] == ["20260102T000000Z"]
+        [mail] = read_mail(maildir)
+        assert "failed validation before" in mail["Subject"] and "checkpoint 20260102T000000Z" in mail.get_content()
+
+        bad = pd.read_parquet(tiny.calibration_path)
+        bad.at[0, "history"] = [10**7]  # an item id the checkpoint does not know
+        bad.to_parquet(tmp_path / "bad.parquet")
+        publish(cfg, tiny.checkpoint_dir, tmp_path / "bad.parquet", "20260101T000000Z", date="2026-01-02")
+        with pytest.raises(StepFailed, match="failed validation"):
+            run_requantize(cfg, until="validate")
+        found = find_step(cfg)
+        assert found["calibration_uri"].endswith("/2026-01-01/calibration.parquet")
+        assert [u.rsplit("/", 2)[-2] for u in found["rejected_calibration"]] == ["2026-01-02"]
+        assert "2026-01-02/calibration.parquet" in read_mail(maildir)[-1].get_content()
+    finally:
+        sink.stop()
+
+
 # --- the requantize pipeline --------------------------------------------------------------------------
 
 
@@ -531,3 +576,100 @@ def test_requantize_dag_through_airflow(local_stack, stack, tiny, tmp_path):
     again = dags_test("onerec_fp8_requantize", local_stack, tmp_path / "requantize-2.log", env)
     assert again["state"] == "success" and len(versions(cfg)) == 1
     assert "Skipping downstream tasks" in Path(again["log"]).read_text()
+
+
+# --- the local stack as a deployment: it comes back after a restart ------------------------------------
+
+
+def served_version(url: str, history: list[int]) -> str:
+    reply = httpx.post(f"{url}/v1/recommend", json={"users": [{"history": history}], "k": 3}, timeout=60,
+                       trust_env=False)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["model"]["version"]
+
+
+@pytest.mark.slow
+def test_stack_restart_brings_back_the_champion_the_approval_events_and_rollback(tiny, tmp_path):
+    """up -> pipeline -> approve (the relay's event starts the promote DAG) -> down -> up: the same
+    ports, the champion answers on the proxy port, the DAGs run unpaused, the next approval starts
+    a promote run, and a rollback restores the previous champion."""
+    import pandas as pd
+    from fixtures.stack import airflow_client, processes_of, stack_cli, start_stack, wait_for
+
+    from ops.processes import free_port
+    from ops.stack import SERVICES, stack_env
+    from tasks.requantize import run_requantize
+    from tasks.rollback import rollback
+
+    state_dir, work = tmp_path / "stack", tmp_path / "work"
+    ports = {s: free_port() for s in SERVICES}
+    proxy = f"http://127.0.0.1:{free_port()}"
+    names = {"ONEREC_MODEL_NAME": "onerec-test-restart", "ONEREC_S3_PREFIX": "test-restart"}
+    # the DAGs' config: the promote DAG checks the gates as the CPU-only pipeline here ran them
+    stack_up_env = {**os.environ, **names, "ONEREC_LATENCY_GATE_BLOCKING": "false"}
+    state = start_stack(state_dir, ports=ports, env={**stack_up_env, "ONEREC_LOCAL_SERVE_PORT": proxy.rsplit(":", 1)[1]})
+    history = pd.read_parquet(tiny.calibration_path)["history"].iloc[0].tolist()
+    try:
+        # the pipeline runs here (its work dir has no stack.json: no event starts another requantize)
+        with environment({**stack_env(state), "ONEREC_STATE_DIR": str(work)}):
+            cfg = config({"state": state, "work": work}, "restart")
+            assert (cfg.model_name, cfg.s3_prefix) == (names["ONEREC_MODEL_NAME"], names["ONEREC_S3_PREFIX"])
+            with airflow_client(state) as airflow:
+                dags = wait_for("the three DAGs, parsed", lambda: (
+                    found if len(found := airflow.get("/api/v2/dags", params={"dag_id_pattern": "onerec_fp8"}).json()[
+                        "dags"]) == 3 else None), timeout_s=180)
+                assert not any(d["is_paused"] for d in dags), dags
+                # unpaused, the daily job runs today's interval at once (with nothing published it
+                # would retry for minutes): ended here, so this test's own requantize runs alone
+                [catch_up] = wait_for("the first daily requantize run", lambda: airflow.get(
+                    "/api/v2/dags/onerec_fp8_requantize/dagRuns").json()["dag_runs"], timeout_s=120)
+                airflow.patch(f"/api/v2/dags/onerec_fp8_requantize/dagRuns/{catch_up['dag_run_id']}",
+                              json={"state": "failed"}).raise_for_status()
+            publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+            v1 = run_requantize(cfg)["version"]
+            approve_as_the_ui_does({"state": state}, cfg, v1).raise_for_status()
+            wait_for("the promote run the approval started", lambda: alias(cfg, "champion") == v1, timeout_s=300)
+            assert served_version(proxy, history) == v1
+
+        down = stack_cli("down", "--state-dir", str(state_dir), timeout=180)
+        assert down.returncode == 0, down.stderr[-3000:]
+        assert processes_of(state_dir) == [] and not proxy_answers(proxy)
+
+        up = stack_cli("up", "--state-dir", str(state_dir), env=stack_up_env)  # no ports given: the same as before
+        assert up.returncode == 0 and "Traceback" not in up.stderr, up.stderr[-4000:]
+        state = json.loads(up.stdout)
+        assert {s: state["services"][s]["port"] for s in SERVICES} == ports
+        assert served_version(proxy, history) == v1  # the champion serves again
+
+        with environment({**stack_env(state), "ONEREC_STATE_DIR": str(work)}):
+            publish(cfg, variant(tiny.checkpoint_dir, tmp_path / "v2", "v2"), tiny.calibration_path, "20260102T000000Z")
+            v2 = run_requantize(cfg)["version"]
+            with airflow_client(state) as airflow:
+                before = event_runs(airflow)
+                approve_as_the_ui_does({"state": state}, cfg, v2).raise_for_status()
+                wait_for("the promote run after the restart", lambda: alias(cfg, "champion") == v2, timeout_s=300)
+                assert event_runs(airflow) > before
+            assert served_version(proxy, history) == v2
+
+            serving = config({"state": state, "work": work}, "restart", state_dir=str(state_dir))
+            restored = rollback(serving, "restart test: back to the first champion", by="test")
+            assert restored["champion"] == v1 and alias(cfg, "champion") == v1
+            assert served_version(proxy, history) == v1
+    finally:
+        down = stack_cli("down", "--state-dir", str(state_dir), timeout=180)
+    assert down.returncode == 0, down.stderr[-3000:]
+    assert processes_of(state_dir) == [] and not proxy_answers(proxy)
+
+
+def event_runs(airflow) -> int:
+    """Promote runs that an approval event started."""
+    runs = airflow.get("/api/v2/dags/onerec_fp8_promote/dagRuns").json()["dag_runs"]
+    return sum(r["run_type"] == "asset_triggered" for r in runs)
+
+
+def proxy_answers(url: str) -> bool:
+    try:
+        httpx.get(url + "/_proxy/status", timeout=5, trust_env=False)
+        return True
+    except httpx.HTTPError:
+        return False

@@ -231,3 +231,51 @@ def test_cli_serves_and_stops_on_sigterm(checkpoint):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_non_finite_embedding_row_or_weight_refuses_the_model(tmp_path):
+    """Warm-up touches a few items; the loader checks every tensor, so the model never turns ready."""
+    import torch
+
+    from onerec.checkpoint import save_checkpoint
+    from onerec.model import OneRecV2, OneRecV2Config
+
+    cfg = OneRecV2Config.from_preset("tiny")
+    for poisoned, value in (("embedding", float("nan")), ("weight", float("inf"))):
+        torch.manual_seed(0)
+        model = OneRecV2(cfg)
+        params = dict(model.named_parameters())
+        name = next(n for n in params if ("emb" in n) == (poisoned == "embedding") and params[n].dim() == 2)
+        with torch.no_grad():
+            params[name][-1, 0] = value  # one row of one tensor
+        table = np.arange(30 * 3, dtype=np.int32).reshape(30, 3) % cfg.codebook_size
+        folder = save_checkpoint(model, table, tmp_path / poisoned)
+        with pytest.raises(UserError, match=f"tensor {name} has 1 value\\(s\\) that are not finite"):
+            load_served_model(str(folder), "cpu")
+
+
+def test_a_stop_as_the_stack_stops_servers_logs_no_traceback(checkpoint, tmp_path):
+    """`stack down` and a rollout stop a server with ops.processes.stop_processes: one SIGTERM, so
+    the server drains and shuts down its app (a second one would mean "exit now")."""
+    from ops.processes import spawn_detached, stop_processes
+
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    record = spawn_detached([sys.executable, "-m", "onerec_fp8.cli", "serve", "--model-uri", str(checkpoint), "--port",
+                             str(port), "--device", "cpu", "--drain-seconds", "0.5"], log_path)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            wait_for(lambda: _ready(client), timeout_s=120)
+            assert client.post("/v1/recommend", json=BODY).status_code == 200
+    finally:
+        stop_processes([record], 30)
+    text = log_path.read_text()
+    assert "Application shutdown complete" in text
+    assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
+
+
+def _ready(client) -> bool:
+    try:
+        return client.get("/v2/health/ready").status_code == 200
+    except httpx.TransportError:
+        return False

@@ -58,18 +58,38 @@ SOAK_RSS_GROWTH_MB = 120
 SOAK_RSS_GROWTH_SECOND_HALF_MB = 40
 
 
+# The local serving proxy in front (the local rollout target's endpoint) may grow this much: it
+# buffers at most one request and one answer per connection.
+SOAK_PROXY_RSS_GROWTH_MB = 40
+
+
 @pytest.mark.soak
-def test_soak_64_clients_for_60_s_without_5xx_and_with_bounded_memory(tmp_path):
+def test_soak_64_clients_for_60_s_through_the_proxy_without_5xx_and_with_bounded_memory(tmp_path):
+    """The server behind the local rollout target's proxy, as a deployed champion serves."""
+    import httpx
+    import psutil
+
+    from ops.processes import free_port
+    from ops.rollout import local
+
     bench = load_module()
     model = random_tiny_checkpoint(tmp_path / "ckpt", seed=3)
-    report = bench.main([
-        "--serve-model", str(model), "--server-arg=--device=cpu", "--server-arg=--threads=1",
-        "--concurrency", "64", "--duration", "60", "--requests", "10000000", "--warmup", "10",
-        "--history-len", "20", "--beam", "16", "--k", "5", "--out", str(tmp_path / "soak.json"),
-    ])
+    deployed = local.deploy(str(model), "1", state_dir=tmp_path / "state", port=free_port(), device="cpu", threads=1)
+    try:
+        proxy = psutil.Process(httpx.get(deployed["url"] + "/_proxy/status", timeout=10).json()["pid"])
+        proxy_rss = [proxy.memory_info().rss / 2**20]
+        report = bench.main([
+            "--url", deployed["url"], "--server-pid", str(deployed["pid"]),
+            "--concurrency", "64", "--duration", "60", "--requests", "10000000", "--warmup", "10",
+            "--history-len", "20", "--beam", "16", "--k", "5", "--out", str(tmp_path / "soak.json"),
+        ])
+        proxy_rss.append(proxy.memory_info().rss / 2**20)
+    finally:
+        local.stop(state_dir=tmp_path / "state")
     level = report["levels"][0]
     assert level["errors"] == {} and level["http_5xx"] == 0, level["errors"]
     assert level["duration_s"] >= 59 and level["ok"] > 300, level  # served throughout, even on a busy host
     rss = level["server_rss_mb"]
     assert rss["end"] - rss["start"] < SOAK_RSS_GROWTH_MB, rss
     assert rss["end"] - rss["mid"] < SOAK_RSS_GROWTH_SECOND_HALF_MB, rss
+    assert proxy_rss[1] - proxy_rss[0] < SOAK_PROXY_RSS_GROWTH_MB, proxy_rss

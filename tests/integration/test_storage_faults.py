@@ -306,3 +306,31 @@ def test_lost_artifact_is_named_and_changes_nothing(tmp_path, s3_and_mlflow, mon
         rollback(cfg, "typo", version="99")
     with pytest.raises(UserError, match="has no version 99$"):
         promote(cfg, "99")
+
+
+def test_keys_that_leave_their_bucket_folder_are_refused(tmp_path):
+    """`..` (or `.`) segments in a key would name a file of another bucket, of another key, or outside the store."""
+    import socket
+
+    from ops.stack import stack_env
+
+    state_dir = tmp_path / "state"
+    state = start_stack(state_dir, ("s3",))
+    try:
+        env = stack_env(state)
+        client = s3_client(env)
+        client.put_object(Bucket="onerec", Key="inside/ok.txt", Body=b"fine")
+        host, port = env["ONEREC_S3_ENDPOINT_URL"].removeprefix("http://").split(":")
+        for key in ("../escaped.txt", "../../escaped.txt", "a/../../escaped.txt", "inside/./ok.txt", "inside/x/../ok.txt"):
+            # raw, so that no client normalises the path before the server sees it
+            request = (f"PUT /onerec/{key} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-length: 3\r\n"
+                       "authorization: AWS testing:x\r\nconnection: close\r\n\r\nbad").encode()
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(request)
+                answer = sock.recv(4096)
+            assert not answer.startswith(b"HTTP/1.1 200"), (key, answer[:300])
+        written = sorted(p.relative_to(state_dir).as_posix() for p in state_dir.rglob("*escaped*"))
+        assert written == []
+        assert client.get_object(Bucket="onerec", Key="inside/ok.txt")["Body"].read() == b"fine"
+    finally:
+        assert stack_cli("down", "--state-dir", str(state_dir), timeout=120).returncode == 0

@@ -267,3 +267,35 @@ def test_checkpoint_without_manifest_is_incomplete(tmp_path):
     (tmp_path / "ck" / "manifest.json").unlink()
     with pytest.raises(UserError, match="no manifest.json"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_hostile_weights_table_and_config_are_one_line_refusals(tmp_path):
+    """A pickled semantic_ids.npy, a safetensors header bomb, a weights file too small for its config
+    and sizes that multiply past any host: each a UserError, before anything large is allocated."""
+    import json
+
+    from onerec.checkpoint import load_weights
+    from onerec.semantic_ids import load_table
+
+    save_checkpoint(random_model(seed=6), random_table(30, 8, seed=6), tmp_path / "ck")
+    ck = tmp_path / "ck"
+
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="pickled.npy: not a plain .npy"):
+        load_table(tmp_path / "pickled.npy")
+
+    bomb = tmp_path / "bomb.safetensors"
+    bomb.write_bytes((1 << 62).to_bytes(8, "little") + b"{}")  # claims an exabyte header
+    with pytest.raises(UserError, match="bomb.safetensors: not a safetensors file"):
+        load_weights(bomb)
+    lying = tmp_path / "lying.safetensors"
+    lying.write_bytes((40).to_bytes(8, "little") + b'{"w": {"dtype": "F32", "shape": [9999999, 9999], "data_offsets": [0, 4]}}' + b"\0" * 8)
+    with pytest.raises(UserError, match="lying.safetensors"):
+        load_weights(lying)
+
+    config = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config, "d_model": 4096, "n_heads": 32}))
+    with pytest.raises(UserError, match="cannot hold the .* parameters"):
+        load_checkpoint(ck, verify=False)
+    with pytest.raises(ValueError, match="sizes together"):
+        OneRecV2Config(d_model=65536, n_layers=1024, n_heads=1024, codebook_size=1 << 20)

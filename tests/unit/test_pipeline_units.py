@@ -373,3 +373,16 @@ def test_provenance_signature_binds_every_field_and_the_key_stays_private(tmp_pa
     os.chmod(tmp_path / "secrets" / "provenance.key", 0o644)
     with pytest.raises(ProvenanceError, match="chmod 600"):
         load_key(cfg)
+
+
+def test_a_rollback_version_out_of_the_registry_range_is_refused_before_any_call():
+    """23 digits would reach MLflow as an overflow (500, retried); refused at once, one line, no client used."""
+    from tasks.config import PipelineConfig
+    from tasks.requantize import StepFailed
+    from tasks.rollback import rollback
+
+    cfg = PipelineConfig.from_env({})
+    for version in ("1" * 23, "0", str(2**31)):
+        with pytest.raises(StepFailed, match=r"digits only, 1\.\.2147483647") as refused:
+            rollback(cfg, "on-call test", version=version, mlflow_client=object())
+        assert "\n" not in str(refused.value) and len(str(refused.value)) < 200
