@@ -3,23 +3,25 @@
     python3 bench/gpu_pipeline_check.py --out bench/results 2>&1 | tee out/pipeline_check.log
 
 On a machine with an FP8 GPU (H100/H200), no network needed:
-1. `onerec-fp8 data synth --users 3000 --items 10000` (users.parquet: profile features);
+1. `onerec-fp8 data synth --users 10000 --items 10000 --interactions-per-user 24` (users.parquet:
+   profile features);
 2. `onerec-fp8 train --preset 1b --epochs 1 --device cuda`, written where the fetch step puts the
    checkpoint (<state>/pipeline/<id>/checkpoint/), and a calibration table of 2 x --quality-users
-   training requests (histories of at least 2 items: each scores in the quality gate) at
-   <state>/pipeline/<id>/calibration.parquet; the fetch step's result (tasks.requantize.Fetched)
-   describes them;
+   users, one request each (the user's newest training request, history long enough for
+   --quality-positions positions), at <state>/pipeline/<id>/calibration.parquet: the quantize
+   step holds out half the users, so the quality gate scores --quality-users users x
+   --quality-positions positions; the fetch step's result (tasks.requantize.Fetched) describes them;
 3. quantize, quality_gate, latency_gate: each one `onerec-fp8 pipeline exec STEP --inputs JSON
    --xcom-file F` in a subprocess, the inputs being the earlier steps' results by step name as the
    DAG renders them from XCom (tasks.requantize.STEPS[...].inputs), ONEREC_STATE_DIR set as in the
-   pod, ONEREC_QUALITY_EVAL_REQUESTS = --quality-users, ONEREC_LAYER_CHOICE = --layer-choice
-   ("timed": quantize keeps in bf16 the layers whose FP8 GEMM is slower on this GPU at one user);
-   timed, results read back from F;
+   pod, ONEREC_QUALITY_EVAL_REQUESTS = --quality-users, ONEREC_QUALITY_GATE positions =
+   --quality-positions, ONEREC_LAYER_CHOICE = --layer-choice ("timed": quantize keeps in bf16 the
+   layers whose FP8 GEMM is slower on this GPU at one user); timed, results read back from F;
 4. bench/gpu_bench.py --variants bf16-engine,fp8-engine on the latency gate's shapes (each measured
    batch at its history length, the trained table's item count; `--fp8-layers timed` with
    --layer-choice timed), to compare the FP8/bf16 ratios.
 Checks: every step exited 0 (a pod succeeds once its step ran; the verdict is in the XCom), the quality gate ran on CUDA on
---quality-users users, the latency gate measured on CUDA and gave a verdict, the ratios agree
+--quality-users users x --quality-positions positions, the latency gate measured on CUDA and gave a verdict, the ratios agree
 with bench within 10%, the GPU part within 5 minutes. One JSON (device, versions, date, command,
 per-step seconds, both gate results, the bench comparison) goes to --out. Progress on stderr.
 Without `onerec-fp8` on PATH (a bare torch machine) the same arguments run through
@@ -114,13 +116,13 @@ def make_work_folder(args, cli: list[str], env: dict, budget: Budget, timings: d
     from onerec.model import OneRecV2Config
     from tasks.requantize import Fetched
 
-    data = args.work / f"data-{args.users}u-{args.items}i"
+    data = args.work / f"data-{args.users}u-{args.items}i-{args.interactions_per_user}ipu"
     work = args.state / "pipeline" / args.checkpoint_id
     checkpoint = work / "checkpoint"
     if not (data / "interactions.parquet").is_file():
         code, _, timings["synth_s"] = run(
             [*cli, "data", "synth", "--out", str(data), "--users", str(args.users), "--items", str(args.items),
-             "--overwrite"], env, budget, "synth")
+             "--interactions-per-user", str(args.interactions_per_user), "--overwrite"], env, budget, "synth")
         if code:
             raise SystemExit(f"data synth failed (exit {code})")
     try:
@@ -138,10 +140,12 @@ def make_work_folder(args, cli: list[str], env: dict, budget: Budget, timings: d
     calibration = work / "calibration.parquet"
     context_len = OneRecV2Config.load(checkpoint / "config.json").context_len
     split = split_leave_last_out(load_dataset(data), max_history=context_len)
-    train = split.train[split.train["history"].map(len) >= 2]  # every held-out request then scores
-    requests = calibration_requests(dataclasses.replace(split, train=train), n=2 * args.quality_users)
+    newest = split.train.groupby("user_id").tail(1)  # one request per user: the gate's unit is the user
+    newest = newest[newest["history"].map(len) >= args.quality_positions + 1]  # every position then scores
+    requests = calibration_requests(dataclasses.replace(split, train=newest), n=2 * args.quality_users)
     if len(requests) < 2 * args.quality_users:
-        raise SystemExit(f"only {len(requests)} calibration requests; need {2 * args.quality_users}")
+        raise SystemExit(f"only {len(requests)} users with {args.quality_positions + 2} interactions or more; "
+                         f"need {2 * args.quality_users} (raise --users or --interactions-per-user)")
     requests.to_parquet(calibration, index=False)
     fetched = Fetched(
         checkpoint_id=args.checkpoint_id, checkpoint_uri=f"s3://onerec/onerec-v2/checkpoints/{args.checkpoint_id}/",
@@ -198,10 +202,12 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=REPO / "out" / "pipeline_check",
                         help="scratch: data, state dir (the pods' ONEREC_STATE_DIR), bench outputs")
     parser.add_argument("--preset", default="1b")
-    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--users", type=int, default=10000)
+    parser.add_argument("--interactions-per-user", type=int, default=24, help="mean, of the synthetic data")
     parser.add_argument("--items", type=int, default=10000)
     parser.add_argument("--train-batch-size", type=int, default=256)
-    parser.add_argument("--quality-users", type=int, default=4096, help="held-out requests the quality gate scores")
+    parser.add_argument("--quality-users", type=int, default=4096, help="held-out users the quality gate scores")
+    parser.add_argument("--quality-positions", type=int, default=10, help="held-out positions per user it scores")
     parser.add_argument("--recipe", default="fp8_dynamic")
     parser.add_argument("--layer-choice", default="all", choices=["all", "timed"],
                         help="ONEREC_LAYER_CHOICE of the quantize pod (fp8_dynamic): timed = FP8 only where it "
@@ -226,10 +232,11 @@ def main() -> int:
 
     cli = entry_point()
     # one state dir per model and data: a later run reuses exactly what it would have made
-    args.state = args.work / f"state-{args.preset}-{args.users}u-{args.items}i"
+    args.state = args.work / f"state-{args.preset}-{args.users}u-{args.items}i-{args.interactions_per_user}ipu"
     args.state.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "ONEREC_STATE_DIR": str(args.state), "ONEREC_RECIPE": args.recipe,
            "ONEREC_QUALITY_EVAL_REQUESTS": str(args.quality_users), "ONEREC_LAYER_CHOICE": args.layer_choice,
+           "ONEREC_QUALITY_GATE": json.dumps({"positions": args.quality_positions}),
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     if args.latency_gate:
         env["ONEREC_LATENCY_GATE"] = args.latency_gate
@@ -263,6 +270,7 @@ def main() -> int:
     if quality:
         checks["quality_gate_on_cuda"] = str(quality.get("config", {}).get("device", "")).startswith("cuda")
         checks["quality_gate_users"] = quality.get("num_users") == args.quality_users
+        checks["quality_gate_positions"] = quality.get("num_positions") == args.quality_users * args.quality_positions
         checks["quality_gate_verdict"] = isinstance(quality.get("passed"), bool)
     if latency:
         checks["latency_gate_measured_on_cuda"] = latency.get("measurable") is True and latency.get("timed_on") == "cuda"
@@ -288,7 +296,8 @@ def main() -> int:
         "entry_point": " ".join(cli[-3:]),
         "settings": {"preset": args.preset, "users": args.users, "items": args.items, "recipe": args.recipe,
                      "layer_choice": args.layer_choice,
-                     "quality_users": args.quality_users, "latency_gate": args.latency_gate,
+                     "quality_users": args.quality_users, "quality_positions": args.quality_positions,
+                     "interactions_per_user": args.interactions_per_user, "latency_gate": args.latency_gate,
                      "time_budget_s": args.time_budget},
         "seconds": {**{k: round(v, 1) for k, v in timings.items()}, **{s: v["seconds"] for s, v in steps.items()},
                     "gpu_part": round(gpu_part_s, 1), "total": round(time.monotonic() - budget.t0, 1)},
@@ -305,8 +314,9 @@ def main() -> int:
     say(f"wrote {path}")
     say("seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
     if quality:
-        say(f"quality gate: passed={quality.get('passed')} on {quality.get('config', {}).get('device')}, "
-            f"{quality.get('num_users')} users, top-10 overlap {quality.get('top10_overlap')}")
+        say(f"quality gate: {quality.get('verdict')} on {quality.get('config', {}).get('device')}, "
+            f"{quality.get('num_users')} users x {quality.get('positions')} positions in {quality.get('seconds')} s, "
+            f"top-10 overlap {quality.get('top10_overlap')}")
     if latency:
         say(f"latency gate: measurable={latency.get('measurable')} passed={latency.get('passed')} "
             f"latency ratio {latency.get('latency_ratio')} throughput ratio {latency.get('throughput_ratio')}")

@@ -3,8 +3,10 @@
     onerec-fp8 data calibration --data DIR --checkpoint CKPT --out calib.parquet [--requests N --seed S]
 
 The one way a calibration table is made: the data folder is split leave-last-out (onerec.data)
-with histories cut to the checkpoint's context length, and N requests are sampled (seeded) from
-the training part only, so no validation or test target ever shapes the quantization. The
+with histories cut to the checkpoint's context length and each user's last `--positions`
+interactions held out (the quality gate's default, 10: the positions `gate quality` scores), and
+N requests are sampled (seeded) from the training part only, so no position the gate scores and
+no validation target ever shapes the quantization. The
 checkpoint (or quantized folder) is read for its config only. Every command that takes
 `--calibration` accepts such a table (parquet/csv, or a folder holding calibration.parquet) or a
 data folder, from which it draws the table the same way and says so in its result
@@ -46,14 +48,17 @@ def context_len_of(folder: str | Path) -> int:
 
 
 def draw_calibration_table(data: str | Path, context_len: int | None, requests: int = DEFAULT_REQUESTS,
-                           seed: int = 0):
-    """N requests (seeded) of the data folder's training part, histories cut to `context_len`."""
+                           seed: int = 0, positions: int | None = None):
+    """N requests (seeded) of the data folder's training part, histories cut to `context_len`,
+    the last `positions` interactions of each user held out (None: the quality gate's default)."""
     from onerec.data import calibration_requests, load_dataset, split_leave_last_out
     from onerec.errors import UserError
+    from onerec.quant.quality_gate import QualityGateConfig
 
     if requests < 1:
         raise UserError("--requests must be positive")
-    split = split_leave_last_out(load_dataset(data), max_history=context_len)
+    positions = QualityGateConfig.positions if positions is None else positions
+    split = split_leave_last_out(load_dataset(data), max_history=context_len, positions=positions)
     return calibration_requests(split, requests, seed=seed)
 
 
@@ -61,12 +66,13 @@ def read_calibration(path: str | Path, context_len: int | None, requests: int = 
                      seed: int = 0) -> tuple[object, dict]:
     """(request table, where it came from): a data folder is drawn from, anything else read."""
     from onerec.data import read_requests
+    from onerec.quant.quality_gate import QualityGateConfig
 
     if is_data_folder(path):
         table = draw_calibration_table(path, context_len, requests, seed)
         log.info("calibration: drew %d training requests from data folder %s (seed %d)", len(table), path, seed)
         return table, {"kind": "drawn from data folder", "data": str(path), "requests": len(table), "seed": seed,
-                       "split": "train"}
+                       "split": "train", "held_out_positions": QualityGateConfig.positions}
     table = read_requests(path)
     return table, {"kind": "request table", "path": str(path), "requests": len(table)}
 
@@ -93,15 +99,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="calibration table to write (.parquet)")
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="requests to draw (at most)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--positions", type=int, default=None,
+                        help="each user's last N interactions stay out (default: the quality gate's positions, 10)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def main(args: argparse.Namespace) -> dict:
     from onerec.features import profile_columns
     from onerec.manifest import sha256_file
+    from onerec.quant.quality_gate import QualityGateConfig
 
     context_len = context_len_of(args.checkpoint)
-    table = draw_calibration_table(args.data, context_len, args.requests, args.seed)
+    table = draw_calibration_table(args.data, context_len, args.requests, args.seed, args.positions)
     out = write_calibration_table(table, args.out, args.overwrite)
 
     profile = [c for c in table.columns if c not in ("user_id", "history", "target")]
@@ -109,5 +118,6 @@ def main(args: argparse.Namespace) -> dict:
     return {
         "calibration": str(out), "sha256": sha256_file(out), "data": str(args.data), "checkpoint": str(args.checkpoint),
         "requests": len(table), "users": int(table["user_id"].nunique()), "seed": args.seed, "split": "train",
+        "held_out_positions": args.positions or QualityGateConfig.positions,
         "context_len": context_len, "profile_features": {"numeric": numeric, "categorical": categorical},
     }

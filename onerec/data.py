@@ -16,7 +16,10 @@ is exactly such a table.
 
 Split (leave-last-out by time, per user): the last interaction is the test target, the one
 before it the validation target, every earlier one a training target (predicted from the
-items before it). Calibration requests are drawn from the training part only.
+items before it). Calibration requests are drawn from the training part only. With
+`positions=N` the test part holds each user's last N interactions, each predicted from the
+items before it (N requests per user, fewer for users with short histories), the validation
+target is the one before them: more evidence per user for evaluation and the quality gate.
 """
 
 from __future__ import annotations
@@ -118,20 +121,25 @@ def _attach_profiles(requests: pd.DataFrame, dataset: Dataset) -> pd.DataFrame:
     return pd.concat([requests.reset_index(drop=True), num.reset_index(drop=True), cat.reset_index(drop=True)], axis=1)
 
 
-def split_leave_last_out(dataset: Dataset, max_history: int | None = None, min_interactions: int = 3) -> Split:
-    """Per user: the last item is the test target, the one before the validation target, the rest train.
+def split_leave_last_out(dataset: Dataset, max_history: int | None = None, min_interactions: int = 3,
+                         positions: int = 1) -> Split:
+    """Per user: the last `positions` items are test targets, the one before the validation target, the rest train.
 
-    Users with fewer than `min_interactions` interactions only contribute training requests.
-    `max_history` keeps the newest items of each history (the model's context length).
+    Users with fewer than `min_interactions` interactions only contribute training requests; a
+    user with fewer than positions + 2 interactions gets fewer test positions (every held-out
+    user keeps a validation target with a history). `max_history` keeps the newest items of
+    each history (the model's context length).
     """
+    if positions < 1:
+        raise UserError(f"positions must be at least 1, got {positions}")
     rows: dict[str, list] = {"train": [], "valid": [], "test": []}
     inter = dataset.interactions
     groups = inter.groupby("user_id", sort=True)["item_id"].apply(np.asarray)
     for user, items in groups.items():
         n = len(items)
-        held_out = 2 if n >= min_interactions else 0
+        first_test = max(2, n - positions) if n >= min_interactions else n
         for t in range(1, n):
-            part = "train" if t < n - held_out else ("valid" if t == n - 2 else "test")
+            part = "train" if t < first_test - 1 else ("valid" if t == first_test - 1 else "test")
             start = 0 if max_history is None else max(0, t - max_history)
             rows[part].append((int(user), items[start:t].tolist(), int(items[t])))
     frames = {
@@ -140,18 +148,35 @@ def split_leave_last_out(dataset: Dataset, max_history: int | None = None, min_i
     return Split(**frames)
 
 
-def training_interactions(dataset: Dataset, min_interactions: int = 3) -> pd.DataFrame:
+def training_interactions(dataset: Dataset, min_interactions: int = 3, positions: int = 1) -> pd.DataFrame:
     """The interactions that `split_leave_last_out` uses as training targets or histories only.
 
-    Drops each user's last two interactions (the validation and test targets) when the user has
-    at least `min_interactions`; what the tokenizer and the popularity baseline may learn from.
+    Drops each user's validation and test targets (the last positions + 1 interactions, the first
+    two always kept) when the user has at least `min_interactions`; what the tokenizer and the
+    popularity baseline may learn from.
     """
     inter = dataset.interactions
     by_user = inter.groupby("user_id", sort=False)
     n = by_user["item_id"].transform("size").to_numpy()
     position = by_user.cumcount().to_numpy()
-    keep = (n < min_interactions) | (position < n - 2)
+    keep = (n < min_interactions) | (position < np.maximum(1, n - positions - 1))
     return inter[keep].reset_index(drop=True)
+
+
+def held_out_requests(dataset: Dataset, part: str = "test", max_history: int | None = None, positions: int = 1,
+                      max_users: int | None = None, seed: int = 0, source: str = "data") -> pd.DataFrame:
+    """The `part` (test or valid) requests of the leave-last-out split: `positions` per user for
+    test, all users or a seeded sample of `max_users` (a sampled user keeps all positions)."""
+    if part not in ("test", "valid"):
+        raise UserError(f"split must be test or valid, got {part!r}")
+    requests = getattr(split_leave_last_out(dataset, max_history=max_history, positions=positions), part)
+    if requests.empty:
+        raise UserError(f"{source}: no {part} requests (users need at least 3 interactions)")
+    users = requests["user_id"].unique()
+    if max_users is not None and max_users < len(users):
+        chosen = np.random.default_rng(seed).choice(users, max_users, replace=False)
+        requests = requests[requests["user_id"].isin(chosen)].reset_index(drop=True)
+    return requests
 
 
 def calibration_requests(split: Split, n: int = 512, seed: int = 0) -> pd.DataFrame:

@@ -1,7 +1,9 @@
 """`onerec-fp8 eval`: offline recall@K / NDCG@K of a checkpoint or a quantized model.
 
 Protocol: leave-last-out (onerec/data.py). Each test (or validation) request has one held-out
-target; the model's top-K comes from constrained beam search, so
+target; `--positions N` scores each user's last N interactions, each one a request predicted
+from the items before it (the result says how many users and positions). The model's top-K
+comes from constrained beam search, so
     recall@K = share of requests whose target is in the top K (hit rate, one target each),
     ndcg@K   = mean of 1 / log2(rank + 2) over hits (rank 0-based), 0 for misses.
 Targets unknown to the tokenizer (items never seen in training) stay in the denominator as
@@ -91,11 +93,11 @@ def evaluate(model, table: np.ndarray, requests, k: int = 10, beam_size: int = 6
     return ranking_metrics(items, requests["target"].to_numpy(np.int64), k)
 
 
-def popularity_baseline(dataset, requests, k: int = 10) -> dict:
-    """The most-popular-items baseline, keys prefixed `popularity_`."""
+def popularity_baseline(dataset, requests, k: int = 10, positions: int = 1) -> dict:
+    """The most-popular-items baseline, keys prefixed `popularity_` (counted without the held-out positions)."""
     from onerec.data import training_interactions
 
-    counts = training_interactions(dataset)["item_id"].value_counts(sort=False)
+    counts = training_interactions(dataset, positions=positions)["item_id"].value_counts(sort=False)
     # Most interactions first; ties by smaller item id (deterministic).
     ranked = counts.reset_index().sort_values(["count", "item_id"], ascending=[False, True])["item_id"].to_numpy()
     top = np.full(k, -1, dtype=np.int64)
@@ -131,6 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam", type=int, default=64, help="beam size (at least k)")
     parser.add_argument("--split", choices=("test", "valid"), default="test")
     parser.add_argument("--max-users", type=int, default=None, help="evaluate a seeded sample of this many users")
+    parser.add_argument("--positions", type=int, default=1,
+                        help="test split: score each user's last N interactions (each from the items before it)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-users sample")
@@ -138,11 +142,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from onerec.data import load_dataset, split_leave_last_out
+    from onerec.data import held_out_requests, load_dataset
     from onerec.errors import UserError
 
-    if args.k < 1 or args.beam < 1 or args.batch_size < 1:
-        raise UserError("--k, --beam and --batch-size must be positive")
+    if args.k < 1 or args.beam < 1 or args.batch_size < 1 or args.positions < 1:
+        raise UserError("--k, --beam, --batch-size and --positions must be positive")
+    if args.positions > 1 and args.split != "test":
+        raise UserError("--positions applies to the test split (the validation split has one target per user)")
     dataset = load_dataset(args.data)  # first: a missing data folder fails before any model load
     device = resolve_device(args.device)
     model, table, source = load_model(args.checkpoint, args.quantized, device)
@@ -152,15 +158,12 @@ def main(args: argparse.Namespace) -> dict:
         from onerec.train import default_threads
 
         torch.set_num_threads(args.threads or default_threads(model.cfg))
-    split = split_leave_last_out(dataset, max_history=model.cfg.context_len)
-    requests = getattr(split, args.split)
-    if requests.empty:
-        raise UserError(f"{args.data}: no {args.split} requests (users need at least 3 interactions)")
-    if args.max_users is not None and args.max_users < len(requests):
-        requests = requests.sample(n=args.max_users, random_state=args.seed).reset_index(drop=True)
+    requests = held_out_requests(dataset, args.split, model.cfg.context_len, args.positions, args.max_users,
+                                 args.seed, source=str(args.data))
     metrics = evaluate(model, table, requests, k=args.k, beam_size=args.beam, batch_size=args.batch_size,
                        device=device, progress=True)
-    metrics.update(popularity_baseline(dataset, requests, args.k))
+    metrics.update(num_users=int(requests["user_id"].nunique()), num_positions=len(requests))
+    metrics.update(popularity_baseline(dataset, requests, args.k, args.positions))
     if model.cfg.categorical_features:  # unseen values took the unknown bucket: say how many
         from onerec.features import count_unseen
 
@@ -168,4 +171,4 @@ def main(args: argparse.Namespace) -> dict:
     base = metrics[f"popularity_recall@{args.k}"]
     metrics["recall_vs_popularity"] = metrics[f"recall@{args.k}"] / base if base > 0 else None
     return {**source, "data": str(args.data), "split": args.split, "k": args.k, "beam": max(args.beam, args.k),
-            **metrics}
+            "positions": args.positions, **metrics}

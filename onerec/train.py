@@ -89,8 +89,13 @@ def train(
     progress: bool = True,
     max_category_values: int = MAX_VALUES,
     min_category_count: int = MIN_COUNT,
+    held_out_positions: int = 1,
 ) -> dict:
-    """Train and save a checkpoint folder; returns the result (checkpoint path, epochs, losses, seconds)."""
+    """Train and save a checkpoint folder; returns the result (checkpoint path, epochs, losses, seconds).
+
+    `held_out_positions`: each user's last N interactions stay out of training (onerec.data's split),
+    so `eval` / `gate quality` with `--positions N` score only positions the model never trained on.
+    """
     import numpy as np
     import torch
     from tqdm import tqdm
@@ -115,7 +120,7 @@ def train(
 
     dataset = load_dataset(data_dir)
     cfg = OneRecV2Config.from_preset(preset, profile_features=dataset.profile_features)
-    split = split_leave_last_out(dataset, max_history=cfg.context_len)
+    split = split_leave_last_out(dataset, max_history=cfg.context_len, positions=held_out_positions)
     if dataset.categorical_features:  # vocabularies from the training users only
         training_users = dataset.users[dataset.users["user_id"].isin(split.train["user_id"].unique())]
         cfg.categorical_features = build_vocabularies(training_users, dataset.categorical_features,
@@ -266,6 +271,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for tiny/small presets)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--held-out-positions", type=int, default=1,
+                        help="keep each user's last N interactions out of training (for eval/gate --positions N)")
     parser.add_argument("--max-category-values", type=int, default=MAX_VALUES,
                         help="categorical profile features: keep at most this many values (most frequent)")
     parser.add_argument("--min-category-count", type=int, default=MIN_COUNT,
@@ -277,5 +284,5 @@ def main(args: argparse.Namespace) -> dict:
         args.data, preset=args.preset, out=args.out, epochs=args.epochs, seed=args.seed,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, device=args.device,
         threads=args.threads, overwrite=args.overwrite, max_category_values=args.max_category_values,
-        min_category_count=args.min_category_count,
+        min_category_count=args.min_category_count, held_out_positions=args.held_out_positions,
     )

@@ -46,7 +46,7 @@ class PipelineConfig(Settings):
     # gates; quality_gate.device "auto": CUDA when there is a GPU, else CPU
     quality_gate: QualityGateConfig = field(default_factory=lambda: QualityGateConfig(device="auto"))
     latency_gate: LatencyGateConfig = field(default_factory=LatencyGateConfig)
-    quality_eval_requests: int = 1024  # held-out calibration requests the quality gate scores (at most)
+    quality_eval_requests: int = 1024  # held-out calibration users the quality gate scores (at most), x positions
     latency_gate_blocking: bool = True  # production: a gate that cannot measure blocks; the local demo: False
     # approval
     approval_max_age_hours: float = 72.0  # a pending candidate older than this expires

@@ -62,7 +62,7 @@ class Quantized:
     recipe: str
     reused: bool
     calibrate_path: str
-    eval_path: str  # the held-out requests: the quality gate scores them, the latency gate replays them
+    eval_path: str  # the held-out users' requests: the quality gate scores them, the latency gate replays them
     eval_data_dir: str
     calibrate_rows: int
     eval_rows: int

@@ -1,7 +1,8 @@
 """The reviewer's page: the model version description registration writes, and the `gates` label.
 
 The approver decides on the version's page in the MLflow UI; the description puts there what
-they must read first: the quality verdict and its figures, whether latency was measured (and its
+they must read first: the quality verdict, each judged metric's interval and verdict in %, its
+figures, whether latency was measured (and its
 ratios), the recipe, the layers kept in bf16, where the reports are, and the one approval step.
 """
 
@@ -33,6 +34,23 @@ def kept_in_bf16(quantized_dir: str | Path) -> list[str]:
     return [str(item) for item in excluded]
 
 
+def quality_interval_lines(quality: dict) -> list[str]:
+    """One line per judged metric: verdict, relative change and interval in %, margin, users x positions."""
+    lines = []
+    for metric, verdict in sorted((quality.get("metric_verdicts") or {}).items()):
+        interval = (quality.get("intervals") or {}).get(metric) or {}
+        if interval.get("estimate") is None:
+            change = "change n/a"
+        else:
+            change = (f"{100 * interval['estimate']:+.2f}% [{100 * interval['low']:+.2f}%, "
+                      f"{100 * interval['high']:+.2f}%] ({100 * interval.get('confidence', 0.95):g}% interval)")
+        margin = interval.get("margin")
+        lines.append(f"  - {metric}: {verdict.upper()}, {change}, margin "
+                     f"{'n/a' if margin is None else f'-{100 * margin:g}%'}, on {_fmt(interval.get('num_users'))} "
+                     f"users x {_fmt(quality.get('positions'))} positions")
+    return lines
+
+
 def version_description(cfg, gates: dict, quantized_dir: str | Path, experiment_id: str, run_id: str,
                         tracking_uri: str | None) -> str:
     quality, latency = gates.get("quality", {}), gates.get("latency", {})
@@ -42,6 +60,7 @@ def version_description(cfg, gates: dict, quantized_dir: str | Path, experiment_
         "",
         f"- Quality: {'PASSED' if quality.get('passed') else 'FAILED'} on {_fmt(quality.get('num_users'))} users: "
         + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(figures.items()) if k != "num_users"),
+        *quality_interval_lines(quality),
     ]
     if latency.get("measurable") is False:
         lines.append(f"- Latency: NOT MEASURED ({latency.get('reason', 'no FP8 GPU')}); "

@@ -1,31 +1,40 @@
 """`onerec-fp8 gate quality`: FP8 vs bf16 on held-out users with the same beam search.
 
     onerec-fp8 gate quality --checkpoint CKPT --quantized QDIR --data DIR \
-        [--thresholds FILE] [--auto --max-excluded N --out FIXED_QDIR]
+        [--thresholds FILE] [--positions N] [--auto --max-excluded N --out FIXED_QDIR]
 
 Both models run in bf16 (the FP8 model's other layers are bf16 too) on the same held-out requests
-(the test split of `--data`, leave-last-out, optionally a seeded sample of --max-users):
+(the test split of `--data`: each user's last `positions` interactions, each predicted from the
+items before it, all positions in the same batches; optionally a seeded sample of --max-users):
 - recall@K and NDCG@K of both (onerec.evaluate), their relative change and its 95% interval
-  (paired bootstrap over users, onerec/quant/gate_stats.py);
+  (paired cluster bootstrap: users resampled with all their positions, onerec/quant/gate_stats.py);
 - mean top-K overlap: |top-K(bf16) & top-K(FP8)| / K per user, averaged;
 - KL(bf16 || FP8) of each semantic-ID level's softmax, teacher-forced on the true target;
 - each FP8 layer's SQNR against its bf16 layer on the same inputs, and the worst one;
 - the noise floor: the same recall/NDCG intervals and overlap for bf16 against the fp32 model,
-  i.e. how much the numerics move the ranking before FP8 does anything.
+  i.e. how much the numerics move the ranking before FP8 does anything; and from it, before the
+  FP8 model runs, the power (`power`): the smallest change these users and positions can tell
+  from zero, and which FP8 changes would then pass or fail at the margin.
 
 Verdict (`verdict`; `passed` is true only for "passed"): non-inferiority of recall@K and NDCG@K
 with a relative margin (gate_stats): **failed** when an interval lies entirely below -margin or a
 sensitive check fails (top-K overlap, and the KL / layer SQNR limits when set), **passed** when
 every interval's lower bound is above -margin, else **inconclusive**, with the users it would
-need (`users_needed`). The CLI exits 0 / 3 (failed) / 4 (inconclusive).
+need (`users_needed`) or the positions per user that would (`positions_needed`; None when the
+correlation of one user's positions caps what more positions give). The CLI exits 0 / 3
+(failed) / 4 (inconclusive). `seconds` says what each part cost.
 
 Defaults, and why: margin 5% relative for both metrics: a drop smaller than that is below what
 an A/B test of a recommender resolves, and about twice the shift bf16 alone shows against fp32
 on a real ~950-user data set (2.3%), so FP8 is held to "no worse than the numerics noise we
 already ship". 95% two-sided intervals (the usual evidence level; a passed verdict then means a
 drop beyond the margin is ruled out at 97.5% one-sided). All held-out users by default: the
-interval's width, not a fixed count, says whether they were enough. Top-10 overlap >= 0.90 is
-the sensitive check that catches a broken layer even when the sample is small.
+interval's width, not a fixed count, says whether they were enough. 10 positions per user: on a
+MovieLens-100K-shaped set (943 users, recall@10 ~0.14) one position gives a ~5% half-width
+(inconclusive whatever FP8 does); ten give about a third of that, so an FP8 change under 1%
+passes at the 5% margin (tests/unit/test_quality_power.py shows it on data of that shape), for ten
+times the beam searches (positions run batched). Top-10 overlap >= 0.90 is the sensitive check
+that catches a broken layer even when the sample is small.
 
 `--auto` uses the same decision: while the verdict is "failed" it keeps the most sensitive
 layers (lowest SQNR first) in bf16, one at a time, until the gate no longer fails or
@@ -41,6 +50,7 @@ import copy
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +76,7 @@ class QualityGateConfig:
     batch_size: int = 256
     split: str = "test"
     max_users: int | None = None
+    positions: int = 10  # held-out positions per user: the last N interactions (module doc: why 10)
     seed: int = 0  # of the --max-users sample and of the bootstrap
     device: str = "cpu"  # cuda: the FP8 GEMMs run on the GPU's tensor cores
     confidence: float = 0.95  # two-sided, of the relative-change intervals
@@ -82,6 +93,8 @@ class QualityGateConfig:
             raise UserError("max_relative_recall_drop / max_relative_ndcg_drop are margins: not negative")
         if self.bootstrap_resamples < 100:
             raise UserError(f"bootstrap_resamples must be at least 100, got {self.bootstrap_resamples}")
+        if self.positions < 1:
+            raise UserError(f"positions must be at least 1, got {self.positions}")
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> QualityGateConfig:
@@ -116,17 +129,22 @@ def level_kl(bf16_model, fp8_model, calibration) -> list[float]:
     return [float(v) / n for v in total] if n else []
 
 
-def paired_intervals(ref_items, new_items, targets, config: QualityGateConfig) -> dict:
-    """recall@k and ndcg@k: the relative-change interval of `new` vs `ref` on the same users."""
+def paired_intervals(ref_items, new_items, targets, users, config: QualityGateConfig) -> dict:
+    """recall@k and ndcg@k: the relative-change interval of `new` vs `ref` on the same positions
+    (`users`: each position's user, the unit the bootstrap resamples)."""
     from onerec.evaluate import per_user_metrics
 
     k = config.k
     ref, new = per_user_metrics(ref_items, targets, k), per_user_metrics(new_items, targets, k)
     return {
         f"{name}@{k}": gate_stats.paired_relative_change(r, q, config.confidence, config.bootstrap_resamples,
-                                                          config.seed)
+                                                          config.seed, users=users)
         for name, r, q in (("recall", ref[0], new[0]), ("ndcg", ref[1], new[1]))
     }
+
+
+def _margins(config: QualityGateConfig) -> dict[str, float | None]:
+    return {f"recall@{config.k}": config.max_relative_recall_drop, f"ndcg@{config.k}": config.max_relative_ndcg_drop}
 
 
 def _percent(interval: dict) -> str:
@@ -147,20 +165,38 @@ class QualityComparison:
 
         self.bf16_model, self.table, self.requests, self.config = bf16_model, table, requests, config
         self.targets = requests["target"].to_numpy(np.int64)
-        self.calibration = Calibration(requests, table, batch_size=min(config.batch_size, 128))
+        self.users = requests["user_id"].to_numpy()
+        self.num_users = int(len(np.unique(self.users)))
+        # KL and layer SQNR on each user's last position: teacher-forced passes need no more
+        last = requests.groupby("user_id", sort=False).tail(1).reset_index(drop=True)
+        self.calibration = Calibration(last, table, batch_size=min(config.batch_size, 128))
         self.bf16_items, _ = recommend(
             bf16_model, table, requests, config.k, config.beam_size, config.batch_size, config.device, progress=True
         )
         self.bf16_metrics = ranking_metrics(self.bf16_items, self.targets, config.k)
-        self.noise_floor = None
+        self.noise_floor = self.power = None
         if fp32_model is not None:
             fp32_items, _ = recommend(fp32_model, table, requests, config.k, config.beam_size, config.batch_size,
                                       config.device, progress=True)
             self.noise_floor = {
                 "compared": "bf16 vs fp32 (the same checkpoint)",
-                **paired_intervals(fp32_items, self.bf16_items, self.targets, config),
+                **paired_intervals(fp32_items, self.bf16_items, self.targets, self.users, config),
                 f"top{config.k}_overlap": topk_overlap(fp32_items, self.bf16_items, config.k),
             }
+            self.power = {m: gate_stats.power(self.noise_floor[m], margin, config.positions)
+                          for m, margin in _margins(config).items() if margin is not None}
+            for m, p in self.power.items():
+                if p["min_detectable_change"] is None:
+                    log.info("power of %s: bf16 and fp32 agree on all %d positions (%d users): no disagreement "
+                             "to scale from", m, len(self.targets), self.num_users)
+                else:
+                    log.info("power of %s on %d users x %d positions: smallest detectable change +-%.2f%%; FP8 would "
+                             "pass above %+.2f%% and fail below %+.2f%% (from bf16 vs fp32)", m, self.num_users,
+                             len(self.targets), 100 * p["min_detectable_change"], 100 * p["passes_above"],
+                             100 * p["fails_below"])
+                if p["decides_at_margin"] is False:
+                    log.warning("power of %s: even an unchanged FP8 would be inconclusive; about %s users or %s "
+                                "positions per user would decide it", m, p["users_needed"], p["positions_needed"])
 
     def layer_sqnr(self, fp8_model) -> dict[str, float | None]:
         from onerec.quant.calibrate import measure_sqnr
@@ -182,16 +218,16 @@ class QualityComparison:
 
         c, k = self.config, self.config.k
         b, q = self.bf16_metrics, ranking_metrics(items, self.targets, k)
-        intervals = paired_intervals(self.bf16_items, items, self.targets, c)
-        margins = {f"recall@{k}": c.max_relative_recall_drop, f"ndcg@{k}": c.max_relative_ndcg_drop}
-        verdicts, needed = {}, {}
-        for metric, margin in margins.items():
+        intervals = paired_intervals(self.bf16_items, items, self.targets, self.users, c)
+        verdicts, needed, needed_positions = {}, {}, {}
+        for metric, margin in _margins(c).items():
             intervals[metric]["margin"] = margin
             if margin is None:
                 continue
             verdicts[metric] = gate_stats.non_inferiority(intervals[metric], margin)
             if verdicts[metric] == gate_stats.INCONCLUSIVE:
                 needed[metric] = gate_stats.users_needed(intervals[metric], margin)
+                needed_positions[metric] = gate_stats.positions_needed(intervals[metric], margin, c.positions)
         overlap = topk_overlap(self.bf16_items, items, k)
         measured = {n: v for n, v in sqnr.items() if v is not None}
         worst = min(measured.items(), key=lambda kv: kv[1]) if measured else (None, None)
@@ -206,20 +242,27 @@ class QualityComparison:
         checks = {"recall": verdicts[f"recall@{k}"] == gate_stats.PASSED, **sensitive}
         if f"ndcg@{k}" in verdicts:
             checks["ndcg"] = verdicts[f"ndcg@{k}"] == gate_stats.PASSED
-        users_needed = None
+        users_needed = positions_needed = None
         if verdict == gate_stats.INCONCLUSIVE:
             known = [n for n in needed.values() if n is not None]
             users_needed = max(known) if known else None
+            # positions decide it only when they decide every inconclusive metric
+            if needed_positions and None not in needed_positions.values():
+                positions_needed = max(needed_positions.values())
         return {
             "passed": verdict == gate_stats.PASSED,
             "verdict": verdict,
-            "reason": self._reason(verdict, verdicts, sensitive, intervals, users_needed),
+            "reason": self._reason(verdict, verdicts, sensitive, intervals, users_needed, positions_needed),
             "checks": checks,
             "metric_verdicts": verdicts,
             "intervals": intervals,
             "users_needed": users_needed,
+            "positions_needed": positions_needed,
             "noise_floor": self.noise_floor,
-            "num_users": int(len(self.requests)),
+            "power": self.power,
+            "num_users": self.num_users,
+            "num_positions": int(len(self.targets)),
+            "positions": c.positions,
             f"bf16_recall@{k}": b[f"recall@{k}"], f"fp8_recall@{k}": q[f"recall@{k}"],
             f"bf16_ndcg@{k}": b[f"ndcg@{k}"], f"fp8_ndcg@{k}": q[f"ndcg@{k}"],
             f"relative_recall@{k}_change": intervals[f"recall@{k}"]["estimate"],
@@ -230,7 +273,7 @@ class QualityComparison:
             "layer_sqnr_db": sqnr,
         }
 
-    def _reason(self, verdict, verdicts, sensitive, intervals, users_needed) -> str:
+    def _reason(self, verdict, verdicts, sensitive, intervals, users_needed, positions_needed) -> str:
         shown = "; ".join(f"{m} {_percent(intervals[m])} (margin -{100 * intervals[m]['margin']:g}%)"
                           for m in verdicts)
         if verdict == gate_stats.PASSED:
@@ -238,8 +281,11 @@ class QualityComparison:
         failed = [n for n, ok in sensitive.items() if not ok] + [m for m, v in verdicts.items() if v == "failed"]
         if verdict == gate_stats.FAILED:
             return f"failed {', '.join(failed)}: {shown}"
-        more = f"; about {users_needed} users would decide it" if users_needed else ""
-        return f"inconclusive on {len(self.requests)} users: {shown}{more}"
+        more = [f"about {users_needed} users" if users_needed else "",
+                f"{positions_needed} positions per user" if positions_needed else ""]
+        more = " or ".join(m for m in more if m)
+        return (f"inconclusive on {self.num_users} users x {self.config.positions} positions: {shown}"
+                + (f"; {more} would decide it" if more else ""))
 
 
 def _to_bf16_linear(bf16_model, name: str):
@@ -254,69 +300,80 @@ def run_quality_gate(
     import torch
 
     from onerec.checkpoint import load_checkpoint
-    from onerec.data import load_dataset, split_leave_last_out
+    from onerec.data import held_out_requests, load_dataset
     from onerec.errors import UserError
     from onerec.quant.export import check_made_from, load_quantized
     from onerec.quant.recipes import _replace
 
     config = config or QualityGateConfig()
+    started = time.monotonic()
     if auto and max_excluded < 1:
         raise UserError("--max-excluded must be at least 1 with --auto")
     if out is not None and not auto:
         raise UserError("--out writes the folder that --auto repaired: give --auto too")
     dataset = load_dataset(data)
     bf16_model, table = load_checkpoint(checkpoint, device=config.device, dtype=torch.bfloat16)
-    fp8_model, q_table, recipe = load_quantized(quantized, device=config.device)
-    check_made_from(quantized, recipe, checkpoint, table, q_table)
-    split = split_leave_last_out(dataset, max_history=bf16_model.cfg.context_len)
-    if config.split not in ("test", "valid"):
-        raise UserError(f"split must be test or valid, got {config.split!r}")
-    requests = getattr(split, config.split)
-    if requests.empty:
-        raise UserError(f"{data}: no {config.split} requests (users need at least 3 interactions)")
-    if config.max_users is not None and config.max_users < len(requests):
-        requests = requests.sample(n=config.max_users, random_state=config.seed).reset_index(drop=True)
 
-    fp32_model = load_checkpoint(checkpoint, device=config.device, dtype=torch.float32)[0] if config.noise_floor else None
-    comparison = QualityComparison(bf16_model, table, requests, config, fp32_model)
-    del fp32_model
-    sqnr = comparison.layer_sqnr(fp8_model)
-    result = initial = comparison.compare(fp8_model, sqnr)
-    log.info("quality gate: %s (%s)", result["verdict"], result["reason"])
-    summary = {
-        "gate": "quality", "checkpoint": str(checkpoint), "quantized": str(quantized), "data": str(data),
-        "recipe": recipe["recipe"]["name"], "config": dataclasses.asdict(config),
-    }
-    if bf16_model.cfg.categorical_features:  # unseen values took the unknown bucket: say how many
-        from onerec.features import count_unseen
+    previous_threads = torch.get_num_threads()
+    if str(config.device).startswith("cpu"):  # a tiny model is fastest on one thread (onerec.train)
+        from onerec.train import default_threads
 
-        summary["unseen_profile_values"] = count_unseen(requests, bf16_model.cfg.categorical_features)
-    if auto:
-        ranking = sorted((n for n, v in sqnr.items() if v is not None), key=lambda n: sqnr[n])
-        kept, steps = [], []
-        while result["verdict"] == gate_stats.FAILED and len(kept) < min(max_excluded, len(ranking)):
-            name = ranking[len(kept)]
-            _replace(fp8_model, name, _to_bf16_linear(bf16_model, name))
-            kept.append(name)
-            remaining = {n: v for n, v in sqnr.items() if n not in kept}
-            result = comparison.compare(fp8_model, remaining)
-            steps.append({"kept_in_bf16": name, "layer_sqnr_db": sqnr[name], "passed": result["passed"],
-                          "verdict": result["verdict"],
-                          f"relative_recall@{config.k}_change": result[f"relative_recall@{config.k}_change"],
-                          f"top{config.k}_overlap": result[f"top{config.k}_overlap"]})
-            log.info("auto: kept %s (SQNR %.1f dB) in bf16 -> %s", name, sqnr[name], result["verdict"])
-        summary["auto"] = {
-            "max_excluded": max_excluded, "kept_in_bf16": kept, "steps": steps,
-            "initial_passed": initial["passed"], "initial_verdict": initial["verdict"],
-            "initial": {key: v for key, v in initial.items() if key != "layer_sqnr_db"},
-            "exclude_args": [a for n in kept for a in ("--exclude", n)],
+        torch.set_num_threads(default_threads(bf16_model.cfg))
+    try:
+        fp8_model, q_table, recipe = load_quantized(quantized, device=config.device)
+        check_made_from(quantized, recipe, checkpoint, table, q_table)
+        requests = held_out_requests(dataset, config.split, bf16_model.cfg.context_len, config.positions,
+                                     config.max_users, config.seed, source=str(data))
+        log.info("quality gate: %d users, %d positions (up to %d per user)", requests["user_id"].nunique(),
+                 len(requests), config.positions)
+
+        seconds = {"load": time.monotonic() - started}
+        fp32_model = load_checkpoint(checkpoint, device=config.device, dtype=torch.float32)[0] if config.noise_floor else None
+        comparison = QualityComparison(bf16_model, table, requests, config, fp32_model)
+        del fp32_model
+        seconds["bf16_and_noise_floor"] = time.monotonic() - started - sum(seconds.values())
+        sqnr = comparison.layer_sqnr(fp8_model)
+        result = initial = comparison.compare(fp8_model, sqnr)
+        seconds["fp8"] = time.monotonic() - started - sum(seconds.values())
+        log.info("quality gate: %s (%s)", result["verdict"], result["reason"])
+        summary = {
+            "gate": "quality", "checkpoint": str(checkpoint), "quantized": str(quantized), "data": str(data),
+            "recipe": recipe["recipe"]["name"], "config": dataclasses.asdict(config),
         }
-        if out is not None and result["passed"]:
-            summary["auto"]["repaired"] = str(_save_repaired(fp8_model, table, recipe, kept, sqnr, checkpoint, out))
-    summary.update(result)
-    report_dir = Path(report_dir) if report_dir is not None else Path(quantized).parent / f"{Path(quantized).name}-quality-gate"
-    summary["report_json"], summary["report_png"] = _write_report(summary, report_dir, config.k)
-    return summary
+        if bf16_model.cfg.categorical_features:  # unseen values took the unknown bucket: say how many
+            from onerec.features import count_unseen
+
+            summary["unseen_profile_values"] = count_unseen(requests, bf16_model.cfg.categorical_features)
+        if auto:
+            ranking = sorted((n for n, v in sqnr.items() if v is not None), key=lambda n: sqnr[n])
+            kept, steps = [], []
+            while result["verdict"] == gate_stats.FAILED and len(kept) < min(max_excluded, len(ranking)):
+                name = ranking[len(kept)]
+                _replace(fp8_model, name, _to_bf16_linear(bf16_model, name))
+                kept.append(name)
+                remaining = {n: v for n, v in sqnr.items() if n not in kept}
+                result = comparison.compare(fp8_model, remaining)
+                steps.append({"kept_in_bf16": name, "layer_sqnr_db": sqnr[name], "passed": result["passed"],
+                              "verdict": result["verdict"],
+                              f"relative_recall@{config.k}_change": result[f"relative_recall@{config.k}_change"],
+                              f"top{config.k}_overlap": result[f"top{config.k}_overlap"]})
+                log.info("auto: kept %s (SQNR %.1f dB) in bf16 -> %s", name, sqnr[name], result["verdict"])
+            summary["auto"] = {
+                "max_excluded": max_excluded, "kept_in_bf16": kept, "steps": steps,
+                "initial_passed": initial["passed"], "initial_verdict": initial["verdict"],
+                "initial": {key: v for key, v in initial.items() if key != "layer_sqnr_db"},
+                "exclude_args": [a for n in kept for a in ("--exclude", n)],
+            }
+            if out is not None and result["passed"]:
+                summary["auto"]["repaired"] = str(_save_repaired(fp8_model, table, recipe, kept, sqnr, checkpoint, out))
+        summary.update(result)
+        seconds["total"] = time.monotonic() - started
+        summary["seconds"] = {name: round(v, 2) for name, v in seconds.items()}
+        report_dir = Path(report_dir) if report_dir is not None else Path(quantized).parent / f"{Path(quantized).name}-quality-gate"
+        summary["report_json"], summary["report_png"] = _write_report(summary, report_dir, config.k)
+        return summary
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def _save_repaired(fp8_model, table, recipe: dict, kept: list[str], sqnr: dict, checkpoint, out) -> Path:
@@ -369,8 +426,8 @@ def _write_report(summary: dict, report_dir: Path, k: int) -> tuple[str, str]:
         ticks.append("\n".join(lines))
     ax.set_xticks(x, ticks, fontsize=8)
     ax.set_ylabel("relative change (%)")
-    ax.set_title(f"relative change with {100 * cfg['confidence']:g}% paired-bootstrap intervals on "
-                 f"{summary['num_users']} users (red: -margin)", fontsize=9)
+    ax.set_title(f"relative change with {100 * cfg['confidence']:g}% paired cluster-bootstrap intervals on "
+                 f"{summary['num_users']} users x {cfg['positions']} positions (red: -margin)", fontsize=9)
     ax.legend(fontsize=8)
     ax = axes[0, 1]
     overlap = summary[f"top{k}_overlap"]
@@ -426,6 +483,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="data folder; its held-out split is compared")
     parser.add_argument("--thresholds", default=None, help="JSON file with QualityGateConfig fields")
     parser.add_argument("--max-users", type=int, default=None, help="compare on a seeded sample of users")
+    parser.add_argument("--positions", type=int, default=None,
+                        help="held-out positions per user: the last N interactions (default 10)")
     parser.add_argument("--beam", type=int, default=None, help="beam size (default 64)")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--auto", action="store_true", help="keep the most sensitive layers in bf16 until it passes")
@@ -436,6 +495,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     config = QualityGateConfig.load(args.thresholds, max_users=args.max_users, beam_size=args.beam,
-                                     device=args.device)
+                                     device=args.device, positions=args.positions)
     return run_quality_gate(args.checkpoint, args.quantized, args.data, config, args.auto, args.max_excluded,
                             args.out, args.report_dir)

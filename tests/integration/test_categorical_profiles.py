@@ -148,7 +148,9 @@ def test_calibration_command_and_a_data_folder_as_calibration(byod, tmp_path):
     code, from_data = _cli(["quantize", "--checkpoint", str(ckpt), "--calibration", str(data), "--out",
                             str(tmp_path / "q2"), "--max-requests", "128"])
     assert code == 0 and from_data["calibration_source"] == {
-        "kind": "drawn from data folder", "data": str(data), "requests": 2048, "seed": 0, "split": "train"}
+        "kind": "drawn from data folder", "data": str(data), "seed": 0, "split": "train", "held_out_positions": 10,
+        # every training request before each user's last 10 interactions, at most 2048
+        "requests": min(2048, len(split_leave_last_out(load_dataset(data), max_history=50, positions=10).train))}
     code, analysis = _cli(["analyze", "--checkpoint", str(ckpt), "--calibration", str(data), "--out",
                            str(tmp_path / "analysis"), "--max-requests", "64"])
     assert code == 0 and analysis["calibration_source"]["kind"] == "drawn from data folder"

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from onerec.data import load_dataset, split_leave_last_out, training_interactions
+from onerec.errors import UserError
 from onerec.semantic_ids import SemanticIdIndex, build_semantic_ids, make_unique, residual_kmeans
 from onerec.synth import synthesize
 
@@ -54,6 +55,32 @@ def test_training_interactions_agree_with_the_split(small_data):
     for frame in (split.train, split.valid, split.test):
         assert list(frame.columns[:3]) == ["user_id", "history", "target"]
         assert frame[ds.profile_features].dtypes.eq(np.float32).all()
+
+
+def test_held_out_positions_are_each_users_last_interactions_and_never_trained_on(small_data):
+    from onerec.data import held_out_requests
+
+    ds = load_dataset(small_data)
+    one, five = split_leave_last_out(ds), split_leave_last_out(ds, positions=5)
+    by_user = ds.interactions.groupby("user_id")["item_id"].apply(list)
+    for user, frame in five.test.groupby("user_id"):
+        items = by_user[user]
+        n = min(5, len(items) - 2)  # every held-out user keeps a validation target with a history
+        assert frame["target"].tolist() == items[-n:]
+        assert [h[-1] for h in frame["history"]] == items[-n - 1:-1]  # each from the items before it
+    assert five.test.groupby("user_id").size().max() == 5
+    assert five.test["user_id"].nunique() == len(one.test) and five.valid["user_id"].tolist() == one.valid["user_id"].tolist()
+    # no position the test part scores is a training target; the training interactions drop them
+    keys = lambda f: set(zip(f["user_id"], f["history"].map(len), strict=True))  # noqa: E731
+    assert keys(five.test).isdisjoint(keys(five.train)) and keys(five.valid).isdisjoint(keys(five.train))
+    assert len(five.train) + len(five.valid) + len(five.test) == len(one.train) + len(one.valid) + len(one.test)
+    train = training_interactions(ds, positions=5)
+    assert len(train) == len(ds.interactions) - len(five.valid) - len(five.test)
+    sample = held_out_requests(ds, "test", positions=5, max_users=20, seed=3)
+    assert sample["user_id"].nunique() == 20 and sample.groupby("user_id").size().max() == 5
+    assert sample.equals(held_out_requests(ds, "test", positions=5, max_users=20, seed=3))
+    with pytest.raises(UserError, match="positions"):
+        split_leave_last_out(ds, positions=0)
 
 
 def test_semantic_ids_unique_deterministic_and_unknown_rows(small_data):

@@ -317,6 +317,27 @@ def test_requests_as_data_folder_has_those_requests_as_its_test_split(tmp_path):
     assert np.allclose(test["age"].to_numpy(), kept["age"].to_numpy())
 
 
+def test_calibration_split_holds_out_whole_users_and_the_gate_scores_their_last_positions(tmp_path):
+    from onerec.data import load_dataset, split_leave_last_out
+    from tasks.quantize import split_calibration
+
+    frame = requests(80, 9)
+    frame = pd.concat([frame, frame.assign(history=frame["history"].map(lambda h: h[:-1]))])  # 2 requests a user
+    frame = frame[frame["history"].map(len) >= 3].sample(frac=1.0, random_state=0).reset_index(drop=True)
+    frame.to_parquet(tmp_path / "calibration.parquet")
+    split = split_calibration(tmp_path / "calibration.parquet", tmp_path / "split", eval_users=25)
+    calibrate, held_out = pd.read_parquet(split["calibrate_path"]), pd.read_parquet(split["eval_path"])
+    assert set(calibrate["user_id"]).isdisjoint(held_out["user_id"])  # no held-out user shaped the quantization
+    assert len(held_out) == held_out["user_id"].nunique() == 25
+    longest = frame.groupby("user_id")["history"].apply(lambda h: h.map(len).max())
+    assert (held_out["history"].map(len).to_numpy() == longest[held_out["user_id"]].to_numpy()).all()
+    test = split_leave_last_out(load_dataset(split["eval_data_dir"]), positions=3).test
+    assert test["user_id"].nunique() == 25 and test.groupby("user_id").size().max() == 3
+    last = test.groupby("user_id").tail(1).reset_index(drop=True)  # each user's last position: the request itself
+    assert last["target"].tolist() == held_out["target"].tolist()
+    assert last["history"].map(list).tolist() == held_out["history"].map(list).tolist()
+
+
 def test_parse_s3_uri():
     from tasks.checkpoints import parse_s3_uri
 
@@ -349,6 +370,15 @@ def test_gates_label_and_reviewer_description(tmp_path):
     assert "lm_head (sensitive (SQNR 12 dB))" in text and "#/experiments/7/runs/run1" in text
     assert "Promote model" in text
     assert "p50 0.81, throughput 1.3 on H100" in version_description(cfg, measured, tmp_path, "7", "r", None)
+    quality |= {"positions": 10, "metric_verdicts": {"recall@10": "passed", "ndcg@10": "inconclusive"},
+                "intervals": {"recall@10": {"estimate": -0.004, "low": -0.0213, "high": 0.0131, "margin": 0.05,
+                                            "confidence": 0.95, "num_users": 32},
+                              "ndcg@10": {"estimate": None, "low": None, "high": None, "margin": 0.05,
+                                          "num_users": 32}}}
+    text = version_description(cfg, measured, tmp_path, "7", "r", None)
+    assert ("  - recall@10: PASSED, -0.40% [-2.13%, +1.31%] (95% interval), margin -5%, on 32 users x 10 positions"
+            in text.splitlines())
+    assert "  - ndcg@10: INCONCLUSIVE, change n/a, margin -5%, on 32 users x 10 positions" in text.splitlines()
 
 
 def test_provenance_signature_binds_every_field_and_the_key_stays_private(tmp_path):
