@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 
 def rollout_options(cfg) -> dict:
-    """Options for ops.rollout: the local target keeps its state in our state dir."""
-    return {"state_dir": cfg.state_dir} if cfg.rollout_target == "local" else {}
+    """Options for ops.rollout: the local target keeps its state in our state dir and serves on the
+    configured port (an Airflow Variable may set both)."""
+    return {"state_dir": cfg.state_dir, "port": cfg.local_serve_port} if cfg.rollout_target == "local" else {}
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ ratios), the recipe, the layers kept in bf16, where the reports are, and the one
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 
@@ -33,6 +34,16 @@ def kept_in_bf16(quantized_dir: str | Path) -> list[str]:
     return [str(item) for item in excluded]
 
 
+def markdown_text(text: str) -> str:
+    """`text` shown as written in the UI's markdown (layer patterns such as `heads.*` are not emphasis)."""
+    return re.sub(r"([\\`*_{}\[\]<>#|~])", r"\\\1", text)
+
+
+def run_url(tracking_uri: str | None, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI's page of a run (its reports are its artifacts), or `run ID` without a server."""
+    return f"{tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}" if tracking_uri else f"run {run_id}"
+
+
 def version_description(cfg, gates: dict, quantized_dir: str | Path, experiment_id: str, run_id: str,
                         tracking_uri: str | None) -> str:
     quality, latency = gates.get("quality", {}), gates.get("latency", {})
@@ -51,15 +62,15 @@ def version_description(cfg, gates: dict, quantized_dir: str | Path, experiment_
                      f"{_fmt(latency.get('latency_ratio'))}, throughput {_fmt(latency.get('throughput_ratio'))} "
                      f"on {latency.get('device', '?')}")
     kept = kept_in_bf16(quantized_dir)
-    lines.append(f"- Layers kept in bf16: {', '.join(kept) if kept else 'none'}")
-    run_link = f"{tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}" if tracking_uri else f"run {run_id}"
+    lines.append(f"- Layers kept in bf16: {', '.join(map(markdown_text, kept)) if kept else 'none'}")
+    run_link = run_url(tracking_uri, experiment_id, run_id)
     lines += [
         f"- Reports (artifacts of the registering run, {run_link}): reports/quality_gate/ (plots), "
         "reports/latency_gate/, reports/validation/data_docs/index.html (Great Expectations), "
         "reports/quantization/, reports/gates.json",
         "",
-        "**To approve**: add the tag `approval` = `approved` (or `rejected`) on this page, signed in as an "
-        "approver. Do NOT use the \"Promote model\" button: it copies the version to another model and "
-        "approves nothing.",
+        "**To approve**: signed in as an approver, in this page's Tags table click the pencil on the row "
+        "`approval`, replace `pending` by `approved` (or `rejected`) and click Save. Do NOT use the "
+        "\"Promote model\" button: it copies the version to another model and approves nothing.",
     ]
     return "\n".join(lines)
