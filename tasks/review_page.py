@@ -34,6 +34,15 @@ def kept_in_bf16(quantized_dir: str | Path) -> list[str]:
     return [str(item) for item in excluded]
 
 
+# (label, path under the run's artifacts/reports/) of what the approver reads, most important first
+REPORTS = (
+    ("quality plot", "quality_gate.png"), ("quality figures", "quality_gate.json"),
+    ("latency", "latency_gate.json"), ("layers (SQNR, kept in bf16)", "quantization/quantization.png"),
+    ("calibration data checks", "validation/calibration_validation.png"),
+    ("Great Expectations Data Docs", "validation/data_docs/index.html"), ("every gate figure", "gates.json"),
+)
+
+
 def markdown_text(text: str) -> str:
     """`text` shown as written in the UI's markdown (layer patterns such as `heads.*` are not emphasis)."""
     return re.sub(r"([\\`*_{}\[\]<>#|~])", r"\\\1", text)
@@ -64,10 +73,11 @@ def version_description(cfg, gates: dict, quantized_dir: str | Path, experiment_
     kept = kept_in_bf16(quantized_dir)
     lines.append(f"- Layers kept in bf16: {', '.join(map(markdown_text, kept)) if kept else 'none'}")
     run_link = run_url(tracking_uri, experiment_id, run_id)
+    reports = ", ".join(f"[{label}]({run_link}/artifacts/reports/{path})" if tracking_uri else f"{label} reports/{path}"
+                        for label, path in REPORTS)
     lines += [
-        f"- Reports (artifacts of the registering run, {run_link}): reports/quality_gate/ (plots), "
-        "reports/latency_gate/, reports/validation/data_docs/index.html (Great Expectations), "
-        "reports/quantization/, reports/gates.json",
+        f"- Reports (artifacts of the [registering run]({run_link})): {reports}" if tracking_uri
+        else f"- Reports (artifacts of {run_link}): {reports}",
         "",
         "**To approve**: signed in as an approver, in this page's Tags table click the pencil on the row "
         "`approval`, replace `pending` by `approved` (or `rejected`) and click Save. Do NOT use the "

@@ -6,22 +6,19 @@ approver, opens the version page, reads the review (the description), approves w
 docs/runbook.md documents (the pencil on the `approval` row, value `approved`, Save), and the
 approval alone (MLflow webhook -> relay -> Airflow asset event -> onerec_fp8_promote) makes the
 local endpoint serve that version. Set ONEREC_SCREENSHOT_DIR to keep the page's screenshots
-(docs/images/ holds the committed ones).
+(docs/images/ holds the committed ones; fixtures/browser.py).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import os
-import shutil
 import time
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
+from fixtures.browser import screenshot, sign_in
 from fixtures.stack import airflow_api, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -31,47 +28,6 @@ CONFIG_VARIABLE = "onerec_fp8_config"  # onerec.settings.AIRFLOW_VARIABLE
 # thresholds that always pass on 32 users: the quality gate runs for real, its verdict is not under test
 PASS_THRESHOLDS = {"max_relative_recall_drop": 10.0, "max_relative_ndcg_drop": 10.0, "min_topk_overlap": 0.0,
                    "max_users": 32}
-
-
-@pytest.fixture
-def chromium(tmp_path):
-    """Headless Chromium through its chromedriver (never a driver or browser downloaded at run time)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (binary and driver_path):
-        pytest.fail("chromium and chromedriver are not installed: run `make install` (Debian: apt-get install "
-                    "chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-proxy-server",
-                "--window-size=1440,1150", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path, log_output=str(tmp_path / "chromedriver.log")),
-                              options=options)
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def sign_in(driver, username: str, password: str) -> None:
-    """What the browser does after its login prompt: every request carries the Basic credentials."""
-    token = base64.b64encode(f"{username}:{password}".encode()).decode()
-    driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
-
-
-def screenshot(driver, tmp_path: Path, name: str) -> Path:
-    path = tmp_path / name
-    driver.save_screenshot(str(path))
-    keep = os.environ.get("ONEREC_SCREENSHOT_DIR")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(keep) / name)
-    return path
 
 
 def promote_runs(http) -> list[dict]:
