@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean-stack install
+.PHONY: demo test lint clean-stack install browser
 
 install: $(STAMP)
 
@@ -35,7 +35,22 @@ $(STAMP): pyproject.toml ops/s3/package-lock.json
 	$(BIN)/pip install -e '.[dev]'
 	@command -v npm >/dev/null 2>&1 || { echo "error: Node.js and npm are required (the local stack's object store)" >&2; exit 1; }
 	npm ci --prefix ops/s3 --no-audit --no-fund
+	@$(MAKE) --no-print-directory browser
 	touch $@
+
+# The browser test (an approver's clicks in the MLflow UI) drives Debian's headless Chromium
+# through its chromedriver: installed here when missing (root on Debian), else a clear error.
+browser:
+	@set -e; \
+	if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium and chromium-driver (the browser test)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "error: the browser test needs Chromium and its driver: as root on Debian run" \
+		     "'apt-get install chromium chromium-driver' (or put chromium and chromedriver on PATH)" >&2; \
+		exit 1; \
+	fi
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -11,6 +11,34 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import BaseNotifier
 
+
+class OnCallNotifier(BaseNotifier):
+    """Failures -> mail / webhook to on-call (tasks.notify), one per failure.
+
+    As a task's on_failure_callback (after its last retry): the DAG, the task, the run, the one-line
+    error and the link to the task's log. As the DAG's: only a run that failed without a failed
+    task (its dagrun_timeout, a deadlock), which no task callback reported.
+    """
+
+    def notify(self, context) -> None:
+        from airflow.sdk.configuration import conf
+
+        from tasks.notify import failure_message, send_failure
+
+        dag_run = context.get("dag_run")
+        dag_id = getattr(context.get("dag"), "dag_id", None) or getattr(dag_run, "dag_id", "?")
+        run_id = context.get("run_id") or getattr(dag_run, "run_id", "?")
+        ti = context.get("ti")
+        reason = context.get("reason")
+        if reason is None and ti is not None:  # a task's callback
+            error = context.get("exception") or "the task failed"
+            send_failure(*failure_message(dag_id, run_id, error, ti.log_url, task_id=ti.task_id))
+        elif reason != "task_failure":  # the DAG's, for a run no task callback reported
+            base_url = conf.get("api", "base_url", fallback="http://localhost:8080").rstrip("/")
+            send_failure(*failure_message(dag_id, run_id, f"the DAG run failed: {reason or 'unknown reason'}",
+                                          f"{base_url}/dags/{dag_id}/runs/{run_id}"))
+
+
 START_DATE = datetime(2026, 1, 1)
 # I/O steps (S3, MLflow, rollout) retry with exponential backoff; checks that said no do not retry.
 DEFAULT_ARGS = {
@@ -21,24 +49,10 @@ DEFAULT_ARGS = {
     "max_retry_delay": timedelta(minutes=10),
     # a hung step (GPU, Helm, S3) fails instead of holding max_active_runs=1 forever
     "execution_timeout": timedelta(minutes=30),
+    "on_failure_callback": [OnCallNotifier()],  # after the last retry
 }
 NO_RETRY = {"retries": 0}
 GPU_STEP = {"retries": 0, "execution_timeout": timedelta(hours=3)}  # quantize and the gates
-
-
-class OnCallNotifier(BaseNotifier):
-    """A failed DAG run (a failed task or the dagrun_timeout) -> mail / webhook to on-call (tasks.notify)."""
-
-    def notify(self, context) -> None:
-        from tasks.notify import send_failure
-
-        dag_run = context.get("dag_run")
-        dag_id = getattr(context.get("dag"), "dag_id", None) or getattr(dag_run, "dag_id", "?")
-        run_id = context.get("run_id") or getattr(dag_run, "run_id", "?")
-        reason = context.get("reason") or "a task failed"
-        send_failure(f"[onerec-fp8] {dag_id} failed: {run_id}",
-                     f"DAG {dag_id}, run {run_id}: {reason}.\n"
-                     "Task logs: the Airflow UI (Browse > DAG Runs). Runbook: docs/runbook.md.")
 
 
 ON_FAILURE = [OnCallNotifier()]

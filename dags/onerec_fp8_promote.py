@@ -38,12 +38,13 @@ def onerec_fp8_promote():
         return expire_stale(config())
 
     @task(**NO_RETRY)
-    def promote_newest_approved() -> dict:
+    def promote_newest_approved(reviewed: dict) -> dict:
         from tasks.promote import promote_newest_approved
 
-        return run_step(promote_newest_approved, config())
+        # a version the first task refused fails this run too
+        return run_step(promote_newest_approved, config(), reviewed_before=reviewed)
 
-    expire_stale_candidates() >> promote_newest_approved()
+    promote_newest_approved(expire_stale_candidates())
 
 
 onerec_fp8_promote()

@@ -3,7 +3,8 @@
 Runs @daily and whenever the training job publishes a checkpoint (the Asset
 `onerec_checkpoint_published`, for s3://BUCKET/PREFIX/checkpoints/). Ends at registration: a
 version with alias `challenger` and approval=pending when the gates pass, a run with the reports
-and no version when they fail. A checkpoint already registered with the same recipe stops the run
+and no version when they fail, are inconclusive or cannot measure (then the register task fails:
+red in the Grid, on-call mailed with the reason and the run's link). A checkpoint already registered with the same recipe stops the run
 after `check_registered`. The tasks are tasks.requantize.STEPS, in that order, each calling its
 step function. GPU steps run in the worker by default; with ONEREC_GPU_EXECUTOR=kubernetes each
 one is a KubernetesPodOperator pod asking for nvidia.com/gpu: 1 (image
@@ -43,8 +44,13 @@ def _python_task(step: Step):
     def run(*inputs: dict) -> dict:
         from airflow.sdk import get_current_context
 
-        kwargs = {"run_name": get_current_context()["run_id"]} if step.name == "register" else {}
-        return run_step(step.fn, config(), *inputs, **kwargs)
+        if step.name != "register":
+            return run_step(step.fn, config(), *inputs)
+        from tasks.requantize import require_candidate
+
+        # gates that did not pass fail this task once the run with the reports is logged
+        result = run_step(step.fn, config(), *inputs, run_name=get_current_context()["run_id"])
+        return run_step(require_candidate, result)
 
     return run
 

@@ -54,6 +54,9 @@ class Settings:
     # Secret); None: <state_dir>/secrets/mlflow-service.json when it exists. MLFLOW_TRACKING_USERNAME
     # and _PASSWORD in the environment take precedence.
     mlflow_credentials_file: str | None = None
+    # the read-only account `onerec-fp8 serve` downloads models:/ URIs with (onerec.serve.mlflow_login);
+    # None: <state_dir>/secrets/mlflow-serving.json when it exists (the local stack writes it)
+    mlflow_serving_credentials_file: str | None = None
     # the local stack's ports and the local serving endpoint
     s3_port: int = 9000
     mlflow_port: int = 5000
@@ -128,14 +131,11 @@ class Settings:
 
     def mlflow_credentials(self) -> dict | None:
         """{username, password} from mlflow_credentials_file (None: no such file, an MLflow without login)."""
-        path = Path(self.mlflow_credentials_file or Path(self.state_dir) / "secrets" / "mlflow-service.json")
-        if not path.is_file():
-            return None
-        try:
-            creds = json.loads(path.read_text())
-            return {"username": str(creds["username"]), "password": str(creds["password"])}
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{path}: not a JSON object with username and password") from None
+        return _account(self.mlflow_credentials_file or Path(self.state_dir) / "secrets" / "mlflow-service.json")
+
+    def mlflow_serving_credentials(self) -> dict | None:
+        """{username, password} of the serving account (mlflow_serving_credentials_file), or None."""
+        return _account(self.mlflow_serving_credentials_file or Path(self.state_dir) / "secrets" / "mlflow-serving.json")
 
     def subprocess_env(self, base: typing.Mapping[str, str] | None = None) -> dict[str, str]:
         """`base` (default os.environ) plus these settings as variables: the env of a child process
@@ -148,6 +148,18 @@ class Settings:
         if not env.get("MLFLOW_TRACKING_USERNAME") and (creds := self.mlflow_credentials()):
             env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"] = creds["username"], creds["password"]
         return env
+
+
+def _account(path: str | Path) -> dict | None:
+    """{username, password} from a JSON credentials file (None: no such file, an MLflow without login)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        creds = json.loads(path.read_text())
+        return {"username": str(creds["username"]), "password": str(creds["password"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: not a JSON object with username and password") from None
 
 
 def env_name(field_name: str) -> str:

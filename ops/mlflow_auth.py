@@ -2,13 +2,15 @@
 
 MLflow runs its basic-auth app (`mlflow server --app-name basic-auth`) with the config this module
 writes (MLFLOW_AUTH_CONFIG_PATH): users in <state_dir>/mlflow-auth/basic_auth.db, default
-permission READ. Four accounts per state dir, passwords generated once into 0600 files under
+permission READ. Five accounts per state dir, passwords generated once into 0600 files under
 <state_dir>/secrets/:
 
     admin            MLflow's own admin (user management only)
     onerec-pipeline  the pipeline's service account: creates runs, the registered model, versions
     approver         the one account allowed to decide `approval` on a version
     viewer           read-only (the default permission)
+    onerec-serving   read-only: what `onerec-fp8 serve` downloads models:/ URIs with
+                     (onerec.serve.mlflow_login finds its file, mlflow-serving.json)
 
 MLflow's permissions are per registered model (READ/EDIT/MANAGE), not per tag, so the rule
 "only approvers decide" is enforced by the server's authentication hook (`authenticate_and_guard`,
@@ -32,8 +34,9 @@ import os
 import secrets
 from pathlib import Path
 
-ADMIN, SERVICE, APPROVER, VIEWER = "admin", "onerec-pipeline", "approver", "viewer"
-ACCOUNTS = {"admin": ADMIN, "service": SERVICE, "approver": APPROVER, "viewer": VIEWER}  # role -> username
+ADMIN, SERVICE, APPROVER, VIEWER, SERVING = "admin", "onerec-pipeline", "approver", "viewer", "onerec-serving"
+ACCOUNTS = {"admin": ADMIN, "service": SERVICE, "approver": APPROVER, "viewer": VIEWER,  # role -> username
+            "serving": SERVING}
 APPROVAL_TAG = "approval"
 SERVER_TAGS = ("approval_by", "approval_at")  # written by the server only
 APPROVERS_ENV = "ONEREC_MLFLOW_APPROVERS"
@@ -151,7 +154,7 @@ def ensure_accounts(url: str, state_dir: str | Path, timeout: float = 30.0) -> d
                             f"the auth database {auth_config_path(state_dir).parent} predates it; "
                             "remove that folder and start the stack again")
         check.raise_for_status()
-        for role in ("service", "approver", "viewer"):
+        for role in ("service", "approver", "viewer", "serving"):
             creds = credentials(state_dir, role)
             created = http.post("/api/2.0/mlflow/users/create", json=creds)
             if created.status_code != 200:

@@ -132,6 +132,9 @@ def contract_env(cfg: StackConfig, ports: dict[str, int]) -> dict[str, str]:
         **LOCAL_AWS_ENV,
         "MLFLOW_S3_ENDPOINT_URL": s3_url,
         "ONEREC_ALERT_SMTP": f"127.0.0.1:{ports['smtp']}",
+        # the local gate policy (CPU, no FP8 GPU): an unmeasurable latency gate does not block; the
+        # version is labelled gates=passed-latency-unmeasured and its page says NOT MEASURED
+        "ONEREC_LATENCY_GATE_BLOCKING": "false",
         # paths of 0600 files, never the secrets themselves
         "ONEREC_MLFLOW_CREDENTIALS_FILE": str(mlflow_auth.credentials_file(cfg.state_dir, "service")),
         "ONEREC_MLFLOW_APPROVERS": mlflow_auth.APPROVER,
@@ -686,6 +689,8 @@ def _print_banner(state: dict) -> None:
         lines.append(f"              read-only: user {accounts['viewer']['username']}  password "
                      f"{accounts['viewer']['password']}; admin and pipeline service account: "
                      f"{Path(accounts['admin']['file']).parent}/mlflow-*.json")
+        lines.append(f"              serving (read-only; `onerec-fp8 serve --model-uri models:/NAME@champion` "
+                     f"finds it): {accounts['serving']['file']}")
     if "smtp" in services:
         lines.append(f"  Mail sink   127.0.0.1:{services['smtp']['port']}   failure notifications land in "
                      f"{state['state_dir']}/mail/")
@@ -696,6 +701,8 @@ def _print_banner(state: dict) -> None:
         lines.append(f"  S3          {services['s3']['url']}   bucket {state['env']['ONEREC_S3_BUCKET']}  "
                      f"keys {cred['aws_access_key_id']}/{cred['aws_secret_access_key']} (placeholders); "
                      f"objects in {s3_data_dir(state['state_dir'])}")
+    lines.append("  Gate policy  latency_gate_blocking=false: without an FP8 GPU the latency gate cannot measure; "
+                 "such a candidate is registered as gates=passed-latency-unmeasured (production blocks it)")
     lines += [f"  State, logs  {state['state_dir']}", f"  Stop with    {state['stop_command']}", ""]
     print("\n".join(lines), file=sys.stderr)
 

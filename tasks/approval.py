@@ -37,6 +37,12 @@ TRANSITIONS = {"pending": ("approved", "rejected", "expired"), "approved": ("dep
 TERMINAL = ("rejected", "expired", "rolled_back")
 DECISIONS = ("pending", "approved", "rejected")  # what an approver may write into `approval`
 REFUSED_TAG, PROBLEM_TAG, STATE_TAG = "promotion_refused", "approval_problem", "state"
+# what `state` and `gates` say on a version the pipeline did not register (a copy made by MLflow's
+# "Promote model" button, a version registered by hand): never a candidate, whatever else it carries
+NOT_REGISTERED, NOT_A_CANDIDATE = "not-registered-by-pipeline", "not-a-candidate"
+NOT_REGISTERED_NOTE = ("**NOT A CANDIDATE: this version was not registered by the pipeline** (it has no pipeline "
+                       "state record: a copy made by \"Promote model\", or registered by hand). It is never "
+                       "promoted, whatever its tags say.")
 
 
 class StateError(StepFailed):
@@ -146,10 +152,46 @@ def _set_problem(c, name: str, version: str, tags: dict, problem: str | None) ->
         c.delete_model_version_tag(name, version, PROBLEM_TAG)
 
 
+def _mark_not_registered(cfg, c, mv) -> bool:
+    """Make a version the pipeline did not register look like what it is (in the versions list and on
+    its page); False when it is marked already or may still be being registered by a pipeline run."""
+    from tasks.registry import registering_run_status
+
+    if mv.tags.get(STATE_TAG) == NOT_REGISTERED or registering_run_status(c, mv) == "registering":
+        return False
+    name = cfg.model_name
+    c.set_model_version_tag(name, mv.version, STATE_TAG, NOT_REGISTERED)
+    c.set_model_version_tag(name, mv.version, "gates", NOT_A_CANDIDATE)
+    description = c.get_model_version(name, mv.version).description or ""
+    if not description.startswith(NOT_REGISTERED_NOTE):
+        c.update_model_version(name, mv.version, description=f"{NOT_REGISTERED_NOTE}\n\n{description}".strip())
+    _remove_alias_if_on(c, name, CHALLENGER, mv.version)
+    log.warning("%s version %s was not registered by the pipeline: marked %s", name, mv.version, NOT_A_CANDIDATE)
+    return True
+
+
+def accept_calibration(cfg, c, record: dict, s3) -> None:
+    """An approved version's calibration data becomes the drift check's reference: its profile (stored
+    by the validate step under the table's digest) is copied to accepted_profile_uri. The digest is
+    read from the registering run's params, which no one can change after the run logged them."""
+    from tasks.checkpoints import read_json, write_json
+
+    digest = c.get_run(record["run_id"]).data.params.get("calibration_sha256")
+    profile = read_json(s3, cfg.calibration_profile_uri(digest)) if digest else None
+    if profile is None:
+        log.warning("version %s: no stored calibration profile for %s; the drift reference stays",
+                    record["version"], digest)
+        return
+    write_json(s3, cfg.accepted_profile_uri, profile)
+    log.info("version %s approved: its calibration data %s is the drift reference", record["version"], digest[:12])
+
+
 def review(cfg, mlflow_client=None, now_s: float | None = None, s3=None) -> dict:
     """Apply the approvers' decisions and expiry to every version's record.
 
-    Returns {approved, rejected, expired, flagged, refused, unaliased} (version lists).
+    Returns {approved, rejected, expired, flagged, refused, unaliased, marked} (version lists;
+    `marked`: versions the pipeline did not register, now tagged state=not-registered-by-pipeline,
+    gates=not-a-candidate, with a warning heading their description and no challenger alias).
     """
     from tasks.checkpoints import s3_client
 
@@ -158,7 +200,7 @@ def review(cfg, mlflow_client=None, now_s: float | None = None, s3=None) -> dict
     name = cfg.model_name
     now_ms = (now_s if now_s is not None else time.time()) * 1000
     max_age_ms = cfg.approval_max_age_hours * 3600 * 1000
-    out = {k: [] for k in ("approved", "rejected", "expired", "flagged", "refused", "unaliased")}
+    out = {k: [] for k in ("approved", "rejected", "expired", "flagged", "refused", "unaliased", "marked")}
     for v in reversed(find_versions(cfg, c)):
         raw = v.tags.get("approval")
         decision = normalize_decision(raw)
@@ -173,6 +215,8 @@ def review(cfg, mlflow_client=None, now_s: float | None = None, s3=None) -> dict
         fresh = decision == "approved" and not (refused_at and refused_at >= approval_at)  # not refused yet
         if record is None:
             # not the pipeline's: never a candidate, whatever its tags say
+            if problem is None and _mark_not_registered(cfg, c, v):
+                out["marked"].append(v.version)
             if fresh:
                 refuse(cfg, c, v.version, problem or "no pipeline state record: this version was not registered by "
                                                      "the pipeline and is never promoted")
@@ -216,6 +260,7 @@ def review(cfg, mlflow_client=None, now_s: float | None = None, s3=None) -> dict
                 _set_problem(c, name, v.version, v.tags, None)
                 transition(cfg, c, v.version, "approved", by=by, note=f"approval={raw!r}", s3=s3,
                            approved_at=v.tags.get("approval_at"))
+                accept_calibration(cfg, c, record, s3)
                 out["approved"].append(v.version)
                 continue
         elif decision == "rejected":
@@ -225,7 +270,7 @@ def review(cfg, mlflow_client=None, now_s: float | None = None, s3=None) -> dict
             if _remove_alias_if_on(c, name, CHALLENGER, v.version):
                 out["unaliased"].append(v.version)
             continue
-    for key in ("approved", "rejected", "expired", "flagged", "refused"):
+    for key in ("approved", "rejected", "expired", "flagged", "refused", "marked"):
         if out[key]:
             log.info("%s: %s %s", name, key, out[key])
     return out

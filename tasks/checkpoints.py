@@ -2,7 +2,16 @@
 
     s3://BUCKET/PREFIX/checkpoints/<sortable-id>/{config.json, model.safetensors, semantic_ids.npy,
                                                   manifest.json (written last)}
-    s3://BUCKET/PREFIX/calibration/<YYYY-MM-DD>/calibration.parquet
+    s3://BUCKET/PREFIX/calibration/<YYYY-MM-DD>/<sha256>.parquet  the table, under its content's digest
+    s3://BUCKET/PREFIX/calibration/<YYYY-MM-DD>/calibration.json  {calibration_uri, calibration_sha256}:
+                                                                  the date's current table (written last)
+    s3://BUCKET/PREFIX/calibration/profiles/<sha256>.json         a validated table's profile
+    s3://BUCKET/PREFIX/calibration/accepted/profile.json          the drift reference (moves on approval)
+
+Calibration bytes are never overwritten: publishing again on a date adds a table under its own
+digest and moves the date's pointer, so a version's calibration_uri keeps naming the bytes it was
+made from (the fetch step checks them against the digest in the key). A date folder holding only
+a calibration.parquet (the layout before digests) is still read.
 
 A checkpoint folder without manifest.json is an upload in progress (or a crashed one): it is
 skipped and logged, never picked. A download lands in a temporary sibling folder and is renamed
@@ -15,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import re
 from pathlib import Path
 
 from onerec.errors import UserError
@@ -200,25 +210,39 @@ def find_latest_checkpoint(cfg: PipelineConfig, client=None) -> dict:
                     f"rejected before: {rejected})")
 
 
+CALIBRATION_POINTER = "calibration.json"
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+DIGEST_KEY = re.compile(r"/([0-9a-f]{64})\.parquet$")
+
+
+def calibration_uri(cfg: PipelineConfig, date: str, sha256: str) -> str:
+    """Where the calibration table with this digest, published on this date, lives (content-addressed)."""
+    return f"{cfg.s3_root}/calibration/{date}/{sha256}.parquet"
+
+
 def find_latest_calibration(cfg: PipelineConfig, client=None, rejected: list | None = None) -> str:
-    """URI of the newest calibration/<date>/calibration.parquet that was not rejected before (the
-    URIs of rejected newer ones are appended to `rejected`)."""
+    """URI of the newest date's current calibration table (its pointer; else its calibration.parquet)
+    that was not rejected before (the URIs of rejected newer ones are appended to `rejected`)."""
     client = client or s3_client(cfg)
     root = f"{cfg.s3_root}/calibration/"
     bucket, key = parse_s3_uri(f"{cfg.s3_root}/rejected/calibration/")
     any_rejected = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount", 0) > 0
-    for date in reversed(list_prefixes(client, root)):
-        uri = join_uri(root, date, "calibration.parquet")
-        if date == "accepted" or not s3_exists(client, uri):
-            continue
+    for date in reversed([p for p in list_prefixes(client, root) if DATE.match(p)]):
+        pointer = read_json(client, join_uri(root, date, CALIBRATION_POINTER))
+        if pointer is not None:
+            uri = pointer["calibration_uri"]
+        else:
+            uri = join_uri(root, date, "calibration.parquet")
+            if not s3_exists(client, uri):
+                continue
         if any_rejected and read_json(client, rejection_uri(cfg, "calibration", object_sha256(client, uri))):
             log.warning("calibration data %s failed validation before: skipped", uri)
             if rejected is not None:
                 rejected.append(uri)
             continue
         return uri
-    raise UserError(f"no calibration data under {root} (expected <date>/calibration.parquet; rejected before: "
-                    f"{rejected or []})")
+    raise UserError(f"no calibration data under {root} (expected <date>/{CALIBRATION_POINTER}; publish it with "
+                    f"`onerec-fp8 publish --calibration`; rejected before: {rejected or []})")
 
 
 def _safe_relpath(name: str, uri: str) -> str:
@@ -273,7 +297,16 @@ def download_checkpoint(cfg: PipelineConfig, checkpoint_uri: str, dst: str | Pat
 
 
 def download_calibration(cfg: PipelineConfig, calibration_uri: str, dst: str | Path, client=None) -> dict:
-    """Download the calibration table; returns {calibration_path, calibration_sha256}."""
+    """Download the calibration table; returns {calibration_path, calibration_sha256}. A table under a
+    digest key must have that digest (StepFailed otherwise: the bytes were altered after publishing)."""
     client = client or s3_client(cfg)
     path = download_file(client, calibration_uri, dst)
-    return {"calibration_path": str(path), "calibration_sha256": sha256_file(path)}
+    digest = sha256_file(path)
+    named = DIGEST_KEY.search(calibration_uri)
+    if named and named.group(1) != digest:
+        from tasks.requantize import StepFailed
+
+        Path(path).unlink()
+        raise StepFailed(f"{calibration_uri}: its content has sha256 {digest[:12]}..., not the digest its key names "
+                         "(altered after publishing; publish the table again)")
+    return {"calibration_path": str(path), "calibration_sha256": digest}

@@ -73,8 +73,12 @@ class PipelineConfig(Settings):
 
     @property
     def accepted_profile_uri(self) -> str:
-        """The profile of the last accepted calibration snapshot: the reference for the drift check."""
+        """The profile of the calibration data of the last approved version: the drift check's reference."""
         return f"{self.s3_root}/calibration/accepted/profile.json"
+
+    def calibration_profile_uri(self, calibration_sha256: str) -> str:
+        """The profile of a validated calibration table, under the table's digest (written once)."""
+        return f"{self.s3_root}/calibration/profiles/{calibration_sha256}.json"
 
     @property
     def work_dir(self) -> Path:

@@ -9,7 +9,8 @@ On a CPU-only machine, against the local stack (S3, MLflow, Airflow):
   5. onerec_fp8_promote through real Airflow: the local serving process now serves the champion
   6. a recommendation request to the serving endpoint, and the URLs to look at everything
 A second run reuses everything: nothing is uploaded, quantized or registered twice.
-The local demo does not let "no FP8 GPU to measure latency" block (latency_gate_blocking=false).
+The local stack's gate policy (its env, printed by `stack up`): "no FP8 GPU to measure latency" does
+not block (latency_gate_blocking=false); the version is labelled gates=passed-latency-unmeasured.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from onerec.errors import UserError
 log = logging.getLogger("onerec.demo")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = {"ONEREC_LATENCY_GATE_BLOCKING": "false"}  # CPU demo: an unmeasurable latency gate does not block
 CALIBRATION_REQUESTS = 2048  # half calibrates, half is the quality gate's held-out set
 TRAIN_EPOCHS = 3
 
@@ -53,6 +53,7 @@ def airflow_env(state: dict, extra: dict | None = None) -> dict[str, str]:
         "AIRFLOW_HOME": str(airflow_home(state["state_dir"])),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__API__BASE_URL": state["services"]["airflow"]["url"],  # links in failure mails
         **(extra or {}),
     }
 
@@ -131,7 +132,7 @@ def run_demo() -> dict:
     from tasks.publish import publish
     from tasks.registry import client, find_versions
 
-    cfg = PipelineConfig.from_env({**os.environ, **stack_env(state), **DEMO_CONFIG})
+    cfg = PipelineConfig.from_env({**os.environ, **stack_env(state)})
     demo_dir = Path(cfg.state_dir) / "demo"
     urls = {name: svc["url"] for name, svc in state["services"].items()}
     missing = {"s3", "mlflow", "airflow"} - set(urls)
@@ -148,7 +149,7 @@ def run_demo() -> dict:
 
     t = _step(3, total, "run onerec_fp8_requantize through Airflow (airflow dags test): "
                         "verify -> Great Expectations -> FP8 -> gates -> MLflow")
-    run = dags_test("onerec_fp8_requantize", state, demo_dir / "logs" / "onerec_fp8_requantize.log", DEMO_CONFIG)
+    run = dags_test("onerec_fp8_requantize", state, demo_dir / "logs" / "onerec_fp8_requantize.log")
     if run["state"] != "success":
         raise UserError(f"onerec_fp8_requantize failed; see {run['log']}")
     c = client(cfg)
@@ -166,8 +167,10 @@ def run_demo() -> dict:
     if version.tags.get("approval") == "pending":
         print("           In production a PERSON does this: open the version in the MLflow UI,\n"
               f"           {version_url}\n"
-              "           read the gate reports and Data Docs (artifacts of the run), and add the tag\n"
-              "           approval=approved, signed in as an approver. The demo makes the same REST call\n"
+              "           read the review and the reports, then in the Tags table click the pencil on\n"
+              "           `approval`, replace pending by approved and Save, signed in as an approver\n"
+              "           (docs/runbook.md; tests/integration/test_approval_in_browser.py clicks through\n"
+              "           it in Chromium). The demo makes the same REST call\n"
               "           the UI makes, as the stack's approver account:\n"
               "           POST /ajax-api/2.0/mlflow/model-versions/set-tag {key: approval, value: approved}",
               file=sys.stderr)
@@ -179,7 +182,7 @@ def run_demo() -> dict:
         _done(t, f"already decided: approval={version.tags.get('approval')}")
 
     t = _step(5, total, "run onerec_fp8_promote through Airflow: roll out, then move the aliases")
-    run = dags_test("onerec_fp8_promote", state, demo_dir / "logs" / "onerec_fp8_promote.log", DEMO_CONFIG)
+    run = dags_test("onerec_fp8_promote", state, demo_dir / "logs" / "onerec_fp8_promote.log")
     if run["state"] != "success":
         raise UserError(f"onerec_fp8_promote failed; see {run['log']}")
     champion = c.get_model_version_by_alias(cfg.model_name, "champion")

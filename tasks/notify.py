@@ -10,8 +10,11 @@
     alert_email        who gets it
     alert_webhook_url  a chat/incident webhook that accepts a JSON {"text": ...} POST; empty: none
 
-The DAGs call `send_failure` from their failure callback (dags/onerec_fp8_common.py); a failure to
-notify is logged and never hides the failure itself.
+The DAGs call `send_failure` with `failure_message` from their failure callbacks
+(dags/onerec_fp8_common.py): one message per failed task (after its retries) naming the DAG, the
+task, the run, the one-line error and a link to the task's log; a run that fails without a failed
+task (its dagrun_timeout) gets one naming the run. A failure to notify is logged and never hides
+the failure itself.
 """
 
 from __future__ import annotations
@@ -19,6 +22,33 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger(__name__)
+
+
+MAX_ERROR_CHARS = 500
+
+
+def one_line(error: object) -> str:
+    """An exception or message as one line: its first line, at most MAX_ERROR_CHARS characters."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    line = lines[0].strip() or type(error).__name__
+    return line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS - 3] + "..."
+
+
+def failure_message(dag_id: str, run_id: str, error: object, link: str, task_id: str | None = None) -> tuple[str, str]:
+    """(subject, body) of an on-call notification: what failed, where, why in one line, and where to look."""
+    what = f"{dag_id}.{task_id}" if task_id else dag_id
+    error = one_line(error)
+    subject = f"[onerec-fp8] {what} failed: {error}"[:200]
+    body = "\n".join([
+        f"DAG:   {dag_id}",
+        *([f"Task:  {task_id}"] if task_id else []),
+        f"Run:   {run_id}",
+        f"Error: {error}",
+        f"Log:   {link}",
+        "",
+        "Runbook: docs/runbook.md (When the requantize DAG fails; Refused versions; Roll back).",
+    ])
+    return subject, body
 
 
 def send_failure(subject: str, body: str, cfg=None) -> dict:

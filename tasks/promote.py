@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 
 def rollout_options(cfg) -> dict:
-    """Options for ops.rollout: the local target keeps its state in our state dir."""
-    return {"state_dir": cfg.state_dir} if cfg.rollout_target == "local" else {}
+    """Options for ops.rollout: the local target keeps its state in our state dir and serves on the
+    configured port (an Airflow Variable may set both)."""
+    return {"state_dir": cfg.state_dir, "port": cfg.local_serve_port} if cfg.rollout_target == "local" else {}
 
 
 @contextlib.contextmanager
@@ -133,11 +134,13 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
                 "registering_run": checked["record"]["run_id"], "evidence": checked["evidence"], "rollout": rollout}
 
 
-def promote_newest_approved(cfg, mlflow_client=None) -> dict:
+def promote_newest_approved(cfg, mlflow_client=None, reviewed_before: dict | None = None) -> dict:
     """The promote DAG's step: apply decisions and expiry, then promote the newest approved version.
 
-    Raises StepFailed (after promoting what it could) when a version was refused in this pass, so
-    that on-call hears of a forged, tampered or dead version someone tried to push through.
+    Raises StepFailed (after promoting what it could) when a version was refused in this pass or
+    in `reviewed_before` (the result of the review the DAG's first task ran: a refusal it recorded
+    is not refused again here), so that on-call hears of a forged, copied, tampered or dead
+    version someone tried to push through.
     """
     from tasks.approval import REFUSED_TAG, StateError, review, versions_in_state
     from tasks.provenance import ProvenanceError
@@ -145,7 +148,7 @@ def promote_newest_approved(cfg, mlflow_client=None) -> dict:
 
     c = mlflow_client or client(cfg)
     reviewed = review(cfg, c)
-    refused = list(reviewed["refused"])
+    refused = sorted({*(reviewed_before or {}).get("refused", ()), *reviewed["refused"]}, key=int)
     approved = versions_in_state(cfg, "approved", c)
     # a refused version waits until a person deletes its promotion_refused tag (it is verified again then)
     held = [v for v in approved if REFUSED_TAG in c.get_model_version(cfg.model_name, v).tags]

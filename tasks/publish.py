@@ -5,8 +5,9 @@
 
 Uploads the checkpoint's files to s3://BUCKET/PREFIX/checkpoints/<id>/ and its manifest.json
 LAST (the pipeline never picks a checkpoint without one), and the calibration request table to
-s3://BUCKET/PREFIX/calibration/<date>/calibration.parquet (a data folder as --calibration: the
-table is drawn from it as `onerec-fp8 data calibration` does). A checkpoint identical (same
+s3://BUCKET/PREFIX/calibration/<date>/<sha256>.parquet, then the date's pointer calibration.json
+(a data folder as --calibration: the table is drawn from it as `onerec-fp8 data calibration`
+does; tasks/checkpoints.py has the layout). A checkpoint identical (same
 manifest) to the newest complete one is not uploaded again. When something new landed, it posts
 the Airflow asset event `onerec_checkpoint_published` (ops.airflow_events), so requantization
 starts now rather than at the daily run.
@@ -42,13 +43,17 @@ def publish(
 ) -> dict:
     """Upload a checkpoint (manifest last) and optionally calibration data. Returns what was uploaded."""
     from tasks.checkpoints import (
+        CALIBRATION_POINTER,
+        calibration_uri,
         find_latest_checkpoint,
         join_uri,
         parse_s3_uri,
         read_json,
         s3_client,
+        s3_exists,
         upload_file,
         upload_folder,
+        write_json,
     )
     from tasks.config import load_config
 
@@ -81,15 +86,20 @@ def publish(
             dt.date.fromisoformat(date)
         except ValueError:
             raise UserError(f"--date {date!r}: expected YYYY-MM-DD") from None
-        cal_uri = f"{cfg.s3_root}/calibration/{date}/calibration.parquet"
         with tempfile.TemporaryDirectory() as tmp:
             if is_data_folder(calibration):
                 table, source = read_calibration(calibration, context_len_of(checkpoint))
                 result["calibration_source"] = source
                 calibration = str(write_calibration_table(table, Path(tmp) / "calibration.parquet"))
-            upload_file(client, calibration, cal_uri)
+            # under its digest: never overwritten, so every version's calibration_uri keeps its bytes
+            cal_sha256 = sha256_file(calibration)
+            cal_uri = calibration_uri(cfg, date, cal_sha256)
+            if not s3_exists(client, cal_uri):
+                upload_file(client, calibration, cal_uri)
+            write_json(client, f"{cfg.s3_root}/calibration/{date}/{CALIBRATION_POINTER}",
+                       {"calibration_uri": cal_uri, "calibration_sha256": cal_sha256})
             log.info("published calibration data %s", cal_uri)
-            result.update(calibration_uri=cal_uri, calibration_sha256=sha256_file(calibration))
+            result.update(calibration_uri=cal_uri, calibration_sha256=cal_sha256)
     if result.get("uploaded") or calibration is not None:
         from ops.airflow_events import CHECKPOINT_PUBLISHED, notify
 

@@ -116,8 +116,10 @@ def find_existing(cfg, checkpoint_sha256: str, recipe: str, calibration_sha256: 
     died halfway through registering it (`abandoned_registration`) does not count.
     """
     c = mlflow_client or client(cfg)
+    from tasks.approval import NOT_REGISTERED, STATE_TAG
+
     versions = [v for v in find_versions(cfg, c, checkpoint_sha256=checkpoint_sha256, recipe=recipe)
-                if abandoned_registration(c, v) is None]
+                if v.tags.get(STATE_TAG) != NOT_REGISTERED and abandoned_registration(c, v) is None]
     if versions:
         v = versions[0]
         return {"status": "registered", "version": v.version, "approval": v.tags.get("approval")}
@@ -146,23 +148,32 @@ def abandoned_registration(c, mv) -> str | None:
     it was never approved, so nothing can have promoted it. It is abandoned when its run is over
     (failed, killed, or finished without it) or has been RUNNING for longer than any run lasts.
     """
-    import time
-
-    from mlflow.exceptions import MlflowException
-
     from tasks.approval import STATE_TAG
 
     if mv.tags.get(STATE_TAG):  # the last step of registration ran
         return None
+    status = registering_run_status(c, mv)
+    if status == "registering":
+        return None
+    return f"version {mv.version} was left half-registered by run {mv.run_id} ({status}, no state record)"
+
+
+def registering_run_status(c, mv) -> str:
+    """`registering` while the run that created version `mv` may still be registering it (RUNNING for
+    less than REGISTRATION_STALE_AFTER_S), else that run's status (`gone` when it was deleted)."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
     try:
         run = c.get_run(mv.run_id) if mv.run_id else None
     except MlflowException:
         run = None  # the run was deleted
-    running = run is not None and run.info.status == "RUNNING"
-    if running and time.time() - run.info.start_time / 1000 < REGISTRATION_STALE_AFTER_S:
-        return None
-    status = run.info.status if run is not None else "gone"
-    return f"version {mv.version} was left half-registered by run {mv.run_id} ({status}, no state record)"
+    if run is None:
+        return "gone"
+    if run.info.status == "RUNNING" and time.time() - run.info.start_time / 1000 < REGISTRATION_STALE_AFTER_S:
+        return "registering"
+    return run.info.status
 
 
 def _metric_name(name: str) -> str:
@@ -170,8 +181,13 @@ def _metric_name(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name.replace("@", "_at_"))
 
 
+# what the gates report about their own settings (the run's params hold them as config.*): not measurements
+GATE_SETTINGS = ("config", "thresholds", "confidence", "margin")
+
+
 def gate_metrics(gates: dict) -> dict[str, float]:
-    """Every numeric figure of the gate results, flattened: {"quality.recall_at_10_fp8": 0.31, ...}."""
+    """Every numeric measurement of the gate results, flattened: {"quality.top10_overlap": 0.97, ...};
+    the gates' settings (GATE_SETTINGS) are left out."""
     out: dict[str, float] = {}
 
     def walk(prefix: str, value) -> None:
@@ -179,7 +195,8 @@ def gate_metrics(gates: dict) -> dict[str, float]:
             out[_metric_name(prefix)] = float(value)
         elif isinstance(value, dict):
             for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
+                if k not in GATE_SETTINGS:
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
 
     walk("", gates)
     return out
@@ -271,7 +288,7 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
 
     from tasks import approval, provenance
     from tasks.registration_claim import settle_duplicates
-    from tasks.review_page import gates_label, version_description
+    from tasks.review_page import gates_label, run_url, version_description
 
     outcome, reason = gates_outcome(gates, cfg.latency_gate_blocking)
     passed = outcome == "passed"
@@ -302,7 +319,8 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
             mlflow.set_tags({"gates": outcome, "registration": "gates_failed", "reason": reason[:5000]})
             mlflow.end_run()
             log.warning("%s: run %s logged with its reports, no model version", reason, run_id)
-            return {"registered": False, "version": None, "run_id": run_id, "gates": outcome, "reason": reason}
+            return {"registered": False, "version": None, "run_id": run_id, "gates": outcome, "reason": reason,
+                    "run_url": run_url(cfg.tracking_uri(), run.info.experiment_id, run_id)}
         description = version_description(cfg, gates, quantized_dir, run.info.experiment_id, run_id,
                                           cfg.tracking_uri())
         info = mlflow.pyfunc.log_model(

@@ -152,7 +152,8 @@ def existing_step(cfg, fetched: Fetched | dict) -> dict | None:
 def validate_step(cfg, fetched: Fetched | dict) -> dict:
     """Great Expectations on the calibration table against the accepted reference profile on S3.
 
-    A pass makes this snapshot the next reference; a no raises StepFailed with the failures.
+    A pass stores the table's profile under its digest; it becomes the drift reference only when a
+    version made from it is approved (tasks.approval). A no raises StepFailed with the failures.
     """
     import json
 
@@ -173,8 +174,10 @@ def validate_step(cfg, fetched: Fetched | dict) -> dict:
             f"calibration data {fetched.calibration_uri} failed validation; nothing is quantized or "
             f"registered. Failed expectations:\n{failure_summary(result)}\nData Docs: {result['data_docs']}"
         )
-    write_json(client, cfg.accepted_profile_uri, json.loads(Path(result["profile"]).read_text()))
-    log.info("accepted this snapshot as the drift reference: %s", cfg.accepted_profile_uri)
+    profile_uri = cfg.calibration_profile_uri(fetched.calibration_sha256)
+    write_json(client, profile_uri, json.loads(Path(result["profile"]).read_text()))
+    log.info("stored the profile of this snapshot (the drift reference once a version made from it is "
+             "approved): %s", profile_uri)
     return result
 
 
@@ -259,6 +262,18 @@ def register_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict, qua
         quantized_dir=quantized.quantized_dir, report_dir=str(report_dir), gates=gates,
         run_name=run_name or f"requantize-{fetched.checkpoint_id}",
     )
+
+
+def require_candidate(result: dict) -> dict:
+    """The register step's result when it registered a version or found one; StepFailed otherwise.
+
+    The DAG's register task ends with this, so a gate that failed, was inconclusive or could not
+    measure fails the task (red in the Grid, on-call mailed) after its MLflow run holds the reports.
+    """
+    if result.get("registered") or result.get("version"):
+        return result
+    raise StepFailed(f"gates {result.get('gates')}: {result.get('reason')}; no version registered; "
+                     f"reports: {result.get('run_url') or result.get('run_id')}")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ ratios), the recipe, the layers kept in bf16, where the reports are, and the one
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 
@@ -51,6 +52,25 @@ def quality_interval_lines(quality: dict) -> list[str]:
     return lines
 
 
+# (label, path under the run's artifacts/reports/) of what the approver reads, most important first
+REPORTS = (
+    ("quality plot", "quality_gate.png"), ("quality figures", "quality_gate.json"),
+    ("latency", "latency_gate.json"), ("layers (SQNR, kept in bf16)", "quantization/quantization.png"),
+    ("calibration data checks", "validation/calibration_validation.png"),
+    ("Great Expectations Data Docs", "validation/data_docs/index.html"), ("every gate figure", "gates.json"),
+)
+
+
+def markdown_text(text: str) -> str:
+    """`text` shown as written in the UI's markdown (layer patterns such as `heads.*` are not emphasis)."""
+    return re.sub(r"([\\`*_{}\[\]<>#|~])", r"\\\1", text)
+
+
+def run_url(tracking_uri: str | None, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI's page of a run (its reports are its artifacts), or `run ID` without a server."""
+    return f"{tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}" if tracking_uri else f"run {run_id}"
+
+
 def version_description(cfg, gates: dict, quantized_dir: str | Path, experiment_id: str, run_id: str,
                         tracking_uri: str | None) -> str:
     quality, latency = gates.get("quality", {}), gates.get("latency", {})
@@ -70,15 +90,16 @@ def version_description(cfg, gates: dict, quantized_dir: str | Path, experiment_
                      f"{_fmt(latency.get('latency_ratio'))}, throughput {_fmt(latency.get('throughput_ratio'))} "
                      f"on {latency.get('device', '?')}")
     kept = kept_in_bf16(quantized_dir)
-    lines.append(f"- Layers kept in bf16: {', '.join(kept) if kept else 'none'}")
-    run_link = f"{tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}" if tracking_uri else f"run {run_id}"
+    lines.append(f"- Layers kept in bf16: {', '.join(map(markdown_text, kept)) if kept else 'none'}")
+    run_link = run_url(tracking_uri, experiment_id, run_id)
+    reports = ", ".join(f"[{label}]({run_link}/artifacts/reports/{path})" if tracking_uri else f"{label} reports/{path}"
+                        for label, path in REPORTS)
     lines += [
-        f"- Reports (artifacts of the registering run, {run_link}): reports/quality_gate/ (plots), "
-        "reports/latency_gate/, reports/validation/data_docs/index.html (Great Expectations), "
-        "reports/quantization/, reports/gates.json",
+        f"- Reports (artifacts of the [registering run]({run_link})): {reports}" if tracking_uri
+        else f"- Reports (artifacts of {run_link}): {reports}",
         "",
-        "**To approve**: add the tag `approval` = `approved` (or `rejected`) on this page, signed in as an "
-        "approver. Do NOT use the \"Promote model\" button: it copies the version to another model and "
-        "approves nothing.",
+        "**To approve**: signed in as an approver, in this page's Tags table click the pencil on the row "
+        "`approval`, replace `pending` by `approved` (or `rejected`) and click Save. Do NOT use the "
+        "\"Promote model\" button: it copies the version to another model and approves nothing.",
     ]
     return "\n".join(lines)

@@ -19,8 +19,9 @@ suites, each run on its own batch:
     bucket; category__<name>).
 
 Data Docs HTML is written to <report_dir>/data_docs/ and a PNG of the checks and the drift to
-<report_dir>/calibration_validation.png. A passing snapshot's profile becomes the reference for
-the next run (s3://BUCKET/PREFIX/calibration/accepted/profile.json).
+<report_dir>/calibration_validation.png. A passing snapshot's profile is stored under the table's
+digest and becomes the reference (s3://BUCKET/PREFIX/calibration/accepted/profile.json) when a
+version made from it is approved (tasks.approval.accept_calibration).
 """
 
 from __future__ import annotations
@@ -289,14 +290,16 @@ def _context(docs_dir: Path):
     return ctx
 
 
-def _run_suite(ctx, name: str, suite, frame: pd.DataFrame):
+def _run_suite(ctx, name: str, suite, frame: pd.DataFrame, run_name: str):
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
 
     source = ctx.data_sources.add_or_update_pandas(name)
     batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
     suite = ctx.suites.add(suite)
     vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-    return vd.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY")
+    # the run's name in Data Docs: which calibration table was checked (else GX shows __none__)
+    return vd.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY", run_id=RunIdentifier(run_name))
 
 
 def _failures(result) -> list[dict]:
@@ -356,9 +359,10 @@ def validate_calibration(
     vocabularies = _vocabularies(checkpoint_dir)
 
     ctx = _context(docs_dir)
+    run_name = f"calibration {calibration_sha256[:12] or calibration_path.name}"
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
     requests_result = _run_suite(ctx, "calibration_requests", request_suite(cfg, stats, context_len, vocabularies),
-                                 summarise(raw, table, vocabularies))
+                                 summarise(raw, table, vocabularies), run_name)
     failed = _failures(requests_result)
     if missing:
         failed.insert(0, {"expectation": "required columns", "missing": missing})
@@ -369,7 +373,8 @@ def validate_calibration(
     if not failed:
         profile = data_profile(raw, calibration_sha256)
         if reference is not None:
-            drift_result = _run_suite(ctx, "calibration_drift", drift_suite(cfg, reference), drift_frame(profile, reference))
+            drift_result = _run_suite(ctx, "calibration_drift", drift_suite(cfg, reference), drift_frame(profile, reference),
+                                      run_name)
             kl = {r.expectation_config.kwargs["column"]: (r.result or {}).get("observed_value") for r in drift_result.results}
             drift = {"checked": True, "popularity_kl": _jsonable(kl.get("popularity_bucket")),
                      "history_length_kl": _jsonable(kl.get("history_length_bucket")),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.models", "fixtures.movielens_shape", "fixtures.stack"]
+pytest_plugins = ["fixtures.models", "fixtures.movielens_shape", "fixtures.stack", "fixtures.browser"]
 
 TESTS = Path(__file__).resolve().parent
 FOLDER_MARKERS = {"integration": "integration", "gpu": "gpu"}

@@ -72,6 +72,24 @@ def parse_model_uri(uri: str, default_name: str | None = None) -> ModelRef:
     return ModelRef(uri, name, folder=folder.resolve())
 
 
+def _signed_in() -> Settings:
+    """The settings, with this process's MLflow client pointed at their tracking server (MLflow
+    resolves a version's logged model through the process's URIs) and signed in as the serving account."""
+    import mlflow
+
+    from onerec.serve.mlflow_login import use_serving_account
+
+    settings = Settings.load()
+    uri = settings.tracking_uri()
+    if not uri:
+        raise UserError("no MLflow tracking server configured for a models:/ URI: set MLFLOW_TRACKING_URI, or start "
+                        f"the local stack (`onerec-fp8 stack up`; state dir {settings.state_dir})")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    use_serving_account(settings)
+    return settings
+
+
 def registry_version(ref: ModelRef) -> str:
     """The registry version number an alias points at now (MLflow, imported lazily)."""
     if ref.version is not None:
@@ -79,7 +97,8 @@ def registry_version(ref: ModelRef) -> str:
     try:
         from mlflow import MlflowClient
 
-        client = MlflowClient(Settings.load().tracking_uri())
+        settings = _signed_in()
+        client = MlflowClient(settings.tracking_uri())
         return str(client.get_model_version_by_alias(ref.name, ref.alias).version)
     except Exception as exc:  # mlflow raises its own types; the message names the cause
         raise UserError(f"cannot resolve {ref.uri} in the MLflow registry: {exc}") from None
@@ -92,7 +111,7 @@ def download(ref: ModelRef, cache_dir: Path) -> Path:
     dst = cache_dir / f"{ref.name}-{ref.version or ref.alias}"
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        return Path(download_model(ref.uri, dst, Settings.load().tracking_uri()))
+        return Path(download_model(ref.uri, dst, _signed_in().tracking_uri()))
     except UserError:
         raise
     except Exception as exc:

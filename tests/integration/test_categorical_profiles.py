@@ -336,7 +336,10 @@ def test_publish_draws_the_calibration_table_from_a_data_folder(byod, monkeypatc
     monkeypatch.setattr(checkpoints, "find_latest_checkpoint", nothing_published)
     monkeypatch.setattr(checkpoints, "upload_folder", lambda client, folder, uri: ["manifest.json"])
     monkeypatch.setattr(checkpoints, "upload_file", upload_file)
+    monkeypatch.setattr(checkpoints, "s3_exists", lambda client, uri: False)
+    monkeypatch.setattr(checkpoints, "write_json", lambda client, uri, obj: uploaded.__setitem__(uri, obj))
     result = publish(str(ckpt), "s3://bucket/prefix", str(data), "2026-01-02", "ckpt1", client=object())
-    uri = "s3://bucket/prefix/calibration/2026-01-02/calibration.parquet"
+    uri = f"s3://bucket/prefix/calibration/2026-01-02/{result['calibration_sha256']}.parquet"
     assert result["calibration_uri"] == uri and result["calibration_source"]["kind"] == "drawn from data folder"
+    assert uploaded["s3://bucket/prefix/calibration/2026-01-02/calibration.json"]["calibration_uri"] == uri
     assert len(uploaded[uri]) == 2048 and {"gender", "occupation", "country"} <= set(uploaded[uri].columns)

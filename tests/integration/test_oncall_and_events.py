@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fixtures.stack import airflow_client, wait_for
+from fixtures.stack import airflow_api, wait_for
 
 from ops.smtp_sink import read_mail
 
@@ -45,7 +45,16 @@ def test_failing_dag_run_mails_on_call(local_stack, tmp_path):
     assert "onerec-test-oncall has no version 424242" in text and "up_for_retry" not in text.lower()
     mails = wait_for("the failure mail", lambda: read_mail(maildir)[before:] or None, timeout_s=60)
     assert len(mails) == 1
-    assert "onerec_fp8_rollback failed" in mails[0]["Subject"] and mails[0]["To"] == "onerec-oncall@localhost"
+    [mail] = mails
+    # what failed, where, why in one line, and the link to the task's log
+    assert mail["Subject"].startswith("[onerec-fp8] onerec_fp8_rollback.rollback failed: ")
+    assert "no version 424242" in mail["Subject"] and mail["To"] == "onerec-oncall@localhost"
+    lines = mail.get_content().splitlines()
+    assert "DAG:   onerec_fp8_rollback" in lines and "Task:  rollback" in lines
+    [error] = [line for line in lines if line.startswith("Error: ")]
+    assert "no version 424242" in error and "Traceback" not in mail.get_content()
+    [link] = [line for line in lines if line.startswith("Log:   ")]
+    assert link.startswith(f"Log:   {local_stack['services']['airflow']['url']}/dags/onerec_fp8_rollback/runs/")
 
 
 @pytest.mark.slow
@@ -64,7 +73,7 @@ def test_approval_event_triggers_promote_at_once(local_stack):
             "name": name, "source": "s3://onerec/nothing", "tags": [{"key": "approval", "value": "pending"}],
         }).json()["model_version"]["version"]
 
-    with airflow_client(state) as airflow:
+    with airflow_api(state) as airflow:
         # the promote DAG is parsed (its asset exists) and unpaused; its hourly schedule will not fire now
         wait_for("the promote DAG", lambda: airflow.get("/api/v2/dags/onerec_fp8_promote").status_code == 200)
         airflow.patch("/api/v2/dags/onerec_fp8_promote", json={"is_paused": False}).raise_for_status()

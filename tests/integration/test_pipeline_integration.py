@@ -287,6 +287,16 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "reports")}
     assert {"reports/gates.json", "reports/validation", "reports/quality_gate.json", "reports/quality_gate.png",
             "reports/latency_gate.json", "reports/quantization"} <= artifacts
+    # measurements are metrics, the gates' settings are params (config.*), never metrics
+    assert "quality.config.k" not in run.data.metrics and "latency.thresholds.repeats" not in run.data.metrics
+    assert run.data.params["config.quality_gate.k"] == "10"
+    # every report the review page links is an artifact of the run, under the link's path
+    from tasks.review_page import REPORTS
+
+    for _, path in REPORTS:
+        folder, _, name = f"reports/{path}".rpartition("/")
+        assert f"reports/{path}" in {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], folder)}
+        assert f"/runs/{result['run_id']}/artifacts/reports/{path})" in description
 
     # nothing is promoted before an engineer approves
     assert promote_newest_approved(cfg)["promoted"] is None and alias(cfg, "champion") is None
@@ -594,7 +604,7 @@ def test_stack_restart_brings_back_the_champion_the_approval_events_and_rollback
     ports, the champion answers on the proxy port, the DAGs run unpaused, the next approval starts
     a promote run, and a rollback restores the previous champion."""
     import pandas as pd
-    from fixtures.stack import airflow_client, processes_of, stack_cli, start_stack, wait_for
+    from fixtures.stack import airflow_api, processes_of, stack_cli, start_stack, wait_for
 
     from ops.processes import free_port
     from ops.stack import SERVICES, stack_env
@@ -614,7 +624,7 @@ def test_stack_restart_brings_back_the_champion_the_approval_events_and_rollback
         with environment({**stack_env(state), "ONEREC_STATE_DIR": str(work)}):
             cfg = config({"state": state, "work": work}, "restart")
             assert (cfg.model_name, cfg.s3_prefix) == (names["ONEREC_MODEL_NAME"], names["ONEREC_S3_PREFIX"])
-            with airflow_client(state) as airflow:
+            with airflow_api(state) as airflow:
                 dags = wait_for("the three DAGs, parsed", lambda: (
                     found if len(found := airflow.get("/api/v2/dags", params={"dag_id_pattern": "onerec_fp8"}).json()[
                         "dags"]) == 3 else None), timeout_s=180)
@@ -644,7 +654,7 @@ def test_stack_restart_brings_back_the_champion_the_approval_events_and_rollback
         with environment({**stack_env(state), "ONEREC_STATE_DIR": str(work)}):
             publish(cfg, variant(tiny.checkpoint_dir, tmp_path / "v2", "v2"), tiny.calibration_path, "20260102T000000Z")
             v2 = run_requantize(cfg)["version"]
-            with airflow_client(state) as airflow:
+            with airflow_api(state) as airflow:
                 before = event_runs(airflow)
                 approve_as_the_ui_does({"state": state}, cfg, v2).raise_for_status()
                 wait_for("the promote run after the restart", lambda: alias(cfg, "champion") == v2, timeout_s=300)
@@ -673,3 +683,188 @@ def proxy_answers(url: str) -> bool:
         return True
     except httpx.HTTPError:
         return False
+
+
+def test_a_copy_made_by_promote_model_is_marked_and_never_a_candidate(stack, tiny):
+    """MLflow's "Promote model" button copies a version, with all its tags, into a registered model;
+    into the pipeline's own model the copy is marked as what it is, and its approval fails the run."""
+    from tasks.approval import NOT_REGISTERED_NOTE, review
+    from tasks.promote import promote_newest_approved
+    from tasks.registry import client, find_existing
+    from tasks.requantize import StepFailed, run_requantize
+
+    cfg = config(stack, "copied")
+    c = client(cfg)
+    done = publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    v1 = run_requantize(cfg)["version"]
+    copy = c.copy_model_version(f"models:/{cfg.model_name}/{v1}", cfg.model_name).version  # what the button does
+    copied = c.get_model_version(cfg.model_name, copy).tags
+    assert copied["gates"] == "passed-latency-unmeasured" and copied["state"] == "pending"  # looks like v1
+
+    reviewed = review(cfg)
+    assert reviewed["marked"] == [copy] and review(cfg)["marked"] == []  # once
+    marked = c.get_model_version(cfg.model_name, copy)
+    assert marked.tags["state"] == "not-registered-by-pipeline" and marked.tags["gates"] == "not-a-candidate"
+    assert marked.description.startswith(NOT_REGISTERED_NOTE)
+    assert c.get_model_version(cfg.model_name, v1).tags["gates"] == "passed-latency-unmeasured"  # the real one
+    assert alias(cfg, "challenger") == v1
+    # the checkpoint's registration is still v1, never the copy
+    assert find_existing(cfg, done["checkpoint_sha256"], cfg.recipe)["version"] == v1
+
+    # an approver approves the copy: the promote step refuses it and fails (on-call is mailed), also
+    # when the DAG's first task (the review) recorded the refusal
+    approve_as_the_ui_does(stack, cfg, copy).raise_for_status()
+    first_task = review(cfg)
+    assert first_task["refused"] == [copy]
+    with pytest.raises(StepFailed, match=f"refused version.*'{copy}'"):
+        promote_newest_approved(cfg, reviewed_before=first_task)
+    assert alias(cfg, "champion") is None
+
+
+@pytest.mark.slow
+def test_a_failed_gate_fails_the_dag_run_and_mails_on_call(local_stack, stack, tiny, chromium, tmp_path):
+    """Through the stack's Airflow: gates that said no fail the register task (red in the Grid) after
+    the MLflow run holds the reports, and on-call gets one mail naming the task, the reason and the run,
+    whose link opens the task in the Airflow UI."""
+    from fixtures.browser import screenshot, sign_in_to_airflow
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from ops.smtp_sink import read_mail
+    from tasks.demo import dags_test
+
+    cfg = config(stack, "airflowfail", thresholds=FAIL_THRESHOLDS)
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    env = {"ONEREC_S3_PREFIX": cfg.s3_prefix, "ONEREC_MODEL_NAME": cfg.model_name,
+           "ONEREC_STATE_DIR": cfg.state_dir,
+           "ONEREC_QUALITY_GATE": json.dumps(dataclasses.asdict(cfg.quality_gate)), "ONEREC_QUALITY_EVAL_REQUESTS": "64"}
+    maildir = Path(local_stack["state_dir"]) / "mail"
+    before = len(read_mail(maildir))
+    run = dags_test("onerec_fp8_requantize", local_stack, tmp_path / "requantize.log", env)
+    text = Path(run["log"]).read_text()
+    assert run["state"] == "failed", text[-5000:]
+    assert versions(cfg) == []
+    [mlflow_run] = runs(cfg)
+    assert mlflow_run.data.tags["gates"] == "failed"
+    mails = read_mail(maildir)[before:]
+    assert len(mails) == 1, [m["Subject"] for m in mails]
+    assert mails[0]["Subject"].startswith("[onerec-fp8] onerec_fp8_requantize.register failed: gates failed: quality")
+    body = mails[0].get_content()
+    assert f"/runs/{mlflow_run.info.run_id}" in body and "Log:   http://127.0.0.1:" in body
+
+    # the mail's link, in the Airflow UI: the run's Grid with the register task Failed (red). (The
+    # task's log pane stays empty here: `dags test` runs tasks in its own process, logging to stdout.)
+    [link] = [line.removeprefix("Log:   ") for line in body.splitlines() if line.startswith("Log:   ")]
+    sign_in_to_airflow(chromium, local_stack)
+    chromium.get(link)
+    try:
+        WebDriverWait(chromium, 90).until(lambda d: "Failed" in d.find_element(By.TAG_NAME, "body").text)
+    except TimeoutException:
+        screenshot(chromium, tmp_path, "airflow-grid-failed-gate.png")
+        pytest.fail(f"{link} never showed the failed task; the page says:\n"
+                    f"{chromium.find_element(By.TAG_NAME, 'body').text[:3000]}")
+    page = chromium.find_element(By.TAG_NAME, "body").text.splitlines()
+    assert "register" in page and "validate" in page and page[page.index("Failed") - 1] == "register"
+    screenshot(chromium, tmp_path, "airflow-grid-failed-gate.png")
+
+
+def test_calibration_is_immutable_and_the_drift_reference_moves_only_on_approval(stack, tiny, tmp_path):
+    import pandas as pd
+
+    from tasks.approval import review
+    from tasks.checkpoints import find_latest_calibration, read_json, s3_client
+    from tasks.requantize import StepFailed, run_requantize
+
+    cfg = config(stack, "immutable", thresholds=FAIL_THRESHOLDS)
+    s3 = s3_client(cfg)
+    first = publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    # a second table published on the same date: its own key, the first one's bytes untouched
+    other = tmp_path / "other.parquet"
+    pd.read_parquet(tiny.calibration_path).iloc[::-1].to_parquet(other)
+    second = publish(cfg, tiny.checkpoint_dir, other, "20260101T000000Z")
+    assert first["calibration_uri"] != second["calibration_uri"]
+    assert first["calibration_uri"].endswith(f"/2026-01-01/{first['calibration_sha256']}.parquet")
+    assert find_latest_calibration(cfg) == second["calibration_uri"]
+    bucket, key = cfg.s3_bucket, first["calibration_uri"].split(f"{cfg.s3_bucket}/", 1)[1]
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == tiny.calibration_path.read_bytes()
+
+    # the gates fail: nothing registered, and the drift reference did not move
+    assert run_requantize(cfg)["gates"] == "failed"
+    assert read_json(s3, cfg.accepted_profile_uri) is None
+    assert read_json(s3, cfg.calibration_profile_uri(second["calibration_sha256"]))["rows"] > 0
+
+    # a candidate from the same data: still no reference until an approver approves it
+    passing = config(stack, "immutable")
+    publish(passing, variant(tiny.checkpoint_dir, tmp_path / "v2", "v2"), other, "20260102T000000Z")
+    version = run_requantize(passing)["version"]
+    assert read_json(s3, cfg.accepted_profile_uri) is None
+    approve_as_the_ui_does(stack, passing, version).raise_for_status()
+    assert review(passing)["approved"] == [version]
+    assert read_json(s3, cfg.accepted_profile_uri) == read_json(
+        s3, cfg.calibration_profile_uri(second["calibration_sha256"]))
+
+    # bytes changed under a digest key are refused at fetch
+    s3.put_object(Bucket=bucket, Key=key, Body=other.read_bytes())
+    from tasks.checkpoints import download_calibration
+
+    with pytest.raises(StepFailed, match="not the digest its key names"):
+        download_calibration(cfg, first["calibration_uri"], tmp_path / "fetched.parquet")
+
+
+def serve_from_a_plain_shell(state_dir: str, model_uri: str, cache_dir: Path) -> dict:
+    """`onerec-fp8 serve --model-uri URI` with no MLflow or S3 variables, only the stack's state dir:
+    what a person types on the local stack. Returns the server's /v1/recommend answer's model."""
+    import subprocess
+    import sys
+    import time
+
+    from ops.processes import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ONEREC_", "AWS_"))}
+    env["ONEREC_STATE_DIR"] = state_dir
+    port = free_port()
+    log = cache_dir / "serve.log"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "onerec_fp8.cli", "serve", "--model-uri", model_uri,
+                                   "--port", str(port), "--device", "cpu", "--cache-dir", str(cache_dir)],
+                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and server.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2, trust_env=False).status_code == 200:
+                    break
+            time.sleep(1)
+        else:
+            pytest.fail(f"serve did not get ready (exit {server.poll()}):\n{log.read_text()[-3000:]}")
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/recommend", json={"users": [{"history": [1, 2, 3]}], "k": 3},
+                            timeout=60, trust_env=False)
+        answer.raise_for_status()
+        return answer.json()["model"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def test_serve_from_the_registry_on_the_local_stack_with_the_read_only_serving_account(stack, tiny, tmp_path):
+    from tasks.promote import promote_newest_approved
+    from tasks.requantize import run_requantize
+
+    cfg = config(stack, "serveshell")
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    version = run_requantize(cfg)["version"]
+    approve_as_the_ui_does(stack, cfg, version).raise_for_status()
+    assert promote_newest_approved(cfg)["promoted"] == version
+
+    state_dir = stack["state"]["state_dir"]
+    served = serve_from_a_plain_shell(state_dir, f"models:/{cfg.model_name}@champion", tmp_path / "serve")
+    assert served["version"] == version
+    # the account it used is the stack's read-only one: it reads, and every write is refused
+    serving = account(stack, "serving")
+    assert Path(state_dir, "secrets", "mlflow-serving.json").stat().st_mode & 0o777 == 0o600
+    refused = httpx.post(f"{cfg.tracking_uri()}/api/2.0/mlflow/model-versions/set-tag", auth=serving, timeout=30,
+                         json={"name": cfg.model_name, "version": version, "key": "x", "value": "y"}, trust_env=False)
+    assert refused.status_code == 403
+    assert serving[1] not in (tmp_path / "serve" / "serve.log").read_text()  # never logged

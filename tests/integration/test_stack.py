@@ -22,7 +22,7 @@ CONTRACT_VARS = {
     "ONEREC_STATE_DIR", "ONEREC_S3_ENDPOINT_URL", "ONEREC_S3_BUCKET", "ONEREC_S3_PREFIX", "MLFLOW_TRACKING_URI",
     "ONEREC_MODEL_NAME", "ONEREC_ROLLOUT_TARGET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
     "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "ONEREC_MLFLOW_CREDENTIALS_FILE", "ONEREC_MLFLOW_APPROVERS",
-    "ONEREC_PROVENANCE_KEY_FILE", "ONEREC_ALERT_SMTP",
+    "ONEREC_PROVENANCE_KEY_FILE", "ONEREC_ALERT_SMTP", "ONEREC_LATENCY_GATE_BLOCKING",
 }
 
 # A task that uses only the env Airflow got from the stack to reach MLflow and write into S3.
@@ -91,7 +91,7 @@ def check_credentials_are_private_and_required(state: dict) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     url = state["services"]["mlflow"]["url"]
     assert httpx.get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30).status_code == 401
-    for role in ("approver", "viewer"):
+    for role in ("approver", "viewer", "serving"):
         account = state["credentials"]["mlflow"][role]
         reply = httpx.get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30,
                           auth=(account["username"], account["password"]))

@@ -165,7 +165,8 @@ def test_good_calibration_passes_and_writes_reports(tmp_path, checkpoint):
     result = run_validation(tmp_path, checkpoint, requests(200, 1))
     assert result["passed"] and result["failed"] == []
     assert result["drift"]["checked"] is False  # first snapshot: nothing to compare with
-    assert (tmp_path / "report" / "data_docs" / "index.html").is_file()
+    index = tmp_path / "report" / "data_docs" / "index.html"
+    assert index.is_file() and "__none__" not in index.read_text()  # the GX run is named after the table
     assert (tmp_path / "report" / "calibration_validation.png").stat().st_size > 1000
     profile = json.loads((tmp_path / "report" / "calibration_profile.json").read_text())
     assert profile["rows"] == 200 and sum(profile["item_counts"].values()) == sum(map(len, requests(200, 1)["history"]))
@@ -367,8 +368,9 @@ def test_gates_label_and_reviewer_description(tmp_path):
     cfg = PipelineConfig(latency_gate_blocking=False)
     text = version_description(cfg, unmeasured, tmp_path, "7", "run1", "http://mlflow")
     assert "NOT MEASURED (no CUDA GPU is visible)" in text and "top10_overlap 0.96" in text
-    assert "lm_head (sensitive (SQNR 12 dB))" in text and "#/experiments/7/runs/run1" in text
-    assert "Promote model" in text
+    assert r"lm\_head (sensitive (SQNR 12 dB))" in text and "#/experiments/7/runs/run1" in text  # not emphasis
+    assert "[quality plot](http://mlflow/#/experiments/7/runs/run1/artifacts/reports/quality_gate.png)" in text
+    assert "Promote model" in text and "the pencil on the row `approval`" in text
     assert "p50 0.81, throughput 1.3 on H100" in version_description(cfg, measured, tmp_path, "7", "r", None)
     quality |= {"positions": 10, "metric_verdicts": {"recall@10": "passed", "ndcg@10": "inconclusive"},
                 "intervals": {"recall@10": {"estimate": -0.004, "low": -0.0213, "high": 0.0131, "margin": 0.05,
@@ -416,3 +418,33 @@ def test_a_rollback_version_out_of_the_registry_range_is_refused_before_any_call
         with pytest.raises(StepFailed, match=r"digits only, 1\.\.2147483647") as refused:
             rollback(cfg, "on-call test", version=version, mlflow_client=object())
         assert "\n" not in str(refused.value) and len(str(refused.value)) < 200
+
+
+def test_failure_mail_names_dag_task_run_error_and_link():
+    from tasks.notify import MAX_ERROR_CHARS, failure_message, one_line
+
+    subject, body = failure_message("onerec_fp8_requantize", "manual__1", ValueError("gates failed: recall\nTraceback"),
+                                    "http://airflow/dags/x/runs/manual__1/tasks/register", task_id="register")
+    assert subject == "[onerec-fp8] onerec_fp8_requantize.register failed: gates failed: recall"
+    assert body.splitlines()[:5] == ["DAG:   onerec_fp8_requantize", "Task:  register", "Run:   manual__1",
+                                     "Error: gates failed: recall", "Log:   http://airflow/dags/x/runs/manual__1/tasks/register"]
+    assert len(one_line("x" * 5000)) == MAX_ERROR_CHARS and one_line(RuntimeError()) == "RuntimeError"
+
+
+def test_gates_that_did_not_pass_fail_the_register_task_with_the_runs_link():
+    from tasks.requantize import StepFailed, require_candidate
+
+    registered = {"registered": True, "version": "3"}
+    assert require_candidate(registered) is registered
+    assert require_candidate({"registered": False, "version": "3", "reason": "already registered"})
+    for outcome in ("failed", "inconclusive", "unmeasured"):
+        with pytest.raises(StepFailed, match=f"gates {outcome}: why; no version registered; reports: http://mlflow/r"):
+            require_candidate({"registered": False, "version": None, "gates": outcome, "reason": "why",
+                               "run_url": "http://mlflow/r"})
+
+
+def test_kept_layer_patterns_show_as_written_in_the_review():
+    from tasks.review_page import markdown_text
+
+    assert markdown_text("heads.* (pattern 'heads.*')") == r"heads.\* (pattern 'heads.\*')"
+    assert markdown_text("blocks_0_mlp") == r"blocks\_0\_mlp"
