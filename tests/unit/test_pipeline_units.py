@@ -362,7 +362,8 @@ def test_provenance_signature_binds_every_field_and_the_key_stays_private(tmp_pa
         load_key(cfg)  # promote never creates one
     key = load_key(cfg, create=True)
     assert os.stat(tmp_path / "secrets" / "provenance.key").st_mode & 0o777 == 0o600
-    record = evidence(model="m", version="3", run_id="r", model_manifest_sha256="a" * 64, checkpoint_sha256="b" * 64,
+    record = evidence(model="m", version="3", run_id="r", version_sha256="d" * 64, model_manifest_sha256="a" * 64,
+                      checkpoint_sha256="b" * 64,
                       recipe="fp8_dynamic", gates_report_sha256="c" * 64)
     signature = sign(key, "version", record)
     assert verifies(key, "version", record, signature)
