@@ -89,6 +89,7 @@ def evidence(*, model: str, version: str, run_id: str, version_sha256: str, mode
 def fetch_digests(cfg, version: str) -> dict:
     """Download `version` afresh (no cache) and hash it: {version_sha256, model_manifest_sha256,
     pyfunc_code_sha256} (the last: of the model's copy of tasks/pyfunc_model.py, "" when it has none)."""
+    from onerec.errors import UserError
     from onerec.manifest import manifest_digest, sha256_file, verify_manifest
     from onerec.serve.registry import fetch_version, model_folder, version_digest
     from tasks.registry import PYFUNC_CODE
@@ -96,8 +97,11 @@ def fetch_digests(cfg, version: str) -> dict:
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="onerec-verify-", dir=cfg.work_dir) as tmp:
         model_dir = fetch_version(f"models:/{cfg.model_name}/{version}", Path(tmp) / "model", cfg.tracking_uri())
-        folder = model_folder(model_dir)
-        verify_manifest(folder)
+        try:
+            folder = model_folder(model_dir)
+            verify_manifest(folder)
+        except UserError as exc:  # an altered folder or MLmodel: not what the pipeline signed
+            raise ProvenanceError(f"{cfg.model_name} version {version}: {exc}") from None
         code = sorted(model_dir.rglob(PYFUNC_CODE.name))
         return {"version_sha256": version_digest(model_dir), "model_manifest_sha256": manifest_digest(folder),
                 "pyfunc_code_sha256": sha256_file(code[0]) if len(code) == 1 else ""}

@@ -29,11 +29,12 @@ def model_folder(model_dir: Path) -> Path:
     """The "quantized" artifact folder inside a downloaded pyfunc model (its path is in MLmodel)."""
     import yaml
 
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
-    if "quantized" not in artifacts:
-        raise UserError(f"{model_dir}: the model has no 'quantized' artifact")
-    folder = (model_dir / artifacts["quantized"]["path"]).resolve()
+    try:
+        path = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"][
+            "quantized"]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        raise UserError(f"{model_dir}: no readable MLmodel naming a 'quantized' artifact") from None
+    folder = (model_dir / str(path)).resolve()
     if not folder.is_relative_to(model_dir.resolve()):
         raise UserError(f"{model_dir}: the 'quantized' artifact points outside the model; refusing it")
     return folder
