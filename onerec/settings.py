@@ -34,7 +34,21 @@ ENV = {
     "aws_region": "AWS_DEFAULT_REGION",
     "kubeconfig": "KUBECONFIG",
 }
-SECRET_FIELDS = ("aws_access_key_id", "aws_secret_access_key")
+
+
+class Secret(str):
+    """The type of a field whose value is a secret (a key, a URL with a token in it): to_dict()
+    leaves every such field out, whatever its name, and repr() never shows the value."""
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+def secret_fields(cls) -> tuple[str, ...]:
+    """The fields of dataclass `cls` typed Secret (or Secret | None)."""
+    hints = typing.get_type_hints(cls)
+    return tuple(f.name for f in dataclasses.fields(cls)
+                 if hints[f.name] is Secret or Secret in typing.get_args(hints[f.name]))
 
 
 @dataclass(frozen=True)
@@ -46,9 +60,9 @@ class Settings:
     s3_prefix: str = "onerec-v2"
     mlflow_tracking_uri: str | None = None  # None: MLflow's default (a local ./mlruns)
     model_name: str = "onerec-v2-fp8"
-    # credentials for S3 (None: boto3's own chain); never logged (SECRET_FIELDS)
-    aws_access_key_id: str | None = dataclasses.field(default=None, repr=False)
-    aws_secret_access_key: str | None = dataclasses.field(default=None, repr=False)
+    # credentials for S3 (None: boto3's own chain); never logged (type Secret)
+    aws_access_key_id: Secret | None = dataclasses.field(default=None, repr=False)
+    aws_secret_access_key: Secret | None = dataclasses.field(default=None, repr=False)
     aws_region: str | None = None
     # MLflow account of this process: a 0600 JSON file {username, password} (Kubernetes: a mounted
     # Secret); None: <state_dir>/secrets/mlflow-service.json when it exists. MLFLOW_TRACKING_USERNAME
@@ -109,7 +123,8 @@ class Settings:
 
     def to_dict(self) -> dict:
         """Every field, secrets left out: what a run logs."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SECRET_FIELDS}
+        secret = secret_fields(type(self))
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in secret}
 
     # --- what clients are given ---------------------------------------------------------------------
 
@@ -206,6 +221,8 @@ def _coerce(where: str, kind, value, default=None):
             value = json.loads(value) if isinstance(value, str) and value.startswith("[") else value
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(int(x) for x in items if str(x).strip())
+        if kind is Secret:
+            return Secret(value)
         if not isinstance(value, str):
             return value
         if kind is bool:

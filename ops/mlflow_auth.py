@@ -12,15 +12,24 @@ permission READ. Five accounts per state dir, passwords generated once into 0600
     onerec-serving   read-only: what `onerec-fp8 serve` downloads models:/ URIs with
                      (onerec.serve.mlflow_login finds its file, mlflow-serving.json)
 
-MLflow's permissions are per registered model (READ/EDIT/MANAGE), not per tag, so the rule
-"only approvers decide" is enforced by the server's authentication hook (`authenticate_and_guard`,
-the config's authorization_function), which runs before MLflow's own permission check:
+MLflow's permissions are per registered model (READ/EDIT/MANAGE), not per tag, so the registry's
+rules are enforced by the server's authentication hook (`authenticate_and_guard`, the config's
+authorization_function), which runs before MLflow's own permission check. It decides on exactly
+what MLflow will apply: a registry write (POST/PATCH/PUT/DELETE under registered-models/ or
+model-versions/) must have no query parameter and an empty body or a JSON object (MLflow itself
+reads any body as JSON and decodes a JSON string twice; the hook answers 400 to all of that). Then:
 
-- setting or deleting the `approval` tag needs an account named in ONEREC_MLFLOW_APPROVERS
-  (403 for everyone else, the admin and the service account included);
+- setting or deleting the `approval` tag needs an account named in ONEREC_MLFLOW_APPROVERS that is
+  not an MLflow admin (403 for everyone else, the admin and the service account included);
+- an approver changes nothing else in the registry (no other tag, description, alias or delete);
+- renaming or deleting a registered model needs the admin account;
 - a version may be created with `approval=pending` only (no one registers a pre-approved version);
 - `approval_by` / `approval_at` are written by the server itself after an approver's successful
-  call, and no API call may set or delete them: they record who decided.
+  call, and no API call may set or delete them: they record who decided;
+- `state_sequence` (the newest state record's sequence, tasks.approval) only grows: it cannot be
+  lowered, repeated or deleted, and a version that has it is deleted by the admin only;
+- every change to accounts or permissions is a line `account change by USER: ...` in the server's
+  log (passwords left out): an account becomes an approver only through such a logged change.
 
 An approver also needs EDIT on the registered model (MLflow's own check): `ensure_accounts` grants
 it on every registered model ("*"). The viewer has READ only and is refused by MLflow as well.
@@ -39,6 +48,7 @@ ACCOUNTS = {"admin": ADMIN, "service": SERVICE, "approver": APPROVER, "viewer": 
             "serving": SERVING}
 APPROVAL_TAG = "approval"
 SERVER_TAGS = ("approval_by", "approval_at")  # written by the server only
+STATE_SEQUENCE_TAG = "state_sequence"  # the newest state record's sequence number: only grows
 APPROVERS_ENV = "ONEREC_MLFLOW_APPROVERS"
 GUARD_FUNCTION = "ops.mlflow_auth:authenticate_and_guard"
 
@@ -183,51 +193,161 @@ def _approvers() -> set[str]:
     return {name.strip() for name in os.environ.get(APPROVERS_ENV, "").split(",") if name.strip()}
 
 
-def _refuse(message: str):
+def _reply(status: int, error_code: str, message: str):
     from flask import Response
 
-    body = json.dumps({"error_code": "PERMISSION_DENIED", "message": message})
-    return Response(body, status=403, mimetype="application/json")
+    return Response(json.dumps({"error_code": error_code, "message": message}), status=status,
+                    mimetype="application/json")
 
 
-def _request_fields() -> dict:
+def _refuse(message: str):
+    return _reply(403, "PERMISSION_DENIED", message)
+
+
+class BadRequestBody(ValueError):
+    """A registry write whose body or query the guard refuses to interpret (400)."""
+
+
+def request_fields() -> dict:
+    """The fields of a registry write, exactly as MLflow's handlers will apply them.
+
+    MLflow reads a write's JSON body whatever its Content-Type, decodes a JSON string holding
+    JSON a second time, and ignores the query string. Rather than follow each of those rules the
+    guard accepts one shape only: an empty body or a JSON object, and no query parameter; so
+    what it decides on is what MLflow applies.
+    """
     from flask import request
 
-    body = request.get_json(silent=True)
-    fields = dict(request.args.items())
-    if isinstance(body, dict):
-        fields.update(body)
-    return fields
+    if request.args:
+        raise BadRequestBody(f"query parameters are not accepted on {request.path} (send the fields in the JSON "
+                             f"body): {sorted(request.args)}")
+    data = request.get_data(cache=True)
+    if not data.strip():
+        return {}
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadRequestBody(f"the body of {request.path} is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequestBody(f"the body of {request.path} must be a JSON object, not a {type(body).__name__}")
+    return body
+
+
+def _is_admin(user: str) -> bool:
+    from mlflow.server.auth import store
+
+    try:
+        return bool(store.get_user(user).is_admin)
+    except Exception:  # an unknown user is not an admin  # noqa: BLE001
+        return False
+
+
+def _version_tags(name: str, version: str) -> dict[str, str]:
+    from mlflow.server.handlers import _get_model_registry_store
+
+    try:
+        return dict(_get_model_registry_store().get_model_version(name, version).tags)
+    except Exception:  # no such version: MLflow's handler answers that  # noqa: BLE001
+        return {}
+
+
+def _audit_account_change(user: str) -> None:
+    """Every change to accounts and permissions is a line in the server log: how a grant is logged."""
+    import logging
+
+    from flask import request
+
+    try:
+        fields = request_fields()
+    except BadRequestBody:
+        fields = {}
+    shown = {k: v for k, v in fields.items() if "password" not in k}
+    audit = logging.getLogger("onerec.mlflow_audit")
+    if not audit.handlers:  # the server's stderr is its log file, whatever MLflow configures
+        audit.addHandler(logging.StreamHandler())
+        audit.propagate = False
+    audit.warning("account change by %s: %s %s %s", user, request.method,
+                                                    request.path, json.dumps(shown, sort_keys=True))
+
+
+WRITE_METHODS = ("POST", "DELETE", "PATCH", "PUT")
+REGISTRY_PATHS = ("/mlflow/registered-models/", "/mlflow/model-versions/")
+VERSION_TAG_PATHS = ("/mlflow/model-versions/set-tag", "/mlflow/model-versions/delete-tag")
+ADMIN_ONLY_PATHS = ("/mlflow/registered-models/rename", "/mlflow/registered-models/delete")
+ACCOUNT_PATHS = ("/mlflow/users/", "/permissions/")
 
 
 def authenticate_and_guard():
-    """MLflow's basic auth, then the approval rule (see the module docstring)."""
-    from flask import after_this_request, request
+    """MLflow's basic auth, then the registry rules (see the module docstring)."""
+    from flask import request
     from mlflow.server.auth import authenticate_request_basic_auth
     from werkzeug.datastructures import Authorization
 
     authorization = authenticate_request_basic_auth()
-    if not isinstance(authorization, Authorization) or request.method not in ("POST", "DELETE", "PATCH"):
+    if not isinstance(authorization, Authorization) or request.method not in WRITE_METHODS:
         return authorization
     path, user = request.path, authorization.username
+    if any(marker in path for marker in ACCOUNT_PATHS):
+        _audit_account_change(user)
+        return authorization
+    if not any(marker in path for marker in REGISTRY_PATHS):
+        return authorization
+    try:
+        fields = request_fields()
+    except BadRequestBody as exc:
+        return _reply(400, "INVALID_PARAMETER_VALUE", str(exc))
+    refusal = _registry_refusal(path, user, fields)
+    if refusal:
+        return _refuse(refusal)
+    if path.endswith(VERSION_TAG_PATHS) and str(fields.get("key", "")) == APPROVAL_TAG:
+        _record_approver(user, str(fields.get("name", "")), str(fields.get("version", "")))
+    return authorization
+
+
+def _registry_refusal(path: str, user: str, fields: dict) -> str | None:
+    """Why this registry write is refused, or None (the rules of the module docstring)."""
+    admin = _is_admin(user)
+    approver = user in _approvers() and not admin
+    key, value = str(fields.get("key", "")), str(fields.get("value", ""))
+    if path.endswith(ADMIN_ONLY_PATHS) and not admin:
+        return f"renaming or deleting a registered model needs the admin account; {user} is not it"
+    if approver and not (path.endswith(VERSION_TAG_PATHS) and key == APPROVAL_TAG):
+        return f"an approver ({user}) decides {APPROVAL_TAG} on a version and changes nothing else in the registry"
     if path.endswith("/mlflow/model-versions/create"):
-        for tag in _request_fields().get("tags") or []:
-            key, value = str(tag.get("key", "")), str(tag.get("value", ""))
-            if key in SERVER_TAGS or (key == APPROVAL_TAG and value.strip().lower() != "pending"):
-                return _refuse(f"a new version may carry {APPROVAL_TAG}=pending only, not {key}={value!r}")
-        return authorization
-    if not path.endswith(("/mlflow/model-versions/set-tag", "/mlflow/model-versions/delete-tag")):
-        return authorization
-    fields = _request_fields()
-    key = str(fields.get("key", ""))
-    if key in SERVER_TAGS:
-        return _refuse(f"{key} is written by the server when an approver decides; it cannot be set or deleted")
-    if key != APPROVAL_TAG:
-        return authorization
-    if user not in _approvers():
-        return _refuse(f"only an approver ({', '.join(sorted(_approvers())) or 'none configured'}) may set "
-                       f"or delete {APPROVAL_TAG}; {user} is not one")
+        for tag in fields.get("tags") or []:
+            tag = tag if isinstance(tag, dict) else {}
+            tag_key, tag_value = str(tag.get("key", "")), str(tag.get("value", ""))
+            if tag_key in (*SERVER_TAGS, STATE_SEQUENCE_TAG) or (
+                    tag_key == APPROVAL_TAG and tag_value.strip().lower() != "pending"):
+                return f"a new version may carry {APPROVAL_TAG}=pending only, not {tag_key}={tag_value!r}"
+        return None
     name, version = str(fields.get("name", "")), str(fields.get("version", ""))
+    if path.endswith("/mlflow/model-versions/delete"):
+        if STATE_SEQUENCE_TAG in _version_tags(name, version) and not admin:
+            return (f"{name} version {version} has a pipeline state record: only the admin account deletes it "
+                    "(the pipeline deletes only a version it has not signed yet)")
+        return None
+    if not path.endswith(VERSION_TAG_PATHS):
+        return None
+    deleting = path.endswith("delete-tag")
+    if key in SERVER_TAGS:
+        return f"{key} is written by the server when an approver decides; it cannot be set or deleted"
+    if key == APPROVAL_TAG and not approver:
+        why = "an admin account is never an approver" if admin else "it is not one"
+        return (f"only an approver ({', '.join(sorted(_approvers())) or 'none configured'}) may set or delete "
+                f"{APPROVAL_TAG}; {user}: {why}")
+    if key == STATE_SEQUENCE_TAG:
+        current = _version_tags(name, version).get(STATE_SEQUENCE_TAG)
+        if deleting:
+            return f"{STATE_SEQUENCE_TAG} only grows: it cannot be deleted"
+        if not value.isdigit() or (current is not None and current.isdigit() and int(value) <= int(current)):
+            return f"{STATE_SEQUENCE_TAG} only grows: {value!r} does not follow {current!r}"
+    return None
+
+
+def _record_approver(user: str, name: str, version: str) -> None:
+    """After an approver's successful call the server itself records who decided, and when."""
+    from flask import after_this_request
 
     @after_this_request
     def record_approver(response):
@@ -242,5 +362,3 @@ def authenticate_and_guard():
             store.set_model_version_tag(name, version, ModelVersionTag("approval_by", user))
             store.set_model_version_tag(name, version, ModelVersionTag("approval_at", now))
         return response
-
-    return authorization

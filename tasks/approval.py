@@ -14,6 +14,12 @@ state, cannot make a forged version a candidate (it has no record), and cannot r
 of another version (the signature covers the model and version). The version tag `state` mirrors
 the record for the UI and is never read back.
 
+Freshness. Each record carries a `sequence` (1 at registration, +1 per transition) under its
+signature, and each write sets the version tag `state_sequence` to it. The MLflow server lets that
+tag only grow (ops.mlflow_auth), so an S3 writer who puts back an older, validly signed record
+(say, the `deployed` one saved before a rollback) is caught: a record whose sequence is below the
+tag is refused as a replay.
+
 The decision. An approver sets the version tag `approval` in the MLflow UI; the MLflow server
 lets only approver accounts set it and records who did in `approval_by` (ops.mlflow_auth).
 `review` reads the tag case- and whitespace-tolerantly (`Approved ` is approved); any other value
@@ -43,6 +49,7 @@ NOT_REGISTERED, NOT_A_CANDIDATE = "not-registered-by-pipeline", "not-a-candidate
 NOT_REGISTERED_NOTE = ("**NOT A CANDIDATE: this version was not registered by the pipeline** (it has no pipeline "
                        "state record: a copy made by \"Promote model\", or registered by hand). It is never "
                        "promoted, whatever its tags say.")
+SEQUENCE_TAG = "state_sequence"  # ops.mlflow_auth.STATE_SEQUENCE_TAG: the server lets it only grow
 
 
 class StateError(StepFailed):
@@ -60,8 +67,8 @@ def _signed(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "signature"}
 
 
-def read_record(cfg, version: str, s3=None) -> dict | None:
-    """The version's verified record, None when the pipeline never registered it."""
+def read_record(cfg, version: str, s3=None, mlflow_client=None) -> dict | None:
+    """The version's verified, freshest record; None when the pipeline never registered it."""
     from tasks.checkpoints import read_json, s3_client
     from tasks.provenance import load_key, verifies
 
@@ -72,16 +79,32 @@ def read_record(cfg, version: str, s3=None) -> dict | None:
             load_key(cfg), "state", _signed(record), record.get("signature")):
         raise StateError(f"the state record of {cfg.model_name} version {version} ({record_uri(cfg, version)}) "
                          "does not verify: it was not written by the pipeline")
+    newest = _newest_sequence(cfg, mlflow_client or client(cfg), str(version))
+    if int(record.get("sequence", 0)) < newest:
+        raise StateError(f"the state record of {cfg.model_name} version {version} is sequence "
+                         f"{record.get('sequence', 0)} ({record['state']}), older than the last one written "
+                         f"({newest}): a replayed record is refused")
     return record
+
+
+def _newest_sequence(cfg, c, version: str) -> int:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        value = c.get_model_version(cfg.model_name, version).tags.get(SEQUENCE_TAG, "0")
+    except MlflowException:
+        return 0  # the version is gone from the registry: nothing to compare with
+    return int(value) if value.isdigit() else 0
 
 
 def _write(cfg, c, record: dict, s3=None) -> dict:
     from tasks.checkpoints import s3_client, write_json
     from tasks.provenance import load_key, sign
 
-    record = {**_signed(record)}
+    record = {**_signed(record), "sequence": int(record.get("sequence", 0)) + 1}
     record["signature"] = sign(load_key(cfg, create=True), "state", record)
     write_json(s3 or s3_client(cfg), record_uri(cfg, record["version"]), record)
+    c.set_model_version_tag(cfg.model_name, record["version"], SEQUENCE_TAG, str(record["sequence"]))
     c.set_model_version_tag(cfg.model_name, record["version"], STATE_TAG, record["state"])
     return record
 
@@ -95,7 +118,7 @@ def start(cfg, c, version: str, run_id: str, s3=None) -> dict:
 
 def transition(cfg, c, version: str, to: str, by: str, note: str = "", s3=None, **details) -> dict:
     """Move the version's record to `to`; StateError when the machine does not allow it."""
-    record = read_record(cfg, version, s3)
+    record = read_record(cfg, version, s3, c)
     if record is None:
         raise StateError(f"{cfg.model_name} version {version} has no pipeline state record: it was not "
                          "registered by the pipeline")
@@ -205,7 +228,7 @@ def review(cfg, mlflow_client=None, now_s: float | None = None, s3=None) -> dict
         raw = v.tags.get("approval")
         decision = normalize_decision(raw)
         try:
-            record = read_record(cfg, v.version, s3)
+            record = read_record(cfg, v.version, s3, c)
         except StateError as exc:
             record, problem = None, str(exc)
         else:
@@ -290,7 +313,7 @@ def versions_in_state(cfg, state: str, mlflow_client=None, s3=None) -> list[str]
     out = []
     for v in find_versions(cfg, c):
         try:
-            record = read_record(cfg, v.version, s3)
+            record = read_record(cfg, v.version, s3, c)
         except StateError:
             continue
         if record is not None and record["state"] == state:

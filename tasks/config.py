@@ -21,7 +21,7 @@ from pathlib import Path
 from onerec.engine.latency_gate import LatencyGateConfig
 from onerec.errors import UserError
 from onerec.quant.quality_gate import QualityGateConfig
-from onerec.settings import AIRFLOW_VARIABLE, Settings
+from onerec.settings import AIRFLOW_VARIABLE, Secret, Settings
 
 __all__ = ["AIRFLOW_VARIABLE", "PipelineConfig", "load_config"]
 
@@ -59,7 +59,8 @@ class PipelineConfig(Settings):
     alert_smtp_password_file: str = ""  # the password, a 0600 file (Kubernetes: a mounted Secret)
     alert_email: str = "onerec-oncall@localhost"
     alert_from: str = "onerec-fp8-pipeline@localhost"
-    alert_webhook_url: str = ""  # a JSON {"text"} webhook (chat, incident tool); empty: none
+    # a JSON {"text"} webhook (chat, incident tool); empty: none. Its URL carries the token: a Secret
+    alert_webhook_url: Secret = field(default=Secret(""), repr=False)
     # the provenance signing key: path of a 0600 file (Kubernetes: a mounted Secret), never the value
     provenance_key_file: str | None = None  # None: <state_dir>/secrets/provenance.key
 

@@ -224,7 +224,13 @@ def ensure_serving(cfg, version: str) -> None:
     if not (current.get("alive") and str(current.get("version")) == str(version)):
         print(f"           the local serving process is not running version {version}: starting it again",
               file=sys.stderr)
-        rollout.deploy(f"models:/{cfg.model_name}/{version}", version, target="local", state_dir=cfg.state_dir)
+        from tasks.provenance import verify_version
+        from tasks.registry import client
+
+        c = client(cfg)
+        digest = verify_version(cfg, c, c.get_model_version(cfg.model_name, version))["evidence"]["version_sha256"]
+        rollout.deploy(f"models:/{cfg.model_name}/{version}", version, target="local", state_dir=cfg.state_dir,
+                       digest=digest)
 
 
 def ask_serving(cfg, calibration_path: str) -> dict:

@@ -1,7 +1,9 @@
 """Promote: roll out an approved version, then move the aliases (only after the rollout succeeded).
 
 Before anything moves, the version must be `approved` in its state record (tasks.approval) and its
-provenance must verify against the downloaded model and the run's gate report (tasks.provenance);
+provenance must verify against the model, downloaded afresh, and the run's gate report
+(tasks.provenance); the rollout gets the verified version digest, and its server loads nothing
+that hashes otherwise;
 the scheduled path also refuses a version older than the champion. A refusal is a tag on the
 version (promotion_refused) and an error; nothing is deployed and no alias moves.
 
@@ -76,7 +78,7 @@ def check_promotable(cfg, c, version: str, champion: str | None, scheduled: bool
 
     name = cfg.model_name
     try:
-        record = read_record(cfg, version)
+        record = read_record(cfg, version, mlflow_client=c)
         if record is None:
             raise StateError(f"{name} version {version} has no pipeline state record: it was not registered by the "
                              "pipeline and is never promoted")
@@ -114,12 +116,14 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
                  cfg.rollout_target, champion, approved.get("by"), approved.get("approved_at") or approved.get("at"))
         from ops import rollout as rollout_api
 
-        rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, **rollout_options(cfg))
+        digest = checked["evidence"]["version_sha256"]  # the server loads only bytes that hash to it
+        rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, digest=digest,
+                                     **rollout_options(cfg))
         require_champion_unchanged(c, name, champion)
         # Only now, with the rollout done, the registry says so.
         transition(cfg, c, version, "deployed", by="pipeline", note=f"rollout revision {rollout.get('revision', '')}",
                    previous_champion=champion, approved_by=approved.get("by"),
-                   registering_run=checked["record"]["run_id"])
+                   registering_run=checked["record"]["run_id"], version_sha256=digest)
         if champion and champion != version:
             c.set_registered_model_alias(name, PREVIOUS, champion)
             c.set_model_version_tag(name, version, "previous_champion_version", champion)

@@ -41,9 +41,10 @@ def registration_lock(cfg, checkpoint_sha256: str, recipe: str) -> Iterator[None
 
 def settle_duplicates(mlflow_client, cfg, checkpoint_sha256: str, recipe: str, own_version: str) -> str:
     """The version that stands for this checkpoint + recipe; deletes `own_version` when it lost."""
-    from tasks.registry import find_versions
+    from tasks.registry import abandoned_registration, find_versions
 
-    same = find_versions(cfg, mlflow_client, checkpoint_sha256=checkpoint_sha256, recipe=recipe)
+    same = [v for v in find_versions(cfg, mlflow_client, checkpoint_sha256=checkpoint_sha256, recipe=recipe)
+            if v.version == own_version or abandoned_registration(cfg, mlflow_client, v) is None]
     winner = str(min(int(v.version) for v in same)) if same else own_version
     if winner != own_version:
         log.warning("version %s duplicates version %s (same checkpoint %s, recipe %s): deleting it",

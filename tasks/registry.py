@@ -116,13 +116,12 @@ def find_existing(cfg, checkpoint_sha256: str, recipe: str, calibration_sha256: 
     died halfway through registering it (`abandoned_registration`) does not count.
     """
     c = mlflow_client or client(cfg)
-    from tasks.approval import NOT_REGISTERED, STATE_TAG
 
     versions = [v for v in find_versions(cfg, c, checkpoint_sha256=checkpoint_sha256, recipe=recipe)
-                if v.tags.get(STATE_TAG) != NOT_REGISTERED and abandoned_registration(c, v) is None]
+                if abandoned_registration(cfg, c, v) is None]
     if versions:
         v = versions[0]
-        return {"status": "registered", "version": v.version, "approval": v.tags.get("approval")}
+        return {"status": "registered", "version": v.version}
     if calibration_sha256:
         exp = c.get_experiment_by_name(EXPERIMENT)
         if exp is not None:
@@ -141,17 +140,21 @@ def find_existing(cfg, checkpoint_sha256: str, recipe: str, calibration_sha256: 
 REGISTRATION_STALE_AFTER_S = 6 * 3600
 
 
-def abandoned_registration(c, mv) -> str | None:
+def abandoned_registration(cfg, c, mv) -> str | None:
     """Why version `mv` is a half-registered version, or None when it is complete or still being registered.
 
-    Registration ends by writing the version's signed state record (tag `state`); a version without
-    it was never approved, so nothing can have promoted it. It is abandoned when its run is over
-    (failed, killed, or finished without it) or has been RUNNING for longer than any run lasts.
+    Registration ends by writing the version's signed state record (tasks.approval, in S3); a version
+    without one was never approved, so nothing can have promoted it. It is abandoned when its run is
+    over (failed, killed, or finished without it) or has been RUNNING for longer than any run lasts.
+    Tags decide nothing here: deleting the mirror tag `state` does not make a version abandoned.
     """
-    from tasks.approval import STATE_TAG
+    from tasks.approval import StateError, read_record
 
-    if mv.tags.get(STATE_TAG):  # the last step of registration ran
-        return None
+    try:
+        if read_record(cfg, mv.version, mlflow_client=c) is not None:  # the last step of registration ran
+            return None
+    except StateError:
+        return None  # the pipeline's, but its record does not verify: promote refuses it, nothing re-registers
     status = registering_run_status(c, mv)
     if status == "registering":
         return None
@@ -252,9 +255,10 @@ def register_candidate(
     with registration_lock(cfg, checkpoint_sha256, cfg.recipe):
         c = client(cfg)
         for mv in find_versions(cfg, c, checkpoint_sha256=checkpoint_sha256, recipe=cfg.recipe):
-            if why := abandoned_registration(c, mv):
-                log.warning("%s: deleting it and registering again (never signed off, never promotable)", why)
-                c.delete_model_version(cfg.model_name, mv.version)
+            if why := abandoned_registration(cfg, c, mv):
+                # only the run that created a version deletes it (before signing it): this one stays,
+                # unsigned and never promotable, and the checkpoint is registered again
+                log.warning("%s: it is never promotable; registering the checkpoint again", why)
         existing = find_existing(cfg, checkpoint_sha256, cfg.recipe, mlflow_client=c)
         if existing and existing["status"] == "registered":
             log.info("version %s already holds checkpoint %s with recipe %s: nothing registered",
@@ -272,7 +276,12 @@ def _restore_challenger(cfg, c, existing: dict) -> None:
     """A pending version without the challenger alias (its run died right after registering) gets it."""
     from mlflow.exceptions import MlflowException
 
-    if existing.get("approval") != "pending":
+    from tasks.approval import StateError, read_record
+
+    try:
+        if (read_record(cfg, existing["version"], mlflow_client=c) or {}).get("state") != "pending":
+            return
+    except StateError:
         return
     try:
         c.get_model_version_by_alias(cfg.model_name, CHALLENGER)

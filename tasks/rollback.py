@@ -48,20 +48,21 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
             raise UserError(f"version {target} is already the champion")
         mv = model_version(c, name, target)  # a version that does not exist is a one-line error
         require_files(c, name, target)  # its files are all in the artifact store, before anything moves
-        record = read_record(cfg, target)
+        record = read_record(cfg, target, mlflow_client=c)
         if record is None or record["state"] != "deployed":
             state = record["state"] if record else "not registered by the pipeline"
             raise StateError(f"version {target} is {state}: only a version that was deployed and not rolled back "
                              "can be restored")
-        verify_version(cfg, c, mv)  # the same evidence promote checks
+        digest = verify_version(cfg, c, mv)["evidence"]["version_sha256"]  # the same evidence promote checks
         model_uri = f"models:/{name}/{target}"
         log.info("rolling back %s from version %s to %s (reason: %s, by %s)", name, current, target, reason, by)
         from ops import rollout as rollout_api
 
         if version:  # an explicit version: deploy exactly that one
-            rollout = rollout_api.deploy(model_uri, target, target=cfg.rollout_target, **rollout_options(cfg))
+            rollout = rollout_api.deploy(model_uri, target, target=cfg.rollout_target, digest=digest,
+                                         **rollout_options(cfg))
         else:  # previous-champion: the target's own rollback (helm rollback / local restart of that version)
-            rollout = rollout_api.rollback(cfg.rollout_target, model_uri, target, **rollout_options(cfg))
+            rollout = rollout_api.rollback(cfg.rollout_target, model_uri, target, digest=digest, **rollout_options(cfg))
         require_champion_unchanged(c, name, current)
         c.set_registered_model_alias(name, CHAMPION, target)
         before = mv.tags.get("previous_champion_version")

@@ -40,7 +40,13 @@ from onerec import __version__
 from onerec.errors import UserError
 from onerec.serve.batcher import BatcherStopped, DynamicBatcher
 from onerec.serve.guard import RequestGuard, read_body
-from onerec.serve.model_store import ServedModel, ServingShapes, load_served_model, parse_model_uri
+from onerec.serve.model_store import (
+    ServedModel,
+    ServingShapes,
+    load_served_model,
+    parse_model_uri,
+    require_digest,
+)
 from onerec.serve.schemas import HARD_MAX_BEAM, HARD_MAX_USERS, RecommendRequest
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,7 @@ class ServerConfig:
     model_uri: str
     model_name: str | None = None  # default: the registry name, else ONEREC_MODEL_NAME
     model_version: str | None = None  # default: the registry version, else local-<manifest digest>
+    model_digest: str | None = None  # the signed version digest a registry version must hash to
     device: str = "auto"
     cache_dir: str | None = None
     max_batch_size: int = 64  # users per beam search
@@ -332,10 +339,11 @@ def create_app(
     `on_fatal` is called when loading or warm-up fails (the CLI stops the server)."""
     config.validate()
     ref = parse_model_uri(config.model_uri, default_name=config.model_name)
+    require_digest(ref, config.model_digest)
     state = ServerState(name=config.model_name or ref.name)
     metrics = Metrics()
     loader = loader or (lambda c: load_served_model(c.model_uri, c.device, c.cache_dir, c.model_name, c.model_version,
-                                                    c.shapes()))
+                                                    c.model_digest, c.shapes()))
 
     def run(users, k, beam):
         if config.threads:

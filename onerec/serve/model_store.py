@@ -2,7 +2,9 @@
 
 Accepted URIs:
 - `models:/NAME@ALIAS` or `models:/NAME/VERSION`: an MLflow registry version, downloaded by
-  `onerec.serve.registry.download_model` from the tracking server of onerec.settings.Settings;
+  `onerec.serve.registry.download_verified` from the tracking server of onerec.settings.Settings
+  and loaded only when every file of it hashes to the version digest the pipeline signed
+  (`digest`: promote and rollback pass it);
 - a local folder: a quantized artifact (it has recipe.json) or a bf16 checkpoint, loaded by
   `onerec.checkpoint.load_model_folder`.
 
@@ -104,14 +106,20 @@ def registry_version(ref: ModelRef) -> str:
         raise UserError(f"cannot resolve {ref.uri} in the MLflow registry: {exc}") from None
 
 
-def download(ref: ModelRef, cache_dir: Path) -> Path:
-    """A registry version's local folder, downloaded into cache_dir (an intact earlier download is reused)."""
-    from onerec.serve.registry import download_model
+def require_digest(ref: ModelRef, digest: str | None) -> None:
+    """A registry version is served only against its signed version digest (what promote and rollback pass)."""
+    if ref.is_registry and not digest:
+        raise UserError(f"serving {ref.uri} needs --model-digest, the version digest the pipeline signed (promote "
+                        "and rollback pass it; the state record's deployed entry has it): unverified bytes are "
+                        "never loaded")
 
-    dst = cache_dir / f"{ref.name}-{ref.version or ref.alias}"
-    dst.mkdir(parents=True, exist_ok=True)
+
+def download(ref: ModelRef, cache_dir: Path, digest: str) -> Path:
+    """A registry version's quantized folder, verified against `digest` (onerec.serve.registry.download_verified)."""
+    from onerec.serve.registry import download_verified
+
     try:
-        return Path(download_model(ref.uri, dst, _signed_in().tracking_uri()))
+        return download_verified(ref.uri, cache_dir, digest, _signed_in().tracking_uri())
     except UserError:
         raise
     except Exception as exc:
@@ -247,10 +255,13 @@ def require_finite(model, folder: Path) -> None:
 
 def load_served_model(
     uri: str, device: str = "auto", cache_dir: str | Path | None = None,
-    name: str | None = None, version: str | None = None, shapes: ServingShapes | None = None,
+    name: str | None = None, version: str | None = None, digest: str | None = None,
+    shapes: ServingShapes | None = None,
 ) -> ServedModel:
     """Resolve, verify and load `uri` (see module doc). `name`/`version` override the derived labels;
-    `shapes` (beam widths with the engine, batch and history buckets) default to ServingShapes's."""
+    `digest` is the signed version digest a registry version must match (a local folder: its
+    manifest digest, when given); `shapes` (beam widths with the engine, batch and history
+    buckets) default to ServingShapes's."""
     import torch
 
     from onerec.checkpoint import load_model_folder
@@ -258,16 +269,19 @@ def load_served_model(
     from onerec.semantic_ids import SemanticIdIndex
 
     ref = parse_model_uri(uri, default_name=name)
+    require_digest(ref, digest)
     device = str(resolve_device(device))
     if ref.is_registry:
         version = version or registry_version(ref)
         ref = parse_model_uri(ref.pinned_uri(version))
         cache = Path(cache_dir or Path(Settings.load().state_dir) / "serving" / "cache")
-        folder = download(ref, cache)
+        folder = download(ref, cache, digest)
     else:
         folder = ref.folder
     log.info("verifying %s", folder)
     verify_folder(folder)
+    if not ref.is_registry and digest and manifest_digest(folder) != digest:
+        raise UserError(f"{folder}: its manifest digest is not {digest}; refusing to load")
     digest = manifest_digest(folder)
     # bf16 on a GPU; float32 on CPU, where bf16 matmuls are slow and gain nothing (a quantized
     # folder keeps its stored dtypes)

@@ -1,6 +1,6 @@
 """`onerec-fp8 serve`: the inference server for one model version (onerec.serve.app under uvicorn).
 
-    onerec-fp8 serve --model-uri models:/onerec-v2-fp8@champion --port 8080
+    onerec-fp8 serve --model-uri models:/onerec-v2-fp8/4 --model-digest SHA256 --port 8080
     onerec-fp8 serve --model-uri path/to/quantized-or-checkpoint-folder --port 8080
 
 Shutdown (SIGTERM or SIGINT): readiness flips to 503 at once, the server keeps answering for
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-uri", required=True,
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local quantized or bf16 folder")
+    parser.add_argument("--model-digest", default=None,
+                        help="for a models:/ URI (required): the version digest the pipeline signed; other bytes "
+                             "are never loaded")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 inside a container)")
     parser.add_argument("--model-name", default=None, help="name in responses and /v2/models/{name}")
@@ -132,6 +135,7 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError("--graceful-timeout and --drain-seconds must be >= 0")
     config = ServerConfig(
         model_uri=args.model_uri, model_name=args.model_name, model_version=args.model_version,
+        model_digest=args.model_digest,
         device=args.device, cache_dir=args.cache_dir, max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms, max_users=args.max_users, max_beam=args.max_beam,
         default_k=args.default_k, default_beam=args.default_beam, max_body_bytes=args.max_body_bytes,

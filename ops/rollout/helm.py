@@ -1,6 +1,7 @@
 """The helm rollout target (production): the chart helm/onerec-serving through the Helm engine as a library.
 
-deploy = `helm upgrade --install` with model.uri/model.version set, rolling back by itself on
+deploy = `helm upgrade --install` with model.uri/model.version/model.digest set (the pods load
+only bytes that hash to the signed digest; `helm rollback` restores a revision's digest with it), rolling back by itself on
 failure, waiting for the rollout, with a timeout; returns the release revision. rollback =
 `helm rollback` to the last revision before the current one that was deployed successfully.
 One engine: helm-python-sdk (the Helm v4 engine, in the `[pipeline]` extra), so no helm binary
@@ -45,8 +46,8 @@ def _options(
     }
 
 
-def _model_values(model_uri: str, version: str, tracking_uri: str | None) -> dict:
-    values = {"model": {"uri": model_uri, "version": version}}
+def _model_values(model_uri: str, version: str, digest: str | None, tracking_uri: str | None) -> dict:
+    values = {"model": {"uri": model_uri, "version": version, **({"digest": digest} if digest else {})}}
     if tracking_uri:
         values["mlflow"] = {"trackingUri": tracking_uri}
     return values
@@ -94,14 +95,14 @@ def _previous_good(history: list[dict], current: int) -> int:
     return max(good)
 
 
-def deploy(model_uri: str, version: str, **options) -> dict:
+def deploy(model_uri: str, version: str, digest: str | None = None, **options) -> dict:
     import yaml
 
     o = _options(**options)
     values: dict = {}
     for f in o["values_files"]:
         values = _deep_merge(values, yaml.safe_load(Path(f).read_text()) or {})
-    values = _deep_merge(values, _model_values(model_uri, version, o["tracking_uri"]))
+    values = _deep_merge(values, _model_values(model_uri, version, digest, o["tracking_uri"]))
     with _helm(o, "upgrade --install") as (hp, cfg), hp.Chart.load(o["chart"]) as chart:
         if o["dry_run"]:
             release = cfg.install(chart, o["release"], values, namespace=o["namespace"], dry_run="client")

@@ -2,7 +2,8 @@
 
 A reverse proxy (ops/rollout/proxy.py) on a fixed loopback port (Settings.local_serve_port,
 ONEREC_LOCAL_SERVE_PORT, 8800) is the stable endpoint; each deploy starts `onerec-fp8 serve` for
-the new version on a free port in its own process group, waits for /v2/health/ready, switches
+the new version (with its signed version digest) on a free port in its own process group, waits
+for /v2/health/ready, switches
 the proxy to it, then stops the old server gracefully (it drains). Clients of the proxy never
 see a failed request. The server runs torch with `threads` CPU threads (default 1: the embedded
 stack shares a small machine with Airflow, MLflow and S3, where more OpenMP threads than free
@@ -120,11 +121,12 @@ def _ensure_proxy(folder: Path, state: dict, port: int | None, env: dict | None 
 
 
 def _server_command(
-    model_uri: str, version: str, port: int, folder: Path, device: str, threads: int, server_args: list[str],
+    model_uri: str, version: str, digest: str | None, port: int, folder: Path, device: str, threads: int,
+    server_args: list[str],
 ) -> list[str]:
     return [
         sys.executable, "-m", "onerec_fp8.cli", "serve", "--model-uri", model_uri, "--model-version", version,
-        "--port", str(port), "--host", "127.0.0.1", "--device", device, "--cache-dir", str(folder / "cache"),
+        *(["--model-digest", digest] if digest else []), "--port", str(port), "--host", "127.0.0.1", "--device", device, "--cache-dir", str(folder / "cache"),
         "--drain-seconds", "0.5", "--graceful-timeout", "20", "--threads", str(threads), *server_args,
     ]
 
@@ -154,17 +156,17 @@ def _switch(proxy: dict, upstream: str) -> None:
 
 def _start_server(
     folder: Path, proxy: dict, previous: dict | None, revision: int, action: str, model_uri: str, version: str, *,
-    device: str = "auto", threads: int = 1, ready_timeout_s: float = 300, stop_timeout_s: float = 30,
-    server_args: list[str] | None = None, env: dict | None = None,
+    digest: str | None = None, device: str = "auto", threads: int = 1, ready_timeout_s: float = 300,
+    stop_timeout_s: float = 30, server_args: list[str] | None = None, env: dict | None = None,
 ) -> dict:
     """Start a server for `model_uri`, wait until it is ready, switch the proxy to it; its record.
     On failure the proxy goes back to `previous` (when it still runs) and the new server stops."""
     server_port = free_port()
     log_path = folder / f"server-r{revision}.log"
-    cmd = _server_command(model_uri, version, server_port, folder, device, threads, list(server_args or []))
+    cmd = _server_command(model_uri, version, digest, server_port, folder, device, threads, list(server_args or []))
     log.info("%s revision %d: %s version %s on port %d", action, revision, model_uri, version, server_port)
     record = {
-        "revision": revision, "action": action, "model_uri": model_uri, "version": version,
+        "revision": revision, "action": action, "model_uri": model_uri, "version": version, "digest": digest,
         **_spawn(cmd, log_path, env), "port": server_port, "url": f"http://127.0.0.1:{server_port}",
         "log": str(log_path), "deployed_at": _now(),
     }
@@ -224,7 +226,8 @@ def resume(state_dir=None, env: dict | None = None, ready_timeout_s: float = 300
             _switch(proxy, current["url"])
         else:
             record = _start_server(folder, proxy, None, current["revision"], current["action"], current["model_uri"],
-                                   current["version"], ready_timeout_s=ready_timeout_s, env=env)
+                                   current["version"], digest=current.get("digest"), ready_timeout_s=ready_timeout_s,
+                                   env=env)
             state["current"] = {**record, "deployed_at": current["deployed_at"], "resumed_at": _now()}
             _write_state(folder, state)
         log.info("serving revision %s (version %s) again on %s", current["revision"], current["version"], proxy["url"])
@@ -236,20 +239,21 @@ def deploy(model_uri: str, version: str, **options) -> dict:
     return _local_rollout(model_uri, version, "deploy", **options)
 
 
-def rollback(model_uri: str | None = None, version: str | None = None, **options) -> dict:
-    """Restart `model_uri`/`version`, or by default the revision before the current one."""
+def rollback(model_uri: str | None = None, version: str | None = None, digest: str | None = None, **options) -> dict:
+    """Restart `model_uri`/`version` (signed version digest `digest`), or by default the revision before
+    the current one (with the digest it was deployed with)."""
     if model_uri is None:
         state = _read_state(_state_dir(options.get("state_dir")))
         current = (state.get("current") or {}).get("revision")
         earlier = [r for r in state["history"] if current is None or r["revision"] < current]
         if not earlier:
             raise RolloutError("nothing to roll back to: no earlier local revision")
-        model_uri, version = earlier[-1]["model_uri"], earlier[-1]["version"]
+        model_uri, version, digest = earlier[-1]["model_uri"], earlier[-1]["version"], earlier[-1].get("digest")
         if version is None:
             raise RolloutError("the previous revision has no version")
     elif version is None:
         raise RolloutError("rollback to a given model_uri needs its version too")
-    return _local_rollout(pinned_uri(model_uri, version), str(version), "rollback", **options)
+    return _local_rollout(pinned_uri(model_uri, version), str(version), "rollback", digest=digest, **options)
 
 
 def status(state_dir=None, **_) -> dict:

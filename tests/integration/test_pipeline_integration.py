@@ -261,12 +261,12 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     import mlflow
     import pandas as pd
 
-    from onerec.serve.registry import download_model
+    from onerec.serve.registry import download_verified
     from tasks.promote import promote_newest_approved
     from tasks.registry import client
     from tasks.requantize import run_requantize
 
-    cfg = config(stack, "happy")
+    cfg = config(stack, "happy", alert_webhook_url="https://hooks.example.com/T0/B0/webhook-secret-token")
     done = publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
     result = run_requantize(cfg)
     # on CPU the latency gate cannot measure; the local config lets that pass, and the label says so
@@ -283,6 +283,15 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     assert alias(cfg, "challenger") == version.version
     run = mlflow.get_run(result["run_id"])
     assert run.data.params["checkpoint_sha256"] == done["checkpoint_sha256"]
+    # no secret field of the config (by type) reaches a run param or tag, by name or by value
+    from onerec.settings import secret_fields
+
+    secrets = {field: getattr(cfg, field) for field in secret_fields(type(cfg))}
+    assert {"alert_webhook_url", "aws_access_key_id", "aws_secret_access_key"} <= set(secrets)
+    logged = {**run.data.params, **run.data.tags}
+    for field, value in secrets.items():
+        assert value, field  # set here, so its absence below means something
+        assert not any(field in k for k in logged) and not any(value in str(v) for v in logged.values()), field
     assert "quality.top10_overlap" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "reports")}
     assert {"reports/gates.json", "reports/validation", "reports/quality_gate.json", "reports/quality_gate.png",
@@ -306,8 +315,9 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     requests = pd.read_parquet(tiny.calibration_path).head(3).drop(columns=["target"])
     out = model.predict(requests, params={"k": 5})
     assert len(out) == 3 and all(len(items) == 5 for items in out["items"])
-    folder = download_model(f"models:/{cfg.model_name}/{version.version}", stack["work"] / "download",
-                            cfg.tracking_uri())
+    signed = client(cfg).get_model_version(cfg.model_name, version.version).tags["version_sha256"]
+    folder = download_verified(f"models:/{cfg.model_name}/{version.version}", stack["work"] / "download", signed,
+                               cfg.tracking_uri())
     assert (folder / "recipe.json").is_file() and (folder / "manifest.json").is_file()
 
     approve_as_the_ui_does(stack, cfg, version.version).raise_for_status()
@@ -321,7 +331,9 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
                         json={"users": [{"history": requests["history"].iloc[0].tolist()}], "k": 3}, timeout=60)
     assert served.status_code == 200 and served.json()["model"]["version"] == version.version
 
-    # the same checkpoint and recipe again: nothing new (no quantization, no version, no run)
+    # the same checkpoint and recipe again: nothing new (no quantization, no version, no run), also
+    # when the service account deleted the mirror tag `state` (it decides nothing)
+    client(cfg).delete_model_version_tag(cfg.model_name, version.version, "state")
     n_runs = len(runs(cfg))
     again = run_requantize(cfg)
     assert again["registered"] is False and again["existing"]["version"] == version.version
@@ -375,6 +387,10 @@ def test_rollback_restores_the_previous_champion(stack, tiny, tmp_path):
 
     with pytest.raises(UserError, match="reason"):
         rollback(cfg, "  ")
+    from tasks.approval import record_uri
+    from tasks.checkpoints import read_json, s3_client, write_json
+
+    deployed_record = read_json(s3_client(cfg), record_uri(cfg, v2))  # an S3 writer keeps a copy
     result = rollback(cfg, "p99 latency regression (INC-42)", by="oncall@example.com")
     assert result["champion"] == v1 and result["rolled_back_from"] == v2
     assert alias(cfg, "champion") == v1 and alias(cfg, "previous-champion") is None
@@ -397,6 +413,12 @@ def test_rollback_restores_the_previous_champion(stack, tiny, tmp_path):
     assert "terminal" in c.get_model_version(cfg.model_name, v2).tags["promotion_refused"]
     with pytest.raises(UserError, match="digits only"):
         rollback(cfg, "bad form input", version="2; rm -rf /")
+    # the copy put back: validly signed, but older than the last record written -> refused
+    assert deployed_record["state"] == "deployed"
+    write_json(s3_client(cfg), record_uri(cfg, v2), deployed_record)
+    with pytest.raises(UserError, match="older than the last one written"):
+        rollback(cfg, "restore the replayed record", version=v2)
+    assert (alias(cfg, "champion"), local_status(state_dir=cfg.state_dir)["current"]["version"]) == (v1, v1)
 
     # a third candidate nobody approves expires; its challenger alias goes with it
     publish(cfg, variant(tiny.checkpoint_dir, tmp_path / "v3", "v3"), tiny.calibration_path, "20260103T000000Z")
@@ -447,8 +469,9 @@ def test_failed_rollout_leaves_aliases_unchanged(stack, tiny, monkeypatch):
 
 def test_a_registration_that_stopped_halfway_leaves_no_version_or_is_replaced(stack, tiny, monkeypatch):
     """The tracking server fails between creating the version and signing it: the version goes.
-    When even that cleanup fails (as after kill -9), the next run deletes the unsigned version and
-    registers the checkpoint again instead of answering "already registered" forever."""
+    When even that cleanup fails (as after kill -9), the next run registers the checkpoint again
+    instead of answering "already registered" forever, and leaves the unsigned version alone: only
+    the run that created a version deletes it."""
     from mlflow import MlflowClient
 
     from tasks import provenance
@@ -474,9 +497,11 @@ def test_a_registration_that_stopped_halfway_leaves_no_version_or_is_replaced(st
 
     result = run_requantize(cfg)
     assert result["registered"] and result["version"] != left.version
-    [version] = versions(cfg)
-    assert version.version == result["version"] and version.tags["state"] == "pending"
-    assert alias(cfg, "challenger") == version.version
+    both = {v.version: v for v in versions(cfg)}
+    assert set(both) == {left.version, result["version"]} and "state" not in both[left.version].tags
+    assert both[result["version"]].tags["state"] == "pending"
+    assert alias(cfg, "challenger") == result["version"]
+    assert run_requantize(cfg)["registered"] is False and len(versions(cfg)) == 2
 
 
 # --- trust: only what the pipeline gated and an approver approved is deployed ------------------------
@@ -522,6 +547,10 @@ def test_only_approvers_decide_and_forged_or_dead_versions_are_refused(stack, ti
     with pytest.raises(MlflowException, match="pending only"):
         c.create_model_version(cfg.model_name, legit.source, run_id=legit.run_id, tags=forged_tags,
                                model_id=logged_model)
+    with pytest.raises(MlflowException, match="pending only.*state_sequence"):  # nor with a state sequence
+        c.create_model_version(cfg.model_name, legit.source, run_id=legit.run_id, model_id=logged_model,
+                               tags={**forged_tags, "approval": "pending"})
+    del forged_tags["state_sequence"]
     forged = c.create_model_version(cfg.model_name, legit.source, run_id=legit.run_id, model_id=logged_model,
                                     tags={**forged_tags, "approval": "pending"}).version
     approve_as_the_ui_does(stack, cfg, forged).raise_for_status()  # a tired approver
@@ -812,9 +841,9 @@ def test_calibration_is_immutable_and_the_drift_reference_moves_only_on_approval
         download_calibration(cfg, first["calibration_uri"], tmp_path / "fetched.parquet")
 
 
-def serve_from_a_plain_shell(state_dir: str, model_uri: str, cache_dir: Path) -> dict:
-    """`onerec-fp8 serve --model-uri URI` with no MLflow or S3 variables, only the stack's state dir:
-    what a person types on the local stack. Returns the server's /v1/recommend answer's model."""
+def serve_from_a_plain_shell(state_dir: str, model_uri: str, digest: str, cache_dir: Path) -> dict:
+    """`onerec-fp8 serve --model-uri URI --model-digest D` with no MLflow or S3 variables, only the
+    stack's state dir: what a person types on the local stack. Returns the answer's model."""
     import subprocess
     import sys
     import time
@@ -828,7 +857,8 @@ def serve_from_a_plain_shell(state_dir: str, model_uri: str, cache_dir: Path) ->
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "onerec_fp8.cli", "serve", "--model-uri", model_uri,
-                                   "--port", str(port), "--device", "cpu", "--cache-dir", str(cache_dir)],
+                                   "--model-digest", digest, "--port", str(port), "--device", "cpu",
+                                   "--cache-dir", str(cache_dir)],
                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 240
@@ -859,7 +889,10 @@ def test_serve_from_the_registry_on_the_local_stack_with_the_read_only_serving_a
     assert promote_newest_approved(cfg)["promoted"] == version
 
     state_dir = stack["state"]["state_dir"]
-    served = serve_from_a_plain_shell(state_dir, f"models:/{cfg.model_name}@champion", tmp_path / "serve")
+    from tasks.approval import read_record
+
+    digest = read_record(cfg, version)["history"][-1]["version_sha256"]  # the deployed entry (runbook)
+    served = serve_from_a_plain_shell(state_dir, f"models:/{cfg.model_name}@champion", digest, tmp_path / "serve")
     assert served["version"] == version
     # the account it used is the stack's read-only one: it reads, and every write is refused
     serving = account(stack, "serving")

@@ -192,6 +192,7 @@ def test_cli_rejects_bad_arguments_with_one_line():
     for args, message in (
         (["--model-uri", "/does/not/exist", "--port", str(free_port())], "does not exist"),
         (["--model-uri", "models:/x@", "--port", str(free_port())], "expected models:/"),
+        (["--model-uri", "models:/x/3", "--port", str(free_port())], "needs --model-digest"),
         (["--model-uri", "/tmp", "--port", str(free_port()), "--default-k", "9", "--default-beam", "4"], "default_k"),
         (["--model-uri", "/tmp", "--port", str(free_port()), "--body-timeout", "0"], "timeouts must be in"),
     ):

@@ -71,6 +71,19 @@ def test_the_in_worker_steps_import_no_torch():
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
 
 
+def test_every_secret_field_is_left_out_of_what_runs_log():
+    from onerec.settings import secret_fields
+    from tasks.config import PipelineConfig
+
+    fields = secret_fields(PipelineConfig)
+    assert set(fields) == {"aws_access_key_id", "aws_secret_access_key", "alert_webhook_url"}
+    cfg = PipelineConfig.from_env({}, {field: f"https://example.com/{field}-token" for field in fields})
+    logged = json.dumps(cfg.to_dict(), default=str)
+    for field in fields:
+        assert getattr(cfg, field) == f"https://example.com/{field}-token"  # usable as a plain string
+        assert field not in logged and f"{field}-token" not in logged and f"{field}-token" not in repr(cfg)
+
+
 def test_settings_never_write_the_environment(tmp_path, monkeypatch):
     import os
 
@@ -394,7 +407,8 @@ def test_provenance_signature_binds_every_field_and_the_key_stays_private(tmp_pa
         load_key(cfg)  # promote never creates one
     key = load_key(cfg, create=True)
     assert os.stat(tmp_path / "secrets" / "provenance.key").st_mode & 0o777 == 0o600
-    record = evidence(model="m", version="3", run_id="r", model_manifest_sha256="a" * 64, checkpoint_sha256="b" * 64,
+    record = evidence(model="m", version="3", run_id="r", version_sha256="d" * 64, model_manifest_sha256="a" * 64,
+                      checkpoint_sha256="b" * 64,
                       recipe="fp8_dynamic", gates_report_sha256="c" * 64)
     signature = sign(key, "version", record)
     assert verifies(key, "version", record, signature)

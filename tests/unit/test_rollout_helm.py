@@ -30,13 +30,14 @@ def unreachable_kubeconfig(tmp_path, monkeypatch):
 def test_dry_run_renders_the_pinned_version(unreachable_kubeconfig, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     result = rollout.deploy("models:/onerec-v2-fp8@champion", 9, target="helm", kubeconfig=unreachable_kubeconfig,
-                            release="recs", namespace="serving", dry_run=True)
+                            release="recs", namespace="serving", dry_run=True, digest="d" * 64)
     assert result["engine"] == "helm-python-sdk" and result["revision"] == 1 and result["dry_run"]
     assert result["model_uri"] == "models:/onerec-v2-fp8/9"  # an alias is pinned before it ships
     assert result["url"] == "http://recs-onerec-serving.serving.svc.cluster.local"
     docs = {d["kind"]: d for d in yaml.safe_load_all(result["manifest"]) if d}
     args = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--model-uri=models:/onerec-v2-fp8/9" in args and "--model-version=9" in args
+    assert f"--model-digest={'d' * 64}" in args  # the pods load only the signed bytes
     assert docs["ConfigMap"]["data"]["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
 
 
