@@ -715,9 +715,13 @@ def proxy_answers(url: str) -> bool:
         return False
 
 
-def test_a_copy_made_by_promote_model_is_marked_and_never_a_candidate(stack, tiny):
-    """MLflow's "Promote model" button copies a version, with all its tags, into a registered model;
-    into the pipeline's own model the copy is marked as what it is, and its approval fails the run."""
+def test_copies_and_hand_registered_versions_are_never_candidates(stack, tiny):
+    """MLflow's "Promote model" button copies a version, with all its tags, into a registered model:
+    into the pipeline's own model the registry refuses the copy (a new version may carry
+    approval=pending only). A version registered by hand from a real one's files, tagged to look
+    like it, is marked as what it is, and its approval fails the run."""
+    from mlflow.exceptions import MlflowException
+
     from tasks.approval import NOT_REGISTERED_NOTE, review
     from tasks.promote import promote_newest_approved
     from tasks.registry import client, find_existing
@@ -727,9 +731,21 @@ def test_a_copy_made_by_promote_model_is_marked_and_never_a_candidate(stack, tin
     c = client(cfg)
     done = publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
     v1 = run_requantize(cfg)["version"]
-    copy = c.copy_model_version(f"models:/{cfg.model_name}/{v1}", cfg.model_name).version  # what the button does
-    copied = c.get_model_version(cfg.model_name, copy).tags
-    assert copied["gates"] == "passed-latency-unmeasured" and copied["state"] == "pending"  # looks like v1
+
+    def versions():
+        return {v.version for v in c.search_model_versions(f"name='{cfg.model_name}'")}
+
+    before = versions()
+    with pytest.raises(MlflowException, match="may carry approval=pending only"):
+        c.copy_model_version(f"models:/{cfg.model_name}/{v1}", cfg.model_name)  # what the button does
+    assert versions() == before
+
+    real = c.get_model_version(cfg.model_name, v1)
+    copy = c.create_model_version(cfg.model_name, real.source, run_id=real.run_id, tags={"approval": "pending"},
+                                  model_id=real.model_id or real.source.removeprefix("models:/")).version
+    for key in ("gates", "state", "checkpoint_sha256", "recipe"):
+        c.set_model_version_tag(cfg.model_name, copy, key, real.tags[key])
+    assert c.get_model_version(cfg.model_name, copy).tags["gates"] == "passed-latency-unmeasured"  # looks like v1
 
     reviewed = review(cfg)
     assert reviewed["marked"] == [copy] and review(cfg)["marked"] == []  # once
