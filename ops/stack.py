@@ -13,7 +13,7 @@ Five services, each a real server started as its own process group:
            event, so an approval triggers the promote DAG at once.
 
 The stack is a working deployment: the DAGs run unpaused (`--dags-paused` for a quiet one), and
-`up` after `down` starts every service on the ports of the last start (ports.json) with the same
+`up` after `down` starts every service (and the local rollout's endpoint) on the ports of the last start (ports.json) with the same
 secrets (secrets/, 0600: MLflow's webhook encryption key among them), then serves the local rollout
 target's current revision again on its proxy port (ops.rollout.local.resume).
 
@@ -80,6 +80,7 @@ class StackConfig:
     prefix: str = "onerec-v2"
     model_name: str = "onerec-v2-fp8"
     rollout_target: str = "local"
+    local_serve_port: int = 8800  # the local rollout's stable endpoint (its proxy), handed to the DAGs
     dags_folder: Path = REPO_ROOT / "dags"
     airflow_parallelism: int = 2
     dags_paused: bool = False  # DAGs new to Airflow start paused (a quiet stack, e.g. for tests)
@@ -92,6 +93,7 @@ class StackConfig:
         cfg = cls(
             state_dir=Path(settings.state_dir), bucket=settings.s3_bucket, prefix=settings.s3_prefix,
             model_name=settings.model_name, rollout_target=settings.rollout_target,
+            local_serve_port=settings.local_serve_port,
         )
         for key, value in overrides.items():
             if value is not None:
@@ -129,6 +131,7 @@ def contract_env(cfg: StackConfig, ports: dict[str, int]) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
         "ONEREC_MODEL_NAME": cfg.model_name,
         "ONEREC_ROLLOUT_TARGET": cfg.rollout_target,
+        "ONEREC_LOCAL_SERVE_PORT": str(cfg.local_serve_port),
         **LOCAL_AWS_ENV,
         "MLFLOW_S3_ENDPOINT_URL": s3_url,
         "ONEREC_ALERT_SMTP": f"127.0.0.1:{ports['smtp']}",
@@ -475,6 +478,9 @@ def _last_ports(cfg: StackConfig) -> dict:
     return {}
 
 
+LOCAL_SERVE = "local_serve"  # ports.json's key of the local rollout's endpoint
+
+
 def _resolve_ports(cfg: StackConfig) -> dict[str, int]:
     """Port per service: explicit (flag/ports) > the recorded (running or crashed) service's > env >
     the port of the last start in this state dir (so `up` after `down` comes back where it was) > default."""
@@ -539,7 +545,7 @@ def _write_state(cfg: StackConfig, ports: dict[str, int]) -> dict:
     if services:
         _write_json(cfg.state_dir / STACK_FILE, state)
         ports_now = {s: st["port"] for s, st in services.items()}
-        _write_json(cfg.state_dir / "ports.json", {**_last_ports(cfg), **ports_now})
+        _write_json(cfg.state_dir / "ports.json", {**_last_ports(cfg), **ports_now, LOCAL_SERVE: cfg.local_serve_port})
     else:
         with contextlib.suppress(FileNotFoundError):
             (cfg.state_dir / STACK_FILE).unlink()
@@ -551,6 +557,9 @@ def up(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
     services = tuple(s for s in SERVICES if s in services)
     with _locked(cfg):
         ports = _resolve_ports(cfg)
+        last_serve_port = _last_ports(cfg).get(LOCAL_SERVE)
+        if not os.environ.get("ONEREC_LOCAL_SERVE_PORT") and isinstance(last_serve_port, int):
+            cfg.local_serve_port = last_serve_port  # the endpoint of the last start: the champion comes back there
         env = {**_base_env(), **contract_env(cfg, ports)}
         to_start = []
         for service in services:

@@ -76,10 +76,12 @@ def use_tracking_server(cfg) -> str:
 
 
 def client(cfg):
-    """An MlflowClient on the configured tracking server (also the registry)."""
+    """An MlflowClient on the configured tracking server, also as the registry (named, so that a
+    registry URI set in this process for another server is never used)."""
     from mlflow import MlflowClient
 
-    return MlflowClient(use_tracking_server(cfg))
+    uri = use_tracking_server(cfg)
+    return MlflowClient(uri, registry_uri=uri)
 
 
 def now_iso() -> str:

@@ -100,7 +100,7 @@ def registry_version(ref: ModelRef) -> str:
         from mlflow import MlflowClient
 
         settings = _signed_in()
-        client = MlflowClient(settings.tracking_uri())
+        client = MlflowClient(settings.tracking_uri(), registry_uri=settings.tracking_uri())
         return str(client.get_model_version_by_alias(ref.name, ref.alias).version)
     except Exception as exc:  # mlflow raises its own types; the message names the cause
         raise UserError(f"cannot resolve {ref.uri} in the MLflow registry: {exc}") from None

@@ -57,7 +57,8 @@ def resolve_version(model_uri: str, tracking_uri: str | None = None) -> str:
     from mlflow import MlflowClient
 
     name, alias = model_uri[len("models:/"):].split("@", 1)
-    return f"models:/{name}/{MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version}"
+    registry = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    return f"models:/{name}/{registry.get_model_version_by_alias(name, alias).version}"
 
 
 def fetch_version(model_uri: str, dst_dir: str | Path, tracking_uri: str | None = None) -> Path:

@@ -661,10 +661,13 @@ def test_stack_restart_brings_back_the_champion_the_approval_events_and_rollback
                 assert not any(d["is_paused"] for d in dags), dags
                 # unpaused, the daily job runs today's interval at once (with nothing published it
                 # would retry for minutes): ended here, so this test's own requantize runs alone
-                [catch_up] = wait_for("the first daily requantize run", lambda: airflow.get(
-                    "/api/v2/dags/onerec_fp8_requantize/dagRuns").json()["dag_runs"], timeout_s=120)
-                airflow.patch(f"/api/v2/dags/onerec_fp8_requantize/dagRuns/{catch_up['dag_run_id']}",
-                              json={"state": "failed"}).raise_for_status()
+                # (Airflow 3.3 answers 500 to a PATCH of a run that has not started yet: wait for its start)
+                [catch_up] = wait_for("the first daily requantize run, started", lambda: [
+                    r for r in airflow.get("/api/v2/dags/onerec_fp8_requantize/dagRuns").json()["dag_runs"]
+                    if r.get("start_date")], timeout_s=120)
+                wait_for("the first daily requantize run, ended", lambda: airflow.patch(
+                    f"/api/v2/dags/onerec_fp8_requantize/dagRuns/{catch_up['dag_run_id']}",
+                    json={"state": "failed"}).status_code == 200, timeout_s=60)
             publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
             v1 = run_requantize(cfg)["version"]
             approve_as_the_ui_does({"state": state}, cfg, v1).raise_for_status()
