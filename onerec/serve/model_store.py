@@ -109,7 +109,7 @@ def registry_version(ref: ModelRef) -> str:
 def require_digest(ref: ModelRef, digest: str | None) -> None:
     """A registry version is served only against its signed version digest (what promote and rollback pass)."""
     if ref.is_registry and not digest:
-        raise UserError(f"serving {ref.uri} needs --model-digest, the version digest the pipeline signed (promote "
+        raise UserError(f"serving {ref.uri} needs --model-digest (or ONEREC_MODEL_DIGEST), the version digest the pipeline signed (promote "
                         "and rollback pass it; the state record's deployed entry has it): unverified bytes are "
                         "never loaded")
 

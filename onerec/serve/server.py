@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import threading
 
 from onerec.errors import UserError
@@ -26,9 +27,9 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-uri", required=True,
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local quantized or bf16 folder")
-    parser.add_argument("--model-digest", default=None,
+    parser.add_argument("--model-digest", default=os.environ.get("ONEREC_MODEL_DIGEST") or None,
                         help="for a models:/ URI (required): the version digest the pipeline signed; other bytes "
-                             "are never loaded")
+                             "are never loaded (default: $ONEREC_MODEL_DIGEST, e.g. in a container)")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 inside a container)")
     parser.add_argument("--model-name", default=None, help="name in responses and /v2/models/{name}")
