@@ -646,7 +646,10 @@ def test_stack_restart_brings_back_the_champion_the_approval_events_and_rollback
     proxy = f"http://127.0.0.1:{free_port()}"
     names = {"ONEREC_MODEL_NAME": "onerec-test-restart", "ONEREC_S3_PREFIX": "test-restart"}
     # the DAGs' config: the promote DAG checks the gates as the CPU-only pipeline here ran them
-    stack_up_env = {**os.environ, **names, "ONEREC_LATENCY_GATE_BLOCKING": "false"}
+    # no port from this process's environment (an earlier test may have left one): the restart
+    # must find the endpoint of the last start by itself
+    stack_up_env = {**{k: v for k, v in os.environ.items() if k != "ONEREC_LOCAL_SERVE_PORT"}, **names,
+                    "ONEREC_LATENCY_GATE_BLOCKING": "false"}
     state = start_stack(state_dir, ports=ports, env={**stack_up_env, "ONEREC_LOCAL_SERVE_PORT": proxy.rsplit(":", 1)[1]})
     history = pd.read_parquet(tiny.calibration_path)["history"].iloc[0].tolist()
     try:

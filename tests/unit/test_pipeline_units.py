@@ -288,7 +288,7 @@ def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path,
                            {"passed": True, "rows": 10})
     assert result["registered"] is False and result["version"] is None and result["gates"] == "inconclusive"
     assert result["reason"] == f"quality gate inconclusive: {reason}"
-    c = MlflowClient(uri)
+    c = MlflowClient(uri, registry_uri=uri)  # this process may have set a registry URI for another server
     run = c.get_run(result["run_id"])
     assert run.data.tags["gates"] == "inconclusive" and run.data.tags["reason"] == result["reason"]
     assert run.data.tags["registration"] == "gates_failed" and run.info.status == "FINISHED"
