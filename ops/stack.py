@@ -698,8 +698,8 @@ def _print_banner(state: dict) -> None:
         lines.append(f"              read-only: user {accounts['viewer']['username']}  password "
                      f"{accounts['viewer']['password']}; admin and pipeline service account: "
                      f"{Path(accounts['admin']['file']).parent}/mlflow-*.json")
-        lines.append(f"              serving (read-only; `onerec-fp8 serve --model-uri models:/NAME@champion` "
-                     f"finds it): {accounts['serving']['file']}")
+        lines.append(f"              serving (read-only; `onerec-fp8 serve --model-uri models:/NAME/VERSION "
+                     f"--model-digest D` finds it): {accounts['serving']['file']}")
     if "smtp" in services:
         lines.append(f"  Mail sink   127.0.0.1:{services['smtp']['port']}   failure notifications land in "
                      f"{state['state_dir']}/mail/")
