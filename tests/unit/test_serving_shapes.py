@@ -21,7 +21,7 @@ from onerec.engine.engine import CudaGraphRunner, Engine, EngineConfig, length_b
 from onerec.generate import beam_search
 from onerec.model import OneRecV2, OneRecV2Config
 from onerec.semantic_ids import SemanticIdIndex, encode_histories
-from onerec.serve.batcher import DynamicBatcher
+from onerec.serve.batcher import BatcherStopped, DynamicBatcher
 
 
 class RecordingRunner(CudaGraphRunner):
@@ -158,3 +158,54 @@ def test_batcher_fills_batches_while_the_previous_one_runs():
     assert sorted(answered) == sorted((c, i) for c in range(32) for i in range(8))
     steady = sizes[2:]
     assert np.mean(steady) >= 0.75 * 16, sizes
+
+
+def test_batcher_starts_the_next_batch_while_the_event_loop_is_busy():
+    """The batch thread takes the next batch itself when a batch returns: a busy event loop (here
+    blocked for 300 ms, as when it answers a batch's clients) does not keep the GPU idle."""
+    starts = []
+
+    def run(users, k, beam):
+        starts.append(time.monotonic())
+        time.sleep(0.05)
+        return [type("R", (), {"top": lambda self, k, u=u: u})() for u in users]
+
+    async def main():
+        batcher = DynamicBatcher(run, max_batch_users=4)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([1, 2, 3, 4], 1, 8))
+        second = asyncio.ensure_future(batcher.submit([5], 1, 8))
+        await asyncio.sleep(0.01)  # both queued; the first batch is running
+        blocked_from = time.monotonic()
+        time.sleep(0.3)  # the event loop is busy: it cannot start anything
+        blocked_until = time.monotonic()
+        answers = await asyncio.gather(first, second)
+        await batcher.stop()
+        return answers, blocked_from, blocked_until
+
+    answers, blocked_from, blocked_until = asyncio.run(main())
+    assert answers == [[1, 2, 3, 4], [5]]
+    assert len(starts) == 2 and blocked_from < starts[1] < blocked_until, (starts, blocked_from, blocked_until)
+
+
+def test_batcher_answers_failures_and_refuses_after_stop():
+    def run(users, k, beam):
+        if beam == 13:
+            raise RuntimeError("kernel failed")
+        return [type("R", (), {"top": lambda self, k, u=u: u})() for u in users]
+
+    async def main():
+        batcher = DynamicBatcher(run, max_batch_users=8)
+        with pytest.raises(BatcherStopped):
+            await batcher.submit([1], 1, 8)
+        batcher.start()
+        failed, ok = await asyncio.gather(batcher.submit([1], 1, 13), batcher.submit([2], 1, 8),
+                                          return_exceptions=True)
+        await batcher.stop()
+        with pytest.raises(BatcherStopped):
+            await batcher.submit([3], 1, 8)
+        return failed, ok
+
+    failed, ok = asyncio.run(main())
+    assert isinstance(failed, RuntimeError) and "kernel failed" in str(failed)
+    assert ok == [2]
