@@ -144,6 +144,21 @@ def positions_needed(interval: dict, margin: float, positions: int) -> int | Non
     return int(math.ceil((1 - rho) / (target - rho)))
 
 
+def scale_to_users(interval: dict, num_users: int) -> dict:
+    """The interval the same comparison would give on `num_users` users: same estimate, half-width
+    scaled by sqrt(measured users / num_users) (the bootstrap resamples users, so the spread of a
+    mean over users shrinks as 1/sqrt(users)). Unchanged when undefined or already that size."""
+    measured = interval["num_users"]
+    if interval["low"] is None or not measured or measured == num_users:
+        return interval
+    half_width = (interval["high"] - interval["low"]) / 2 * math.sqrt(measured / num_users)
+    scaled = {"estimate": interval["estimate"], "low": interval["estimate"] - half_width,
+              "high": interval["estimate"] + half_width, "num_users": num_users, "measured_users": measured}
+    if interval.get("num_positions"):  # the same positions per user as the sample
+        scaled["num_positions"] = round(interval["num_positions"] * num_users / measured)
+    return interval | scaled
+
+
 def power(interval: dict, margin: float, positions: int = 1) -> dict:
     """What a comparison of this size can decide, from an interval of a comparison like it.
 
@@ -156,7 +171,7 @@ def power(interval: dict, margin: float, positions: int = 1) -> dict:
     result = {"margin": margin, "num_users": interval["num_users"], "num_positions": interval.get("num_positions"),
               "discordant_positions": interval.get("discordant_positions"), "min_detectable_change": None,
               "passes_above": None, "fails_below": None, "decides_at_margin": None, "users_needed": None,
-              "positions_needed": None}
+              "positions_needed": None, "measured_users": interval.get("measured_users", interval["num_users"])}
     if interval["low"] is None or interval.get("discordant_users") == 0:
         return result
     half_width = (interval["high"] - interval["low"]) / 2

@@ -190,3 +190,15 @@ def test_identical_positions_never_fail_and_power_says_what_the_data_can_decide(
     noisy = flip(ref, 2 * ML_LOSE, 2 * ML_LOSE * ML_RECALL / (1 - ML_RECALL), 10)  # ~2.7% of users disagree
     weak = gate_stats.power(paired_relative_change(ref, noisy), MARGIN, positions=1)
     assert weak["decides_at_margin"] is False and weak["users_needed"] > ML_USERS and 1 < weak["positions_needed"] <= 10
+
+
+def test_scale_to_users_narrows_the_interval_as_one_over_sqrt_users():
+    from onerec.quant.gate_stats import scale_to_users
+
+    measured = {"estimate": -0.01, "low": -0.05, "high": 0.03, "num_users": 1000, "num_positions": 10000}
+    scaled = scale_to_users(measured, 4000)
+    assert scaled["estimate"] == -0.01 and scaled["num_users"] == 4000 and scaled["measured_users"] == 1000
+    assert (scaled["high"] - scaled["low"]) / 2 == pytest.approx(0.04 / 2)
+    assert scaled["num_positions"] == 40000
+    assert scale_to_users(measured, 1000) is measured
+    assert scale_to_users({**measured, "low": None, "high": None}, 4000)["num_users"] == 1000

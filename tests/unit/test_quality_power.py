@@ -77,3 +77,28 @@ def test_a_known_10pct_recall_loss_fails_and_identical_recommendations_pass(movi
     assert failed["intervals"]["recall@10"]["high"] < -0.05 and failed["top10_overlap"] >= 0.9  # the interval decides
     same = comparison.judge(items.copy(), kl, {})
     assert same["verdict"] == "passed" and same["intervals"]["recall@10"]["low"] == 0.0
+
+
+def test_the_noise_floor_runs_on_a_sample_and_its_power_speaks_for_all_users(movielens_shape):
+    """The fp32 pass (8.5x a bf16 pass on the H200) runs on `noise_floor_users` users; the power
+    reported is for all users: the sample's interval half-width scaled by sqrt(sample / all)."""
+    import torch
+
+    from onerec.checkpoint import load_checkpoint
+    from onerec.data import held_out_requests, load_dataset
+    from onerec.quant.quality_gate import QualityComparison, QualityGateConfig
+
+    config = QualityGateConfig(noise_floor_users=300)
+    model, table = load_checkpoint(movielens_shape.checkpoint_dir, dtype=torch.bfloat16)
+    fp32_model = load_checkpoint(movielens_shape.checkpoint_dir, dtype=torch.float32)[0]
+    requests = held_out_requests(load_dataset(movielens_shape.data_dir), "test", model.cfg.context_len,
+                                 config.positions)
+    comparison = QualityComparison(model, table, requests, config, fp32_model)
+    floor, power = comparison.noise_floor["recall@10"], comparison.power["recall@10"]
+    assert floor["num_users"] == 300 and comparison.num_users == 943
+    assert power["num_users"] == 943 and power["measured_users"] == 300
+    if floor["low"] is not None and floor["discordant_users"]:
+        measured_half_width = (floor["high"] - floor["low"]) / 2
+        assert power["min_detectable_change"] == pytest.approx(measured_half_width * (300 / 943) ** 0.5)
+    with pytest.raises(Exception, match="noise_floor_users"):
+        QualityGateConfig(noise_floor_users=1)
