@@ -304,7 +304,8 @@ def _bench_preset(result, preset, batches, variants, context_len, beam_size, k, 
 def timed_fp8_engine(result, preset, model, index, beam_size, k, moe_kernel):
     """The FP8 engine on a copy of `model` quantized as the recipe does with layer_choice="timed"
     (each GEMM timed on this GPU at `beam_size` rows); the choice goes into result["layer_choice"]."""
-    from onerec.engine.engine import Engine, EngineConfig, shared_weights_copy
+    from onerec.engine.convert import shared_weights_copy
+    from onerec.engine.engine import Engine, EngineConfig
     from onerec.model import MoE
     from onerec.quant.recipes import make_recipe, quantize
 

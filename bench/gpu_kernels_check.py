@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from onerec import kernels  # noqa: E402
+from onerec.engine.layers import stack_experts  # noqa: E402
+from onerec.kernels import Kernel  # noqa: E402
 from onerec.kernels import fused_moe as mk  # noqa: E402
 from onerec.kernels import triton_fused_moe as tmk  # noqa: E402
 from onerec.model import MoE, OneRecV2Config  # noqa: E402
@@ -132,9 +135,9 @@ def check_moe(moe: MoE, weights: dict, tokens: int) -> dict:
             torch.equal(getattr(plans[0], n).to(getattr(plans[1], n).dtype), getattr(plans[1], n))
             for n in ("token", "gate", "inverse", "offsets", "tile_expert"))
         for fmt, w in weights.items():
-            ref = mk.moe(x, w, "torch")
+            ref = kernels.moe(x, w, Kernel.TORCH)
             poison_allocator()
-            tri = mk.moe(x, w, "triton")
+            tri = kernels.moe(x, w, Kernel.TRITON)
             out[f"{fmt}_triton_vs_reference"] = rel(tri, ref)
             out[f"{fmt}_triton_vs_eager_module"] = rel(tri, eager)
             if DEVICE != "cuda":
@@ -144,15 +147,15 @@ def check_moe(moe: MoE, weights: dict, tokens: int) -> dict:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                mk.moe(x_static, w, "triton")
+                kernels.moe(x_static, w, Kernel.TRITON)
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                y = mk.moe(x_static, w, "triton")
+                y = kernels.moe(x_static, w, Kernel.TRITON)
             x_static.copy_(torch.randn_like(x))
             graph.replay()
             torch.cuda.synchronize()
-            out[f"{fmt}_graph_replay_vs_reference"] = rel(y, mk.moe(x_static, w, "torch"))
+            out[f"{fmt}_graph_replay_vs_reference"] = rel(y, kernels.moe(x_static, w, Kernel.TORCH))
     # FP8 against the bf16 module is FP8 noise (reported, not judged); everything else is rounding
     judged = [v for k, v in out.items() if k.endswith("reference") or k == "bf16_triton_vs_eager_module"]
     out["passed"] = (all(v < 2e-2 for v in judged) and out["plan_triton_equals_torch"]
@@ -170,8 +173,8 @@ def time_moe(moe: MoE, weights: dict, tokens: int) -> dict:
     with torch.no_grad():
         out["eager_module_ms"] = bench(lambda: moe(x))
         for fmt, w in weights.items():
-            out[f"{fmt}_triton_ms"] = bench(lambda w=w: mk.moe(x, w, "triton"))
-            out[f"{fmt}_triton_graph_ms"] = bench(lambda w=w: mk.moe(x, w, "triton"), graph=True)
+            out[f"{fmt}_triton_ms"] = bench(lambda w=w: kernels.moe(x, w, Kernel.TRITON))
+            out[f"{fmt}_triton_graph_ms"] = bench(lambda w=w: kernels.moe(x, w, Kernel.TRITON), graph=True)
             weight_bytes = sum(t.numel() * t.element_size() for t in (w.w1, w.w2, w.w3))  # read once
             out[f"{fmt}_weight_floor_ms"] = weight_bytes / 4.8e12 * 1e3  # H200 datasheet 4.8 TB/s
         gates, experts = mk.route(x, weights["bf16"].router, k)
@@ -201,7 +204,7 @@ def sweep_moe(weights: dict, tokens: int, budget_s: float) -> dict:
             full = {**default, **cfg}
             try:
                 with torch.no_grad():
-                    ms = bench(lambda full=full, w=w: mk.moe(x, w, "triton", config=full), graph=True)
+                    ms = bench(lambda full=full, w=w: kernels.moe(x, w, Kernel.TRITON, config=full), graph=True)
                 timings.append({**cfg, "ms": ms})
             except Exception as exc:  # noqa: BLE001
                 timings.append({**cfg, "error": str(exc)[:200]})
@@ -220,7 +223,6 @@ def sweep_moe(weights: dict, tokens: int, budget_s: float) -> dict:
 
 
 def time_gemm_shapes(preset: str, rows_list: list[int]) -> dict:
-    from onerec import kernels
     from onerec.model import OneRecV2
     from onerec.quant.fp8 import quantize_per_channel, scaled_mm_rowwise
 
@@ -231,7 +233,7 @@ def time_gemm_shapes(preset: str, rows_list: list[int]) -> dict:
     if {"ffn.w1", "ffn.w3"} <= shapes.keys():  # the engine runs w1|w3 as one GEMM
         K, N = shapes.pop("ffn.w1")
         shapes["ffn.w13"] = (K, N + shapes.pop("ffn.w3")[1])
-    kernel = "triton" if DEVICE == "cuda" else "torch"
+    kernel = Kernel.TRITON if DEVICE == "cuda" else Kernel.TORCH
     out = {"rows": rows_list}
     for name, (K, N) in shapes.items():
         w = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16) * 0.02
@@ -315,7 +317,7 @@ def main() -> None:
     moe_tokens = [int(t) for t in args.moe_tokens.split(",")]
     try:
         moe = moe_module(moe_preset)
-        weights = {"bf16": mk.MoEWeights.from_module(moe), "fp8_block": mk.MoEWeights.from_module(moe, fp8=True)}
+        weights = {"bf16": stack_experts(moe), "fp8_block": stack_experts(moe, fp8=True)}
     except Exception as exc:  # noqa: BLE001
         results["moe_setup"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
         weights = None

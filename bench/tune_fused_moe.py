@@ -37,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from onerec import kernels  # noqa: E402
+from onerec.engine.layers import stack_experts  # noqa: E402
+from onerec.kernels import Kernel  # noqa: E402
 from onerec.kernels import fused_moe as mk  # noqa: E402
 from onerec.kernels import triton_fused_moe as tmk  # noqa: E402
 
@@ -108,7 +111,7 @@ def random_weights(preset: str, device: str) -> dict[str, mk.MoEWeights]:
             p.normal_(0, 0.02)
         moe.router.weight.normal_(0, 0.1)
     moe = moe.to(device, torch.bfloat16).eval()
-    return {"bf16": mk.MoEWeights.from_module(moe), "fp8": mk.MoEWeights.from_module(moe, fp8=True)}
+    return {"bf16": stack_experts(moe), "fp8": stack_experts(moe, fp8=True)}
 
 
 def bench_ms(fn, rep_ms: float) -> float:
@@ -175,11 +178,11 @@ def tune_item(w: mk.MoEWeights, tokens: int, limit: int, space: dict, rep_ms: fl
     chosen = best[1]
     default = tmk.choose_config(tokens, w, None, limit)
     with torch.no_grad():
-        ref = mk.moe(x, w, "torch")
-        out = mk.moe(x, w, "triton", config=chosen)
+        ref = kernels.moe(x, w, Kernel.TORCH)
+        out = kernels.moe(x, w, Kernel.TRITON, config=chosen)
         error = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-        tuned_ms = bench_ms(lambda: mk.moe(x, w, "triton", config=chosen), rep_ms)
-        default_ms = bench_ms(lambda: mk.moe(x, w, "triton", config=default), rep_ms)
+        tuned_ms = bench_ms(lambda: kernels.moe(x, w, Kernel.TRITON, config=chosen), rep_ms)
+        default_ms = bench_ms(lambda: kernels.moe(x, w, Kernel.TRITON, config=default), rep_ms)
     return {"tokens": tokens, "chosen": chosen, "kernels_ms": best[0], "moe_ms": tuned_ms,
             "default": default, "default_moe_ms": default_ms, "speedup_vs_default": default_ms / tuned_ms,
             "rel_error_vs_reference": error, "skipped_block_m": skipped,

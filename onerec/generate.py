@@ -5,10 +5,11 @@ encoded once and shared by all of that user's beams (the decoder's cross-attenti
 user's beams as extra query rows, see onerec/model.py); each step decodes only the newest token
 of each beam through `OneRecV2.decode_step`, with a self-attention KV cache that follows the
 parent beams (`use_cache=False` re-runs the whole target prefix instead, through
-`next_level_logits`). The engine (onerec/engine) runs this same search on the same model code,
-with other kernels and inside a CUDA graph. Only prefixes of existing items survive: at each level a beam's
-candidates are the children of its prefix in the `SemanticIdIndex`, scored by gathering their
-log-probabilities, and one top-k over beams x children picks the next beams.
+`next_level_logits`). The engine (onerec/engine) runs this same search on the model converted
+with its own modules swapped in (other kernels, FP8 GEMMs), inside a CUDA graph. Only prefixes of
+existing items survive: at each level a beam's candidates are the children of its prefix in the
+`SemanticIdIndex`, scored by gathering their log-probabilities, and one top-k over beams x
+children picks the next beams.
 """
 
 from __future__ import annotations

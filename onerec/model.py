@@ -20,11 +20,15 @@ Decoding shape convention: the decoder runs on `[B, K, L]` prefixes (B users, K 
 tokens). Cross-attention flattens the K*L query rows of one user into one sequence attending to
 that user's context K/V, so the context is shared by every beam without being copied.
 `decode_step` decodes incrementally: one new token per beam, with a self-attention KV cache of the
-earlier target tokens (`DecodeCache`), instead of re-running the whole prefix. It is the serving
-path of both the plain beam search and the engine: each module's `kernel` attribute ("torch" by
-default; onerec/kernels) selects its ops, and the engine sets it per module (onerec/engine/engine.py).
-In decoding, a block's output branch is handed to the next norm unadded (`RMSNorm.add_norm`), so
-a fused kernel can do the residual add and the norm (and an FP8 quantization) in one pass.
+earlier target tokens (`DecodeCache`), instead of re-running the whole prefix. In decoding, a
+block's output branch is handed to the next norm unadded (`RMSNorm.add_norm`).
+
+This file is the model only, in plain PyTorch: training and the plain beam search
+(onerec/generate.py) run it as it is. The attention ops are modules without weights
+(`ContextAttention`, `CachedSelfAttention`), like vLLM's attention layer. The serving engine
+converts a copy of the module tree that shares these weights: it swaps in its own modules (fused
+residual add + norm + FP8 output, one w1|w3 GEMM, Triton attention, the fused MoE op), the way
+gpt-fast's convert_for_runtime swaps Linear layers (onerec/engine/convert.py).
 """
 
 from __future__ import annotations
@@ -39,8 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onerec import kernels
-from onerec.kernels import SDPA_MAX_BATCH, attention  # noqa: F401  (part of the model's interface)
+from onerec.kernels.reference import attention, cached_self_attention, cross_attention  # plain SDPA ops
 
 
 def _ceil_to(x: float, multiple: int) -> int:
@@ -216,19 +219,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.kernel = "torch"  # "torch" | "triton": the onerec.kernels implementation
-        self.quantize_output = False  # True: the output is kernels.QuantizedRows for an FP8 GEMM
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None):
-        """(x + residual, RMSNorm(x + residual)): the residual add fused into the norm where a kernel can."""
-        if self.kernel == "torch" and not self.quantize_output:
-            x = x if residual is None else x + residual
-            return x, self(x)
-        return kernels.rmsnorm(x, self.weight, self.eps, residual, self.quantize_output, kernel=self.kernel)
+        """(x + residual, RMSNorm(x + residual)): the decoding step's residual add, done by the norm
+        after it (a serving norm fuses the two)."""
+        x = x if residual is None else x + residual
+        return x, self(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel != "torch" or self.quantize_output:
-            return self.add_norm(x, None)[1]
         if x.dtype == self.weight.dtype:
             # One op (one kernel on CUDA) instead of eight: F.rms_norm computes in fp32 for bf16
             # inputs, the same result as the explicit ops below (tests/unit/test_engine.py checks it).
@@ -245,14 +243,9 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
-        self.kernel = "torch"  # "torch" | "triton": the onerec.kernels implementation of SiLU(gate) * up
-        self.w13 = None  # gate|up as one GEMM, set by a serving backend (onerec/engine)
-        self.quantize_hidden = False  # True: SiLU * up leaves as kernels.QuantizedRows for an FP8 w2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        return self.w2(kernels.silu_mul(self.w13(x), self.quantize_hidden, kernel=self.kernel))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class MoE(nn.Module):
@@ -271,10 +264,6 @@ class MoE(nn.Module):
             SwiGLU(cfg.d_model, cfg.expert_hidden * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
         self.aux_loss = torch.zeros(())
-        # Set by a serving backend (onerec/engine): the experts stacked once (kernels.MoEWeights);
-        # forward() then runs the fused op `kernels.moe` with `kernel` ("torch" | "triton").
-        self.weights = None
-        self.kernel = "torch"
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router probabilities [N, E], top-k weights [N, k] (renormalised) and expert ids [N, k]."""
@@ -283,10 +272,6 @@ class MoE(nn.Module):
         return probs, weights / weights.sum(-1, keepdim=True), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weights is not None:
-            return kernels.moe(x, self.weights, kernel=self.kernel)
-        if self.kernel != "torch":
-            raise ValueError(f"MoE kernel {self.kernel!r} needs the stacked experts (MoE.weights)")
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         probs, weights, experts = self.route(x)
@@ -353,6 +338,22 @@ class DecodeCache:
         B, new_beams = parent.shape
         beam_row = (torch.arange(B, device=parent.device)[:, None] * self.beams + parent).reshape(-1)
         return DecodeCache(self.tokens, [r[beam_row] for r in self.rows], new_beams)
+
+
+class ContextAttention(nn.Module):
+    """Cross-attention's op: query rows q [B, H, N, d_head] (a user's beams x tokens) over that
+    user's context keys/values [B, G, T, d_head] (G divides H), the padding masked -> [B, H, N, d_head]."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ContextKV) -> torch.Tensor:
+        return cross_attention(q, k, v, ctx.mask if ctx.padded else None)
+
+
+class CachedSelfAttention(nn.Module):
+    """Decoding's causal self-attention op: the newest token's q|k|v [R, 3, H, d_head] over its beam's
+    earlier tokens (`DecodeCache`: past[j] rows, each beam's row rows[j]) -> [R, H * d_head]."""
+
+    def forward(self, qkv: torch.Tensor, past: list, rows: list) -> torch.Tensor:
+        return cached_self_attention(qkv, past, rows)
 
 
 class ContextProcessor(nn.Module):
@@ -452,16 +453,15 @@ class LazyDecoderBlock(nn.Module):
         self.self_o = nn.Linear(inner, d, bias=False)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(d, cfg.ffn_hidden)
-        self.kernel = "torch"  # "torch" | "triton": the onerec.kernels implementation of its attention ops
+        self.cross_attn = ContextAttention()
+        self.cached_self_attn = CachedSelfAttention()
 
     def cross_attend(self, h, ctx: ContextKV) -> torch.Tensor:
         """Normed h [B, N, d] (N = beams * tokens of one user) attends to that user's context."""
         cfg = self.cfg
         B, N, _ = h.shape
         q = self.cross_q(h).view(B, N, cfg.n_heads, cfg.d_head).transpose(1, 2)
-        k, v = ctx.keys[self.kv_set], ctx.values[self.kv_set]
-        out = kernels.cross_attention(q, k, v, ctx.mask if ctx.padded else None, kernel=self.kernel,
-                                      key_start=ctx.key_start, cache=ctx.kernel_cache)
+        out = self.cross_attn(q, ctx.keys[self.kv_set], ctx.values[self.kv_set], ctx)
         return self.cross_o(out.transpose(1, 2).reshape(B, N, -1))
 
     def cross_attention(self, x: torch.Tensor, ctx: ContextKV) -> torch.Tensor:
@@ -488,7 +488,7 @@ class LazyDecoderBlock(nn.Module):
         branch = self.cross_attend(h, ctx)
         x, h = self.self_norm.add_norm(x, branch)
         qkv = self.self_qkv(h).view(B * K, 3, cfg.n_heads, cfg.d_head)
-        out = kernels.cached_self_attention(qkv, past, rows, kernel=self.kernel)
+        out = self.cached_self_attn(qkv, past, rows)
         x, h = self.ffn_norm.add_norm(x, self.self_o(out).view(B, K, d))
         return x, self.ffn(h), qkv
 

@@ -1,16 +1,22 @@
-"""The serving backend of OneRec-V2: the model's own beam search, with faster kernels per module.
+"""The serving backend of OneRec-V2: the model's own beam search, with the engine's modules swapped in.
 
 `Engine(model, index, config).recommend(...)` runs `onerec.generate.beam_search` (context once
-per user, then 3 KV-cached `OneRecV2.decode_step`s) on a serving view of the model: a second
-module tree over the same weights (nothing is copied; the caller's model is left as it is) in
-which the engine sets, per module,
-- the kernel of its ops (`kernel="triton"` on CUDA, the torch references elsewhere: onerec/kernels):
-  the residual add of each sublayer fused into the next RMSNorm, SiLU*mul over one w1|w3 GEMM,
-  the cached self-attention over the beams' ancestors read in place;
+per user, then 3 KV-cached `OneRecV2.decode_step`s) on a serving view of the model, converted once
+per Engine (`serving_model`, onerec/engine/convert.py): a second module tree over the same
+parameters (the caller's model is left as it is) with the engine's modules swapped in:
+- its kernels (`Kernel.TRITON` on CUDA, the torch references elsewhere: onerec/kernels): the
+  residual add of each sublayer fused into the next RMSNorm, SiLU*mul over one w1|w3 GEMM, the
+  cached self-attention over the beams' ancestors read in place (onerec/engine/layers.py);
 - the method of each Linear (onerec/engine/linear.py): bf16, or FP8 with per-channel weights and
   per-token activations, where the norm or SiLU*mul kernel before the GEMM emits the FP8 input
-  and its scales in the same pass;
-and, on CUDA, the whole request (context + 3 steps + top-k) has static shapes for a given beam
+  and its scales in the same pass.
+The conversion makes new tensors only for layouts a kernel needs: w1|w3 concatenated (one more
+copy of the dense FFNs' gate and up weights: 314M values for the 1b preset, 0.63 GB in bf16 and
+0.31 GB in FP8), FP8 weights when it quantizes bf16 ones (`EngineConfig(fp8=True)`), stacked MoE
+experts. One Engine, so one such copy, serves every beam width of `EngineConfig.beam_sizes` and
+every batch and history bucket.
+
+On CUDA, the whole request (context + 3 steps + top-k) has static shapes for a given beam
 width, batch bucket and history bucket, so the same search function is captured once per shape
 as a CUDA graph and replayed (`CudaGraphRunner`, the way gpt-fast wraps its decode step with
 torch.compile). The shapes are a fixed set, as LLM servers fix their graph batch sizes: a batch is
@@ -22,16 +28,15 @@ The same code runs a bf16 model (every optimisation but FP8), a bf16 model quant
 (`EngineConfig(fp8=True)`) or a quantized model whose Linear layers are `FP8Linear` (taken as
 they are). On CPU it runs the torch references without graphs: the tests compare that with the
 plain search. MoE blocks run the model's MoE module by default; its routing syncs with the host,
-so such a model runs without graphs. `EngineConfig(moe_kernel="triton")` (opt-in until measured on
-a GPU) stacks each MoE's experts once and runs the fused op `kernels.moe` instead: routing and
-grouped expert GEMMs without host syncs, so the request is captured as a graph again
-(`moe_kernel="torch"`: the fused op's PyTorch reference, for tests). Cross-attention over the
+so such a model runs without graphs. `EngineConfig(moe_kernel=Kernel.TRITON)` (opt-in until
+measured on a GPU) stacks each MoE's experts once and runs the fused op `kernels.moe` instead:
+routing and grouped expert GEMMs without host syncs, so the request is captured as a graph again
+(`Kernel.TORCH`: the fused op's PyTorch reference, for tests). Cross-attention over the
 context stays bf16 SDPA.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import logging
@@ -40,10 +45,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from onerec import kernels
-from onerec.engine.linear import ModuleMethod, fuse, serving_linear
+from onerec.engine.convert import serving_model
+from onerec.engine.layers import FusedMoE
+from onerec.engine.linear import ModuleMethod
 from onerec.generate import Recommendations, beam_search
-from onerec.model import MoE, OneRecV2, SwiGLU
+from onerec.kernels import Kernel
+from onerec.model import MoE, OneRecV2
 from onerec.quant.fp8 import FP8Linear
 from onerec.semantic_ids import SemanticIdIndex
 
@@ -65,59 +72,16 @@ class EngineConfig:
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     # history lengths are padded up to one of these (masked); None: length_buckets(context_len)
     history_buckets: tuple[int, ...] | None = None
-    kernel: str | None = None  # "torch" | "triton" (onerec.kernels); None: "triton" on CUDA, else "torch"
-    # None: the model's MoE module; "torch" | "triton": the fused MoE op (kernels.moe) with that kernel
-    moe_kernel: str | None = None
+    kernel: Kernel | None = None  # None: Kernel.TRITON on CUDA, else Kernel.TORCH
+    # None: the model's MoE module; a Kernel: the fused MoE op (kernels.moe) with that kernel
+    moe_kernel: Kernel | None = None
 
-
-# Layers (name suffixes) whose FP8 input serving_model has the kernel before them emit in the same
-# pass: the RMSNorm before context.proj, cross_q, self_qkv and w1|w3, the SiLU*mul before w2. The
-# others (cross_o, self_o) quantize their input in a quantize_rows pass of their own. The timed
-# per-layer choice (onerec/engine/layer_choice.py) times each GEMM with or without that pass.
-FUSED_INPUT = frozenset({"context.proj", "cross_q", "self_qkv", "ffn.w1", "ffn.w3", "ffn.w2"})
-
-
-def shared_weights_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the module tree whose parameters and buffers are the original tensors."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
-def serving_model(model: OneRecV2, fp8: bool, quantize_context: bool, kernel: str,
-                  moe_kernel: str | None = None) -> OneRecV2:
-    """The serving view of `model` (see module doc); heads and norms stay in high precision."""
-    view = shared_weights_copy(model).eval()
-    dtype = model.token_embedding.weight.dtype
-
-    def linear(module, quantize=fp8):
-        return serving_linear(module, quantize, kernel, dtype)
-
-    for module in view.modules():
-        if hasattr(module, "kernel") and not isinstance(module, MoE):
-            module.kernel = kernel
-    ctx = view.context
-    ctx.proj = linear(ctx.proj, fp8 and quantize_context)
-    ctx.input_norm.quantize_output = ctx.proj.takes_fp8
-    for block in view.blocks:
-        for name in ("cross_q", "cross_o", "self_qkv", "self_o"):
-            setattr(block, name, linear(getattr(block, name)))
-        block.cross_norm.quantize_output = block.cross_q.takes_fp8
-        block.self_norm.quantize_output = block.self_qkv.takes_fp8
-        ffn = block.ffn
-        if isinstance(ffn, SwiGLU):
-            w13, w2 = fuse(linear(ffn.w1), linear(ffn.w3)), linear(ffn.w2)
-            if w13 is not None and not isinstance(w2.method, ModuleMethod):
-                ffn.w13, ffn.w2, ffn.w1, ffn.w3 = w13, w2, None, None
-                ffn.quantize_hidden = w2.takes_fp8
-                block.ffn_norm.quantize_output = w13.takes_fp8
-            else:  # layers that cannot share a GEMM: the FFN as it is, on bf16 input
-                ffn.kernel = "torch"
-        elif isinstance(ffn, MoE) and moe_kernel is not None:
-            # fp8: bf16 experts quantized here in 128x128 blocks (the fp8_block layout); FP8Linear
-            # experts are taken as they are. None: a layout the grouped GEMM cannot take (module stays).
-            ffn.weights = kernels.MoEWeights.from_module(ffn, fp8=True if fp8 else None)
-            ffn.kernel = moe_kernel if ffn.weights is not None else "torch"
-    return view
+    def __post_init__(self) -> None:
+        # a name from a CLI or config ("torch" | "triton") becomes the Kernel here, once
+        if self.kernel is not None:
+            self.kernel = Kernel.parse(self.kernel, "kernel")
+        if self.moe_kernel is not None:
+            self.moe_kernel = Kernel.parse(self.moe_kernel, "moe_kernel")
 
 
 def length_buckets(context_len: int, smallest: int = 64, ratio: int = 2) -> tuple[int, ...]:
@@ -223,20 +187,17 @@ class Engine:
             self.history_buckets = (*self.history_buckets, cfg.context_len)
         self.device = model.token_embedding.weight.device
         self.index = index.to(self.device)
-        self.kernel = config.kernel or ("triton" if self.device.type == "cuda" else "torch")
-        if self.kernel not in kernels.KERNELS:
-            raise ValueError(f"unknown kernel {self.kernel!r}; known: {', '.join(kernels.KERNELS)}")
-        if config.moe_kernel not in (None, *kernels.KERNELS):
-            raise ValueError(f"unknown moe_kernel {config.moe_kernel!r}; known: {', '.join(kernels.KERNELS)}")
+        self.kernel = config.kernel or (Kernel.TRITON if self.device.type == "cuda" else Kernel.TORCH)
         self.model = serving_model(model.eval(), bool(config.fp8), config.quantize_context, self.kernel,
                                    config.moe_kernel)
         self.fp8 = any(  # does any block GEMM run in FP8 (natively or through an FP8Linear's own forward)?
-            m.takes_fp8 or isinstance(getattr(m, "source", None), FP8Linear)
+            m.takes_fp8 or (isinstance(m.method, ModuleMethod) and isinstance(m.source, FP8Linear))
             for b in self.model.blocks for m in (b.cross_q, b.cross_o, b.self_qkv, b.self_o)
         )
         self.beams = self.beams_per_step(config.beam_size)
         # MoE blocks whose routing syncs with the host (the module, or the fused op's reference)
-        self.has_moe = any(isinstance(b.ffn, MoE) and b.ffn.kernel != "triton" for b in self.model.blocks)
+        self.has_moe = any(isinstance(b.ffn, MoE) or (isinstance(b.ffn, FusedMoE) and b.ffn.kernel is not Kernel.TRITON)
+                           for b in self.model.blocks)
         self.profile_width = len(cfg.profile_columns) if cfg.profile_columns else 0
         self._graphs = CudaGraphRunner(self._search)
         # history positions of the users served (real) and added by the buckets (padding)

@@ -3,10 +3,10 @@
 At one user FP8 does not always pay: on an H200 (2026-12-04) the 1b model's FP8 GEMMs at 512 rows
 (1 user x beam 512) were 0.98-1.29x bf16 alone and 0.78-1.22x with their activation quantization
 pass; from 3000 rows up 1.2-1.7x. `choose_layers` times each distinct GEMM the engine runs
-(onerec/engine/engine.py) at one user's rows: `rows` (the beam width) for the decoder layers, the
+(onerec/engine/convert.py) at one user's rows: `rows` (the beam width) for the decoder layers, the
 context length + 1 for the context projection. bf16 is `F.linear`; FP8 is the engine's own
 `FP8RowwiseMethod` (`scaled_mm_rowwise`), fed FP8 rows where the kernel before the layer emits
-them (`engine.FUSED_INPUT`) and bf16 rows, quantized by its `quantize_rows` pass, elsewhere.
+them (`convert.FUSED_INPUT`) and bf16 rows, quantized by its `quantize_rows` pass, elsewhere.
 A layer stays FP8 only where FP8 is at least `min_speedup` times faster. w1 and w3 of one FFN are
 one GEMM (the engine fuses them), so they get one choice.
 
@@ -48,7 +48,7 @@ class Gemm:
 
 
 def fused_input(name: str) -> bool:
-    from onerec.engine.engine import FUSED_INPUT
+    from onerec.engine.convert import FUSED_INPUT
 
     return any(name == s or name.endswith("." + s) for s in FUSED_INPUT)
 
@@ -108,13 +108,14 @@ class CudaGemmTimer:
 
         from onerec import kernels
         from onerec.engine.linear import FP8RowwiseMethod, ServingLinear, UnquantizedMethod
+        from onerec.kernels import Kernel
 
         source = nn.Linear(K, N, bias=False, device=self.device, dtype=torch.bfloat16)
         nn.init.normal_(source.weight, std=K**-0.5)
         bf16 = ServingLinear(source, UnquantizedMethod(), torch.bfloat16)
-        fp8 = ServingLinear(source, FP8RowwiseMethod("triton"), torch.bfloat16)
+        fp8 = ServingLinear(source, FP8RowwiseMethod(Kernel.TRITON), torch.bfloat16)
         x = torch.randn(rows, K, device=self.device, dtype=torch.bfloat16)
-        x_fp8 = kernels.quantize_rows(x, kernel="triton") if fused_input else x
+        x_fp8 = kernels.quantize_rows(x, kernel=Kernel.TRITON) if fused_input else x
         with torch.no_grad():
             return self._median_ms(lambda: bf16(x)), self._median_ms(lambda: fp8(x_fp8))
 

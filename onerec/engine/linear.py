@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onerec import kernels
+from onerec.kernels import Kernel
 from onerec.quant.fp8 import FP8Linear, quantize_per_channel, scaled_mm_rowwise
 
 
@@ -47,7 +48,7 @@ class UnquantizedMethod(LinearMethod):
 class FP8RowwiseMethod(LinearMethod):
     takes_fp8 = True
 
-    def __init__(self, kernel: str = "torch"):
+    def __init__(self, kernel: Kernel = Kernel.TORCH):
         self.kernel = kernel
 
     def create_weights(self, layer, source):
@@ -98,7 +99,7 @@ class ServingLinear(nn.Module):
         return self.method.apply(self, x)
 
 
-def linear_method(module: nn.Module, fp8: bool, kernel: str) -> LinearMethod:
+def linear_method(module: nn.Module, fp8: bool, kernel: Kernel) -> LinearMethod:
     """The method of one layer: FP8Linear layers of the row-wise layout stay FP8 whatever `fp8` says
     (their weights exist only in FP8); bias-free bf16 layers become FP8 when `fp8` is set."""
     if isinstance(module, FP8Linear):
@@ -109,7 +110,7 @@ def linear_method(module: nn.Module, fp8: bool, kernel: str) -> LinearMethod:
     return ModuleMethod()
 
 
-def serving_linear(module: nn.Module, fp8: bool, kernel: str, out_dtype: torch.dtype) -> ServingLinear:
+def serving_linear(module: nn.Module, fp8: bool, kernel: Kernel, out_dtype: torch.dtype) -> ServingLinear:
     return ServingLinear(module, linear_method(module, fp8, kernel), out_dtype)
 
 

@@ -1,10 +1,12 @@
 """The MoE layer as one op: routing, permutation and grouped expert GEMMs, no host sync.
 
-`moe(x, weights, kernel)` computes what `onerec.model.MoE.forward` computes (top-k routed SwiGLU
-experts, renormalised gates, plus the shared expert) on experts stacked once (`MoEWeights`,
-built by a serving backend: onerec/engine/engine.py), organised for the GPU:
+`kernels.moe(x, weights, kernel)` (onerec/kernels/__init__.py) computes what the model's MoE module
+computes (top-k routed SwiGLU experts, renormalised gates, plus the shared expert) on experts
+stacked once (`MoEWeights.from_experts`, called by the engine's conversion: onerec/engine/layers.py),
+organised for the GPU. This module holds the weights, the routing plan and the PyTorch reference;
+onerec/kernels/triton_fused_moe.py the Triton kernels.
 
-1. route: router GEMM, softmax, top-k, renormalise (the module's own math, `MoE.route`);
+1. route: router GEMM, softmax, top-k, renormalise (the module's own math);
 2. plan (`plan_routes`; the Triton kernel computes the same plan): the (token, slot) pairs are
    sorted by expert; per-expert row offsets, a tile -> expert map and each tile's row range stay
    on the device. Shapes are static (a grid of cdiv(pairs, BLOCK_M) + experts tiles, the unused
@@ -22,23 +24,20 @@ blocks: `onerec.quant.fp8.quantize_blockwise`). Intermediate roundings follow th
 (gate, up, SiLU, product and expert output rounded to the model dtype), so the reference below
 equals the module up to FP32 summation order.
 
-`kernel="torch"`: `moe_reference`, plain PyTorch on any device (it syncs with the host once per
-call for the expert loop); `kernel="triton"`: the grouped kernels in onerec/kernels/triton_fused_moe.py.
+`Kernel.TORCH`: `moe_reference`, plain PyTorch on any device (it syncs with the host once per call
+for the expert loop); `Kernel.TRITON`: the grouped kernels in onerec/kernels/triton_fused_moe.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from onerec.quant.fp8 import BLOCK, FP8Linear, dequantize, quantize_blockwise
-
-if TYPE_CHECKING:  # onerec.model imports onerec.kernels
-    from onerec.model import MoE
 
 
 @dataclass
@@ -67,14 +66,14 @@ class MoEWeights:
         return self.w1_scale is not None
 
     @classmethod
-    def from_module(cls, moe: MoE, fp8: bool | None = None) -> MoEWeights | None:
-        """Stack `moe`'s experts; None when they cannot share one grouped GEMM (mixed formats).
+    def from_experts(cls, router: torch.Tensor, experts: Sequence[nn.Module], shared: nn.Module | None,
+                     top_k: int, fp8: bool | None = None) -> MoEWeights | None:
+        """Stack the SwiGLU `experts` (each with w1, w3, w2 layers) and the `shared` one; None when
+        they cannot share one grouped GEMM (mixed formats). router [n_routed, d]: the router's weight.
 
         fp8 None: as the experts are (nn.Linear -> bf16, FP8Linear with block scales -> FP8);
         True: bf16 experts are quantized here with 128x128 blocks.
         """
-        experts = list(moe.experts)
-        shared = moe.shared
         stacked = [_expert_weights(e, fp8) for e in experts]
         if any(s is None for s in stacked) or len({s[0].dtype for s in stacked}) != 1:
             return None
@@ -90,8 +89,8 @@ class MoEWeights:
             return None if parts[0] is None else torch.stack(parts)
 
         return cls(
-            router=moe.router.weight.detach(), w1=stack(0), w1_scale=stack(1), w3=stack(2), w3_scale=stack(3),
-            w2=stack(4), w2_scale=stack(5), top_k=moe.top_k, n_routed=len(experts), shared_folded=fold,
+            router=router.detach(), w1=stack(0), w1_scale=stack(1), w3=stack(2), w3_scale=stack(3),
+            w2=stack(4), w2_scale=stack(5), top_k=top_k, n_routed=len(experts), shared_folded=fold,
             shared=None if fold else shared,
         )
 
@@ -119,7 +118,7 @@ def _expert_weights(expert: nn.Module, fp8: bool | None):
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, d] -> (gates [N, k] fp32, renormalised, experts [N, k]): `MoE.route`'s math."""
+    """x [N, d] -> (gates [N, k] fp32, renormalised, experts [N, k]): the model MoE's routing math."""
     probs = torch.softmax(F.linear(x, router.to(x.dtype)).float(), dim=-1)
     gates, experts = probs.topk(top_k, dim=-1)
     return gates / gates.sum(-1, keepdim=True), experts
@@ -168,31 +167,6 @@ def plan_routes(gates: torch.Tensor, experts: torch.Tensor, n_experts: int, shar
         inverse=inverse.view(N, slots), offsets=offsets.to(torch.int32), tile_expert=tile_expert.to(torch.int32),
         tile_row=tile_row.to(torch.int32), block_m=block_m,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# the op: one entry, a kernel switch
-
-
-def moe(x: torch.Tensor, w: MoEWeights, kernel: str = "torch", config: dict | None = None) -> torch.Tensor:
-    """MoE layer on x [..., d] -> [..., d] (same as the module). kernel: torch | triton;
-    config: Triton launch values overriding the device table's or heuristic config
-    (`triton_fused_moe.moe_config`): BLOCK_M, per-kernel dicts gate_up / down, or BLOCK_N, BLOCK_K,
-    num_warps, num_stages for both kernels."""
-    if kernel not in ("torch", "triton"):
-        raise ValueError(f"moe: kernel must be torch or triton, got {kernel!r}")
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    gates, experts = route(x2, w.router, w.top_k)
-    if kernel == "torch":
-        out = moe_reference(x2, gates, experts, w)
-    else:
-        from onerec.kernels import triton_fused_moe
-
-        out = triton_fused_moe.moe(x2, gates, experts, w, config)
-    if w.shared is not None:
-        out = out + w.shared(x2)
-    return out.reshape(shape)
 
 
 def moe_reference(x: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor, w: MoEWeights) -> torch.Tensor:

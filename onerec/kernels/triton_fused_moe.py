@@ -1,6 +1,7 @@
-"""Triton kernels of the MoE op (onerec/kernels/fused_moe.py has the op, its plan and its PyTorch reference):
-the routing plan in three launches, the gate|up and down grouped GEMMs (bf16, or FP8 with block
-scales), the FP32 combine, and the 1x128 block quantization of x; and their launch configs.
+"""Triton kernels of the MoE op (entry `onerec.kernels.moe`; plan and PyTorch reference in
+onerec/kernels/fused_moe.py): the routing plan in three launches, the gate|up and down grouped
+GEMMs (bf16, or FP8 with block scales), the FP32 combine, and the 1x128 block quantization of x;
+and their launch configs.
 
 Launch configs (`moe_config`), the way vLLM keeps them: a table per device,
 configs/fused_moe_<device>.json (written by bench/tune_fused_moe.py), holds for each expert shape and

@@ -12,6 +12,9 @@ import pytest
 import torch
 from test_kernels import eager_run_equal_to_graph_replays, random_cuda_setup
 
+from onerec import kernels
+from onerec.engine.layers import stack_experts
+from onerec.kernels import Kernel
 from onerec.kernels import fused_moe as mk
 
 pytestmark = [
@@ -49,15 +52,15 @@ def moe_4b():
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("tokens", [512, 7 * 512 + 3])  # one user's beams; a ragged batch
 def test_grouped_expert_kernels_equal_the_reference(moe_4b, fp8, tokens):
-    weights = mk.MoEWeights.from_module(moe_4b, fp8=fp8)
+    weights = stack_experts(moe_4b, fp8=fp8)
     x = torch.randn(tokens, moe_4b.router.weight.shape[1], device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        ref = mk.moe(x, weights, "torch")
+        ref = kernels.moe(x, weights, Kernel.TORCH)
         for block_m in (16, 64):
-            out = mk.moe(x, weights, "triton", config=dict(BLOCK_M=block_m))
+            out = kernels.moe(x, weights, Kernel.TRITON, config=dict(BLOCK_M=block_m))
             assert rel(out, ref) < MOE_TOLERANCE[fp8], block_m
         if not fp8:
-            assert rel(mk.moe(x, weights, "triton"), moe_4b(x)) < MOE_TOLERANCE[fp8]
+            assert rel(kernels.moe(x, weights, Kernel.TRITON), moe_4b(x)) < MOE_TOLERANCE[fp8]
 
 
 @pytest.mark.parametrize("tokens, block_m", [(512, 16), (4096 + 5, 64)])
@@ -66,7 +69,7 @@ def test_route_plan_kernels_equal_the_torch_plan(moe_4b, tokens, block_m):
 
     x = torch.randn(tokens, moe_4b.router.weight.shape[1], device="cuda", dtype=torch.bfloat16)
     gates, chosen = mk.route(x, moe_4b.router.weight, moe_4b.top_k)
-    n_experts = mk.MoEWeights.from_module(moe_4b).w1.shape[0]  # routed + the folded shared expert
+    n_experts = stack_experts(moe_4b).w1.shape[0]  # routed + the folded shared expert
     ref = mk.plan_routes(gates, chosen, n_experts, True, block_m)
     out = tmk.plan_routes(gates, chosen, n_experts, True, block_m)
     for name in ("token", "gate", "inverse", "offsets", "tile_expert"):

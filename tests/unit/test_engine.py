@@ -6,18 +6,29 @@ tests/gpu/test_kernels.py.
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from onerec.engine.convert import serving_model
 from onerec.engine.engine import Engine, EngineConfig
+from onerec.engine.layers import (
+    FusedMoE,
+    ServingCachedSelfAttention,
+    ServingContextAttention,
+    ServingRMSNorm,
+    ServingSwiGLU,
+    stack_experts,
+)
 from onerec.generate import beam_search
-from onerec.kernels import reference
-from onerec.model import OneRecV2, OneRecV2Config, RMSNorm
+from onerec.kernels import Kernel, reference
+from onerec.model import CachedSelfAttention, ContextAttention, OneRecV2, OneRecV2Config, RMSNorm, SwiGLU
 from onerec.quant.fp8 import FP8Linear, quantize_per_token
 from onerec.semantic_ids import SemanticIdIndex
 
@@ -270,19 +281,63 @@ def test_engine_serves_the_model_without_changing_or_copying_it():
     assert served.blocks[0].cross_norm.weight is model.blocks[0].cross_norm.weight
     assert served.token_embedding.weight is model.token_embedding.weight
     assert served.blocks[0].cross_norm.quantize_output and served.blocks[0].ffn.w13 is not None
-    assert type(model.blocks[0].cross_q) is nn.Linear and model.blocks[0].ffn.w13 is None
-    assert not model.blocks[0].cross_norm.quantize_output
+    assert type(model.blocks[0].cross_q) is nn.Linear and type(model.blocks[0].ffn) is SwiGLU
+    assert type(model.blocks[0].cross_norm) is RMSNorm
     engine.recommend(sids, mask)
     after = beam_search(model, sids, mask, index, beam_size=16, k=10)
     assert torch.equal(after.items, before.items) and torch.equal(after.scores, before.scores)
 
 
+def test_serving_model_swaps_in_the_engines_modules_over_the_models_parameters():
+    """Triton kernels (converted on CPU, not run): every norm and attention op is the engine's, the
+    dense FFNs one w1|w3 GEMM, and the converted model holds the caller's parameters themselves."""
+    model, _, _, _ = _random_setup()
+    served = serving_model(model, fp8=False, quantize_context=True, kernel=Kernel.TRITON)
+    assert not any(type(m) is RMSNorm for m in served.modules())
+    assert sum(type(m) is ServingRMSNorm for m in served.modules()) == sum(type(m) is RMSNorm for m in model.modules())
+    for block, original in zip(served.blocks, model.blocks, strict=True):
+        assert type(block.cross_attn) is ServingContextAttention and type(block.cached_self_attn) is ServingCachedSelfAttention
+        assert type(block.ffn) is ServingSwiGLU and block.ffn.kernel is Kernel.TRITON
+        assert block.cross_q.weight.data_ptr() == original.cross_q.weight.data_ptr()  # bf16: the same storage
+        assert type(original.cross_attn) is ContextAttention and type(original.cached_self_attn) is CachedSelfAttention
+    model_tensors = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    assert all(id(t) in model_tensors for t in [*served.parameters(), *served.buffers()])
+    # the reference kernel: only what computes differently is swapped (FP8 outputs), the rest is the model's
+    torch_fp8 = serving_model(model, fp8=True, quantize_context=True, kernel=Kernel.TORCH)
+    assert type(torch_fp8.blocks[0].cross_norm) is ServingRMSNorm and torch_fp8.blocks[0].cross_norm.quantize_output
+    assert type(torch_fp8.head_norms[0]) is RMSNorm and type(torch_fp8.blocks[0].cross_attn) is ContextAttention
+
+
+def test_engine_config_parses_kernel_names_once():
+    config = EngineConfig(kernel="triton", moe_kernel="torch")
+    assert config.kernel is Kernel.TRITON and config.moe_kernel is Kernel.TORCH
+    assert EngineConfig(kernel=Kernel.TORCH).kernel is Kernel.TORCH and EngineConfig().kernel is None
+    with pytest.raises(ValueError, match="^unknown kernel 'cuda'; known: torch, triton$"):
+        EngineConfig(kernel="cuda")
+
+
+def test_kernels_take_what_they_need_of_the_model_as_arguments():
+    """No import loop between the model and its ops: onerec/kernels imports neither the model nor
+    the engine, and the model imports nothing of the engine."""
+    root = Path(__file__).resolve().parents[2] / "onerec"
+
+    def imports(path):
+        tree = ast.parse(path.read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    for path in sorted((root / "kernels").glob("*.py")):
+        assert not {m for m in imports(path) if m.startswith(("onerec.model", "onerec.engine"))}, path.name
+    assert not {m for m in imports(root / "model.py") if m.startswith("onerec.engine")}
+
+
 def test_moe_kernel_switch_refuses_a_fused_kernel_without_stacked_experts():
+    from onerec.quant.recipes import quantize
+
     model, _, _, _ = _random_setup("tiny-moe")
-    moe = model.blocks[1].ffn
-    moe.kernel = "triton"
+    quantize(model, "fp8_dynamic")  # per-channel FP8 experts: a layout the grouped GEMM cannot take
     with pytest.raises(ValueError, match="'triton' needs the stacked experts"):
-        moe(torch.randn(2, model.cfg.d_model))
+        FusedMoE(stack_experts(model.blocks[1].ffn), Kernel.TRITON)
 
 
 def test_varlen_cross_attention_layout_reads_exactly_the_real_keys(monkeypatch):

@@ -12,11 +12,14 @@ import torch
 from test_engine import _random_setup
 from triton_interpreter import compile_for_hopper, interpret_triton, requires_triton
 
+from onerec import kernels
 from onerec.engine.engine import Engine, EngineConfig
+from onerec.engine.layers import FusedMoE, stack_experts
 from onerec.generate import beam_search
+from onerec.kernels import Kernel
 from onerec.kernels import fused_moe as mk
 from onerec.kernels import triton_fused_moe as tmk
-from onerec.model import OneRecV2, OneRecV2Config
+from onerec.model import MoE, OneRecV2, OneRecV2Config
 from onerec.quant.fp8 import FP8Linear
 from onerec.quant.recipes import quantize
 
@@ -52,9 +55,9 @@ def test_moe_reference_equals_the_model_moe(dtype, tol):
     x = torch.randn(3, 41, 64, dtype=dtype)
     with torch.no_grad():
         for block in model.blocks[1:]:
-            weights = mk.MoEWeights.from_module(block.ffn)
+            weights = stack_experts(block.ffn)
             assert weights.shared_folded and weights.w1.shape[0] == 5 and not weights.fp8
-            assert rel(mk.moe(x, weights, "torch"), block.ffn(x)) < tol
+            assert rel(kernels.moe(x, weights, Kernel.TORCH), block.ffn(x)) < tol
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
@@ -67,18 +70,18 @@ def test_moe_fp8_block_reference_equals_the_quantized_model_moe(dtype, tol):
         quantize(model, "fp8_block")
         moe = model.blocks[1].ffn
         assert isinstance(moe.experts[0].w1, FP8Linear) and isinstance(moe.shared.w2, FP8Linear)
-        weights = mk.MoEWeights.from_module(moe)
+        weights = stack_experts(moe)
         assert weights.fp8 and weights.shared_folded
-        out = mk.moe(x, weights, "torch")
+        out = kernels.moe(x, weights, Kernel.TORCH)
         assert rel(out, moe(x)) < tol
         assert 1e-3 < rel(out, high) < 0.15  # FP8 noise is there, and small
 
 
 def test_moe_weights_quantized_on_the_fly_equal_the_fp8_block_recipe():
     model = _tiny_moe(torch.bfloat16)
-    on_the_fly = mk.MoEWeights.from_module(model.blocks[2].ffn, fp8=True)
+    on_the_fly = stack_experts(model.blocks[2].ffn, fp8=True)
     quantize(model, "fp8_block")
-    recipe = mk.MoEWeights.from_module(model.blocks[2].ffn)
+    recipe = stack_experts(model.blocks[2].ffn)
     for name in ("w1", "w2", "w3", "w1_scale", "w2_scale", "w3_scale"):
         assert torch.equal(getattr(on_the_fly, name).float(), getattr(recipe, name).float()), name
 
@@ -86,7 +89,7 @@ def test_moe_weights_quantized_on_the_fly_equal_the_fp8_block_recipe():
 def test_moe_experts_in_a_format_the_grouped_gemm_cannot_take_stay_on_the_module():
     model = _tiny_moe(torch.bfloat16)
     quantize(model, "fp8_dynamic")  # per-channel FP8 experts
-    assert mk.MoEWeights.from_module(model.blocks[1].ffn) is None
+    assert stack_experts(model.blocks[1].ffn) is None
 
 
 @pytest.mark.parametrize("block_m", [16, 32])
@@ -121,11 +124,11 @@ def test_route_plan_tiles_cover_each_pair_once_and_never_straddle_experts(block_
 @pytest.mark.parametrize("fp8", [False, True])
 def test_moe_triton_kernels_equal_the_reference_interpreted(interpreted, dtype, fp8):
     model = _tiny_moe(dtype, seed=2)
-    weights = mk.MoEWeights.from_module(model.blocks[1].ffn, fp8=fp8)
+    weights = stack_experts(model.blocks[1].ffn, fp8=fp8)
     x = torch.randn(37, 64, dtype=dtype)
-    ref = mk.moe(x, weights, "torch")
+    ref = kernels.moe(x, weights, Kernel.TORCH)
     for block_m in (16, 32):  # 16: many tiles per expert; 32: partial tiles
-        out = mk.moe(x, weights, "triton", config=dict(BLOCK_M=block_m))
+        out = kernels.moe(x, weights, Kernel.TRITON, config=dict(BLOCK_M=block_m))
         assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-3)
 
 
@@ -217,8 +220,8 @@ def test_engine_with_the_fused_moe_equals_plain_beam_search(request, moe_kernel)
     want = beam_search(model, sids, mask, index, beam_size=16, k=10)
     engine = Engine(model, index, EngineConfig(beam_size=16, k=10, moe_kernel=moe_kernel))
     fused = [b.ffn for b in engine.model.blocks[1:]]
-    assert all(m.weights is not None and m.kernel == moe_kernel for m in fused)
-    assert model.blocks[1].ffn.weights is None  # the caller's model is left as it is
+    assert all(isinstance(m, FusedMoE) and m.weights is not None and m.kernel is Kernel(moe_kernel) for m in fused)
+    assert type(model.blocks[1].ffn) is MoE  # the caller's model is left as it is
     assert engine.has_moe == (moe_kernel == "torch")  # only the Triton path is free of host syncs
     got = engine.recommend(sids, mask)
     assert torch.equal(got.items, want.items)

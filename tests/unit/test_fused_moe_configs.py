@@ -12,7 +12,8 @@ import torch
 from triton_interpreter import compile_for_hopper, interpret_triton, requires_triton
 
 from bench import tune_fused_moe as tune
-from onerec.kernels import fused_moe as mk
+from onerec import kernels
+from onerec.kernels import Kernel
 from onerec.kernels import triton_fused_moe as tmk
 
 LIMIT = tmk.HOPPER_SHARED_MEMORY
@@ -198,5 +199,5 @@ def test_tuned_table_is_what_the_kernels_run_with_interpreted(interpreted, confi
         chosen = results[fmt][40]["chosen"]  # 37 tokens: the nearest tuned count is 40
         assert tmk.moe_config(37, w, x.device) == chosen != tmk.choose_config(37, w, None, LIMIT)  # not the heuristic
         with torch.no_grad():
-            assert (mk.moe(x, w, "triton").float() - mk.moe(x, w, "torch").float()).norm() < (
-                1e-3 * mk.moe(x, w, "torch").float().norm())
+            assert (kernels.moe(x, w, Kernel.TRITON).float() - kernels.moe(x, w, Kernel.TORCH).float()).norm() < (
+                1e-3 * kernels.moe(x, w, Kernel.TORCH).float().norm())

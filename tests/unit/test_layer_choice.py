@@ -14,7 +14,8 @@ import torch
 from test_engine import _random_setup
 
 from onerec.engine import layer_choice
-from onerec.engine.engine import FUSED_INPUT, Engine, EngineConfig
+from onerec.engine.convert import FUSED_INPUT
+from onerec.engine.engine import Engine, EngineConfig
 from onerec.engine.linear import FP8RowwiseMethod, UnquantizedMethod
 from onerec.errors import UserError
 from onerec.generate import beam_search
