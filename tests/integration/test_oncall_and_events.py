@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -55,6 +56,50 @@ def test_failing_dag_run_mails_on_call(local_stack, tmp_path):
     assert "no version 424242" in error and "Traceback" not in mail.get_content()
     [link] = [line for line in lines if line.startswith("Log:   ")]
     assert link.startswith(f"Log:   {local_stack['services']['airflow']['url']}/dags/onerec_fp8_rollback/runs/")
+
+
+@pytest.mark.slow
+def test_rollback_form_input_is_refused_in_one_line(local_stack):
+    """Bad rollback form input through the real Airflow (its REST trigger, what the form posts): the
+    trigger is accepted (no raw JSON-schema text), the run's check_form task fails at once without a
+    retry, the rollback never starts, and on-call's mail says in one line what to fix."""
+    maildir = Path(local_stack["state_dir"]) / "mail"
+    dag = "onerec_fp8_rollback"
+    expected = {  # what the form sent -> the start of the one line that says what is wrong
+        "version": ({"reason": "INC-7: p99 doubled", "version": "v2"}, "version: a registry version number such as 12"),
+        "reason": ({"reason": "x", "version": None}, "reason: say why you roll back, at least 3 characters"),
+    }
+    with airflow_api(local_stack) as airflow:
+        wait_for("the rollback DAG", lambda: airflow.get(f"/api/v2/dags/{dag}").status_code == 200, 240)
+        airflow.patch(f"/api/v2/dags/{dag}", json={"is_paused": False}).raise_for_status()
+        try:
+            for field, (conf, message) in expected.items():
+                mail = _failed_run_and_its_mail(airflow, dag, conf, maildir, f"the rollback run with a bad {field}")
+                assert mail["Subject"].startswith(f"[onerec-fp8] {dag}.check_form failed: {message}"), mail["Subject"]
+                [error] = [line for line in mail.get_content().splitlines() if line.startswith("Error: ")]
+                assert error.startswith(f"Error: {message}") and "Traceback" not in mail.get_content()
+        finally:
+            airflow.patch(f"/api/v2/dags/{dag}", json={"is_paused": True})
+
+
+def _failed_run_and_its_mail(airflow, dag: str, conf: dict, maildir: Path, what: str):
+    """Trigger `dag` with `conf` as the form does; the run fails in check_form at its first try,
+    the rollback never starts; returns the one failure mail."""
+    before = len(read_mail(maildir))
+    reply = airflow.post(f"/api/v2/dags/{dag}/dagRuns", json={"logical_date": None, "conf": conf})
+    assert reply.status_code == 200, reply.text
+    runs = f"/api/v2/dags/{dag}/dagRuns/{quote(reply.json()['dag_run_id'], safe='')}"
+
+    def finished():
+        run = airflow.get(runs).json()
+        return run if run["state"] in ("success", "failed") else None
+
+    assert wait_for(what, finished, 300, every_s=3)["state"] == "failed"
+    tis = {t["task_id"]: t for t in airflow.get(f"{runs}/taskInstances").json()["task_instances"]}
+    assert tis["check_form"]["state"] == "failed" and tis["check_form"]["try_number"] == 1
+    assert tis["rollback"]["state"] == "upstream_failed"
+    [mail] = wait_for("the failure mail", lambda: read_mail(maildir)[before:] or None, timeout_s=90)
+    return mail
 
 
 @pytest.mark.slow
