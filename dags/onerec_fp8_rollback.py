@@ -34,7 +34,7 @@ from onerec_fp8_common import DEFAULT_ARGS, NO_RETRY, ON_FAILURE, START_DATE, co
         "reason": Param(None, type=["null", "string"], title="Reason (required)",
                         description="Why roll back, at least 3 characters: the incident link or the symptom, "
                                     "e.g. 'INC-42: p99 latency doubled'. Recorded on the version rolled back from."),
-        "version": Param(None, type=["null", "string", "integer"], title="Version to restore (optional)",
+        "version": Param(None, type=["null", "string"], title="Version to restore (optional)",
                          description="A registry version number such as 12 (digits only). Leave empty to "
                                      "restore the version with alias previous-champion."),
     },
