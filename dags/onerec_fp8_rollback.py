@@ -2,8 +2,9 @@
 
 Trigger it from the Airflow UI ("Trigger DAG" shows the form): `reason` is required and recorded
 on the version rolled back from (rollback_reason, rolled_back_at, rolled_back_by); `version` is
-optional (default: the version with alias previous-champion; digits only, anything else is refused
-by the form and, if it gets through, fails the run at once without a retry). Only a version that
+optional (default: the version with alias previous-champion). The form takes any text: its first
+task, check_form, checks both fields and fails the run at once (no retry) with one line that says
+what to fix, where the form would otherwise answer with raw JSON-schema text. Only a version that
 was deployed and not rolled back, with verified provenance, is restored. The rollout happens
 first; the aliases move back only when it succeeded.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from airflow.sdk import Param, dag, task
-from onerec_fp8_common import DEFAULT_ARGS, ON_FAILURE, START_DATE, config, run_step
+from onerec_fp8_common import DEFAULT_ARGS, NO_RETRY, ON_FAILURE, START_DATE, config, run_step
 
 
 @dag(
@@ -27,24 +28,34 @@ from onerec_fp8_common import DEFAULT_ARGS, ON_FAILURE, START_DATE, config, run_
     default_args={**DEFAULT_ARGS, "retries": 1},
     tags=["onerec", "fp8", "rollback", "on-call"],
     doc_md=__doc__,
+    # Schemas that take whatever the form sends (text or empty): check_form says in one line what is
+    # wrong, where a violated schema constraint would show jsonschema's raw text above the form.
     params={
-        "reason": Param(type="string", minLength=3, title="Reason",
-                        description="Why roll back (incident link, symptom). Recorded on the version."),
-        "version": Param(None, type=["null", "string"], pattern="^[0-9]+$", title="Version",
-                         description="Registry version number to restore; empty: the previous-champion alias."),
+        "reason": Param(None, type=["null", "string"], title="Reason (required)",
+                        description="Why roll back, at least 3 characters: the incident link or the symptom, "
+                                    "e.g. 'INC-42: p99 latency doubled'. Recorded on the version rolled back from."),
+        "version": Param(None, type=["null", "string"], title="Version to restore (optional)",
+                         description="A registry version number such as 12 (digits only). Leave empty to "
+                                     "restore the version with alias previous-champion."),
     },
 )
 def onerec_fp8_rollback():
-    @task
-    def rollback(**context) -> dict:
-        from tasks.rollback import rollback
+    @task(**NO_RETRY)
+    def check_form(**context) -> dict:
+        from tasks.rollback import rollback_request
 
         params = context["params"]
-        dag_run = context["dag_run"]
-        by = getattr(dag_run, "triggering_user_name", None) or "airflow"
-        return run_step(rollback, config(), params["reason"], params.get("version") or None, by=by)
+        reason, version = run_step(rollback_request, params.get("reason"), params.get("version"))
+        return {"reason": reason, "version": version}
 
-    rollback()
+    @task
+    def rollback(request: dict, **context) -> dict:
+        from tasks.rollback import rollback
+
+        by = getattr(context["dag_run"], "triggering_user_name", None) or "airflow"
+        return run_step(rollback, config(), request["reason"], request["version"], by=by)
+
+    rollback(check_form())
 
 
 onerec_fp8_rollback()

@@ -3,7 +3,9 @@
 - registered model `onerec-v2-fp8` (PipelineConfig.model_name); one MLflow run per pipeline
   run in experiment `onerec-fp8-pipeline`, with params (checkpoint URI + sha256, recipe,
   calibration URI + sha256, the resolved config), every gate figure as a metric, and the
-  reports (gate JSON, plots, distribution analysis, Data Docs) as artifacts under reports/;
+  reports (gate JSON, plots, distribution analysis, Data Docs) as artifacts under reports/, which
+  is the run's own folder in the artifact store (a later run, same date or not, writes its own),
+  with reports/manifest.json (each file's sha256) and the run tag reports_sha256 (the manifest's);
 - gates passed: a model version (pyfunc from tasks/pyfunc_model.py, the quantized folder as
   artifact "quantized") tagged checkpoint_uri, checkpoint_sha256, calibration_sha256, recipe,
   gates=passed (or passed-latency-unmeasured), approval=pending, the signed `provenance`
@@ -24,6 +26,7 @@ import re
 from pathlib import Path
 
 from onerec.errors import UserError
+from onerec.manifest import MANIFEST, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +327,10 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
         mlflow.log_metrics(gate_metrics(gates))
         # the exact bytes the provenance signs (promote re-reads them from the run)
         _, gates_sha256 = provenance.write_gates_report(gates, report_dir)
+        # the report set by content: reports/manifest.json lists each file's sha256, the run's tag
+        # reports_sha256 names the manifest (the run's artifact folder is never written again)
+        write_manifest(report_dir)
+        mlflow.set_tag("reports_sha256", sha256_file(Path(report_dir) / MANIFEST))
         mlflow.log_artifacts(report_dir, "reports")
         if not passed:
             # gates: failed | inconclusive | unmeasured (none of them is a pass)

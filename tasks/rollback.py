@@ -30,13 +30,30 @@ log = logging.getLogger(__name__)
 MAX_VERSION = 2**31 - 1  # the registry stores versions as 32-bit integers
 
 
+MIN_REASON_CHARS = 3
+
+
+def rollback_request(reason, version=None) -> tuple[str, str | None]:
+    """The rollback form's two fields checked: (reason, version or None for previous-champion).
+
+    Bad input is a StepFailed with one line an operator reads in the task's log and the failure
+    mail (the Airflow form itself would answer a schema violation with raw JSON-schema text).
+    """
+    if not isinstance(reason, str) or len(reason.strip()) < MIN_REASON_CHARS:
+        raise StepFailed(f"reason: say why you roll back, at least {MIN_REASON_CHARS} characters (the incident "
+                         "link or the symptom); it is recorded on the version rolled back from")
+    if version is None or (isinstance(version, str) and not version.strip()):
+        return reason.strip(), None
+    text = str(version).strip()
+    if isinstance(version, bool) or not (len(text) <= 10 and text.isascii() and text.isdigit()
+                                         and 1 <= int(text) <= MAX_VERSION):
+        raise StepFailed(f"version: a registry version number such as 12 (digits only, 1..{MAX_VERSION}), or "
+                         f"empty to restore the previous champion; got {str(version)[:40]!r}")
+    return reason.strip(), str(int(text))
+
+
 def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", mlflow_client=None) -> dict:
-    if not reason or not reason.strip():
-        raise UserError("a rollback needs a reason (it is recorded on the version)")
-    if version is not None and not (str(version).strip().isdigit() and 1 <= int(version) <= MAX_VERSION):
-        raise StepFailed(f"version must be a registry version number (digits only, 1..{MAX_VERSION}), "
-                         f"not {str(version)[:40]!r}")
-    version = str(version).strip() if version is not None else None
+    reason, version = rollback_request(reason, version)
     c = mlflow_client or client(cfg)
     name = cfg.model_name
     with serving_change(cfg):

@@ -18,7 +18,8 @@ suites, each run on its own batch:
     (the reference's CATEGORY_BUCKETS most frequent values, the rest and unseen values in one
     bucket; category__<name>).
 
-Data Docs HTML is written to <report_dir>/data_docs/ and a PNG of the checks and the drift to
+Data Docs HTML is written to <report_dir>/data_docs/ (styled with no network: tasks.data_docs)
+and a PNG of the checks and the drift to
 <report_dir>/calibration_validation.png. A passing snapshot's profile is stored under the table's
 digest and becomes the reference (s3://BUCKET/PREFIX/calibration/accepted/profile.json) when a
 version made from it is approved (tasks.approval.accept_calibration).
@@ -37,6 +38,7 @@ import pandas as pd
 
 from onerec.errors import UserError
 from onerec.features import as_strings, is_categorical
+from tasks.data_docs import make_offline
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +385,7 @@ def validate_calibration(
                      "reference_calibration_sha256": reference.get("calibration_sha256", "")}
             failed += _failures(drift_result)
     ctx.build_data_docs()
+    make_offline(docs_dir)  # styled with no network, from the run's artifacts too
 
     passed = not failed
     result = {

@@ -5,7 +5,8 @@ The pipeline registers a candidate (approval=pending); the browser signs in as t
 approver, opens the version page, reads the review (the description), approves with the clicks
 docs/runbook.md documents (the pencil on the `approval` row, value `approved`, Save), and the
 approval alone (MLflow webhook -> relay -> Airflow asset event -> onerec_fp8_promote) makes the
-local endpoint serve that version. Set ONEREC_SCREENSHOT_DIR to keep the page's screenshots
+local endpoint serve that version; the review's Data Docs open styled in the run's artifact
+view. Set ONEREC_SCREENSHOT_DIR to keep the page's screenshots
 (docs/images/ holds the committed ones; fixtures/browser.py).
 """
 
@@ -131,6 +132,10 @@ def test_an_approver_approves_in_the_mlflow_ui_and_promote_serves_it(local_stack
             assert run["state"] == "success", run
             assert promoted_by(airflow, run)["promoted"] == version
             assert _alias(c, cfg.model_name, "champion") == version
+
+            # the review's Data Docs link: the run's artifact view shows the page styled, its tables
+            # built, with nothing loaded from the network (tasks.data_docs)
+            data_docs_opens_styled_in_the_run_artifacts(driver, c, cfg, version, tmp_path)
         served = httpx.post(f"http://127.0.0.1:{overrides['local_serve_port']}/v1/recommend",
                             json={"users": [{"history": [1, 2, 3]}], "k": 3}, timeout=60, trust_env=False)
         assert served.status_code == 200, served.text
@@ -143,3 +148,26 @@ def _alias(c, name: str, alias: str) -> str | None:
     from tasks.promote import alias_version
 
     return alias_version(c, name, alias)
+
+
+def data_docs_opens_styled_in_the_run_artifacts(driver, c, cfg, version: str, tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tasks.review_page import run_url
+
+    run = c.get_run(c.get_model_version(cfg.model_name, version).run_id)
+    driver.get(f"{run_url(cfg.tracking_uri(), run.info.experiment_id, run.info.run_id)}"
+               "/artifacts/reports/validation/data_docs/index.html")
+    wait = WebDriverWait(driver, 60)
+    wait.until(ec.frame_to_be_available_and_switch_to_it((By.CSS_SELECTOR, "iframe.mlflow-html-iframe")))
+    try:
+        cell = wait.until(lambda d: [td for td in d.find_elements(By.CSS_SELECTOR, "table td")
+                                     if td.text.strip() == "calibration_requests"])[0]
+        assert cell.value_of_css_property("border-top-style") == "solid"  # the inline stylesheet applies
+        assert driver.execute_script("return document.querySelectorAll('link[href^=\"http\"], "
+                                     "script[src^=\"http\"]').length") == 0
+    finally:
+        driver.switch_to.default_content()
+    screenshot(driver, tmp_path, "mlflow-data-docs.png")

@@ -11,9 +11,11 @@ import hashlib
 import hmac
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
+from fixtures.browser import screenshot, sign_in_to_airflow
 from fixtures.stack import airflow_api, wait_for
 
 from ops.smtp_sink import read_mail
@@ -55,6 +57,98 @@ def test_failing_dag_run_mails_on_call(local_stack, tmp_path):
     assert "no version 424242" in error and "Traceback" not in mail.get_content()
     [link] = [line for line in lines if line.startswith("Log:   ")]
     assert link.startswith(f"Log:   {local_stack['services']['airflow']['url']}/dags/onerec_fp8_rollback/runs/")
+
+
+@pytest.mark.slow
+def test_rollback_form_input_is_refused_in_one_line(local_stack, chromium, tmp_path):
+    """Bad rollback form input through the real Airflow: in the UI's trigger form (headless Chromium),
+    which shows each field's title and rule, and through the REST trigger the form posts to. The
+    trigger is accepted (no raw JSON-schema text), the run's check_form task fails at once without
+    a retry, the rollback never starts, and on-call's mail says in one line what to fix."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    maildir = Path(local_stack["state_dir"]) / "mail"
+    dag = "onerec_fp8_rollback"
+    bad_version = "version: a registry version number such as 12 (digits only"
+    bad_reason = "reason: say why you roll back, at least 3 characters"
+    with airflow_api(local_stack) as airflow:
+        wait_for("the rollback DAG", lambda: airflow.get(f"/api/v2/dags/{dag}").status_code == 200, 240)
+        airflow.patch(f"/api/v2/dags/{dag}", json={"is_paused": False}).raise_for_status()
+        try:
+            # the form, as on-call fills it in: a version that is not a number
+            before, known = len(read_mail(maildir)), set(_run_ids(airflow, dag))
+            sign_in_to_airflow(chromium, local_stack)
+            chromium.get(f"{local_stack['services']['airflow']['url']}/dags/{dag}")
+            # the UI re-renders while it loads: a button found a moment ago may be gone, look again
+            wait = WebDriverWait(chromium, 60, ignored_exceptions=(StaleElementReferenceException,))
+            wait.until(lambda d: _click(_button(d, "Trigger")))
+            reason = wait.until(ec.element_to_be_clickable((By.ID, "element_reason")))
+            dialog = (By.XPATH, "//*[@id='element_reason']/ancestor::*[@role='dialog'][1]")  # the trigger form's
+            form = chromium.find_element(*dialog).text
+            for shown in ("Reason (required)", "at least 3 characters", "Version to restore (optional)",
+                          "digits only", "previous-champion"):
+                assert shown in form, form
+            reason.send_keys("INC-7: p99 doubled")
+            chromium.find_element(By.ID, "element_version").send_keys("v2")
+            screenshot(chromium, tmp_path, "airflow-rollback-form.png")
+            wait.until(lambda d: _click(_button(d.find_element(*dialog), "Trigger")))
+            [run_id] = wait_for("the run the form started",
+                                lambda: [r for r in _run_ids(airflow, dag) if r not in known], 60)
+            _failed_in_check_form(airflow, dag, run_id)
+            _assert_one_line_mail(maildir, before, dag, bad_version)
+
+            # the REST trigger the form posts to: a reason too short
+            before = len(read_mail(maildir))
+            reply = airflow.post(f"/api/v2/dags/{dag}/dagRuns",
+                                 json={"logical_date": None, "conf": {"reason": "x", "version": None}})
+            assert reply.status_code == 200, reply.text
+            _failed_in_check_form(airflow, dag, reply.json()["dag_run_id"])
+            _assert_one_line_mail(maildir, before, dag, bad_reason)
+        finally:
+            airflow.patch(f"/api/v2/dags/{dag}", json={"is_paused": True})
+
+
+def _button(within, text: str):
+    """The last button labelled `text` in `within` (a page or an element), None while there is none."""
+    from selenium.webdriver.common.by import By
+
+    found = [b for b in within.find_elements(By.TAG_NAME, "button") if b.text.strip() == text]
+    return found[-1] if found else None
+
+
+def _click(button) -> bool:
+    if button is None:
+        return False
+    button.click()
+    return True
+
+
+def _run_ids(airflow, dag: str) -> list[str]:
+    return [r["dag_run_id"] for r in airflow.get(f"/api/v2/dags/{dag}/dagRuns").json()["dag_runs"]]
+
+
+def _failed_in_check_form(airflow, dag: str, run_id: str) -> None:
+    """The run failed in check_form at its first try; the rollback never started."""
+    runs = f"/api/v2/dags/{dag}/dagRuns/{quote(run_id, safe='')}"
+
+    def finished():
+        run = airflow.get(runs).json()
+        return run if run["state"] in ("success", "failed") else None
+
+    assert wait_for(f"rollback run {run_id}", finished, 300, every_s=3)["state"] == "failed"
+    tis = {t["task_id"]: t for t in airflow.get(f"{runs}/taskInstances").json()["task_instances"]}
+    assert tis["check_form"]["state"] == "failed" and tis["check_form"]["try_number"] == 1
+    assert tis["rollback"]["state"] == "upstream_failed"
+
+
+def _assert_one_line_mail(maildir: Path, before: int, dag: str, message: str) -> None:
+    [mail] = wait_for("the failure mail", lambda: read_mail(maildir)[before:] or None, timeout_s=90)
+    assert mail["Subject"].startswith(f"[onerec-fp8] {dag}.check_form failed: {message}"), mail["Subject"]
+    [error] = [line for line in mail.get_content().splitlines() if line.startswith("Error: ")]
+    assert error.startswith(f"Error: {message}") and "Traceback" not in mail.get_content()
 
 
 @pytest.mark.slow

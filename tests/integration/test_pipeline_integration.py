@@ -821,6 +821,54 @@ def test_a_failed_gate_fails_the_dag_run_and_mails_on_call(local_stack, stack, t
     screenshot(chromium, tmp_path, "airflow-grid-failed-gate.png")
 
 
+def test_two_versions_published_on_one_date_keep_their_reports_and_data_docs_open_offline(stack, tiny, tmp_path):
+    """Two checkpoints with two calibration tables published on one date: each version's run holds
+    its own reports (gate JSON and plots, Data Docs, the review's evidence) whose bytes the second
+    run leaves as they were, each set named by its digest (reports/manifest.json, tag
+    reports_sha256); the Data Docs downloaded from the run open with no network."""
+    import hashlib
+
+    import mlflow
+    import pandas as pd
+
+    from onerec.manifest import MANIFEST, sha256_file, verify_manifest
+    from tasks.data_docs import offline_problems
+    from tasks.requantize import run_requantize
+
+    cfg = config(stack, "reportkeys")
+
+    def reports_of(run_id: str, where: Path) -> dict[str, str]:
+        folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="reports", dst_path=str(where)))
+        verify_manifest(folder)  # every file with the bytes the run's manifest names
+        assert mlflow.get_run(run_id).data.tags["reports_sha256"] == sha256_file(folder / MANIFEST)
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
+    first = run_requantize(cfg)
+    first_reports = reports_of(first["run_id"], tmp_path / "first")
+    assert {"gates.json", "quality_gate.json", "quality_gate.png", "validation/data_docs/index.html"} <= set(first_reports)
+
+    other = tmp_path / "other.parquet"  # another table on the same date, another checkpoint
+    pd.read_parquet(tiny.calibration_path).iloc[::-1].to_parquet(other)
+    publish(cfg, variant(tiny.checkpoint_dir, tmp_path / "v2", "v2"), other, "20260101T120000Z")
+    second = run_requantize(cfg)
+    assert second["version"] not in (None, first["version"]) and second["run_id"] != first["run_id"]
+    second_reports = reports_of(second["run_id"], tmp_path / "second")
+
+    assert reports_of(first["run_id"], tmp_path / "first-again") == first_reports  # byte for byte
+    assert second_reports["gates.json"] != first_reports["gates.json"]  # its own evidence (other checkpoint)
+    tags = [mlflow.get_run(r["run_id"]).data.tags["reports_sha256"] for r in (first, second)]
+    assert tags[0] != tags[1]
+    for run in (first, second):  # each version points at its own run's reports
+        assert versions_by_number(cfg)[run["version"]].run_id == run["run_id"]
+    assert offline_problems(tmp_path / "second" / "reports" / "validation" / "data_docs") == []
+
+
+def versions_by_number(cfg) -> dict:
+    return {v.version: v for v in versions(cfg)}
+
+
 def test_calibration_is_immutable_and_the_drift_reference_moves_only_on_approval(stack, tiny, tmp_path):
     import pandas as pd
 

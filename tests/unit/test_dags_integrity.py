@@ -51,7 +51,7 @@ dags = {
     dag_id: {"tags": sorted(dag.tags or []), "default_args": {k: repr(v) for k, v in (dag.default_args or {}).items()},
              "dagrun_timeout": repr(dag.dagrun_timeout), "on_failure": repr(dag.on_failure_callback),
              "tasks": {t.task_id: repr(t.execution_timeout) for t in dag.tasks},
-             "params": {k: dict(p.schema) for k, p in dag.params.items()}}
+             "params": {k: {**dict(p.schema), "description": p.description} for k, p in dag.params.items()}}
     for dag_id, dag in bag.dags.items()
 }
 print(json.dumps({"baseline": baseline, "after_import": after_import, "culprits": culprits, "dags": dags,
@@ -136,14 +136,29 @@ def test_every_dag_times_out_and_tells_on_call(reports):
         assert not untimed, f"{dag_id} ({file}): tasks without execution_timeout: {untimed}"
 
 
-def test_rollback_form_accepts_digits_only(reports):
+def test_rollback_form_takes_what_the_form_sends_and_check_form_says_what_is_wrong(reports):
+    """The form's schemas take any text or nothing (a violated constraint would show jsonschema's raw
+    text); the first task refuses bad input in one line that names the field and what it takes."""
     import jsonschema
+
+    from tasks.requantize import StepFailed
+    from tasks.rollback import rollback_request
 
     [params] = [dag["params"] for r in reports for dag_id, dag in r.get("dags", {}).items()
                 if dag_id == "onerec_fp8_rollback"]
-    schema = params["version"]
-    jsonschema.validate("12", schema)
-    jsonschema.validate(None, schema)
-    for bad in ("v2", "2; rm -rf /", "", " 3"):
-        with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(bad, schema)
+    for field in ("reason", "version"):
+        assert params[field]["title"] and len(params[field]["description"]) > 40, params[field]
+        for sent in (None, "", "v2", "2; rm -rf /"):
+            jsonschema.validate(sent, params[field])
+
+    assert rollback_request(" INC-42: p99 doubled ", " 0012") == ("INC-42: p99 doubled", "12")
+    assert rollback_request("INC-42", "") == ("INC-42", None)
+    assert rollback_request("INC-42", 7) == ("INC-42", "7")
+    for reason in (None, "", "  ", "ab"):
+        with pytest.raises(StepFailed, match=r"^reason: say why you roll back, at least 3 characters") as bad:
+            rollback_request(reason, None)
+        assert "\n" not in str(bad.value)
+    for version in ("v2", "2; rm -rf /", "0", "-1", "1.5", "\u00b2", "9" * 5000, str(2**31), True, [3]):
+        with pytest.raises(StepFailed, match=r"^version: a registry version number such as 12 \(digits only") as bad:
+            rollback_request("INC-42", version)
+        assert "\n" not in str(bad.value) and len(str(bad.value)) < 200

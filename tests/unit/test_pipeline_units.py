@@ -218,6 +218,30 @@ def test_drift_against_the_accepted_snapshot(tmp_path, checkpoint):
     assert [f["column"] for f in shifted["failed"]] == ["popularity_bucket"]
 
 
+def test_data_docs_open_styled_with_no_network(tmp_path, checkpoint):
+    """Every page (index, suites, both validations with their charts) loads nothing over http(s)
+    and finds every file it references beside it; GX's own pages, unchanged, would not."""
+    from tasks.data_docs import MARK, make_offline, offline_problems
+    from tasks.validate import data_profile
+
+    run_validation(tmp_path, checkpoint, requests(400, 5), data_profile(requests(400, 4)))
+    docs = tmp_path / "report" / "data_docs"
+    pages = sorted(docs.rglob("*.html"))
+    assert len(pages) == 5 and offline_problems(docs) == []
+    assert make_offline(docs) == 5 and offline_problems(docs) == []  # once only
+    [drift_path] = [p for p in pages if p.name == "calibration_drift-calibration_drift.html"]
+    drift_page = drift_path.read_text()
+    assert drift_page.count(MARK) == 1 and "vegaEmbed(" in drift_page and "window.vegaEmbed" in drift_page
+    assert "bootstrapTable(" in (docs / "index.html").read_text()  # built by the inline script
+
+    gx_page = drift_page.replace(MARK, "").replace(
+        "</head>", '<link rel="stylesheet" href="https://maxcdn.bootstrapcdn.com/bootstrap/4.3.1/css/bootstrap.min.css"/>'
+                   '<script src="./static/scripts/gone.js"></script></head>')
+    drift_path.write_text(gx_page)
+    problems = offline_problems(docs)
+    assert len(problems) == 3 and all(p.startswith(drift_path.relative_to(docs).as_posix()) for p in problems), problems
+
+
 # --- gates, metrics, adapters -------------------------------------------------------------------------
 
 
