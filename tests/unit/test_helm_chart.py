@@ -36,6 +36,11 @@ VALUE_SETS = {
         "server": {"maxBatchSize": 128, "maxWaitMs": 2, "extraArgs": ["--access-log"]},
         "podDisruptionBudget": {"enabled": False},
     },
+    "canary-autoscaled": {
+        **MODEL, "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 6},
+        "canary": {"enabled": True, "weights": [10, 50, 100], "pauseSeconds": 300,
+                   "analysis": {"maxErrorRate": 0.02, "maxP99LatencySeconds": 0.25}},
+    },
 }
 
 
@@ -51,6 +56,8 @@ def render(values: dict, name: str = "onerec") -> dict[str, dict]:
         for doc in yaml.safe_load_all(text):
             if doc:
                 key = "TestPod" if "tests/" in path else doc["kind"]
+                if key == "Service" and doc["metadata"]["name"].endswith("-canary"):
+                    key += "/canary"  # the canary Service beside the stable one
                 assert key not in objects, f"two {key} objects"
                 objects[key] = doc
     return objects
@@ -133,18 +140,55 @@ def test_rendered_manifests(name):
     assert test_pod["spec"]["securityContext"]["runAsNonRoot"] is True
 
     assert m["ServiceAccount"]["metadata"]["name"] == spec["serviceAccountName"]
+    if merged["canary"]["enabled"]:
+        check_canary(m, merged)
+    else:
+        assert {"Rollout", "AnalysisTemplate", "Service/canary"}.isdisjoint(m)
     if merged["autoscaling"]["enabled"]:
         hpa = m["HorizontalPodAutoscaler"]
-        assert "replicas" not in deployment["spec"]
+        assert "replicas" not in (m.get("Rollout") or deployment)["spec"]
         assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+        assert hpa["spec"]["scaleTargetRef"]["kind"] == ("Rollout" if merged["canary"]["enabled"] else "Deployment")
         assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 6)
     else:
         assert "HorizontalPodAutoscaler" not in m
-        assert deployment["spec"]["replicas"] == merged["replicaCount"]
+        assert (m.get("Rollout") or deployment)["spec"]["replicas"] == merged["replicaCount"]
     assert ("PodDisruptionBudget" in m) == merged["podDisruptionBudget"]["enabled"]
     if "PodDisruptionBudget" in m:
         assert m["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == selector
     assert merged["model"]["uri"] in m["NOTES"]
+
+
+def check_canary(m: dict, merged: dict) -> None:
+    """The Argo Rollout walks the configured weights over the Deployment's pods, judged by the
+    AnalysisTemplate on the canary pods' series; the Deployment keeps no pods of its own."""
+    rollout, analysis, deployment = m["Rollout"], m["AnalysisTemplate"], m["Deployment"]
+    assert deployment["spec"]["replicas"] == 0
+    assert rollout["spec"]["workloadRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                              "name": deployment["metadata"]["name"], "scaleDown": "never"}
+    assert rollout["spec"]["selector"] == deployment["spec"]["selector"]
+    canary = rollout["spec"]["strategy"]["canary"]
+    assert canary["stableService"] == m["Service"]["metadata"]["name"]
+    assert canary["canaryService"] == m["Service/canary"]["metadata"]["name"]
+    assert m["Service/canary"]["spec"]["selector"] == m["Service"]["spec"]["selector"]
+    weights = [w for w in merged["canary"]["weights"] if w < 100]
+    assert canary["steps"] == [s for w in weights for s in (
+        {"setWeight": w}, {"pause": {"duration": f"{merged['canary']['pauseSeconds']}s"}})]
+    assert canary["analysis"]["templates"] == [{"templateName": analysis["metadata"]["name"]}]
+    assert canary["analysis"]["args"][0]["valueFrom"] == {"podTemplateHashValue": "Latest"}
+    metrics = {metric["name"]: metric for metric in analysis["spec"]["metrics"]}
+    assert set(metrics) == {"error-rate", "p99-latency", "ready"}
+    limits = merged["canary"]["analysis"]
+    assert metrics["error-rate"]["successCondition"].endswith(f"<= {limits['maxErrorRate']}")
+    assert metrics["p99-latency"]["successCondition"].endswith(f"<= {limits['maxP99LatencySeconds']}")
+    for metric in metrics.values():
+        query = metric["provider"]["prometheus"]["query"]
+        assert f'{limits["podHashLabel"]}="{{{{args.canary-hash}}}}"' in query  # the canary pods only
+        # the series the server exports (onerec.serve.app.Metrics), on the routes it labels
+        assert any(name in query for name in ("onerec_http_responses_total", "onerec_request_duration_seconds_bucket",
+                                              "onerec_ready"))
+    # two backslashes in the PromQL string: the regex gets \{name\}, the literal route label (onerec.serve.app._route)
+    assert r'"/v1/recommend|/v2/models/\\{name\\}/infer"' in metrics["error-rate"]["provider"]["prometheus"]["query"]
 
 
 def test_a_new_model_version_or_config_changes_the_pod_template():
