@@ -57,14 +57,22 @@ def test_image_specifics():
 
 def test_the_wheel_carries_the_chart_the_helm_target_renders(tmp_path):
     """An installed pipeline (not a checkout) finds the chart as package data of ops.rollout."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
     from ops.rollout import helm
 
+    # what the Airflow image copies, built outside the checkout (setuptools writes build/ into the source)
+    source = tmp_path / "src"
+    for name in ("onerec", "ops", "tasks", "onerec_fp8", "helm"):
+        shutil.copytree(ROOT / name, source / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+                            str(tmp_path), str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = tmp_path.glob("onerec_fp8-*.whl")
     packed = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("ops/rollout/charts/onerec-serving/")}
