@@ -36,6 +36,11 @@ VALUE_SETS = {
         "server": {"maxBatchSize": 128, "maxWaitMs": 2, "extraArgs": ["--access-log"]},
         "podDisruptionBudget": {"enabled": False},
     },
+    "monitored-locked-down": {
+        **MODEL, "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "networkPolicy": {"ingressNamespaces": ["monitoring", "ingress-nginx"], "egress": [
+            {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 443, "protocol": "TCP"}]}]},
+    },
     "canary-autoscaled": {
         **MODEL, "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 6},
         "canary": {"enabled": True, "weights": [10, 50, 100], "pauseSeconds": 300,
@@ -140,6 +145,15 @@ def test_rendered_manifests(name):
     assert test_pod["spec"]["securityContext"]["runAsNonRoot"] is True
 
     assert m["ServiceAccount"]["metadata"]["name"] == spec["serviceAccountName"]
+    check_network_policy(m.get("NetworkPolicy"), merged["networkPolicy"], selector)
+    if merged["metrics"]["serviceMonitor"]["enabled"]:
+        monitor = m["ServiceMonitor"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert (endpoint["port"], endpoint["path"]) == (service["spec"]["ports"][0]["name"], "/metrics")
+        assert merged["metrics"]["serviceMonitor"]["labels"].items() <= monitor["metadata"]["labels"].items()
+    else:
+        assert "ServiceMonitor" not in m
     if merged["canary"]["enabled"]:
         check_canary(m, merged)
     else:
@@ -150,6 +164,11 @@ def test_rendered_manifests(name):
         assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
         assert hpa["spec"]["scaleTargetRef"]["kind"] == ("Rollout" if merged["canary"]["enabled"] else "Deployment")
         assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 6)
+        # on the requests each pod has in flight (the server's gauge), not on CPU
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "onerec_in_flight_requests"
+        assert metric["pods"]["target"] == {"type": "AverageValue",
+                                            "averageValue": str(merged["autoscaling"]["targetInFlightRequestsPerPod"])}
     else:
         assert "HorizontalPodAutoscaler" not in m
         assert (m.get("Rollout") or deployment)["spec"]["replicas"] == merged["replicaCount"]
@@ -157,6 +176,26 @@ def test_rendered_manifests(name):
     if "PodDisruptionBudget" in m:
         assert m["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == selector
     assert merged["model"]["uri"] in m["NOTES"]
+
+
+def check_network_policy(policy: dict | None, values: dict, selector: dict) -> None:
+    """Ingress to the server pods only from their namespace and the listed ones, on the http port;
+    egress open unless peers are listed (then DNS plus those)."""
+    if not values["enabled"]:
+        assert policy is None
+        return
+    assert policy["spec"]["podSelector"]["matchLabels"] == selector
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    namespaces = [p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in rule["from"]
+                  if "namespaceSelector" in p]
+    assert rule["from"][0] == {"podSelector": {}} and namespaces == values["ingressNamespaces"]
+    if values["egress"]:
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        dns, *rest = policy["spec"]["egress"]
+        assert {p["port"] for p in dns["ports"]} == {53} and rest == values["egress"]
+    else:
+        assert policy["spec"]["policyTypes"] == ["Ingress"] and "egress" not in policy["spec"]
 
 
 def check_canary(m: dict, merged: dict) -> None:
@@ -201,6 +240,11 @@ def test_a_new_model_version_or_config_changes_the_pod_template():
 
 BAD_VALUES = {
     "negative replicas": {"replicaCount": -1},
+    "autoscaling on CPU": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 70}},
+    "zero in-flight target": {"autoscaling": {"targetInFlightRequestsPerPod": 0}},
+    "bad namespace name": {"networkPolicy": {"ingressNamespaces": ["Not_A_Namespace"]}},
+    "canary weight above 100": {"canary": {"enabled": True, "weights": [50, 150]}},
+    "canary prometheus not a URL": {"canary": {"analysis": {"prometheusAddress": "prometheus:9090"}}},
     "missing model uri": {"model": {"uri": None}},
     "empty model uri": {"model": {"uri": ""}},
     "model uri of another scheme": {"model": {"uri": "s3://bucket/model"}},
