@@ -274,3 +274,21 @@ def test_schema_file_is_valid_json_schema():
     jsonschema.Draft7Validator.check_schema(schema)
     with hp.Chart.load(CHART) as chart:
         jsonschema.validate(chart.values, schema)  # the chart's own defaults pass
+
+
+CRD_KINDS = {"Rollout", "AnalysisTemplate", "ServiceMonitor"}  # Argo Rollouts, Prometheus Operator: their own schemas
+
+
+@pytest.mark.parametrize("kube_version", ["1.25.0", "1.37.0"])  # the oldest Chart.yaml admits, the newest known
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_every_rendered_object_validates_against_the_kubernetes_schemas(name, kube_version):
+    """Strict: an unknown field or a wrong type anywhere in a core object fails here, not at install."""
+    import kubernetes_validate
+
+    validated = set()
+    for key, obj in render(VALUE_SETS[name]).items():
+        if key == "NOTES" or obj["kind"] in CRD_KINDS:
+            continue
+        kubernetes_validate.validate(obj, kube_version, strict=True)
+        validated.add(obj["kind"])
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "Pod", "NetworkPolicy"} <= validated
