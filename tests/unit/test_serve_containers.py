@@ -80,3 +80,16 @@ def test_the_wheel_carries_the_chart_the_helm_target_renders(tmp_path):
     files = {f"ops/rollout/charts/onerec-serving/{p.relative_to(chart).as_posix()}" for p in chart.rglob("*") if p.is_file()}
     assert packed == files and "ops/rollout/charts/onerec-serving/templates/rollout.yaml" in packed
     assert helm.CHART.resolve() == chart.resolve() and (helm.CHART / "Chart.yaml").is_file()
+
+
+def test_the_gpu_pods_work_volume_manifest_is_what_they_mount():
+    import kubernetes_validate
+    import yaml
+
+    from onerec.settings import GpuPodConfig, Settings
+
+    (claim,) = yaml.safe_load_all((ROOT / "containers" / "k8s" / "pipeline-work.yaml").read_text())
+    kubernetes_validate.validate(claim, "1.25.0", strict=True)
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["metadata"]["name"] == GpuPodConfig().work_claim
+    assert claim["metadata"]["namespace"] == Settings().k8s_namespace
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # the workers and GPU pods on other nodes at once
