@@ -80,7 +80,8 @@ def run_pod(command: list[str], xcom: dict, tmp_path: Path, state_dir: str) -> d
     xcom_file = tmp_path / "return.json"
     rendered[rendered.index("--xcom-file") + 1] = str(xcom_file)
     env = {**os.environ, "ONEREC_STATE_DIR": state_dir,
-           "ONEREC_QUALITY_GATE": json.dumps({"max_relative_recall_drop": 1.0, "min_topk_overlap": 0.0, "beam_size": 8})}
+           "ONEREC_QUALITY_GATE": json.dumps({"max_relative_recall_drop": 1.0, "max_relative_ndcg_drop": 1.0,
+                                               "min_topk_overlap": 0.0, "beam_size": 8})}
     done = subprocess.run([sys.executable, "-m", "onerec_fp8.cli", *rendered[1:]], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
     assert done.returncode in (0, 3), done.stderr[-3000:]
