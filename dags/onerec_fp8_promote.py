@@ -4,7 +4,9 @@ Triggered by the asset `onerec_model_approved` (the approval relay posts it when
 tag is set on a version) and hourly as a safety net. Applies the approvers' decisions and
 expiry to the versions' state records, then promotes the newest approved version whose
 provenance verifies (rollout target: local or helm), moving champion / previous-champion only
-after the rollout succeeded. A refused version (forged, tampered, dead, older than the champion)
+after the rollout succeeded. With canary steps configured (config key `canary`) the version first
+walks them beside the champion; a failed step rolls back, marks the version, mails on-call and
+fails the run (tasks/canary.py). The run's timeout leaves room for the steps. A refused version (forged, tampered, dead, older than the champion)
 fails the run, so on-call hears of it. Nothing approves here (docs/runbook.md).
 """
 
@@ -21,7 +23,7 @@ MODEL_APPROVED = Asset(name="onerec_model_approved")  # ops.airflow_events.MODEL
 @dag(
     dag_id="onerec_fp8_promote",
     schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("@hourly", timezone="UTC"), assets=[MODEL_APPROVED]),
-    dagrun_timeout=timedelta(hours=1),
+    dagrun_timeout=timedelta(hours=6),  # a canary's steps (each up to its step_timeout_s) run inside
     on_failure_callback=ON_FAILURE,
     start_date=START_DATE,
     catchup=False,
@@ -37,7 +39,8 @@ def onerec_fp8_promote():
 
         return expire_stale(config())
 
-    @task(**NO_RETRY)
+    # a canary walk: steps of up to canary.step_timeout_s; a timeout stops it, which rolls back
+    @task(**NO_RETRY, execution_timeout=timedelta(hours=5))
     def promote_newest_approved(reviewed: dict) -> dict:
         from tasks.promote import promote_newest_approved
 

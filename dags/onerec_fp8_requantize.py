@@ -7,9 +7,10 @@ and no version when they fail, are inconclusive or cannot measure (then the regi
 red in the Grid, on-call mailed with the reason and the run's link). A checkpoint already registered with the same recipe stops the run
 after `check_registered`. The tasks are tasks.requantize.STEPS, in that order, each calling its
 step function. GPU steps run in the worker by default; with ONEREC_GPU_EXECUTOR=kubernetes each
-one is a KubernetesPodOperator pod asking for nvidia.com/gpu: 1 (image
-containers/Dockerfile.gpu-worker) running `onerec-fp8 pipeline exec STEP --inputs JSON`, sharing
-the work folder through the PVC `onerec-pipeline-work`.
+one is a KubernetesPodOperator pod asking for nvidia.com/gpu: 1 (image ONEREC_GPU_IMAGE, a full
+reference, from containers/Dockerfile.gpu-worker) running `onerec-fp8 pipeline exec STEP --inputs
+JSON`, sharing the work folder through a PVC; its requests, limits, node selector, tolerations,
+start-up timeout and whether a failed pod is kept come from ONEREC_GPU_POD (onerec.settings.GpuPodConfig).
 """
 
 from __future__ import annotations
@@ -60,19 +61,25 @@ def _gpu_pod(step: Step):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
-    state_dir = SETTINGS.state_dir
+    state_dir, pod = SETTINGS.state_dir, SETTINGS.gpu_pod
     inputs = "{" + ", ".join(f'"{name}": {{{{ ti.xcom_pull(task_ids={name!r}) | tojson }}}}'
                              for name in step.inputs) + "}"
     return KubernetesPodOperator(
         task_id=step.name, name=f"onerec-{step.name.replace('_', '-')}",
         cmds=["onerec-fp8"], arguments=pod_arguments(step.name, inputs),
         image=SETTINGS.gpu_image, namespace=SETTINGS.k8s_namespace, do_xcom_push=True, get_logs=True,
-        on_finish_action="delete_pod",
-        container_resources=k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}),
+        # a failed pod stays for kubectl logs/describe (keep_failed_pods); a succeeded one goes
+        on_finish_action="delete_succeeded_pod" if pod.keep_failed_pods else "delete_pod",
+        startup_timeout_seconds=pod.startup_timeout_s,  # the CUDA image pull onto a fresh GPU node
+        container_resources=k8s.V1ResourceRequirements(
+            requests=dict(pod.requests), limits={**pod.limits, "nvidia.com/gpu": "1"}),
+        node_selector=dict(pod.node_selector) or None,
+        tolerations=[k8s.V1Toleration(**t) for t in pod.tolerations] or None,
+        service_account_name=pod.service_account or None,
         env_vars={"ONEREC_STATE_DIR": state_dir},
-        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name="onerec-pipeline-env"))],
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=pod.env_from))],
         volumes=[k8s.V1Volume(name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name="onerec-pipeline-work"))],
+            claim_name=pod.work_claim))],
         volume_mounts=[k8s.V1VolumeMount(name="work", mount_path=state_dir)],
         **GPU_STEP,
     )

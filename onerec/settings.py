@@ -52,6 +52,32 @@ def secret_fields(cls) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class GpuPodConfig:
+    """The Kubernetes pod of a GPU step of the requantize DAG (ONEREC_GPU_POD, a JSON object; the
+    given keys replace these defaults). One GPU is always in the limits."""
+
+    requests: dict = dataclasses.field(default_factory=lambda: {"cpu": "8", "memory": "48Gi"})
+    limits: dict = dataclasses.field(default_factory=lambda: {"memory": "96Gi"})
+    node_selector: dict = dataclasses.field(default_factory=dict)  # e.g. {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    tolerations: list = dataclasses.field(default_factory=lambda: [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    # a pod waits this long to start: pulling a CUDA image (several GiB) onto a fresh GPU node takes minutes
+    startup_timeout_s: int = 1800
+    keep_failed_pods: bool = True  # a failed pod stays for `kubectl logs/describe`; succeeded ones go
+    service_account: str = ""  # "" = the namespace's default
+    work_claim: str = "onerec-pipeline-work"  # the PVC the steps share their work folder through
+    env_from: str = "onerec-pipeline-env"  # the Secret (by name) whose keys become the pod's environment
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(x, dict) for x in (self.requests, self.limits, self.node_selector)):
+            raise ValueError("requests, limits and node_selector must be JSON objects")
+        if not isinstance(self.tolerations, list) or not all(isinstance(t, dict) for t in self.tolerations):
+            raise ValueError("tolerations must be a list of JSON objects")
+        if not 60 <= int(self.startup_timeout_s) <= 7200:
+            raise ValueError("startup_timeout_s must be in 60..7200")
+
+
+@dataclass(frozen=True)
 class Settings:
     # where things live
     state_dir: str = str(REPO_ROOT / ".onerec")
@@ -87,7 +113,9 @@ class Settings:
     kubeconfig: str | None = None
     # where the GPU steps of the requantize DAG run: in the Airflow worker, or one Kubernetes pod per step
     gpu_executor: str = "in_process"  # in_process | kubernetes
-    gpu_image: str = "onerec-fp8-gpu:0.1.0"  # built from containers/Dockerfile.gpu-worker
+    # built from containers/Dockerfile.gpu-worker; a full reference (registry, repository, tag or @digest)
+    gpu_image: str = "ghcr.io/onerec-fp8/onerec-fp8-gpu:0.1.0"
+    gpu_pod: GpuPodConfig = dataclasses.field(default_factory=GpuPodConfig)
     k8s_namespace: str = "onerec"
 
     def __post_init__(self) -> None:
@@ -95,6 +123,10 @@ class Settings:
             raise UserError(f"rollout target must be local or helm, not {self.rollout_target!r} (ONEREC_ROLLOUT_TARGET)")
         if self.gpu_executor not in ("in_process", "kubernetes"):
             raise UserError(f"gpu executor must be in_process or kubernetes, not {self.gpu_executor!r} (ONEREC_GPU_EXECUTOR)")
+        name = self.gpu_image.split("@")[0].rsplit("/", 1)[-1]
+        if "/" not in self.gpu_image or not ("@sha256:" in self.gpu_image or ":" in name) or name.endswith(":latest"):
+            raise UserError(f"gpu image must be a full reference REGISTRY/REPOSITORY:TAG or @sha256:DIGEST, not "
+                            f"{self.gpu_image!r} (ONEREC_GPU_IMAGE)")
         object.__setattr__(self, "s3_prefix", self.s3_prefix.strip("/"))
 
     # --- construction -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     pending -> approved -> deployed -> rolled_back
     pending -> rejected | expired
+    approved -> rolled_back      (its canary failed: tasks/canary.py)
 
 rejected, expired and rolled_back are terminal: such a version is never promoted again. A
 superseded champion stays `deployed`, which is what rollback may restore.
@@ -39,7 +40,8 @@ from tasks.requantize import StepFailed
 
 log = logging.getLogger(__name__)
 
-TRANSITIONS = {"pending": ("approved", "rejected", "expired"), "approved": ("deployed",), "deployed": ("rolled_back",)}
+TRANSITIONS = {"pending": ("approved", "rejected", "expired"), "approved": ("deployed", "rolled_back"),
+               "deployed": ("rolled_back",)}
 TERMINAL = ("rejected", "expired", "rolled_back")
 DECISIONS = ("pending", "approved", "rejected")  # what an approver may write into `approval`
 REFUSED_TAG, PROBLEM_TAG, STATE_TAG = "promotion_refused", "approval_problem", "state"

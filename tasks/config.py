@@ -22,6 +22,7 @@ from onerec.engine.latency_gate import LatencyGateConfig
 from onerec.errors import UserError
 from onerec.quant.quality_gate import QualityGateConfig
 from onerec.settings import AIRFLOW_VARIABLE, Secret, Settings
+from ops.rollout.canary import CanaryConfig
 
 __all__ = ["AIRFLOW_VARIABLE", "PipelineConfig", "load_config"]
 
@@ -48,6 +49,9 @@ class PipelineConfig(Settings):
     latency_gate: LatencyGateConfig = field(default_factory=LatencyGateConfig)
     quality_eval_requests: int = 1024  # held-out calibration users the quality gate scores (at most), x positions
     latency_gate_blocking: bool = True  # production: a gate that cannot measure blocks; the local demo: False
+    # promotion: the canary's steps and thresholds (ops.rollout.canary.CanaryConfig, a JSON object:
+    # ONEREC_CANARY='{"weights": [5, 25, 100], "hold_s": 600}'); no weights: all traffic at once
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
     # approval
     approval_max_age_hours: float = 72.0  # a pending candidate older than this expires
     mlflow_approvers: str = "approver"  # MLflow accounts whose approval counts (comma-separated)

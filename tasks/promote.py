@@ -12,7 +12,10 @@ version (promotion_refused) and an error; nothing is deployed and no alias moves
     challenger        -> removed when it pointed at the promoted version
     version tags      deployed_at, helm_revision, previous_champion_version
 
-A failed rollout raises and leaves every alias and tag as it was.
+A failed rollout raises and leaves every alias and tag as it was. With canary steps configured
+(PipelineConfig.canary) and a champion serving, the version first walks the canary beside it
+(tasks/canary.py); a failed step rolls back to the champion, marks the version rolled_back,
+notifies on-call and raises, with no alias moved.
 
 Promote and rollback change what serves, so they take turns (`serving_change`): a lock per model
 on this host, and, for runs on other hosts, the champion read before the rollout must still be the
@@ -117,8 +120,14 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
         from ops import rollout as rollout_api
 
         digest = checked["evidence"]["version_sha256"]  # the server loads only bytes that hash to it
-        rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, digest=digest,
-                                     **rollout_options(cfg))
+        if cfg.canary.weights and champion and champion != version and cfg.rollout_target == "local":
+            from tasks.canary import walk
+
+            # step by step beside the champion; a failed step rolls back, marks, notifies and raises
+            rollout = walk(cfg, c, version, model_uri, digest, champion)
+        else:
+            rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, digest=digest,
+                                         **rollout_options(cfg))
         require_champion_unchanged(c, name, champion)
         # Only now, with the rollout done, the registry says so.
         transition(cfg, c, version, "deployed", by="pipeline", note=f"rollout revision {rollout.get('revision', '')}",

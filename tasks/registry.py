@@ -7,7 +7,8 @@
   is the run's own folder in the artifact store (a later run, same date or not, writes its own),
   with reports/manifest.json (each file's sha256) and the run tag reports_sha256 (the manifest's);
 - gates passed: a model version (pyfunc from tasks/pyfunc_model.py, the quantized folder as
-  artifact "quantized") tagged checkpoint_uri, checkpoint_sha256, calibration_sha256, recipe,
+  artifact "quantized", the onerec library in code/ and only published requirements: pyfunc_model)
+  tagged checkpoint_uri, checkpoint_sha256, calibration_sha256, recipe,
   gates=passed (or passed-latency-unmeasured), approval=pending, the signed `provenance`
   (tasks.provenance), a state record `pending` (tasks.approval), the reviewer's description
   (tasks.review_page) and alias `challenger`;
@@ -33,6 +34,28 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "onerec-fp8-pipeline"
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
 PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
+DISTRIBUTION = "onerec-fp8"  # this package: not published, so the model carries the library itself
+
+
+def pyfunc_model(quantized_dir: str | Path) -> dict:
+    """The arguments of mlflow.pyfunc.log_model / save_model for the pyfunc of `quantized_dir`.
+
+    The environment restores from what the model lists: the library the model code imports
+    (onerec/) travels in the model's code/ folder, and the requirements are the library's own
+    dependencies (this package's core requirements, each published on PyPI; MLflow adds its own
+    pin). Nothing names this unpublished package. Explicit requirements: inferring them would load
+    the model once more in a subprocess.
+    """
+    from importlib.metadata import requires
+
+    import onerec
+
+    return {
+        "python_model": str(PYFUNC_CODE), "artifacts": {"quantized": str(quantized_dir)},
+        "signature": model_signature(quantized_dir),
+        "code_paths": [str(Path(onerec.__file__).resolve().parent)],
+        "pip_requirements": [r for r in requires(DISTRIBUTION) or [] if "extra ==" not in r],
+    }
 
 
 def use_service_account(cfg) -> None:
@@ -341,12 +364,7 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
                     "run_url": run_url(cfg.tracking_uri(), run.info.experiment_id, run_id)}
         description = version_description(cfg, gates, quantized_dir, run.info.experiment_id, run_id,
                                           cfg.tracking_uri())
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_CODE), artifacts={"quantized": str(quantized_dir)},
-            signature=model_signature(quantized_dir),
-            # explicit: inferring requirements would load the model once more in a subprocess
-            pip_requirements=["onerec-fp8", "torch==2.13.0", "safetensors", "pandas", "numpy"],
-        )
+        info = mlflow.pyfunc.log_model(name="model", **pyfunc_model(quantized_dir))
         version = mlflow.register_model(info.model_uri, cfg.model_name,
                                         tags={**tags, "gates": label, "approval": "pending"}).version
         winner = settle_duplicates(c, cfg, checkpoint_sha256, cfg.recipe, version)

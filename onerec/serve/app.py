@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from onerec import __version__
 from onerec.errors import UserError
+from onerec.serve import open_inference as oip
 from onerec.serve.batcher import BatcherStopped, DynamicBatcher
 from onerec.serve.guard import RequestGuard, read_body
 from onerec.serve.model_store import (
@@ -312,7 +313,7 @@ class ServerState:
 
 def _route(path: str) -> str:
     if path.startswith("/v2/models/"):
-        return "/v2/models/{name}"
+        return "/v2/models/{name}/infer" if path.endswith("/infer") else "/v2/models/{name}"
     return path if path in ("/v1/recommend", "/v2/health/live", "/v2/health/ready", "/v2", "/metrics") else "other"
 
 
@@ -410,22 +411,27 @@ def create_app(
     app.add_middleware(RequestGuard, metrics=metrics, route_of=_route, body_timeout_s=config.body_timeout_s,
                        max_in_flight=config.max_in_flight)
 
-    @app.post("/v1/recommend")
-    async def recommend(request: Request):
+    async def json_body(request: Request, type_optional: bool = False) -> bytes | JSONResponse:
+        """The body of a JSON POST, or the 400/413/415 answer. `type_optional`: a request without a
+        Content-Type is read as JSON (the Open Inference Protocol names none; its clients send none)."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type not in JSON_TYPES:
+        if content_type not in JSON_TYPES and not (type_optional and not content_type):
             return _error(415, f"Content-Type must be application/json, not {content_type or 'missing'!r}")
+        if "inference-header-content-length" in request.headers:
+            return _error(400, "binary tensor data is not supported; send the tensors as JSON")
         body = await read_body(request, config.max_body_bytes)
         if body is None:
             return _error(413, f"body larger than {config.max_body_bytes} bytes")
-        try:
-            req = RecommendRequest.model_validate_json(body)
-        except ValidationError as exc:
-            return _validation_error(exc)
-        if len(req.users) > config.max_users:
-            return _error(422, f"too many users: {len(req.users)} > {config.max_users} per request")
-        beam = req.beam if req.beam is not None else max(config.default_beam, req.k or 0)
-        k = req.k if req.k is not None else min(config.default_k, beam)
+        return body
+
+    async def answer(users: list[tuple[list[int], dict | None]], k: int | None, beam: int | None):
+        """(served, k, width, results) for the users, or the error answer; one path for /v1 and /v2."""
+        if len(users) > config.max_users:
+            return _error(422, f"too many users: {len(users)} > {config.max_users} per request")
+        beam = beam if beam is not None else max(config.default_beam, k or 0)
+        k = k if k is not None else min(config.default_k, beam)
+        if k > beam:
+            return _error(422, f"k ({k}) must not exceed beam ({beam})")
         if beam > config.max_beam:
             return _error(422, f"beam {beam} exceeds this server's maximum {config.max_beam}")
         if not state.serving:
@@ -436,15 +442,15 @@ def create_app(
             return _error(422, f"beam {beam}: this server searches with beam widths {list(served.beam_widths)}; "
                                f"ask for at most {max(served.beam_widths)}")
         try:
-            users = [encode_user(served, prepare_user(served, u.history, u.profile)) for u in req.users]
+            prepared = [encode_user(served, prepare_user(served, history, profile)) for history, profile in users]
         except ProfileError as exc:
             return _error(422, str(exc))
-        for user in users:
+        for user in prepared:
             for feature in user.unseen:
                 metrics.unseen_profile_values.labels(feature).inc()
         metrics.in_flight.inc()
         try:
-            results = await state.batcher.submit(users, k, width)
+            results = await state.batcher.submit(prepared, k, width)
         except BatcherStopped as exc:
             return _error(503, f"not accepting requests: {exc}")
         finally:
@@ -457,10 +463,58 @@ def create_app(
         metrics.users.inc(len(results))
         metrics.unknown_items.inc(sum(r.unknown_items for r in results))
         metrics.truncated_items.inc(sum(r.truncated_items for r in results))
+        return served, k, width, results
+
+    @app.post("/v1/recommend")
+    async def recommend(request: Request):
+        body = await json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            req = RecommendRequest.model_validate_json(body)
+        except ValidationError as exc:
+            return _validation_error(exc)
+        answered = await answer([(u.history, u.profile) for u in req.users], req.k, req.beam)
+        if isinstance(answered, JSONResponse):
+            return answered
+        served, k, width, results = answered
         return {
             "model": {"name": served.name, "version": served.version, "kind": served.kind},
             "k": k, "beam": width,
             "users": [r.__dict__ for r in results],
+        }
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request):
+        """Open Inference Protocol: the recommend call as tensors (onerec.serve.open_inference)."""
+        if name != state.name:
+            return _error(404, f"unknown model {name!r}; this server serves {state.name!r}")
+        body = await json_body(request, type_optional=True)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            req = oip.InferRequest.model_validate_json(body)
+        except ValidationError as exc:
+            return _validation_error(exc)
+        if state.served is None:
+            return _error(503, f"model not ready ({state.reason()})")
+        served = state.served
+        try:
+            outputs = oip.check_outputs(req)
+            users = oip.parse_users(req, served.profile_features, list(served.model.cfg.categorical_features),
+                                    config.max_users)
+        except oip.TensorError as exc:
+            return _error(exc.status, str(exc))
+        params = req.parameters or oip.InferParameters()
+        answered = await answer(users, params.k, params.beam)
+        if isinstance(answered, JSONResponse):
+            return answered
+        served, k, width, results = answered
+        return {
+            "model_name": served.name, "model_version": served.version,
+            **({"id": req.id} if req.id is not None else {}),
+            "parameters": {"k": k, "beam": width, "kind": served.kind},
+            "outputs": oip.response_tensors(results, k, outputs),
         }
 
     @app.get("/v2/health/live")
@@ -478,17 +532,10 @@ def create_app(
         return {"name": "onerec-fp8", "version": __version__, "extensions": []}
 
     def model_metadata(served: ServedModel) -> dict:
-        P = len(served.model.cfg.profile_columns)
+        inputs, outputs = oip.model_tensors(served.profile_features, list(served.model.cfg.categorical_features))
         return {
             "name": served.name, "versions": [served.version], "platform": "pytorch",
-            "inputs": [
-                {"name": "history", "datatype": "INT64", "shape": [-1, -1]},
-                {"name": "profile", "datatype": "FP32", "shape": [-1, P]},
-            ],
-            "outputs": [
-                {"name": "items", "datatype": "INT64", "shape": [-1, -1]},
-                {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
-            ],
+            "inputs": inputs, "outputs": outputs,
             "parameters": {
                 "kind": served.kind, "digest": served.digest, "backend": served.backend, "device": served.device,
                 "recipe": ((served.recipe or {}).get("recipe") or {}).get("name"),
@@ -496,7 +543,7 @@ def create_app(
                 "categorical_profile_features": list(served.model.cfg.categorical_features),
                 "default_k": config.default_k, "default_beam": config.default_beam, "max_beam": config.max_beam,
                 "beam_widths": None if served.beam_widths is None else list(served.beam_widths),
-                "max_users": config.max_users, "ready": state.ready,
+                "max_users": config.max_users, "ready": state.ready, "history_padding": oip.PADDING_ITEM,
                 "startup_seconds": None if state.startup_s is None else round(state.startup_s, 2),
                 "cuda_graphs": state.prepared, **served_shapes(served),
             },

@@ -23,7 +23,9 @@ from ops.rollout import RolloutError
 
 log = logging.getLogger(__name__)
 
-CHART = Path(__file__).resolve().parents[2] / "helm" / "onerec-serving"
+# package data: ops/rollout/charts links to the repository's helm/ and the wheel carries the chart,
+# so an installed pipeline (the Airflow image) finds it beside this module
+CHART = Path(__file__).resolve().parent / "charts" / "onerec-serving"
 
 
 def _options(

@@ -8,7 +8,10 @@ the proxy to it, then stops the old server gracefully (it drains). Clients of th
 see a failed request. The server runs torch with `threads` CPU threads (default 1: the embedded
 stack shares a small machine with Airflow, MLflow and S3, where more OpenMP threads than free
 cores made a tiny model's beam search 10x slower). rollback starts the previous revision's
-version the same way. State (pids, ports, revisions) lives in <state_dir>/serving/local.json;
+version the same way. A canary (canary_start / canary_weight / canary_status / canary_end,
+driven by tasks/canary.py) is a second server beside the serving one that the proxy sends a share
+of the recommendation requests to and mirrors the rest to (ops/rollout/proxy.py). State (pids,
+ports, revisions, the canary) lives in <state_dir>/serving/local.json;
 `stop` keeps it, so `resume` (run by `onerec-fp8 stack up`) serves the current revision again on
 the same proxy port after a `stack down` or a reboot.
 """
@@ -140,27 +143,46 @@ def _proxy_token_file(folder: Path) -> Path:
     return path
 
 
-def _switch(proxy: dict, upstream: str) -> None:
+def _admin(proxy: dict, path: str, body: dict) -> dict:
+    """An authenticated admin call to the proxy (PUT `path`); httpx.HTTPError when it fails."""
     import httpx
 
     token = _proxy_token_file(Path(proxy["log"]).parent).read_text().strip()
+    reply = httpx.put(proxy["url"] + path, json=body, timeout=5.0, headers={"Authorization": f"Bearer {token}"})
+    reply.raise_for_status()
+    return reply.json()
+
+
+def _switch(proxy: dict, upstream: str) -> None:
+    import httpx
+
     try:
-        reply = httpx.put(proxy["url"] + "/_proxy/upstream", json={"url": upstream}, timeout=5.0,
-                          headers={"Authorization": f"Bearer {token}"})
-        reply.raise_for_status()
+        _admin(proxy, "/_proxy/upstream", {"url": upstream})
         if httpx.get(proxy["url"] + "/v2/health/ready", timeout=5.0).status_code != 200:
             raise RolloutError(f"the local endpoint {proxy['url']} is not ready through the proxy after the switch")
     except httpx.HTTPError as exc:
         raise RolloutError(f"could not switch the local endpoint {proxy['url']} to {upstream}: {exc}") from None
 
 
+def _set_canary(proxy: dict, upstream: str | None, weight: float = 0.0, version: str = "") -> dict:
+    """Send `weight` percent of the recommendation requests to `upstream` (None: none) and mirror the rest."""
+    import httpx
+
+    try:
+        return _admin(proxy, "/_proxy/canary", {"url": upstream, "weight": weight, "version": version, "mirror": True})
+    except httpx.HTTPError as exc:
+        raise RolloutError(f"could not set the canary of {proxy['url']} to {upstream} at {weight}%: {exc}") from None
+
+
 def _start_server(
     folder: Path, proxy: dict, previous: dict | None, revision: int, action: str, model_uri: str, version: str, *,
     digest: str | None = None, device: str = "auto", threads: int = 1, ready_timeout_s: float = 300,
     stop_timeout_s: float = 30, server_args: list[str] | None = None, env: dict | None = None,
+    canary_weight: float | None = None,
 ) -> dict:
-    """Start a server for `model_uri`, wait until it is ready, switch the proxy to it; its record.
-    On failure the proxy goes back to `previous` (when it still runs) and the new server stops."""
+    """Start a server for `model_uri`, wait until it is ready, switch the proxy to it (or, with
+    `canary_weight`, make it the proxy's canary at that share); its record. On failure the proxy
+    goes back to `previous` (when it still runs), or drops the canary, and the new server stops."""
     server_port = free_port()
     log_path = folder / f"server-r{revision}.log"
     cmd = _server_command(model_uri, version, digest, server_port, folder, device, threads, list(server_args or []))
@@ -172,10 +194,16 @@ def _start_server(
     }
     try:
         _wait_http(record["url"] + "/v2/health/ready", record, ready_timeout_s, log_path)
-        _switch(proxy, record["url"])
+        if canary_weight is None:
+            _switch(proxy, record["url"])
+        else:
+            _set_canary(proxy, record["url"], canary_weight, version)
     except BaseException:
         # the old server never stopped serving: put the proxy back if it moved, stop the new one
-        if previous and is_alive(previous):
+        if canary_weight is not None:
+            with contextlib.suppress(RolloutError):
+                _set_canary(proxy, None)
+        elif previous and is_alive(previous):
             with contextlib.suppress(RolloutError):
                 _switch(proxy, previous["url"])
         stop_processes([record], stop_timeout_s)
@@ -256,6 +284,87 @@ def rollback(model_uri: str | None = None, version: str | None = None, digest: s
     return _local_rollout(pinned_uri(model_uri, version), str(version), "rollback", digest=digest, **options)
 
 
+def canary_start(model_uri: str, version: str, weight: float, *, state_dir=None, port: int | None = None,
+                 stop_timeout_s: float = 30, **server_options) -> dict:
+    """Start `model_uri` beside the serving revision and send it `weight` percent of the
+    recommendation requests (the rest mirrored to it); the serving revision stays as it is.
+    A canary left by an interrupted run is stopped first."""
+    folder = _state_dir(state_dir)
+    with _locked(folder):
+        state = _read_state(folder)
+        current = state.get("current")
+        if not current or not is_alive(current):
+            raise RolloutError("a canary runs beside a serving version: nothing serves locally")
+        proxy = _ensure_proxy(folder, state, port)
+        if state.get("canary"):
+            stop_processes([state["canary"]], stop_timeout_s)
+        revision = state["revision"] + 1
+        record = _start_server(folder, proxy, current, revision, "canary", pinned_uri(model_uri, version), str(version),
+                               stop_timeout_s=stop_timeout_s, canary_weight=weight, **server_options)
+        state["canary"] = record
+        _write_state(folder, state)
+    return {"target": "local", "action": "canary", "url": proxy["url"], "version": str(version),
+            "server_url": record["url"], "weight": weight, "champion": current["version"]}
+
+
+def _canary_state(folder: Path) -> tuple[dict, dict]:
+    state = _read_state(folder)
+    if not state.get("canary"):
+        raise RolloutError("no canary is running locally")
+    return state, state["canary"]
+
+
+def canary_weight(weight: float, state_dir=None) -> dict:
+    """The running canary's share (percent); its evidence starts afresh."""
+    folder = _state_dir(state_dir)
+    with _locked(folder):
+        state, canary = _canary_state(folder)
+        return _set_canary(state["proxy"], canary["url"], weight, canary["version"])["canary"]
+
+
+def canary_status(state_dir=None) -> dict | None:
+    """The proxy's view of the canary: share, seconds, both arms' evidence and the mirror comparison."""
+    import httpx
+
+    state = _read_state(_state_dir(state_dir))
+    if not state.get("proxy"):
+        return None
+    try:
+        return httpx.get(state["proxy"]["url"] + "/_proxy/status", timeout=5.0).json()["canary"]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        raise RolloutError(f"the local endpoint {state['proxy']['url']} does not answer: {exc}") from None
+
+
+def canary_end(promote: bool, state_dir=None, stop_timeout_s: float = 30) -> dict:
+    """End the canary: `promote` makes it the serving revision (all traffic, the old server drains
+    and stops); otherwise all traffic goes back to the serving revision and the canary stops."""
+    folder = _state_dir(state_dir)
+    with _locked(folder):
+        state, canary = _canary_state(folder)
+        proxy, old = state["proxy"], state.get("current")
+        if promote:
+            _switch(proxy, canary["url"])
+        _set_canary(proxy, None)
+        if not promote:
+            state["canary"] = None
+            _write_state(folder, state)
+            stop_processes([canary], stop_timeout_s)
+            log.info("canary version %s stopped; revision %s serves everything", canary["version"], state["revision"])
+            return {"target": "local", "action": "canary-rolled-back", "revision": state["revision"], "url": proxy["url"],
+                    "version": (old or {}).get("version"), "rolled_back": canary["version"]}
+        revision = state["revision"] + 1
+        record = {**canary, "revision": revision, "deployed_at": _now()}
+        state.update(revision=revision, current=record, canary=None)
+        state["history"].append({k: v for k, v in record.items() if k not in ("pid", "create_time")})
+        _write_state(folder, state)
+        if old:
+            log.info("stopping revision %s (version %s, pid %s)", old["revision"], old["version"], old["pid"])
+            stop_processes([old], stop_timeout_s)
+    return {"target": "local", "action": "canary", "revision": revision, "url": proxy["url"], "version": record["version"],
+            "model_uri": record["model_uri"], "server_url": record["url"], "pid": record["pid"],
+            "replaced": None if not old else {"revision": old["revision"], "version": old["version"]}}
+
+
 def status(state_dir=None, **_) -> dict:
     folder = _state_dir(state_dir)
     state = _read_state(folder)
@@ -264,6 +373,7 @@ def status(state_dir=None, **_) -> dict:
         "target": "local", "revision": state["revision"], "url": (state.get("proxy") or {}).get("url"),
         "proxy_alive": _proxy_up(state.get("proxy")),
         "current": None if not current else {**current, "alive": is_alive(current)},
+        "canary": None if not state.get("canary") else {**state["canary"], "alive": is_alive(state["canary"])},
         "history": [{k: r[k] for k in ("revision", "action", "version", "model_uri", "deployed_at")} for r in state["history"]],
     }
 
@@ -275,8 +385,11 @@ def stop(state_dir=None, timeout_s: float = 30) -> dict:
     with _locked(folder):
         state = _read_state(folder)
         stopped = []
-        for key in ("current", "proxy"):
+        for key in ("canary", "current", "proxy"):
             if state.get(key) and is_alive(state[key]):
                 stop_processes([state[key]], timeout_s)
                 stopped.append(key)
+        if state.get("canary"):  # never resumed: a restarted endpoint serves the current revision only
+            state["canary"] = None
+            _write_state(folder, state)
     return {"target": "local", "stopped": stopped}

@@ -15,9 +15,19 @@ Bounded like the inference server it fronts (onerec.serve.guard, the same code):
 at most 1024 connections and 256 requests in flight (beyond: 503 + Retry-After; health checks
 exempt), an upstream answer of at most 16 MiB (else 502). Requests are not logged one by one.
 
-Admin (loopback only, as the proxy itself): PUT /_proxy/upstream {"url": "http://127.0.0.1:N"} with
-`Authorization: Bearer <token>`, the token read from --token-file (which must be 0600; anything
-else is refused with 401 and changes nothing); GET /_proxy/status (read-only, no token).
+Canary: PUT /_proxy/canary {"url": "http://127.0.0.1:M", "weight": 5, "version": "7", "mirror": true}
+sends that percentage of the recommendation requests (POST /v1/recommend and the Open Inference
+/v2/models/<name>/infer) to the canary server beside the upstream, mirrors the upstream's share to
+it when `mirror` is set (the canary's mirrored answers are compared, never returned) and keeps
+both arms' evidence (ops/rollout/canary.py), reset by each PUT; {"url": null} ends it (everything
+to the upstream again). Health, metadata and every other path always go to the upstream. The
+canary lives in memory only: a restarted proxy sends everything to the upstream. At most
+MIRROR_IN_FLIGHT mirrored requests run at once; beyond, a mirror is dropped (counted).
+
+Admin (loopback only, as the proxy itself): PUT /_proxy/upstream {"url": "http://127.0.0.1:N"} and
+PUT /_proxy/canary with `Authorization: Bearer <token>`, the token read from --token-file (which
+must be 0600; anything else is refused with 401 and changes nothing); GET /_proxy/status
+(read-only, no token: the upstream, and the canary with its evidence so far).
 No torch import: it starts in well under a second.
 """
 
@@ -28,7 +38,9 @@ import asyncio
 import json
 import logging
 import os
+import random
 import sys
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,6 +61,7 @@ LIMITS = {"header_timeout_s": 5.0, "max_header_bytes": 64 << 10, "max_connection
 BODY_TIMEOUT_S = 10.0
 MAX_IN_FLIGHT = 256
 GRACEFUL_S = 10.0  # for requests still running at a stop
+MIRROR_IN_FLIGHT = 32
 
 
 
@@ -75,32 +88,47 @@ def create_proxy_app(state_file: Path, token: str):
     from starlette.routing import Route
 
     from onerec.serve.guard import RequestGuard, read_body, read_capped
+    from ops.rollout.canary import CanaryStats, is_recommendation
 
-    state = {"upstream": None, "switches": 0}
+    state = {"upstream": None, "switches": 0, "canary": None}
     if state_file.is_file():
         try:
             state["upstream"] = check_upstream(json.loads(state_file.read_text())["upstream"])
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             log.warning("ignoring unreadable %s", state_file)
     client = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=2.0), limits=httpx.Limits(max_keepalive_connections=64))
+    mirrors: set[asyncio.Task] = set()
 
     def persist(upstream: str) -> None:
         tmp = state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"upstream": upstream}) + "\n")
         os.replace(tmp, state_file)
 
-    async def set_upstream(request: Request):
+    async def admin_body(request: Request, what: str) -> dict | JSONResponse:
+        """The JSON object of an admin call that carries the token, or the 401/413/400 answer."""
         import hmac
 
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            log.warning("refused an upstream switch without the admin token")
-            return JSONResponse({"error": "the upstream switch needs the admin token"}, status_code=401)
+            log.warning("refused %s without the admin token", what)
+            return JSONResponse({"error": f"{what} needs the admin token"}, status_code=401)
         body = await read_body(request, MAX_ADMIN_BODY)
         if body is None:
             return JSONResponse({"error": "body too large"}, status_code=413)
         try:
-            url = check_upstream(json.loads(body)["url"])
+            parsed = json.loads(body)
+        except ValueError as exc:
+            return JSONResponse({"error": f"body is not JSON: {exc}"}, status_code=400)
+        if not isinstance(parsed, dict):
+            return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+        return parsed
+
+    async def set_upstream(request: Request):
+        body = await admin_body(request, "the upstream switch")
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            url = check_upstream(body["url"])
         except (ValueError, KeyError, TypeError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         persist(url)
@@ -109,43 +137,104 @@ def create_proxy_app(state_file: Path, token: str):
         log.info("upstream %s -> %s", previous, url)
         return JSONResponse({"upstream": url, "previous": previous})
 
+    async def set_canary(request: Request):
+        body = await admin_body(request, "the canary switch")
+        if isinstance(body, JSONResponse):
+            return body
+        if body.get("url") is None:
+            ended, state["canary"] = state["canary"], None
+            if ended:
+                log.info("canary %s ended: everything to the upstream", ended["url"])
+            return JSONResponse({"canary": None})
+        try:
+            url = check_upstream(body["url"])
+            weight = body.get("weight")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 100:
+                raise ValueError(f"weight must be a number in 0..100 (percent), not {weight!r}")
+            version = str(body.get("version") or "")[:64]
+            mirror = body.get("mirror", True)
+            if not isinstance(mirror, bool):
+                raise ValueError("mirror must be true or false")
+        except (ValueError, KeyError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        state["canary"] = {"url": url, "weight": float(weight), "version": version, "mirror": mirror,
+                           "since": time.time(), "stats": CanaryStats()}
+        log.info("canary %s (version %s): %.1f%% of recommendation requests, mirror %s", url, version, weight, mirror)
+        return JSONResponse({"canary": canary_status()})
+
+    def canary_status() -> dict | None:
+        canary = state["canary"]
+        if canary is None:
+            return None
+        return {**{k: canary[k] for k in ("url", "weight", "version", "mirror", "since")},
+                "seconds": time.time() - canary["since"], **canary["stats"].summary()}
+
     async def status(request: Request):
-        return JSONResponse({"upstream": state["upstream"], "switches": state["switches"], "pid": os.getpid()})
+        return JSONResponse({"upstream": state["upstream"], "switches": state["switches"], "pid": os.getpid(),
+                             "canary": canary_status()})
+
+    async def ask(pick, method: str, target: str, body: bytes, headers) -> tuple[int | None, dict, bytes | None, str]:
+        """(status, headers, content, error) of the upstream `pick()` names, re-read on each retry;
+        status None when it could not be reached (error says why); content None when it is too large."""
+        last_error = None
+        for attempt in range(RETRIES):
+            upstream = pick()
+            if upstream is None:
+                return None, {}, None, "no upstream server deployed yet"
+            try:
+                async with client.stream(method, upstream + target, content=body, headers=headers) as reply:
+                    content = await read_capped(reply.aiter_bytes(), MAX_RESPONSE)
+                return reply.status_code, reply.headers, content, ""
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                last_error = exc
+                await asyncio.sleep(0.05 * (attempt + 1))
+        return None, {}, None, f"upstream unreachable: {last_error!r}"
+
+    async def mirror(canary: dict, method: str, target: str, body: bytes, headers, stable: bytes) -> None:
+        code, _, content, _ = await ask(lambda: canary["url"], method, target, body, headers)
+        if canary is state["canary"]:  # the step did not change meanwhile
+            canary["stats"].mirror.compare(stable, content if code == 200 else None)
 
     async def forward(request: Request):
         body = await read_body(request, MAX_BODY)
         if body is None:
             return JSONResponse({"error": f"body larger than {MAX_BODY} bytes"}, status_code=413)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        last_error = None
-        for attempt in range(RETRIES):
-            upstream = state["upstream"]
-            if upstream is None:
-                return JSONResponse({"error": "no upstream server deployed yet"}, status_code=503)
-            url = upstream + request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            try:
-                async with client.stream(request.method, url, content=body, headers=headers) as reply:
-                    content = await read_capped(reply.aiter_bytes(), MAX_RESPONSE)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-                last_error = exc
-                await asyncio.sleep(0.05 * (attempt + 1))
-                continue
-            if content is None:
-                log.warning("%s %s: the upstream answer exceeds %d bytes", request.method, request.url.path, MAX_RESPONSE)
-                return JSONResponse({"error": f"upstream answer larger than {MAX_RESPONSE} bytes"}, status_code=502)
-            out_headers = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_BY_HOP | {"content-encoding"}}
-            return Response(content, status_code=reply.status_code, headers=out_headers)
-        return JSONResponse({"error": f"upstream unreachable: {last_error!r}"}, status_code=502)
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        canary = state["canary"] if is_recommendation(request.method, request.url.path) else None
+        arm = "canary" if canary and random.random() * 100 < canary["weight"] else "stable"
+        pick = (lambda: canary["url"]) if arm == "canary" else (lambda: state["upstream"])
+        started = time.perf_counter()
+        code, reply_headers, content, error = await ask(pick, request.method, target, body, headers)
+        if canary is not None and canary is state["canary"]:
+            canary["stats"].arms[arm].observe(code, time.perf_counter() - started, content)
+            if arm == "stable" and canary["mirror"] and code == 200 and content is not None:
+                if len(mirrors) >= MIRROR_IN_FLIGHT:
+                    canary["stats"].mirror.dropped += 1
+                else:
+                    task = asyncio.create_task(mirror(canary, request.method, target, body, headers, content))
+                    mirrors.add(task)
+                    task.add_done_callback(mirrors.discard)
+        if code is None:
+            return JSONResponse({"error": error}, status_code=503 if state["upstream"] is None else 502)
+        if content is None:
+            log.warning("%s %s: the upstream answer exceeds %d bytes", request.method, request.url.path, MAX_RESPONSE)
+            return JSONResponse({"error": f"upstream answer larger than {MAX_RESPONSE} bytes"}, status_code=502)
+        out_headers = {k: v for k, v in reply_headers.items() if k.lower() not in HOP_BY_HOP | {"content-encoding"}}
+        return Response(content, status_code=code, headers=out_headers)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
+        for task in list(mirrors):
+            task.cancel()
         await client.aclose()
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
     app = Starlette(
         routes=[
             Route("/_proxy/upstream", set_upstream, methods=["PUT"]),
+            Route("/_proxy/canary", set_canary, methods=["PUT"]),
             Route("/_proxy/status", status, methods=["GET"]),
             Route("/{path:path}", forward, methods=methods),
         ],

@@ -236,6 +236,19 @@ def test_served_with_unseen_categories_and_typed_profiles(byod, quantized):
         assert 'onerec_unseen_profile_values_total{feature="occupation"} 1.0' in metrics
         meta = client.get("/v2/models/onerec-v2-fp8").json()
         assert meta["parameters"]["categorical_profile_features"] == ["country", "gender", "occupation"]
+        # the same user as Open Inference Protocol tensors: categorical values as BYTES
+        assert {t["name"]: t["datatype"] for t in meta["inputs"]} == {
+            "history": "INT64", "profile": "FP32", "categorical_profile": "BYTES"}
+        numeric_row = [30.0 if n == numeric else m for n, m in zip(
+            meta["parameters"]["profile_features"], model.context.profile_mean.tolist(), strict=True)]
+        v2 = client.post("/v2/models/onerec-v2-fp8/infer", json={"inputs": [
+            {"name": "history", "datatype": "INT64", "shape": [1, len(history)], "data": history},
+            {"name": "profile", "datatype": "FP32", "shape": [1, len(numeric_row)], "data": numeric_row},
+            {"name": "categorical_profile", "datatype": "BYTES", "shape": [1, 3], "data": ["c1", "f", "eng"]},
+        ]})
+        assert v2.status_code == 200, v2.text
+        items = next(o for o in v2.json()["outputs"] if o["name"] == "items")
+        assert items["data"] == seen.json()["users"][0]["items"]
 
 
 def test_calibration_checks_cover_categorical_columns(byod, tmp_path):

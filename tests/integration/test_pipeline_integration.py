@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fixtures.stack import environment
 
 from onerec.errors import UserError
 from onerec.manifest import write_manifest
@@ -56,21 +57,6 @@ def tiny(request, tmp_path_factory) -> TinyModel:
     split = split_leave_last_out(load_dataset(root / "data"), max_history=50)
     calibration_requests(split, 256, seed=0).to_parquet(root / "calibration.parquet")
     return TinyModel(root / "checkpoint", root / "calibration.parquet")
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """os.environ with `values` set, restored afterwards (boto3, MLflow and the serving process read it)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,16 @@ VALUE_SETS = {
         "server": {"maxBatchSize": 128, "maxWaitMs": 2, "extraArgs": ["--access-log"]},
         "podDisruptionBudget": {"enabled": False},
     },
+    "monitored-locked-down": {
+        **MODEL, "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "networkPolicy": {"ingressNamespaces": ["monitoring", "ingress-nginx"], "egress": [
+            {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 443, "protocol": "TCP"}]}]},
+    },
+    "canary-autoscaled": {
+        **MODEL, "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 6},
+        "canary": {"enabled": True, "weights": [10, 50, 100], "pauseSeconds": 300,
+                   "analysis": {"maxErrorRate": 0.02, "maxP99LatencySeconds": 0.25}},
+    },
 }
 
 
@@ -51,6 +61,8 @@ def render(values: dict, name: str = "onerec") -> dict[str, dict]:
         for doc in yaml.safe_load_all(text):
             if doc:
                 key = "TestPod" if "tests/" in path else doc["kind"]
+                if key == "Service" and doc["metadata"]["name"].endswith("-canary"):
+                    key += "/canary"  # the canary Service beside the stable one
                 assert key not in objects, f"two {key} objects"
                 objects[key] = doc
     return objects
@@ -133,18 +145,89 @@ def test_rendered_manifests(name):
     assert test_pod["spec"]["securityContext"]["runAsNonRoot"] is True
 
     assert m["ServiceAccount"]["metadata"]["name"] == spec["serviceAccountName"]
+    check_network_policy(m.get("NetworkPolicy"), merged["networkPolicy"], selector)
+    if merged["metrics"]["serviceMonitor"]["enabled"]:
+        monitor = m["ServiceMonitor"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert (endpoint["port"], endpoint["path"]) == (service["spec"]["ports"][0]["name"], "/metrics")
+        assert merged["metrics"]["serviceMonitor"]["labels"].items() <= monitor["metadata"]["labels"].items()
+    else:
+        assert "ServiceMonitor" not in m
+    if merged["canary"]["enabled"]:
+        check_canary(m, merged)
+    else:
+        assert {"Rollout", "AnalysisTemplate", "Service/canary"}.isdisjoint(m)
     if merged["autoscaling"]["enabled"]:
         hpa = m["HorizontalPodAutoscaler"]
-        assert "replicas" not in deployment["spec"]
+        assert "replicas" not in (m.get("Rollout") or deployment)["spec"]
         assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+        assert hpa["spec"]["scaleTargetRef"]["kind"] == ("Rollout" if merged["canary"]["enabled"] else "Deployment")
         assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 6)
+        # on the requests each pod has in flight (the server's gauge), not on CPU
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "onerec_in_flight_requests"
+        assert metric["pods"]["target"] == {"type": "AverageValue",
+                                            "averageValue": str(merged["autoscaling"]["targetInFlightRequestsPerPod"])}
     else:
         assert "HorizontalPodAutoscaler" not in m
-        assert deployment["spec"]["replicas"] == merged["replicaCount"]
+        assert (m.get("Rollout") or deployment)["spec"]["replicas"] == merged["replicaCount"]
     assert ("PodDisruptionBudget" in m) == merged["podDisruptionBudget"]["enabled"]
     if "PodDisruptionBudget" in m:
         assert m["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == selector
     assert merged["model"]["uri"] in m["NOTES"]
+
+
+def check_network_policy(policy: dict | None, values: dict, selector: dict) -> None:
+    """Ingress to the server pods only from their namespace and the listed ones, on the http port;
+    egress open unless peers are listed (then DNS plus those)."""
+    if not values["enabled"]:
+        assert policy is None
+        return
+    assert policy["spec"]["podSelector"]["matchLabels"] == selector
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    namespaces = [p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in rule["from"]
+                  if "namespaceSelector" in p]
+    assert rule["from"][0] == {"podSelector": {}} and namespaces == values["ingressNamespaces"]
+    if values["egress"]:
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        dns, *rest = policy["spec"]["egress"]
+        assert {p["port"] for p in dns["ports"]} == {53} and rest == values["egress"]
+    else:
+        assert policy["spec"]["policyTypes"] == ["Ingress"] and "egress" not in policy["spec"]
+
+
+def check_canary(m: dict, merged: dict) -> None:
+    """The Argo Rollout walks the configured weights over the Deployment's pods, judged by the
+    AnalysisTemplate on the canary pods' series; the Deployment keeps no pods of its own."""
+    rollout, analysis, deployment = m["Rollout"], m["AnalysisTemplate"], m["Deployment"]
+    assert deployment["spec"]["replicas"] == 0
+    assert rollout["spec"]["workloadRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                              "name": deployment["metadata"]["name"], "scaleDown": "never"}
+    assert rollout["spec"]["selector"] == deployment["spec"]["selector"]
+    canary = rollout["spec"]["strategy"]["canary"]
+    assert canary["stableService"] == m["Service"]["metadata"]["name"]
+    assert canary["canaryService"] == m["Service/canary"]["metadata"]["name"]
+    assert m["Service/canary"]["spec"]["selector"] == m["Service"]["spec"]["selector"]
+    weights = [w for w in merged["canary"]["weights"] if w < 100]
+    assert canary["steps"] == [s for w in weights for s in (
+        {"setWeight": w}, {"pause": {"duration": f"{merged['canary']['pauseSeconds']}s"}})]
+    assert canary["analysis"]["templates"] == [{"templateName": analysis["metadata"]["name"]}]
+    assert canary["analysis"]["args"][0]["valueFrom"] == {"podTemplateHashValue": "Latest"}
+    metrics = {metric["name"]: metric for metric in analysis["spec"]["metrics"]}
+    assert set(metrics) == {"error-rate", "p99-latency", "ready"}
+    limits = merged["canary"]["analysis"]
+    assert metrics["error-rate"]["successCondition"].endswith(f"<= {limits['maxErrorRate']}")
+    assert metrics["p99-latency"]["successCondition"].endswith(f"<= {limits['maxP99LatencySeconds']}")
+    for metric in metrics.values():
+        query = metric["provider"]["prometheus"]["query"]
+        assert f'{limits["podHashLabel"]}="{{{{args.canary-hash}}}}"' in query  # the canary pods only
+        # the series the server exports (onerec.serve.app.Metrics), on the routes it labels
+        assert any(name in query for name in ("onerec_http_responses_total", "onerec_request_duration_seconds_bucket",
+                                              "onerec_ready"))
+    # two backslashes in the PromQL string: the regex gets \{name\}, the literal route label (onerec.serve.app._route)
+    assert r'"/v1/recommend|/v2/models/\\{name\\}/infer"' in metrics["error-rate"]["provider"]["prometheus"]["query"]
 
 
 def test_a_new_model_version_or_config_changes_the_pod_template():
@@ -157,6 +240,11 @@ def test_a_new_model_version_or_config_changes_the_pod_template():
 
 BAD_VALUES = {
     "negative replicas": {"replicaCount": -1},
+    "autoscaling on CPU": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 70}},
+    "zero in-flight target": {"autoscaling": {"targetInFlightRequestsPerPod": 0}},
+    "bad namespace name": {"networkPolicy": {"ingressNamespaces": ["Not_A_Namespace"]}},
+    "canary weight above 100": {"canary": {"enabled": True, "weights": [50, 150]}},
+    "canary prometheus not a URL": {"canary": {"analysis": {"prometheusAddress": "prometheus:9090"}}},
     "missing model uri": {"model": {"uri": None}},
     "empty model uri": {"model": {"uri": ""}},
     "model uri of another scheme": {"model": {"uri": "s3://bucket/model"}},
@@ -186,3 +274,21 @@ def test_schema_file_is_valid_json_schema():
     jsonschema.Draft7Validator.check_schema(schema)
     with hp.Chart.load(CHART) as chart:
         jsonschema.validate(chart.values, schema)  # the chart's own defaults pass
+
+
+CRD_KINDS = {"Rollout", "AnalysisTemplate", "ServiceMonitor"}  # Argo Rollouts, Prometheus Operator: their own schemas
+
+
+@pytest.mark.parametrize("kube_version", ["1.25.0", "1.37.0"])  # the oldest Chart.yaml admits, the newest known
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_every_rendered_object_validates_against_the_kubernetes_schemas(name, kube_version):
+    """Strict: an unknown field or a wrong type anywhere in a core object fails here, not at install."""
+    import kubernetes_validate
+
+    validated = set()
+    for key, obj in render(VALUE_SETS[name]).items():
+        if key == "NOTES" or obj["kind"] in CRD_KINDS:
+            continue
+        kubernetes_validate.validate(obj, kube_version, strict=True)
+        validated.add(obj["kind"])
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "Pod", "NetworkPolicy"} <= validated

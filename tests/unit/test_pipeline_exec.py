@@ -80,7 +80,8 @@ def run_pod(command: list[str], xcom: dict, tmp_path: Path, state_dir: str) -> d
     xcom_file = tmp_path / "return.json"
     rendered[rendered.index("--xcom-file") + 1] = str(xcom_file)
     env = {**os.environ, "ONEREC_STATE_DIR": state_dir,
-           "ONEREC_QUALITY_GATE": json.dumps({"max_relative_recall_drop": 1.0, "min_topk_overlap": 0.0, "beam_size": 8})}
+           "ONEREC_QUALITY_GATE": json.dumps({"max_relative_recall_drop": 1.0, "max_relative_ndcg_drop": 1.0,
+                                               "min_topk_overlap": 0.0, "beam_size": 8})}
     done = subprocess.run([sys.executable, "-m", "onerec_fp8.cli", *rendered[1:]], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
     assert done.returncode in (0, 3), done.stderr[-3000:]
@@ -119,3 +120,46 @@ def test_exec_rejects_inputs_that_are_not_the_steps(fetched, tmp_path):
                            "--inputs", json.dumps({"fetch": {**fetched, "surprise": 1}})], capture_output=True,
                           text=True, cwd=REPO, env={**os.environ, "ONEREC_STATE_DIR": str(tmp_path)}, timeout=300)
     assert done.returncode == 1 and "unknown field(s) ['surprise']" in done.stderr
+
+
+POD_SPEC = r"""
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(sys.argv[1])
+assert not bag.import_errors, bag.import_errors
+t = bag.dags["onerec_fp8_requantize"].get_task("quantize")
+print(json.dumps({"image": t.image, "resources": t.container_resources.to_dict(), "node_selector": t.node_selector,
+                  "tolerations": [x.to_dict() for x in t.tolerations], "startup": t.startup_timeout_seconds,
+                  "finish": str(getattr(t.on_finish_action, "value", t.on_finish_action)),
+                  "claim": t.volumes[0].persistent_volume_claim.claim_name,
+                  "secret": t.env_from[0].secret_ref.name}))
+"""
+
+
+@pytest.mark.parametrize("pod", [
+    {},
+    {"requests": {"cpu": "16", "memory": "120Gi"}, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
+     "startup_timeout_s": 2400, "keep_failed_pods": False, "work_claim": "work-rwx"},
+])
+def test_gpu_pods_take_their_scheduling_and_lifecycle_from_the_settings(pod, tmp_path):
+    from onerec.settings import GpuPodConfig
+
+    image = "registry.example:5000/onerec/onerec-fp8-gpu@sha256:" + "b" * 64
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(AIRFLOW_HOME=str(tmp_path), AIRFLOW__CORE__LOAD_EXAMPLES="False", ONEREC_GPU_EXECUTOR="kubernetes",
+               ONEREC_GPU_IMAGE=image, ONEREC_GPU_POD=json.dumps(pod),
+               PYTHONPATH=os.pathsep.join([str(REPO / "dags"), str(REPO)]))
+    done = subprocess.run([sys.executable, "-c", POD_SPEC, str(REPO / "dags" / "onerec_fp8_requantize.py")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    spec = json.loads(done.stdout.strip().splitlines()[-1])
+    want = GpuPodConfig(**pod)
+    assert spec["image"] == image
+    assert spec["resources"]["requests"] == want.requests and spec["resources"]["limits"] == {**want.limits,
+                                                                                            "nvidia.com/gpu": "1"}
+    assert (spec["node_selector"] or {}) == want.node_selector
+    assert [{k: v for k, v in t.items() if v is not None} for t in spec["tolerations"]] == want.tolerations
+    assert spec["startup"] == want.startup_timeout_s and spec["startup"] >= 900  # a CUDA image pull
+    assert spec["finish"] == ("delete_succeeded_pod" if want.keep_failed_pods else "delete_pod")
+    assert (spec["claim"], spec["secret"]) == (want.work_claim, want.env_from)

@@ -1,0 +1,235 @@
+"""The canary of a promotion: the approved version takes a growing share of traffic beside the
+champion, and each step is judged before the next one.
+
+Steps and thresholds: PipelineConfig.canary (ops.rollout.canary.CanaryConfig). At each step the
+serving proxy (ops/rollout/proxy.py) sends that share of the recommendation requests to the
+candidate, mirrors the champion's share to it, and keeps the evidence (ops/rollout/canary.py):
+
+- live metrics, candidate against the champion of the same step (at 100% the champion answers
+  nothing, so against the champion of the step before): error rate, p99 latency, answers with a
+  user left without items;
+- mirrored requests (below 100%): the candidate's answers against the champion's, top-k overlap
+  and top-1 score shift.
+
+A step passes when every figure is within its threshold; one that fails, or that did not see
+enough traffic by its timeout (inconclusive), rolls back at once: all traffic to the champion,
+the candidate's server stops, the version's state record becomes rolled_back (terminal), its tags
+say why (`canary`, `canary_reason`) and on-call is notified (tasks.notify). Every step's figures
+and verdict are the version tags canary_step_<n> (JSON), the whole walk reports/canary.json and
+reports/canary.png on the version's registering run (tag `canary_report`). A walk that passes
+leaves the candidate serving everything; promote then moves the aliases.
+
+The walk runs on the local target (its proxy); with the helm target the chart's Argo Rollouts
+Rollout and AnalysisTemplate express the same steps (helm/onerec-serving, canary.* values).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from tasks.registry import now_iso
+
+log = logging.getLogger(__name__)
+
+STEP_TAG, VERDICT_TAG, REASON_TAG, REPORT_TAG = "canary_step_{}", "canary", "canary_reason", "canary_report"
+
+
+def judge(policy, weight: int, evidence: dict, baseline: dict | None) -> tuple[str, list[str]]:
+    """(verdict, reasons) of one step: passed | failed | inconclusive. `baseline` is the champion's
+    arm of this step, or of the step before when the champion answered nothing in this one."""
+    candidate, mirror = evidence["canary"], evidence["mirror"]
+    if candidate["requests"] < policy.min_requests:
+        return "inconclusive", [f"the candidate answered {candidate['requests']} requests "
+                                f"(needs {policy.min_requests})"]
+    if weight < 100 and mirror["compared"] < policy.min_mirrored:
+        return "inconclusive", [f"{mirror['compared']} mirrored requests compared (needs {policy.min_mirrored})"]
+    reasons = []
+    champion = baseline if baseline and baseline["requests"] else None
+    champion_errors = champion["error_rate"] if champion else 0.0
+    if candidate["error_rate"] - champion_errors > policy.max_error_rate_increase:
+        reasons.append(f"error rate {candidate['error_rate']:.3f} vs champion {champion_errors:.3f} "
+                       f"(max increase {policy.max_error_rate_increase})")
+    champion_empty = champion["empty_rate"] if champion else 0.0
+    if candidate["empty_rate"] - champion_empty > policy.max_empty_rate_increase:
+        reasons.append(f"empty answers {candidate['empty_rate']:.3f} vs champion {champion_empty:.3f} "
+                       f"(max increase {policy.max_empty_rate_increase})")
+    if champion and champion["p99_s"] and candidate["p99_s"] is not None:
+        slower = candidate["p99_s"] - champion["p99_s"]
+        if candidate["p99_s"] > policy.max_p99_ratio * champion["p99_s"] and slower > policy.min_p99_increase_s:
+            reasons.append(f"p99 latency {candidate['p99_s'] * 1e3:.0f} ms vs champion {champion['p99_s'] * 1e3:.0f} ms "
+                           f"(max ratio {policy.max_p99_ratio})")
+    if weight < 100 and mirror["failed"] > policy.max_error_rate_increase * max(1, mirror["compared"] + mirror["failed"]):
+        reasons.append(f"{mirror['failed']} mirrored requests failed on the candidate")
+    if weight < 100 and mirror["overlap_mean"] is not None and mirror["overlap_mean"] < policy.min_topk_overlap:
+        reasons.append(f"top-k overlap with the champion {mirror['overlap_mean']:.2f} (min {policy.min_topk_overlap})")
+    if weight < 100 and mirror["score_shift_mean"] is not None and mirror["score_shift_mean"] > policy.max_score_shift:
+        reasons.append(f"top-1 score shift {mirror['score_shift_mean']:.3f} (max {policy.max_score_shift})")
+    return ("failed" if reasons else "passed"), reasons
+
+
+def _hold(policy, weight: int, state_dir) -> dict:
+    """Wait out one step: its hold time and enough traffic, or its timeout; the proxy's evidence."""
+    from ops.rollout import local
+
+    started = time.monotonic()
+    while True:
+        time.sleep(policy.poll_s)
+        evidence = local.canary_status(state_dir)
+        if evidence is None:
+            from ops.rollout import RolloutError
+
+            raise RolloutError("the canary disappeared from the local endpoint (proxy restarted?)")
+        elapsed = time.monotonic() - started
+        enough = evidence["canary"]["requests"] >= policy.min_requests and (
+            weight == 100 or evidence["mirror"]["compared"] >= policy.min_mirrored)
+        if (elapsed >= policy.hold_s and enough) or elapsed >= policy.step_timeout_s:
+            return evidence
+
+
+def walk(cfg, c, version: str, model_uri: str, digest: str | None, champion: str) -> dict:
+    """Walk `version` through the canary steps beside `champion` (module doc); the rollout result
+    when it passed, StepFailed (after rolling back and notifying) when a step did not."""
+    from ops.rollout import local
+
+    policy, name, state_dir = cfg.canary, cfg.model_name, cfg.state_dir
+    steps: list[dict] = []
+    c.set_model_version_tag(name, version, VERDICT_TAG, "running")
+    verdict, reasons, baseline = "failed", ["the canary did not start"], None
+    try:
+        for n, weight in enumerate(policy.weights, 1):
+            if n == 1:
+                local.canary_start(model_uri, version, weight, digest=digest, state_dir=state_dir,
+                                   port=cfg.local_serve_port)
+            else:
+                local.canary_weight(weight, state_dir)
+            log.info("canary step %d/%d: version %s takes %d%% of the traffic beside champion %s",
+                     n, len(policy.weights), version, weight, champion)
+            evidence = _hold(policy, weight, state_dir)
+            if evidence["stable"]["requests"]:
+                baseline = evidence["stable"]
+            verdict, reasons = judge(policy, weight, evidence, baseline)
+            step = {"step": n, "weight": weight, "verdict": verdict, "reasons": reasons, "at": now_iso(),
+                    "seconds": round(evidence["seconds"], 1), "stable": evidence["stable"],
+                    "canary": evidence["canary"], "mirror": evidence["mirror"]}
+            steps.append(step)
+            c.set_model_version_tag(name, version, STEP_TAG.format(n), json.dumps(step, sort_keys=True)[:5000])
+            log.info("canary step %d (%d%%): %s%s", n, weight, verdict, f": {'; '.join(reasons)}" if reasons else "")
+            if verdict != "passed":
+                break
+    except BaseException as exc:
+        verdict, reasons = "failed", [f"the canary stopped: {exc}"]
+        raise
+    finally:
+        if verdict != "passed":
+            _roll_back(cfg, c, version, champion, steps, verdict, reasons)
+    rollout = local.canary_end(promote=True, state_dir=state_dir)
+    c.set_model_version_tag(name, version, VERDICT_TAG, "passed")
+    _report(cfg, c, version, champion, steps, "passed")
+    log.info("canary of version %s passed %d steps: it serves all traffic", version, len(steps))
+    return {**rollout, "canary": {"verdict": "passed", "steps": steps}}
+
+
+def _roll_back(cfg, c, version: str, champion: str, steps: list[dict], verdict: str, reasons: list[str]) -> None:
+    """All traffic back to the champion, the candidate stopped and marked, on-call told; then raise."""
+    import contextlib
+
+    from ops.rollout import RolloutError, local
+    from tasks.approval import transition
+    from tasks.notify import send_failure
+    from tasks.requantize import StepFailed
+
+    name = cfg.model_name
+    where = f"step {len(steps)} ({steps[-1]['weight']}%)" if steps else "its start"
+    reason = f"canary {verdict} at {where}: {'; '.join(reasons)}"
+    with contextlib.suppress(RolloutError):  # nothing to end when the canary never started
+        local.canary_end(promote=False, state_dir=cfg.state_dir)
+    c.set_model_version_tag(name, version, VERDICT_TAG, verdict)
+    c.set_model_version_tag(name, version, REASON_TAG, reason[:5000])
+    transition(cfg, c, version, "rolled_back", by="canary", note=reason)
+    report = _report(cfg, c, version, champion, steps, verdict)
+    subject = f"[onerec-fp8] canary of {name} version {version} rolled back: {reason}"[:200]
+    body = "\n".join([
+        f"Model:    {name} version {version} (champion {champion} serves all traffic again, unchanged)",
+        f"Verdict:  {verdict} at {where}",
+        *[f"Reason:   {r}" for r in reasons],
+        f"Steps:    {json.dumps([{k: s[k] for k in ('step', 'weight', 'verdict')} for s in steps])}",
+        f"Report:   {report}",
+        "",
+        "Runbook: docs/runbook.md (Canary).",
+    ])
+    send_failure(subject, body, cfg)
+    log.error("%s version %s: %s; champion %s serves all traffic", name, version, reason, champion)
+    raise StepFailed(f"{name} version {version}: {reason}; rolled back, champion {champion} serves all traffic")
+
+
+def _report(cfg, c, version: str, champion: str, steps: list[dict], verdict: str) -> str:
+    """reports/canary.json and reports/canary.png on the version's registering run; the tag
+    canary_report names them. Best effort: a report that cannot be stored is logged, never hides
+    the verdict."""
+    name = cfg.model_name
+    run_id = c.get_model_version(name, version).run_id
+    report = {"model": name, "version": version, "champion": champion, "verdict": verdict, "steps": steps,
+              "policy": {k: getattr(cfg.canary, k) for k in cfg.canary.__dataclass_fields__}}
+    try:
+        with tempfile.TemporaryDirectory(prefix="onerec-canary-") as tmp:
+            (Path(tmp) / "canary.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=list) + "\n")
+            plot_canary(report, Path(tmp) / "canary.png")
+            for file in ("canary.json", "canary.png"):
+                c.log_artifact(run_id, str(Path(tmp) / file), "reports")
+    except Exception as exc:  # the artifact store is down: the tags still say everything
+        log.error("could not store the canary report of version %s: %s", version, exc)
+        return f"not stored ({exc})"
+    where = f"runs:/{run_id}/reports/canary.png"
+    c.set_model_version_tag(name, version, REPORT_TAG, where)
+    return where
+
+
+def plot_canary(report: dict, path: Path) -> Path:
+    """The walk as a picture: per step the share, the live figures of both arms and the mirrored
+    comparison, thresholds dashed, each step's verdict and its evidence (requests compared)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, policy = report["steps"], report["policy"]
+    x = list(range(1, len(steps) + 1))
+    labels = [f"{s['weight']}%\n{s['verdict']}" for s in steps]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+
+    def panel(ax, title, arms, threshold=None):
+        for label, values, style in arms:
+            ax.plot(x, [float("nan") if v is None else v for v in values], style, label=label)
+        if threshold is not None:
+            ax.axhline(threshold[1], color="red", linestyle="--", linewidth=1, label=threshold[0])
+        ax.set_ylim(bottom=0)  # every figure is >= 0
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.legend(fontsize=7)
+
+    get = lambda arm, key: [s[arm][key] for s in steps]
+    panel(axes[0], "error rate", [("champion", get("stable", "error_rate"), "o-"),
+                                  ("candidate", get("canary", "error_rate"), "s-")])
+    panel(axes[1], "p99 latency (s)", [("champion", get("stable", "p99_s"), "o-"),
+                                       ("candidate", get("canary", "p99_s"), "s-")])
+    panel(axes[2], "mirrored: top-k overlap", [("mean", get("mirror", "overlap_mean"), "o-"),
+                                                ("min", get("mirror", "overlap_min"), "x:")],
+          ("min allowed", policy["min_topk_overlap"]))
+    panel(axes[3], "mirrored: top-1 score shift", [("mean", get("mirror", "score_shift_mean"), "o-"),
+                                                    ("max", get("mirror", "score_shift_max"), "x:")],
+          ("max allowed", policy["max_score_shift"]))
+    for ax, counts in ((axes[0], "canary"), (axes[1], "canary"), (axes[2], "mirror"), (axes[3], "mirror")):
+        for xi, s in zip(x, steps, strict=True):
+            n = s[counts]["requests" if counts == "canary" else "compared"]
+            ax.annotate(f"n={n}", (xi, 0), textcoords="offset points", xytext=(0, 4), fontsize=7, ha="center",
+                        xycoords=("data", "axes fraction"))
+    fig.suptitle(f"canary of {report['model']} version {report['version']} beside champion {report['champion']}: "
+                 f"{report['verdict']} (n = candidate requests / mirrored requests compared per step)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
