@@ -21,6 +21,7 @@ per width; different k share it (the top-k of the same beams is a prefix of the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -155,10 +156,8 @@ class DynamicBatcher:
             self._answer(answers)
 
     def _answer(self, answers: list[tuple[Job, list | BaseException]]) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting any more
             self._loop.call_soon_threadsafe(_set_all, answers)
-        except RuntimeError:  # the event loop is closed: nobody is waiting any more
-            pass
 
 
 def _set_all(answers: list[tuple[Job, list | BaseException]]) -> None:
