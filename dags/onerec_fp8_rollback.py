@@ -42,7 +42,8 @@ def onerec_fp8_rollback():
         params = context["params"]
         dag_run = context["dag_run"]
         by = getattr(dag_run, "triggering_user_name", None) or "airflow"
-        return run_step(rollback, config(), params["reason"], params.get("version") or None, by=by)
+        cfg = config()
+        return run_step(cfg, rollback, cfg, params["reason"], params.get("version") or None, by=by)
 
     rollback()
 

@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 from onerec.errors import UserError
+from tasks.config import PipelineConfig
+from tasks.publish import publish
+from tasks.registry import client, find_versions
 
 log = logging.getLogger("onerec.demo")
 
@@ -141,16 +144,14 @@ def approve_as_the_ui_does(tracking_uri: str, name: str, version: str, auth: tup
                       auth=auth, timeout=30, trust_env=False)
 
 
-def run_demo() -> dict:
+def run_demo(env: dict[str, str]) -> dict:
+    """The demo against the stack of `env`'s state dir (main passes this process's environment)."""
     from ops.stack import read_state, stack_env
 
     total = 7
-    state = read_state()  # UserError "run `onerec-fp8 stack up` first" when there is no stack
-    from tasks.config import PipelineConfig
-    from tasks.publish import publish
-    from tasks.registry import client, find_versions
-
-    cfg = PipelineConfig.from_env({**os.environ, **stack_env(state)})
+    # UserError "run `onerec-fp8 stack up` first" when there is no stack
+    state = read_state(PipelineConfig.from_env(env).state_dir)
+    cfg = PipelineConfig.from_env({**env, **stack_env(state)})
     demo_dir = Path(cfg.state_dir) / "demo"
     urls = {name: svc["url"] for name, svc in state["services"].items()}
     missing = {"s3", "mlflow", "airflow"} - set(urls)
@@ -241,7 +242,7 @@ def ensure_serving(cfg, version: str) -> None:
 
     if cfg.rollout_target != "local":
         return
-    current = local.status(state_dir=cfg.state_dir).get("current") or {}
+    current = local.status(cfg.state_dir).get("current") or {}
     if not (current.get("alive") and str(current.get("version")) == str(version)):
         print(f"           the local serving process is not running version {version}: starting it again",
               file=sys.stderr)
@@ -250,8 +251,7 @@ def ensure_serving(cfg, version: str) -> None:
 
         c = client(cfg)
         digest = verify_version(cfg, c, c.get_model_version(cfg.model_name, version))["evidence"]["version_sha256"]
-        rollout.deploy(f"models:/{cfg.model_name}/{version}", version, target="local", state_dir=cfg.state_dir,
-                       digest=digest)
+        rollout.deploy(cfg, f"models:/{cfg.model_name}/{version}", version, digest=digest)
 
 
 def ask_serving(cfg, calibration_path: str) -> dict:
@@ -261,7 +261,7 @@ def ask_serving(cfg, calibration_path: str) -> dict:
 
     from ops.rollout import local
 
-    url = local.status(state_dir=cfg.state_dir)["url"]
+    url = local.status(cfg.state_dir)["url"]
     row = pd.read_parquet(calibration_path).iloc[0]
     profile = {k: float(v) for k, v in row.items() if k not in ("user_id", "history", "target")}
     body = {"users": [{"history": [int(i) for i in row["history"]], "profile": profile}], "k": 10}
@@ -274,7 +274,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.monotonic()
     try:
-        result = run_demo()
+        result = run_demo(dict(os.environ))  # the entry point: its environment is the configuration
     except UserError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1

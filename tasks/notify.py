@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 
+from tasks.config import PipelineConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -51,11 +53,9 @@ def failure_message(dag_id: str, run_id: str, error: object, link: str, task_id:
     return subject, body
 
 
-def send_failure(subject: str, body: str, cfg=None) -> dict:
-    """Send the notification on every configured channel; returns {channel: "sent" | error text}."""
-    from tasks.config import load_config
-
-    cfg = cfg or load_config()
+def send_failure(subject: str, body: str, cfg: PipelineConfig) -> dict:
+    """Send the notification on every channel `cfg` (the caller's configuration) names; returns
+    {channel: "sent" | error text}."""
     sent: dict[str, str] = {}
     if cfg.alert_smtp:
         import smtplib

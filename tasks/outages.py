@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 
+from onerec.settings import Settings
+
 S3_RETRIES = {"mode": "standard", "total_max_attempts": 5}
 S3_CONNECT_TIMEOUT_S = 5
 S3_READ_TIMEOUT_S = 60
@@ -68,28 +70,19 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _endpoints() -> tuple[str, str]:
-    """(S3 endpoint, tracking URI) as this process's settings have them (the local stack's too)."""
-    from onerec.errors import UserError
-    from onerec.settings import Settings
-
-    try:
-        settings = Settings.load()
-    except UserError:
-        return os.environ.get("ONEREC_S3_ENDPOINT_URL", ""), os.environ.get("MLFLOW_TRACKING_URI", "")
-    return settings.s3_endpoint_url or "", settings.tracking_uri() or ""
-
-
-def outage_message(exc: BaseException) -> str | None:
+def outage_message(exc: BaseException, settings: Settings | None) -> str | None:
     """One line for an S3 or MLflow failure that outlived the retries; None for anything else.
 
+    `settings`: the configuration the failed step ran with (its S3 endpoint and tracking URI are
+    named and probed; None: a configuration that did not load, nothing is probed).
     MLflow proxies artifacts into S3, so a failed artifact request may mean that S3 is down
     behind a healthy MLflow: both are probed to name the one that is not answering.
     """
     import requests
     from botocore.exceptions import BotoCoreError, ClientError
 
-    s3, tracking = _endpoints()
+    s3 = (settings.s3_endpoint_url if settings else None) or ""
+    tracking = (settings.tracking_uri() if settings else None) or ""
     if isinstance(exc, BotoCoreError | ClientError):
         return f"S3 ({s3 or 'AWS'}): {_first_line(exc)}"
     tracking = tracking or "the tracking server"

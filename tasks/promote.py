@@ -34,12 +34,6 @@ from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, client, now_iso
 log = logging.getLogger(__name__)
 
 
-def rollout_options(cfg) -> dict:
-    """Options for ops.rollout: the local target keeps its state in our state dir and serves on the
-    configured port (an Airflow Variable may set both)."""
-    return {"state_dir": cfg.state_dir, "port": cfg.local_serve_port} if cfg.rollout_target == "local" else {}
-
-
 @contextlib.contextmanager
 def serving_change(cfg) -> Iterator[None]:
     """Hold this host's lock on what serves `cfg.model_name` (blocks until the holder is done;
@@ -117,8 +111,7 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
         from ops import rollout as rollout_api
 
         digest = checked["evidence"]["version_sha256"]  # the server loads only bytes that hash to it
-        rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, digest=digest,
-                                     **rollout_options(cfg))
+        rollout = rollout_api.deploy(cfg, model_uri, version, digest=digest)  # target, port, release: cfg's
         require_champion_unchanged(c, name, champion)
         # Only now, with the rollout done, the registry says so.
         transition(cfg, c, version, "deployed", by="pipeline", note=f"rollout revision {rollout.get('revision', '')}",

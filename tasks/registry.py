@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from onerec.errors import UserError
+from tasks.config import config_sha256
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +309,8 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
         "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256,
         "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
         "recipe": cfg.recipe,
+        # the configuration every step ran with (the GPU steps' results were checked equal to it)
+        "config_sha256": config_sha256(cfg),
     }
     mlflow.set_experiment(EXPERIMENT)
     run = mlflow.start_run(run_name=run_name, tags={**tags, "model_name": cfg.model_name, "registration": "running"})

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onerec.errors import UserError
+from tasks.config import config_sha256
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Quantized:
     worst_layer: str | None = None
     worst_layer_sqnr_db: float | None = None
     seconds: float | None = None
+    config_sha256: str | None = None  # the configuration it ran with (tasks.config.config_sha256)
 
 
 def typed(cls, value):
@@ -202,7 +204,7 @@ def quantize_step(cfg, fetched: Fetched | dict) -> dict:
         quantized_layers=result.get("quantized_layers"),
         excluded_layers=len(result["excluded"]) if "excluded" in result else None,
         worst_layer=result.get("worst_layer"), worst_layer_sqnr_db=result.get("worst_layer_sqnr_db"),
-        seconds=result.get("seconds")))
+        seconds=result.get("seconds"), config_sha256=config_sha256(cfg)))
 
 
 def quality_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict) -> dict:
@@ -217,6 +219,7 @@ def quality_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict)
     result = run_quality_gate(fetched.checkpoint_dir, quantized.quantized_dir, quantized.eval_data_dir, config=gate,
                               report_dir=fetched.report_dir)
     result["duration_s"] = round(time.monotonic() - started, 3)
+    result["config_sha256"] = config_sha256(cfg)
     # passed / failed / inconclusive (not a pass either: the register step says why it registers nothing)
     log.info("quality gate on %s: %s in %.1f s (%s)", gate.device, result["verdict"], result["duration_s"],
              result.get("reason", ""))
@@ -235,6 +238,7 @@ def latency_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict)
     result = measure_latency(fetched.checkpoint_dir, quantized.quantized_dir, config=cfg.latency_gate,
                              requests_path=quantized.eval_path)
     result.setdefault("duration_s", round(time.monotonic() - started, 3))
+    result["config_sha256"] = config_sha256(cfg)
     if result.get("measurable") is False:
         log.warning("latency gate could not measure (%s); blocking: %s", result.get("reason"), cfg.latency_gate_blocking)
         return gate_report(result, fetched.report_dir, "latency_gate")
@@ -249,6 +253,8 @@ def register_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict, qua
     from tasks.registry import register_candidate
 
     fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)
+    require_same_config(cfg, quantize=quantized.config_sha256, quality_gate=quality.get("config_sha256"),
+                        latency_gate=latency.get("config_sha256"))
     report_dir = Path(fetched.report_dir)
     q_reports = Path(quantized.quantized_dir) / "reports"
     if q_reports.is_dir():  # the quantization/distribution reports, beside the gates' and GX's
@@ -262,6 +268,18 @@ def register_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict, qua
         quantized_dir=quantized.quantized_dir, report_dir=str(report_dir), gates=gates,
         run_name=run_name or f"requantize-{fetched.checkpoint_id}",
     )
+
+
+def require_same_config(cfg, **step_configs: str | None) -> None:
+    """The GPU steps (pods in the DAG's kubernetes mode) ran with this step's configuration: each
+    result's config_sha256 equals ours, so the run's logged config (and tags) are what quantized
+    and gated the model. A difference is a StepFailed naming the steps."""
+    ours = config_sha256(cfg)
+    differ = sorted(name for name, digest in step_configs.items() if digest != ours)
+    if differ:
+        raise StepFailed(f"step(s) {differ} ran with another configuration than the register step "
+                         f"(config_sha256 {[step_configs[n] for n in differ]} != {ours}); nothing registered: "
+                         "the pods must get the worker's --config")
 
 
 def require_candidate(result: dict) -> dict:
@@ -299,10 +317,12 @@ STEPS: tuple[Step, ...] = (
 STEP = {step.name: step for step in STEPS}
 
 
-def pod_arguments(step: str, inputs: str, xcom_file: str = "/airflow/xcom/return.json") -> list[str]:
-    """The arguments of `onerec-fp8` in a GPU pod of the requantize DAG (Kubernetes mode); the
-    XCom sidecar reads /airflow/xcom/return.json. Tests and bench/gpu_pipeline_check.py run the same."""
-    return ["pipeline", "exec", step, "--inputs", inputs, "--xcom-file", xcom_file]
+def pod_arguments(step: str, inputs: str, config: str, xcom_file: str = "/airflow/xcom/return.json") -> list[str]:
+    """The arguments of `onerec-fp8` in a GPU pod of the requantize DAG (Kubernetes mode): `config`
+    is the worker's effective configuration (tasks.config.config_json; the pod's environment gives
+    only the secrets); the XCom sidecar reads /airflow/xcom/return.json. Tests and
+    bench/gpu_pipeline_check.py run the same."""
+    return ["pipeline", "exec", step, "--inputs", inputs, "--config", config, "--xcom-file", xcom_file]
 
 
 def exec_step(cfg, name: str, inputs: dict) -> dict | None:

@@ -20,7 +20,7 @@ import logging
 from onerec.errors import UserError
 from tasks.approval import StateError, read_record, transition
 from tasks.model_artifacts import model_version, require_files
-from tasks.promote import alias_version, require_champion_unchanged, rollout_options, serving_change
+from tasks.promote import alias_version, require_champion_unchanged, serving_change
 from tasks.provenance import verify_version
 from tasks.registry import CHAMPION, PREVIOUS, client, now_iso
 from tasks.requantize import StepFailed
@@ -59,10 +59,9 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
         from ops import rollout as rollout_api
 
         if version:  # an explicit version: deploy exactly that one
-            rollout = rollout_api.deploy(model_uri, target, target=cfg.rollout_target, digest=digest,
-                                         **rollout_options(cfg))
+            rollout = rollout_api.deploy(cfg, model_uri, target, digest=digest)
         else:  # previous-champion: the target's own rollback (helm rollback / local restart of that version)
-            rollout = rollout_api.rollback(cfg.rollout_target, model_uri, target, digest=digest, **rollout_options(cfg))
+            rollout = rollout_api.rollback(cfg, model_uri, target, digest=digest)
         require_champion_unchanged(c, name, current)
         c.set_registered_model_alias(name, CHAMPION, target)
         before = mv.tags.get("previous_champion_version")

@@ -267,6 +267,7 @@ def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path,
     tagged with the outcome and the reason; no model version, no alias."""
     from mlflow import MlflowClient
 
+    from tasks.config import config_sha256
     from tasks.requantize import register_step
 
     monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
@@ -280,11 +281,13 @@ def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path,
                "checkpoint_sha256": "a" * 64, "calibration_uri": "s3://b/cal.parquet",
                "calibration_path": str(tmp_path / "cal.parquet"), "calibration_sha256": "b" * 64,
                "work_dir": str(tmp_path), "report_dir": str(reports)}
+    ran_with = {"config_sha256": config_sha256(cfg)}  # the GPU steps ran with the register step's config
     quantized = {"quantized_dir": str(tmp_path / "q"), "recipe": "fp8_dynamic", "reused": False,
-                 "calibrate_path": "c", "eval_path": "e", "eval_data_dir": "d", "calibrate_rows": 1, "eval_rows": 1}
+                 "calibrate_path": "c", "eval_path": "e", "eval_data_dir": "d", "calibrate_rows": 1, "eval_rows": 1,
+                 **ran_with}
     reason = "inconclusive on 40 users: recall@10 -3.00% [-9.10%, +2.90%] (margin -5%); about 900 users would decide it"
-    quality = {"passed": False, "verdict": "inconclusive", "reason": reason, "users_needed": 900}
-    result = register_step(cfg, fetched, quantized, quality, {"measurable": False, "reason": "no GPU"},
+    quality = {"passed": False, "verdict": "inconclusive", "reason": reason, "users_needed": 900, **ran_with}
+    result = register_step(cfg, fetched, quantized, quality, {"measurable": False, "reason": "no GPU", **ran_with},
                            {"passed": True, "rows": 10})
     assert result["registered"] is False and result["version"] is None and result["gates"] == "inconclusive"
     assert result["reason"] == f"quality gate inconclusive: {reason}"
@@ -302,9 +305,10 @@ def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path,
     assert existing == {"status": "inconclusive", "run_id": result["run_id"]}
     cfg = PipelineConfig.from_env({}, {"mlflow_tracking_uri": uri, "state_dir": str(tmp_path),
                                        "latency_gate_blocking": True})
-    unmeasured = register_step(cfg, {**fetched, "checkpoint_sha256": "c" * 64}, quantized,
-                               {"passed": True, "verdict": "passed"}, {"measurable": False, "reason": "no GPU"},
-                               {"passed": True, "rows": 10})
+    ran_with = {"config_sha256": config_sha256(cfg)}
+    unmeasured = register_step(cfg, {**fetched, "checkpoint_sha256": "c" * 64}, {**quantized, **ran_with},
+                               {"passed": True, "verdict": "passed", **ran_with},
+                               {"measurable": False, "reason": "no GPU", **ran_with}, {"passed": True, "rows": 10})
     assert unmeasured["registered"] is False and unmeasured["gates"] == "unmeasured"
     assert find_existing(cfg, "c" * 64, "fp8_dynamic", "b" * 64) is None
 
