@@ -163,7 +163,7 @@ def run_demo(env: dict[str, str]) -> dict:
     _done(t, f"reused: {prepared['reused'] or 'nothing'}")
 
     t = _step(2, total, f"publish the checkpoint (files, then manifest.json last) and calibration data to {cfg.s3_root}")
-    published = publish(prepared["checkpoint"], cfg.s3_root, prepared["calibration"], date="2026-01-01")
+    published = publish(cfg, prepared["checkpoint"], prepared["calibration"], date="2026-01-01")
     _done(t, f"{published['checkpoint_uri']} ({'uploaded' if published['uploaded'] else 'already published'})")
 
     t = _step(3, total, "run onerec_fp8_requantize through Airflow (airflow dags test): "

@@ -38,16 +38,16 @@ def new_checkpoint_id(now: dt.datetime | None = None) -> str:
 
 
 def publish(
-    checkpoint: str, s3_uri: str, calibration: str | None = None, date: str | None = None,
+    cfg, checkpoint: str, calibration: str | None = None, date: str | None = None,
     checkpoint_id: str | None = None, client=None,
 ) -> dict:
-    """Upload a checkpoint (manifest last) and optionally calibration data. Returns what was uploaded."""
+    """Upload a checkpoint (manifest last) and optionally calibration data under cfg.s3_root, with
+    cfg's S3 endpoint and credentials. Returns what was uploaded."""
     from tasks.checkpoints import (
         CALIBRATION_POINTER,
         calibration_uri,
         find_latest_checkpoint,
         join_uri,
-        parse_s3_uri,
         read_json,
         s3_client,
         s3_exists,
@@ -55,10 +55,6 @@ def publish(
         upload_folder,
         write_json,
     )
-    from tasks.config import load_config
-
-    bucket, prefix = parse_s3_uri(s3_uri.rstrip("/"))
-    cfg = load_config({"s3_bucket": bucket, "s3_prefix": prefix})
     client = client or s3_client(cfg)
     verify_manifest(checkpoint)  # never publish a damaged folder
     digest = manifest_digest(checkpoint)
@@ -104,7 +100,7 @@ def publish(
         from ops.airflow_events import CHECKPOINT_PUBLISHED, notify
 
         event = notify(CHECKPOINT_PUBLISHED, {"checkpoint_uri": result["checkpoint_uri"],
-                                              "checkpoint_sha256": digest})
+                                              "checkpoint_sha256": digest}, cfg.state_dir)
         result["airflow_event"] = event is not None
     return result
 
@@ -120,4 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     if args.calibration and not (Path(args.calibration).is_file() or is_data_folder(args.calibration)):
         raise UserError(f"--calibration {args.calibration} does not exist")
-    return publish(args.checkpoint, args.s3, args.calibration, args.date, args.checkpoint_id)
+    from tasks.checkpoints import parse_s3_uri
+    from tasks.config import load_config
+
+    bucket, prefix = parse_s3_uri(args.s3.rstrip("/"))
+    cfg = load_config({"s3_bucket": bucket, "s3_prefix": prefix})  # the entry point's configuration
+    return publish(cfg, args.checkpoint, args.calibration, args.date, args.checkpoint_id)

@@ -114,7 +114,7 @@ def variant(checkpoint: Path, out: Path, tag: str) -> Path:
 def publish(cfg, checkpoint: Path, calibration: Path, checkpoint_id: str, date: str = "2026-01-01") -> dict:
     from tasks.publish import publish as publish_checkpoint
 
-    return publish_checkpoint(str(checkpoint), cfg.s3_root, str(calibration), date, checkpoint_id)
+    return publish_checkpoint(cfg, str(checkpoint), str(calibration), date, checkpoint_id)
 
 
 def versions(cfg) -> list:
