@@ -44,6 +44,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # onerec, tasks: run from a checkout, nothing installed
+from onerec.gate_verdict import GateVerdict  # noqa: E402
 from tasks.config import PipelineConfig, config_json  # noqa: E402
 from tasks.requantize import pod_arguments  # noqa: E402
 
@@ -261,7 +262,9 @@ def main() -> int:
             say(f"{step} wrote no result (exit {code}); stopping")
             break
         results[step] = result
-    quality, latency = results.get("quality_gate"), results.get("latency_gate")
+    # each pod returns its gate's verdict; this check reads the full reports the verdicts name
+    quality, latency = (json.loads(Path(GateVerdict.from_dict(results[s]).report_json).read_text())
+                        if results.get(s) else None for s in ("quality_gate", "latency_gate"))
     chosen = {}  # the timed per-layer choice of the quantized folder (recipe.json), when made
     if results.get("quantize"):
         recipe_json = json.loads((Path(results["quantize"]["quantized_dir"]) / "recipe.json").read_text())

@@ -84,8 +84,8 @@ def run_step(cfg, fn, *args, **kwargs):
     may find them back)."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+    from tasks.errors import StepFailed
     from tasks.outages import outage_message
-    from tasks.requantize import StepFailed
 
     try:
         return fn(*args, **kwargs)

@@ -34,8 +34,8 @@ from __future__ import annotations
 import logging
 import time
 
+from tasks.errors import StateError
 from tasks.registry import CHALLENGER, client, find_versions, now_iso
-from tasks.requantize import StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ NOT_REGISTERED_NOTE = ("**NOT A CANDIDATE: this version was not registered by th
                        "state record: a copy made by \"Promote model\", or registered by hand). It is never "
                        "promoted, whatever its tags say.")
 SEQUENCE_TAG = "state_sequence"  # ops.mlflow_auth.STATE_SEQUENCE_TAG: the server lets it only grow
-
-
-class StateError(StepFailed):
-    """A transition the state machine does not allow, or a record that does not verify (no retry helps)."""
 
 
 # --- the record in the pipeline's store -----------------------------------------------------------------

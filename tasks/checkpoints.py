@@ -284,7 +284,7 @@ def download_checkpoint(cfg: PipelineConfig, checkpoint_uri: str, dst: str | Pat
                 download_file(client, uri + name, path)
             except ClientError as exc:
                 if _not_found(exc):
-                    from tasks.requantize import StepFailed
+                    from tasks.errors import StepFailed
 
                     raise StepFailed(f"{uri}{name}: listed in {MANIFEST} but missing from S3 "
                                      "(the checkpoint is damaged; publish it again)") from None
@@ -304,7 +304,7 @@ def download_calibration(cfg: PipelineConfig, calibration_uri: str, dst: str | P
     digest = sha256_file(path)
     named = DIGEST_KEY.search(calibration_uri)
     if named and named.group(1) != digest:
-        from tasks.requantize import StepFailed
+        from tasks.errors import StepFailed
 
         Path(path).unlink()
         raise StepFailed(f"{calibration_uri}: its content has sha256 {digest[:12]}..., not the digest its key names "

@@ -20,7 +20,7 @@ def model_version(c, name: str, version: str):
     will not appear by waiting) when there is no such version."""
     from mlflow.exceptions import MlflowException
 
-    from tasks.requantize import StepFailed
+    from tasks.errors import StepFailed
 
     try:
         return c.get_model_version(name, str(version))
@@ -70,7 +70,7 @@ def missing_files(c, name: str, version: str) -> tuple[str, list[str]]:
 
 def require_files(c, name: str, version: str) -> None:
     """StepFailed naming the version and the missing file(s) when the artifact store lost any."""
-    from tasks.requantize import StepFailed
+    from tasks.errors import StepFailed
 
     uri, missing = missing_files(c, name, version)
     if missing:

@@ -48,7 +48,7 @@ def serving_change(cfg) -> Iterator[None]:
 def require_champion_unchanged(c, name: str, champion: str | None) -> None:
     """The champion read before the rollout is still the champion (a run on another host did not
     promote or roll back meanwhile); otherwise no alias moves and on-call must look."""
-    from tasks.requantize import StepFailed
+    from tasks.errors import StepFailed
 
     now = alias_version(c, name, CHAMPION)
     if now != champion:
@@ -67,8 +67,9 @@ def alias_version(c, name: str, alias: str) -> str | None:
 
 def check_promotable(cfg, c, version: str, champion: str | None, scheduled: bool) -> dict:
     """Everything promote requires of `version`, or StateError/ProvenanceError (recorded on the version)."""
-    from tasks.approval import StateError, read_record, refuse
-    from tasks.provenance import ProvenanceError, verify_version
+    from tasks.approval import read_record, refuse
+    from tasks.errors import ProvenanceError, StateError
+    from tasks.provenance import verify_version
 
     name = cfg.model_name
     try:
@@ -139,9 +140,8 @@ def promote_newest_approved(cfg, mlflow_client=None, reviewed_before: dict | Non
     is not refused again here), so that on-call hears of a forged, copied, tampered or dead
     version someone tried to push through.
     """
-    from tasks.approval import REFUSED_TAG, StateError, review, versions_in_state
-    from tasks.provenance import ProvenanceError
-    from tasks.requantize import StepFailed
+    from tasks.approval import REFUSED_TAG, review, versions_in_state
+    from tasks.errors import ProvenanceError, StateError, StepFailed
 
     c = mlflow_client or client(cfg)
     reviewed = review(cfg, c)

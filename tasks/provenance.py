@@ -28,17 +28,15 @@ import logging
 import tempfile
 from pathlib import Path
 
-from tasks.requantize import StepFailed
+from onerec.errors import UserError
+from tasks.errors import ProvenanceError
+from tasks.gates import Gates
 
 log = logging.getLogger(__name__)
 
 PROVENANCE_TAG = "provenance"
 SCHEME = "hmac-sha256-v1"
 GATES_REPORT = "reports/gates.json"
-
-
-class ProvenanceError(StepFailed):
-    """The version's evidence does not verify: it is not what the pipeline registered (no retry helps)."""
 
 
 def key_file(cfg) -> Path:
@@ -107,11 +105,11 @@ def fetch_digests(cfg, version: str) -> dict:
                 "pyfunc_code_sha256": sha256_file(code[0]) if len(code) == 1 else ""}
 
 
-def write_gates_report(gates: dict, report_dir: str | Path) -> tuple[Path, str]:
+def write_gates_report(gates: Gates, report_dir: str | Path) -> tuple[Path, str]:
     """reports/gates.json as the run will keep it, and the sha256 of exactly those bytes."""
     path = Path(report_dir) / "gates.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(gates, indent=2, sort_keys=True, default=str) + "\n").encode()
+    data = gates.to_json()
     path.write_bytes(data)
     return path, hashlib.sha256(data).hexdigest()
 
@@ -146,10 +144,8 @@ def verify_version(cfg, c, mv) -> dict:
     """At promote and rollback: recompute the evidence from the registry's artifacts, downloaded afresh;
     ProvenanceError if it does not verify or the gate report (re-read, under the current policy) did not pass.
 
-    Returns {"evidence": ..., "gates": <the gate report>}.
+    Returns {"evidence": ..., "gates": Gates}.
     """
-    from tasks.registry import gates_passed
-
     name, version = cfg.model_name, str(mv.version)
     signature = mv.tags.get(PROVENANCE_TAG)
     if not signature:
@@ -166,9 +162,9 @@ def verify_version(cfg, c, mv) -> dict:
             raise ProvenanceError(f"{name} version {version}: the run's {GATES_REPORT} cannot be read ({exc})") from None
         data = Path(local).read_bytes()
     try:
-        gates = json.loads(data)
-    except json.JSONDecodeError:
-        raise ProvenanceError(f"{name} version {version}: {GATES_REPORT} is not JSON") from None
+        gates = Gates.from_json(data)
+    except UserError as exc:
+        raise ProvenanceError(f"{name} version {version}: {GATES_REPORT}: {exc}") from None
     digests = fetch_digests(cfg, version)
     digests.pop("pyfunc_code_sha256")  # covered by version_sha256
     record = evidence(model=name, version=version, run_id=mv.run_id, **digests,
@@ -177,7 +173,7 @@ def verify_version(cfg, c, mv) -> dict:
     if not verifies(load_key(cfg), "version", record, signature):
         raise ProvenanceError(f"{name} version {version}: the provenance does not verify (the model, checkpoint, "
                               "recipe, gate report or registering run differ from what the pipeline signed)")
-    if not gates_passed(gates, cfg.latency_gate_blocking):
+    if not gates.passed(cfg.latency_gate_blocking):
         raise ProvenanceError(f"{name} version {version}: its gate report did not pass "
                               f"(latency_gate_blocking={cfg.latency_gate_blocking})")
     return {"evidence": record, "gates": gates}

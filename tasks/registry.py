@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import math
-import re
 from pathlib import Path
 
 from onerec.errors import UserError
 from tasks.config import config_sha256
+from tasks.gates import Gates
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +150,8 @@ def abandoned_registration(cfg, c, mv) -> str | None:
     over (failed, killed, or finished without it) or has been RUNNING for longer than any run lasts.
     Tags decide nothing here: deleting the mirror tag `state` does not make a version abandoned.
     """
-    from tasks.approval import StateError, read_record
+    from tasks.approval import read_record
+    from tasks.errors import StateError
 
     try:
         if read_record(cfg, mv.version, mlflow_client=c) is not None:  # the last step of registration ran
@@ -182,32 +182,6 @@ def registering_run_status(c, mv) -> str:
     return run.info.status
 
 
-def _metric_name(name: str) -> str:
-    # MLflow allows alphanumerics, _ - . space : / in metric names
-    return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name.replace("@", "_at_"))
-
-
-# what the gates report about their own settings (the run's params hold them as config.*): not measurements
-GATE_SETTINGS = ("config", "thresholds", "confidence", "margin")
-
-
-def gate_metrics(gates: dict) -> dict[str, float]:
-    """Every numeric measurement of the gate results, flattened: {"quality.top10_overlap": 0.97, ...};
-    the gates' settings (GATE_SETTINGS) are left out."""
-    out: dict[str, float] = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, int | float) and math.isfinite(value):  # bools too: passed -> 1.0
-            out[_metric_name(prefix)] = float(value)
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                if k not in GATE_SETTINGS:
-                    walk(f"{prefix}.{k}" if prefix else str(k), v)
-
-    walk("", gates)
-    return out
-
-
 def _flat(values: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in values.items():
@@ -215,36 +189,9 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return out
 
 
-def gates_passed(gates: dict, latency_gate_blocking: bool) -> bool:
-    """Quality must pass; latency must pass when it was measured, and when it could not be measured
-    it blocks only if the config says so (production: no FP8 GPU = no evidence = no candidate)."""
-    quality = gates.get("quality", {})
-    latency = gates.get("latency", {})
-    if not quality.get("passed", False):
-        return False
-    if latency.get("measurable", True) is False:
-        return not latency_gate_blocking
-    return bool(latency.get("passed", False))
-
-
-def gates_outcome(gates: dict, latency_gate_blocking: bool) -> tuple[str, str]:
-    """(passed | failed | inconclusive | unmeasured, why): an inconclusive quality gate is not a pass
-    either; `unmeasured` is a blocking latency gate that could not measure (no FP8 GPU where it ran)."""
-    if gates_passed(gates, latency_gate_blocking):
-        return "passed", "gates passed"
-    quality, latency = gates.get("quality", {}), gates.get("latency", {})
-    if quality.get("verdict") == "inconclusive":
-        return "inconclusive", f"quality gate inconclusive: {quality.get('reason', 'the sample cannot decide')}"
-    if not quality.get("passed", False):
-        return "failed", "quality gate failed" + (f": {quality['reason']}" if quality.get("reason") else "")
-    if latency.get("measurable", True) is False:
-        return "unmeasured", f"latency gate could not measure ({latency.get('reason', 'unknown')}) and blocks"
-    return "failed", "latency gate failed"
-
-
 def register_candidate(
     cfg, *, checkpoint_uri: str, checkpoint_sha256: str, calibration_uri: str, calibration_sha256: str,
-    quantized_dir: str, report_dir: str, gates: dict, run_name: str | None = None,
+    quantized_dir: str, report_dir: str, gates: Gates, run_name: str | None = None,
 ) -> dict:
     """Log the run (params, metrics, reports) and, when the gates passed, register the challenger.
 
@@ -279,7 +226,8 @@ def _restore_challenger(cfg, c, existing: dict) -> None:
     """A pending version without the challenger alias (its run died right after registering) gets it."""
     from mlflow.exceptions import MlflowException
 
-    from tasks.approval import StateError, read_record
+    from tasks.approval import read_record
+    from tasks.errors import StateError
 
     try:
         if (read_record(cfg, existing["version"], mlflow_client=c) or {}).get("state") != "pending":
@@ -294,17 +242,17 @@ def _restore_challenger(cfg, c, existing: dict) -> None:
 
 
 def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, calibration_uri: str,
-                      calibration_sha256: str, quantized_dir: str, report_dir: str, gates: dict,
+                      calibration_sha256: str, quantized_dir: str, report_dir: str, gates: Gates,
                       run_name: str | None) -> dict:
     import mlflow
 
     from tasks import approval, provenance
     from tasks.registration_claim import settle_duplicates
-    from tasks.review_page import gates_label, run_url, version_description
+    from tasks.review_page import run_url, version_description
 
-    outcome, reason = gates_outcome(gates, cfg.latency_gate_blocking)
+    outcome, reason = gates.outcome(cfg.latency_gate_blocking)
     passed = outcome == "passed"
-    label = gates_label(gates) if passed else outcome  # passed | passed-latency-unmeasured | failed | inconclusive | unmeasured
+    label = gates.label if passed else outcome  # passed | passed-latency-unmeasured | failed | inconclusive | unmeasured
     tags = {
         "checkpoint_uri": checkpoint_uri, "checkpoint_sha256": checkpoint_sha256,
         "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
@@ -324,7 +272,7 @@ def _log_and_register(cfg, c, *, checkpoint_uri: str, checkpoint_sha256: str, ca
             "calibration_uri": calibration_uri, "calibration_sha256": calibration_sha256,
             **{f"config.{k}": v for k, v in _flat(cfg.to_dict()).items()},
         })
-        mlflow.log_metrics(gate_metrics(gates))
+        mlflow.log_metrics(gates.metrics())
         # the exact bytes the provenance signs (promote re-reads them from the run)
         _, gates_sha256 = provenance.write_gates_report(gates, report_dir)
         mlflow.log_artifacts(report_dir, "reports")

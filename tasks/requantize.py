@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onerec.errors import UserError
+from onerec.gate_verdict import GateVerdict
 from tasks.config import config_sha256
+from tasks.errors import StepFailed
+from tasks.gates import Gates, Validation
 
 log = logging.getLogger(__name__)
-
-
-class StepFailed(UserError):
-    """A check that ran and said no (bad data, failed gate): retrying will not change the answer."""
 
 
 @dataclass(frozen=True)
@@ -208,7 +207,8 @@ def quantize_step(cfg, fetched: Fetched | dict) -> dict:
 
 
 def quality_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict) -> dict:
-    """FP8 vs bf16 on the held-out calibration requests, on the GPU when there is one (cfg.quality_gate)."""
+    """FP8 vs bf16 on the held-out calibration requests, on the GPU when there is one (cfg.quality_gate);
+    writes reports/quality_gate.json (+ .png) and returns the GateVerdict's JSON."""
     from onerec.devices import resolve_device
     from onerec.quant.quality_gate import run_quality_gate
     from tasks.reports import gate_report
@@ -219,17 +219,24 @@ def quality_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict)
     result = run_quality_gate(fetched.checkpoint_dir, quantized.quantized_dir, quantized.eval_data_dir, config=gate,
                               report_dir=fetched.report_dir)
     result["duration_s"] = round(time.monotonic() - started, 3)
-    result["config_sha256"] = config_sha256(cfg)
+    verdict = _verdict(cfg, gate_report(result, fetched.report_dir, "quality_gate"))
     # passed / failed / inconclusive (not a pass either: the register step says why it registers nothing)
-    log.info("quality gate on %s: %s in %.1f s (%s)", gate.device, result["verdict"], result["duration_s"],
-             result.get("reason", ""))
-    return gate_report(result, fetched.report_dir, "quality_gate")
+    log.info("quality gate on %s: %s in %.1f s (%s)", verdict.device, verdict.outcome, verdict.duration_s,
+             verdict.reason)
+    return verdict.to_dict()
+
+
+def _verdict(cfg, report: dict) -> GateVerdict:
+    """The verdict of a gate's written report, with the configuration the gate ran with."""
+    verdict = GateVerdict.of_report(report)
+    return verdict.with_run(verdict.duration_s, config_sha256(cfg), report["report_json"])
 
 
 def latency_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict) -> dict:
     """FP8 vs bf16 latency on this machine's GPU, replaying the run's held-out requests at
-    cfg.latency_gate.batch_sizes; `measurable` is False without an FP8 GPU (whether that blocks:
-    cfg.latency_gate_blocking, applied in tasks.registry.gates_outcome)."""
+    cfg.latency_gate.batch_sizes; writes reports/latency_gate.json (+ .png) and returns the
+    GateVerdict's JSON: `unmeasured` without an FP8 GPU (whether that blocks: cfg.latency_gate_blocking,
+    applied in tasks.gates.Gates.outcome)."""
     from onerec.engine.latency_gate import measure_latency, plot
     from tasks.reports import gate_report
 
@@ -238,30 +245,30 @@ def latency_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict)
     result = measure_latency(fetched.checkpoint_dir, quantized.quantized_dir, config=cfg.latency_gate,
                              requests_path=quantized.eval_path)
     result.setdefault("duration_s", round(time.monotonic() - started, 3))
-    result["config_sha256"] = config_sha256(cfg)
-    if result.get("measurable") is False:
-        log.warning("latency gate could not measure (%s); blocking: %s", result.get("reason"), cfg.latency_gate_blocking)
-        return gate_report(result, fetched.report_dir, "latency_gate")
-    log.info("latency gate: %s", "passed" if result.get("passed") else "FAILED")
-    return gate_report(result, fetched.report_dir, "latency_gate", plot=plot)
+    verdict = GateVerdict.of_report(result)
+    if not verdict.measured:
+        log.warning("latency gate could not measure (%s); blocking: %s", verdict.reason, cfg.latency_gate_blocking)
+        return _verdict(cfg, gate_report(result, fetched.report_dir, "latency_gate")).to_dict()
+    log.info("latency gate: %s (%s)", verdict.outcome, verdict.reason)
+    return _verdict(cfg, gate_report(result, fetched.report_dir, "latency_gate", plot=plot)).to_dict()
 
 
-def register_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict, quality: dict, latency: dict,
-                  validation: dict, run_name: str | None = None) -> dict:
+def register_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict, quality: GateVerdict | dict,
+                  latency: GateVerdict | dict, validation: dict, run_name: str | None = None) -> dict:
     """Log the run with every report; a model version + alias challenger only when the gates passed
     (a failed or inconclusive quality gate: the run is tagged with the outcome and the reason)."""
     from tasks.registry import register_candidate
 
     fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)
-    require_same_config(cfg, quantize=quantized.config_sha256, quality_gate=quality.get("config_sha256"),
-                        latency_gate=latency.get("config_sha256"))
+    quality, latency = GateVerdict.from_dict(quality), GateVerdict.from_dict(latency)
+    require_same_config(cfg, quantize=quantized.config_sha256, quality_gate=quality.config_sha256,
+                        latency_gate=latency.config_sha256)
     report_dir = Path(fetched.report_dir)
     q_reports = Path(quantized.quantized_dir) / "reports"
     if q_reports.is_dir():  # the quantization/distribution reports, beside the gates' and GX's
         shutil.copytree(q_reports, report_dir / "quantization", dirs_exist_ok=True)
-    gates = {"quality": quality, "latency": latency,
-             "validation": {"passed": validation.get("passed"), "rows": validation.get("rows"),
-                            "drift": validation.get("drift", {})}}
+    gates = Gates(quality, latency, Validation(passed=validation.get("passed"), rows=validation.get("rows"),
+                                               drift=validation.get("drift", {})))
     return register_candidate(
         cfg, checkpoint_uri=fetched.checkpoint_uri, checkpoint_sha256=fetched.checkpoint_sha256,
         calibration_uri=fetched.calibration_uri, calibration_sha256=fetched.calibration_sha256,

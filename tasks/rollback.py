@@ -18,12 +18,12 @@ import contextlib
 import logging
 
 from onerec.errors import UserError
-from tasks.approval import StateError, read_record, transition
+from tasks.approval import read_record, transition
+from tasks.errors import StateError, StepFailed
 from tasks.model_artifacts import model_version, require_files
 from tasks.promote import alias_version, require_champion_unchanged, serving_change
 from tasks.provenance import verify_version
 from tasks.registry import CHAMPION, PREVIOUS, client, now_iso
-from tasks.requantize import StepFailed
 
 log = logging.getLogger(__name__)
 

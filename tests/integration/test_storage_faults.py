@@ -271,9 +271,9 @@ def test_lost_artifact_is_named_and_changes_nothing(tmp_path, s3_and_mlflow, mon
     from ops import rollout
     from ops.stack import stack_env
     from tasks.config import PipelineConfig
+    from tasks.errors import StepFailed
     from tasks.promote import alias_version, promote
     from tasks.registry import client
-    from tasks.requantize import StepFailed
     from tasks.rollback import rollback
 
     env = stack_env(s3_and_mlflow)

@@ -63,7 +63,8 @@ def test_swapped_weights_code_or_mlmodel_are_never_served(stack, tiny, tmp_path)
     from onerec.serve.app import ServerConfig, create_app
     from onerec.serve.registry import download_verified
     from tasks.checkpoints import s3_client
-    from tasks.provenance import ProvenanceError, verify_version
+    from tasks.errors import ProvenanceError
+    from tasks.provenance import verify_version
     from tasks.registry import client
     from tasks.requantize import run_requantize
 

@@ -37,7 +37,8 @@ pods = {t.task_id: [*t.cmds, *t.arguments] for t in dag.tasks if type(t).__name_
 print(json.dumps({"pods": pods, "config": dag.user_defined_macros["onerec_config_json"]()}))
 """
 # The Variable's overrides: thresholds that let a random tiny model pass
-VARIABLE = {"quality_gate": {"max_relative_recall_drop": 1.0, "min_topk_overlap": 0.0, "beam_size": 8}}
+VARIABLE = {"quality_gate": {"max_relative_recall_drop": 1.0, "max_relative_ndcg_drop": 1.0, "min_topk_overlap": 0.0,
+                            "beam_size": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,7 @@ def run_pod(command: list[str], xcom: dict, config: str, tmp_path: Path, state_d
 
 
 def test_gpu_steps_run_as_the_pods_run_them(worker, fetched, tmp_path):
+    from onerec.gate_verdict import GateVerdict
     from tasks.config import PipelineConfig, config_sha256
     from tasks.requantize import require_same_config
 
@@ -122,27 +124,28 @@ def test_gpu_steps_run_as_the_pods_run_them(worker, fetched, tmp_path):
     assert Path(quantized["quantized_dir"], "recipe.json").is_file() and quantized["eval_rows"] > 0
     assert quantized["eval_rows"] == 24  # the worker's default (all 24 held-out users), not the pod env's 8
 
-    quality = run_pod(pods["quality_gate"], xcom, config, tmp_path, state_dir)
-    assert quality["gate"] == "quality" and quality["passed"] is True
-    assert quality["config"]["device"] == "cpu"  # "auto" resolved: no CUDA here
-    assert quality["config"]["beam_size"] == 8 and quality["config"]["max_relative_recall_drop"] == 1.0
-    assert quality["duration_s"] > 0
+    quality = GateVerdict.from_dict(run_pod(pods["quality_gate"], xcom, config, tmp_path, state_dir))
+    assert quality.gate == "quality" and quality.passed
+    assert quality.device == "cpu"  # "auto" resolved: no CUDA here
+    assert quality.duration_s > 0
     reports = Path(fetched["report_dir"])
-    assert json.loads((reports / "quality_gate.json").read_text())["duration_s"] == quality["duration_s"]
+    report = json.loads((reports / "quality_gate.json").read_text())  # the full report the verdict was read from
+    assert quality.report_json == str(reports / "quality_gate.json") and report["duration_s"] == quality.duration_s
+    assert report["config"]["beam_size"] == 8 and report["config"]["max_relative_recall_drop"] == 1.0
     assert (reports / "quality_gate.png").is_file() and not (reports / "quality_gate").exists()
 
-    latency = run_pod(pods["latency_gate"], xcom, config, tmp_path, state_dir)
-    assert latency["gate"] == "latency" and latency["measurable"] is False and latency["passed"] is None
-    assert "duration_s" in latency
+    latency = GateVerdict.from_dict(run_pod(pods["latency_gate"], xcom, config, tmp_path, state_dir))
+    assert latency.gate == "latency" and latency.outcome == "unmeasured" and not latency.measured
+    assert latency.duration_s is not None
     assert json.loads((reports / "latency_gate.json").read_text())["measurable"] is False
 
     # every pod ran with the worker's effective configuration, and the register step (in the worker,
     # with the same environment and Variable) checks exactly that
-    assert {quantized["config_sha256"], quality["config_sha256"], latency["config_sha256"]} == {worker_sha256}
+    assert {quantized["config_sha256"], quality.config_sha256, latency.config_sha256} == {worker_sha256}
     worker_cfg = PipelineConfig.from_env({"ONEREC_STATE_DIR": state_dir, "ONEREC_GPU_EXECUTOR": "kubernetes"}, VARIABLE)
     assert config_sha256(worker_cfg) == worker_sha256
-    require_same_config(worker_cfg, quantize=quantized["config_sha256"], quality_gate=quality["config_sha256"],
-                        latency_gate=latency["config_sha256"])
+    require_same_config(worker_cfg, quantize=quantized["config_sha256"], quality_gate=quality.config_sha256,
+                        latency_gate=latency.config_sha256)
 
 
 def test_register_refuses_gpu_results_of_another_configuration():
