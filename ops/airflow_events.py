@@ -43,7 +43,7 @@ def airflow_target(state_dir: str | Path | None = None) -> dict | None:
 
 def post_asset_event(target: dict, asset_name: str, extra: dict, timeout: float = 15.0) -> dict:
     """One asset event; returns Airflow's answer. UserError when Airflow refuses or lacks the asset."""
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     with httpx.Client(base_url=target["url"], timeout=timeout, trust_env=False) as http:
         token = http.post("/auth/token", json={"username": target["username"], "password": target["password"]})
@@ -68,7 +68,7 @@ def notify(asset_name: str, extra: dict, state_dir: str | Path | None = None) ->
     if target is None:
         log.info("no Airflow configured: %s not posted (the DAG's schedule will pick it up)", asset_name)
         return None
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     try:
         return post_asset_event(target, asset_name, extra)

@@ -55,6 +55,9 @@ from onerec.settings import Settings, env_name
 from ops import mlflow_auth
 from ops.approval_relay import register_webhook
 from ops.processes import file_lock, is_alive, log_tail, spawn_detached, stop_processes
+from ops.rollout import RolloutError
+from ops.rollout.local import resume
+from ops.rollout.local import stop as stop_local_serving
 
 log = logging.getLogger("ops.stack")
 
@@ -645,8 +648,6 @@ def _resume_local_serving(cfg: StackConfig, env: dict) -> None:
     reboot): the stack is a working deployment, not only its services."""
     if cfg.settings.rollout_target != "local" or not (cfg.state_dir / "serving" / "local.json").is_file():
         return
-    from ops.rollout import RolloutError
-    from ops.rollout.local import resume
 
     try:
         resumed = resume(Settings.from_env(env), env=env)  # the settings the stack hands its clients
@@ -663,7 +664,6 @@ def _stop_local_serving(cfg: StackConfig) -> dict | None:
     leaves nothing of the local setup running."""
     if not (cfg.state_dir / "serving").is_dir():
         return None
-    from ops.rollout.local import stop as stop_local_serving
 
     return stop_local_serving(cfg.state_dir)
 

@@ -25,8 +25,12 @@ from pathlib import Path
 
 from onerec.errors import UserError
 from tasks import requantize
+from tasks.approval import expire_stale
 from tasks.config import PipelineConfig, load_config
+from tasks.outages import outage_message  # heavy: botocore, requests (a GPU pod has neither)
+from tasks.promote import promote, promote_newest_approved
 from tasks.requantize import STEP
+from tasks.rollback import rollback
 
 COMMANDS = ("run", *STEP, "exec", "expire", "promote", "rollback")
 
@@ -96,7 +100,6 @@ def main(args: argparse.Namespace) -> dict | None:
     cfg = config(args)
     if args.step == "exec":  # a GPU pod: no boto3 there, and the steps it runs never touch S3
         return run(args, cfg)
-    from tasks.outages import outage_message  # heavy: botocore, requests (a GPU pod has neither)
 
     try:
         return run(args, cfg)
@@ -127,16 +130,10 @@ def run(args: argparse.Namespace, cfg: PipelineConfig) -> dict | None:
             Path(args.xcom_file).write_text(json.dumps(result, default=str))
         return result
     if args.step == "expire":
-        from tasks.approval import expire_stale
-
         return expire_stale(cfg)
     if args.step == "promote":
-        from tasks.promote import promote, promote_newest_approved
-
         return promote(cfg, args.version) if args.version else promote_newest_approved(cfg)
     if args.step == "rollback":
-        from tasks.rollback import rollback
-
         if not args.reason:
             raise UserError("rollback needs --reason")
         return rollback(cfg, args.reason, args.version, by=args.by or getpass.getuser())

@@ -23,8 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+from onerec.calibration_table import context_len_of, draw_calibration_table, write_calibration_table
 from onerec.errors import UserError
+from onerec.manifest import verify_manifest
+from ops import rollout
+from ops.rollout import local
+from ops.stack import airflow_home, read_state, stack_env
 from tasks.config import PipelineConfig
+from tasks.provenance import verify_version
 from tasks.publish import publish
 from tasks.registry import client, find_versions
 
@@ -49,8 +55,6 @@ def _done(t0: float, text: str = "done") -> None:
 
 def airflow_env(state: dict, extra: dict | None = None) -> dict[str, str]:
     """Environment for the Airflow CLI on the local stack: its AIRFLOW_HOME, dags/ and contract env."""
-    from ops.stack import airflow_home, stack_env
-
     return {
         **os.environ, **stack_env(state),
         "AIRFLOW_HOME": str(airflow_home(state["state_dir"])),
@@ -87,22 +91,19 @@ def dags_test(dag_id: str, state: dict, log_path: str | Path, extra_env: dict | 
 
 def prepare_checkpoint(demo_dir: Path) -> dict:
     """Synthetic data, a trained tiny checkpoint and a calibration table; each reused when present."""
-    from onerec.calibration_table import context_len_of, draw_calibration_table, write_calibration_table
-    from onerec.manifest import verify_manifest
-
     data_dir, ckpt_dir, calibration = demo_dir / "data", demo_dir / "checkpoint", demo_dir / "calibration.parquet"
     reused = []
     if (data_dir / "interactions.parquet").is_file():
         reused.append("data")
     else:
-        from onerec.synth import synthesize
+        from onerec.synth import synthesize  # heavy: torch
 
         synthesize(data_dir, seed=0, overwrite=True)
     try:
         verify_manifest(ckpt_dir)
         reused.append("checkpoint")
     except UserError:
-        from onerec.train import train
+        from onerec.train import train  # heavy: torch
 
         train(data_dir, "tiny", ckpt_dir, epochs=TRAIN_EPOCHS, seed=0, overwrite=True, progress=True)
     if calibration.is_file():
@@ -118,7 +119,7 @@ PROMOTE_WAIT_S = 240.0  # the approval's webhook -> relay -> asset event -> prom
 
 def _became_champion(c, name: str, version: str, timeout_s: float) -> bool:
     """Whether `version` is the champion within `timeout_s` (polled every 2 s)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: MLflow
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -137,7 +138,7 @@ def approve_as_the_ui_does(tracking_uri: str, name: str, version: str, auth: tup
 
     Returns the HTTP response (403 for an account that is not an approver).
     """
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     return httpx.post(f"{tracking_uri}/ajax-api/2.0/mlflow/model-versions/set-tag",
                       json={"name": name, "version": str(version), "key": "approval", "value": value},
@@ -146,8 +147,6 @@ def approve_as_the_ui_does(tracking_uri: str, name: str, version: str, auth: tup
 
 def run_demo(env: dict[str, str]) -> dict:
     """The demo against the stack of `env`'s state dir (main passes this process's environment)."""
-    from ops.stack import read_state, stack_env
-
     total = 7
     # UserError "run `onerec-fp8 stack up` first" when there is no stack
     state = read_state(PipelineConfig.from_env(env).state_dir)
@@ -237,18 +236,12 @@ def run_demo(env: dict[str, str]) -> dict:
 
 def ensure_serving(cfg, version: str) -> None:
     """After a restart of the machine or the stack the champion is deployed but no longer running: restart it."""
-    from ops import rollout
-    from ops.rollout import local
-
     if cfg.rollout_target != "local":
         return
     current = local.status(cfg.state_dir).get("current") or {}
     if not (current.get("alive") and str(current.get("version")) == str(version)):
         print(f"           the local serving process is not running version {version}: starting it again",
               file=sys.stderr)
-        from tasks.provenance import verify_version
-        from tasks.registry import client
-
         c = client(cfg)
         digest = verify_version(cfg, c, c.get_model_version(cfg.model_name, version))["evidence"]["version_sha256"]
         rollout.deploy(cfg, f"models:/{cfg.model_name}/{version}", version, digest=digest)
@@ -256,10 +249,8 @@ def ensure_serving(cfg, version: str) -> None:
 
 def ask_serving(cfg, calibration_path: str) -> dict:
     """One recommendation request (a real user history from the calibration table) to the local endpoint."""
-    import httpx
-    import pandas as pd
-
-    from ops.rollout import local
+    import httpx  # heavy: httpx, only where HTTP is spoken
+    import pandas as pd  # heavy: pandas
 
     url = local.status(cfg.state_dir)["url"]
     row = pd.read_parquet(calibration_path).iloc[0]

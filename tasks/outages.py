@@ -17,6 +17,8 @@ override the MLflow budget (MLFLOW_HTTP_REQUEST_*), as MLflow documents.
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 
 from onerec.settings import Settings
 
@@ -32,7 +34,7 @@ MLFLOW_HTTP_ENV = {
 
 
 def s3_client_config():
-    from botocore.config import Config
+    from botocore.config import Config  # heavy: boto3
 
     return Config(retries=dict(S3_RETRIES), connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_READ_TIMEOUT_S)
 
@@ -57,9 +59,6 @@ def _unreachable(text: str) -> bool:
 
 def _answers(url: str) -> bool:
     """Whether anything answers HTTP at `url` right now (2 s): tells which server is the one down."""
-    import urllib.error
-    import urllib.request
-
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(url, timeout=2):
@@ -78,8 +77,8 @@ def outage_message(exc: BaseException, settings: Settings | None) -> str | None:
     MLflow proxies artifacts into S3, so a failed artifact request may mean that S3 is down
     behind a healthy MLflow: both are probed to name the one that is not answering.
     """
-    import requests
-    from botocore.exceptions import BotoCoreError, ClientError
+    import requests  # heavy: requests
+    from botocore.exceptions import BotoCoreError, ClientError  # heavy: boto3
 
     s3 = (settings.s3_endpoint_url if settings else None) or ""
     tracking = (settings.tracking_uri() if settings else None) or ""
@@ -90,7 +89,7 @@ def outage_message(exc: BaseException, settings: Settings | None) -> str | None:
         text = f"{type(exc).__name__}: {exc}"
     else:
         try:
-            from mlflow.exceptions import MlflowException
+            from mlflow.exceptions import MlflowException  # heavy: MLflow
         except ImportError:
             return None
         if not isinstance(exc, MlflowException):

@@ -29,8 +29,12 @@ import tempfile
 from pathlib import Path
 
 from onerec.errors import UserError
+from onerec.manifest import manifest_digest, sha256_file, verify_manifest
+from onerec.serve.registry import fetch_version, model_folder, version_digest
+from ops.mlflow_auth import read_private, secret_token
 from tasks.errors import ProvenanceError
 from tasks.gates import Gates
+from tasks.registry import PYFUNC_CODE
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +55,9 @@ def load_key(cfg, create: bool = False) -> bytes:
         if not create:
             raise ProvenanceError(f"no provenance key at {path}: nothing can be verified "
                                   "(set provenance_key_file / ONEREC_PROVENANCE_KEY_FILE)")
-        from ops.mlflow_auth import secret_token
-
         log.warning("no provenance key at %s: generating one (versions signed with another key will not verify)",
                     path)
         secret_token(path)
-    from ops.mlflow_auth import read_private
 
     try:
         return read_private(path, "provenance key", 32).encode()
@@ -87,11 +88,6 @@ def evidence(*, model: str, version: str, run_id: str, version_sha256: str, mode
 def fetch_digests(cfg, version: str) -> dict:
     """Download `version` afresh (no cache) and hash it: {version_sha256, model_manifest_sha256,
     pyfunc_code_sha256} (the last: of the model's copy of tasks/pyfunc_model.py, "" when it has none)."""
-    from onerec.errors import UserError
-    from onerec.manifest import manifest_digest, sha256_file, verify_manifest
-    from onerec.serve.registry import fetch_version, model_folder, version_digest
-    from tasks.registry import PYFUNC_CODE
-
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="onerec-verify-", dir=cfg.work_dir) as tmp:
         model_dir = fetch_version(f"models:/{cfg.model_name}/{version}", Path(tmp) / "model", cfg.tracking_uri())
@@ -120,9 +116,6 @@ def sign_version(cfg, c, version: str, run_id: str, quantized_dir: str | Path, g
     The version digest is taken from a fresh download of what MLflow stored; its quantized folder
     must be the one gated here (manifest digest) and its pyfunc code this package's, byte for byte.
     """
-    from onerec.manifest import manifest_digest, sha256_file
-    from tasks.registry import PYFUNC_CODE
-
     digests = fetch_digests(cfg, version)
     if digests["model_manifest_sha256"] != manifest_digest(quantized_dir):
         raise ProvenanceError(f"{cfg.model_name} version {version}: the artifact store holds another quantized folder "
@@ -153,7 +146,7 @@ def verify_version(cfg, c, mv) -> dict:
                               "by the pipeline")
     if not mv.run_id:
         raise ProvenanceError(f"{name} version {version} names no registering run")
-    import mlflow
+    import mlflow  # heavy: MLflow
 
     with tempfile.TemporaryDirectory(prefix="onerec-gates-") as tmp:
         try:

@@ -18,6 +18,7 @@ pod) and the tests call these same functions. Files live in a per-checkpoint wor
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -25,11 +26,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from onerec.devices import resolve_device
 from onerec.errors import UserError
 from onerec.gate_verdict import GateVerdict
+from onerec.settings import build
+from tasks.checkpoints import (
+    MANIFEST,
+    download_calibration,
+    download_checkpoint,
+    find_latest_calibration,
+    find_latest_checkpoint,
+    object_sha256,
+    read_json,
+    record_rejection,
+    s3_client,
+    write_json,
+)
 from tasks.config import config_sha256
 from tasks.errors import StepFailed
 from tasks.gates import Gates, Validation
+from tasks.notify import send_failure
+from tasks.quantize import split_calibration
+from tasks.register import find_existing, register_candidate
+from tasks.reports import gate_report
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +95,6 @@ class Quantized:
 
 def typed(cls, value):
     """`value` as `cls`: an instance as it is, a dict (an XCom, --inputs JSON) checked field by field."""
-    from onerec.settings import build
-
     if isinstance(value, cls):
         return value
     if not isinstance(value, dict):
@@ -95,8 +112,6 @@ def _work(cfg, checkpoint_id: str) -> Path:
 def find_step(cfg) -> dict:
     """The newest complete checkpoint and calibration table that did not fail validation before;
     skipping a rejected newer one alerts on-call (the run goes on with the newest good one)."""
-    from tasks.checkpoints import find_latest_calibration, find_latest_checkpoint, s3_client
-
     client = s3_client(cfg)
     found = find_latest_checkpoint(cfg, client)
     rejected_calibration: list[str] = []
@@ -104,8 +119,6 @@ def find_step(cfg) -> dict:
     found["rejected_calibration"] = rejected_calibration
     log.info("newest complete checkpoint: %s; calibration: %s", found["checkpoint_uri"], found["calibration_uri"])
     if found["rejected"] or rejected_calibration:
-        from tasks.notify import send_failure
-
         skipped = [f"checkpoint {c}" for c in found["rejected"]] + [f"calibration {u}" for u in rejected_calibration]
         send_failure(f"onerec_fp8_requantize: skipped newer input(s) that failed validation before ({cfg.s3_root})",
                      f"Skipped: {', '.join(skipped)}.\nUsing checkpoint {found['checkpoint_uri']} and calibration "
@@ -116,15 +129,6 @@ def find_step(cfg) -> dict:
 def fetch_step(cfg, found: dict) -> dict:
     """Download and verify the checkpoint and the calibration table into the work folder; a
     checkpoint that does not verify is recorded as rejected (later runs skip it)."""
-    from tasks.checkpoints import (
-        MANIFEST,
-        download_calibration,
-        download_checkpoint,
-        object_sha256,
-        record_rejection,
-        s3_client,
-    )
-
     client = s3_client(cfg)
     work = _work(cfg, found["checkpoint_id"])
     try:
@@ -140,8 +144,6 @@ def fetch_step(cfg, found: dict) -> dict:
 
 def existing_step(cfg, fetched: Fetched | dict) -> dict | None:
     """What the registry already has for this checkpoint + recipe (None: go on)."""
-    from tasks.registry import find_existing
-
     fetched = typed(Fetched, fetched)
     existing = find_existing(cfg, fetched.checkpoint_sha256, cfg.recipe, fetched.calibration_sha256)
     if existing:
@@ -156,10 +158,7 @@ def validate_step(cfg, fetched: Fetched | dict) -> dict:
     A pass stores the table's profile under its digest; it becomes the drift reference only when a
     version made from it is approved (tasks.approval). A no raises StepFailed with the failures.
     """
-    import json
-
-    from tasks.checkpoints import read_json, s3_client, write_json
-    from tasks.validate import failure_summary, validate_calibration
+    from tasks.validate import failure_summary, validate_calibration  # heavy: pandas, Great Expectations
 
     fetched = typed(Fetched, fetched)
     client = s3_client(cfg)
@@ -167,8 +166,6 @@ def validate_step(cfg, fetched: Fetched | dict) -> dict:
     result = validate_calibration(cfg, fetched.calibration_path, fetched.checkpoint_dir,
                                   str(Path(fetched.report_dir) / "validation"), reference, fetched.calibration_sha256)
     if not result["passed"]:
-        from tasks.checkpoints import record_rejection
-
         record_rejection(cfg, "calibration", fetched.calibration_sha256, fetched.calibration_uri,
                          failure_summary(result), client)
         raise StepFailed(
@@ -185,8 +182,7 @@ def validate_step(cfg, fetched: Fetched | dict) -> dict:
 def quantize_step(cfg, fetched: Fetched | dict) -> dict:
     """Split the calibration table (calibrate / held out), then quantize with cfg.recipe (and
     cfg.layer_choice: "timed" times the layers on this pod's GPU)."""
-    from onerec.quant.export import quantize_folder
-    from tasks.quantize import split_calibration
+    from onerec.quant.export import quantize_folder  # heavy: torch
 
     fetched = typed(Fetched, fetched)
     work = Path(fetched.work_dir)
@@ -209,9 +205,7 @@ def quantize_step(cfg, fetched: Fetched | dict) -> dict:
 def quality_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict) -> dict:
     """FP8 vs bf16 on the held-out calibration requests, on the GPU when there is one (cfg.quality_gate);
     writes reports/quality_gate.json (+ .png) and returns the GateVerdict's JSON."""
-    from onerec.devices import resolve_device
-    from onerec.quant.quality_gate import run_quality_gate
-    from tasks.reports import gate_report
+    from onerec.quant.quality_gate import run_quality_gate  # heavy: torch
 
     fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)
     gate = dataclasses.replace(cfg.quality_gate, device=str(resolve_device(cfg.quality_gate.device)))
@@ -237,8 +231,7 @@ def latency_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict)
     cfg.latency_gate.batch_sizes; writes reports/latency_gate.json (+ .png) and returns the
     GateVerdict's JSON: `unmeasured` without an FP8 GPU (whether that blocks: cfg.latency_gate_blocking,
     applied in tasks.gates.Gates.outcome)."""
-    from onerec.engine.latency_gate import measure_latency, plot
-    from tasks.reports import gate_report
+    from onerec.engine.latency_gate import measure_latency, plot  # heavy: torch
 
     fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)
     started = time.monotonic()
@@ -257,8 +250,6 @@ def register_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict, qua
                   latency: GateVerdict | dict, validation: dict, run_name: str | None = None) -> dict:
     """Log the run with every report; a model version + alias challenger only when the gates passed
     (a failed or inconclusive quality gate: the run is tagged with the outcome and the reason)."""
-    from tasks.registry import register_candidate
-
     fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)
     quality, latency = GateVerdict.from_dict(quality), GateVerdict.from_dict(latency)
     require_same_config(cfg, quantize=quantized.config_sha256, quality_gate=quality.config_sha256,

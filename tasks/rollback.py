@@ -18,6 +18,7 @@ import contextlib
 import logging
 
 from onerec.errors import UserError
+from ops import rollout as rollout_api
 from tasks.approval import read_record, transition
 from tasks.errors import StateError, StepFailed
 from tasks.model_artifacts import model_version, require_files
@@ -56,8 +57,6 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
         digest = verify_version(cfg, c, mv)["evidence"]["version_sha256"]  # the same evidence promote checks
         model_uri = f"models:/{name}/{target}"
         log.info("rolling back %s from version %s to %s (reason: %s, by %s)", name, current, target, reason, by)
-        from ops import rollout as rollout_api
-
         if version:  # an explicit version: deploy exactly that one
             rollout = rollout_api.deploy(cfg, model_uri, target, digest=digest)
         else:  # previous-champion: the target's own rollback (helm rollback / local restart of that version)

@@ -17,33 +17,21 @@ verified provenance): the server it starts loads nothing that hashes otherwise.
 
 from __future__ import annotations
 
-from onerec.errors import UserError
 from onerec.settings import Settings
+from ops.rollout import local
+from ops.rollout.base import RolloutError, pinned_uri
+
+__all__ = ["RolloutError", "deploy", "pinned_uri", "rollback", "status"]
 
 
-class RolloutError(UserError):
-    """A rollout or rollback did not complete; what served before still serves."""
-
-
-def pinned_uri(model_uri: str, version: str | int | None) -> str:
-    from onerec.serve.model_store import (
-        parse_model_uri,  # heavy: numpy; `stack` imports this package without it
-    )
-
-    return parse_model_uri(model_uri).pinned_uri(None if version is None else str(version))
-
-
-# The targets import lazily: helm needs the Helm SDK ([pipeline] extra), local needs httpx.
 def deploy(settings: Settings, model_uri: str, version: str | int, digest: str | None = None, **options) -> dict:
     """Serve `model_uri` (label `version`, signed version digest `digest`) on settings.rollout_target;
     returns at least target, revision, url, version."""
     uri = pinned_uri(model_uri, version)
     if settings.rollout_target == "helm":
-        from ops.rollout import helm
+        from ops.rollout import helm  # optional: the Helm SDK ([pipeline] extra)
 
         return helm.deploy(settings, uri, str(version), digest=digest, **options)
-    from ops.rollout import local
-
     return local.deploy(settings, uri, str(version), digest=digest, **options)
 
 
@@ -54,8 +42,6 @@ def rollback(settings: Settings, model_uri: str | None = None, version: str | in
         from ops.rollout import helm
 
         return helm.rollback(settings, **options)
-    from ops.rollout import local
-
     return local.rollback(settings, model_uri, None if version is None else str(version), digest=digest, **options)
 
 
@@ -64,6 +50,4 @@ def status(settings: Settings, **options) -> dict:
         from ops.rollout import helm
 
         return helm.status(settings, **options)
-    from ops.rollout import local
-
     return local.status(settings.state_dir)

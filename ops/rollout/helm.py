@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from onerec.settings import Settings
-from ops.rollout import RolloutError
+from ops.rollout.base import RolloutError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
 @contextlib.contextmanager
 def _helm(o: dict, action: str):
     """The Helm engine for these options; its errors become one RolloutError naming the action."""
-    import helm_python as hp
+    import helm_python as hp  # optional: the Helm SDK ([pipeline])
 
     try:
         with hp.Config(kubeconfig_path=o["kubeconfig"], kube_context=o["kube_context"], namespace=o["namespace"],
@@ -90,7 +90,7 @@ def _previous_good(history: list[dict], current: int) -> int:
 
 
 def deploy(settings: Settings, model_uri: str, version: str, digest: str | None = None, **options) -> dict:
-    import yaml
+    import yaml  # optional: PyYAML
 
     o = _options(settings, **options)
     values: dict = {}

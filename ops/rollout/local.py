@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 
 from onerec.settings import Settings
+from ops.mlflow_auth import secret_token
 from ops.processes import file_lock, free_port, is_alive, log_tail, spawn_detached, stop_processes
-from ops.rollout import RolloutError, pinned_uri
+from ops.rollout.base import RolloutError, pinned_uri
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls would log every request
@@ -57,7 +58,7 @@ def _spawn(cmd: list[str], log_path: Path, settings: Settings, env: dict | None 
 
 
 def _wait_http(url: str, record: dict, timeout_s: float, log_path: Path) -> None:
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -89,7 +90,7 @@ def _write_state(folder: Path, state: dict) -> None:
 
 
 def _proxy_up(proxy: dict | None) -> bool:
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     if not proxy or not is_alive(proxy):
         return False
@@ -133,15 +134,13 @@ def _server_command(
 
 def _proxy_token_file(folder: Path) -> Path:
     """The proxy's admin token (0600, generated once per serving folder)."""
-    from ops.mlflow_auth import secret_token
-
     path = folder / "proxy-admin-token"
     secret_token(path)
     return path
 
 
 def _switch(proxy: dict, upstream: str) -> None:
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     token = _proxy_token_file(Path(proxy["log"]).parent).read_text().strip()
     try:

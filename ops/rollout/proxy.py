@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -32,6 +33,8 @@ import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from ops.mlflow_auth import read_private
 
 log = logging.getLogger("ops.rollout.proxy")
 
@@ -61,20 +64,18 @@ def check_upstream(url: str) -> str:
 
 def read_token(path: Path) -> str:
     """The admin token from a file only its owner can read."""
-    from ops.mlflow_auth import read_private
-
     return read_private(path, "admin token", 16)
 
 
 def create_proxy_app(state_file: Path, token: str):
-    import httpx
-    from starlette.applications import Starlette
-    from starlette.middleware import Middleware
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
+    import httpx  # heavy: httpx, only where HTTP is spoken
+    from starlette.applications import Starlette  # heavy: Starlette
+    from starlette.middleware import Middleware  # heavy: Starlette
+    from starlette.requests import Request  # heavy: Starlette
+    from starlette.responses import JSONResponse, Response  # heavy: Starlette
+    from starlette.routing import Route  # heavy: Starlette
 
-    from onerec.serve.guard import RequestGuard, read_body, read_capped
+    from onerec.serve.guard import RequestGuard, read_body, read_capped  # heavy: numpy, FastAPI
 
     state = {"upstream": None, "switches": 0}
     if state_file.is_file():
@@ -90,8 +91,6 @@ def create_proxy_app(state_file: Path, token: str):
         os.replace(tmp, state_file)
 
     async def set_upstream(request: Request):
-        import hmac
-
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             log.warning("refused an upstream switch without the admin token")
@@ -156,7 +155,7 @@ def create_proxy_app(state_file: Path, token: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
+    import uvicorn  # heavy: uvicorn
 
     parser = argparse.ArgumentParser(prog="python -m ops.rollout.proxy", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
@@ -167,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO line per forwarded request
     args.state_file.parent.mkdir(parents=True, exist_ok=True)
-    from onerec.serve.guard import guarded_config
-    from onerec.serve.server import _log_config
+    from onerec.serve.guard import guarded_config  # heavy: numpy, FastAPI
+    from onerec.serve.server import _log_config  # heavy: numpy, FastAPI
 
     try:
         token = read_token(args.token_file)

@@ -320,7 +320,7 @@ def test_unused_item_columns_are_ignored_and_logged(caplog):
 
 def test_publish_draws_the_calibration_table_from_a_data_folder(byod, monkeypatch, tmp_path):
     """S3 is faked here (the pipeline integration tests publish to a real moto server)."""
-    import tasks.checkpoints as checkpoints
+    import tasks.publish as checkpoints  # publish's S3 helpers (tasks.checkpoints), as publish sees them
     from onerec.errors import UserError
     from tasks.config import PipelineConfig
     from tasks.publish import publish

@@ -738,7 +738,8 @@ def test_copies_and_hand_registered_versions_are_never_candidates(stack, tiny):
     from tasks.approval import NOT_REGISTERED_NOTE, review
     from tasks.errors import StepFailed
     from tasks.promote import promote_newest_approved
-    from tasks.registry import client, find_existing
+    from tasks.register import find_existing
+    from tasks.registry import client
     from tasks.requantize import run_requantize
 
     cfg = config(stack, "copied")

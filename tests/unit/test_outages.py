@@ -65,7 +65,7 @@ def test_racing_registrations_leave_the_oldest_version(monkeypatch):
 
     cfg = SimpleNamespace(model_name="m")
     # every version here has no state record: the runs that created them are still registering
-    monkeypatch.setattr("tasks.registry.abandoned_registration", lambda cfg, c, mv: None)
+    monkeypatch.setattr("tasks.registration_claim.abandoned_registration", lambda cfg, c, mv: None)
     registry = FakeRegistry()
     tags = {"checkpoint_sha256": "abc", "recipe": "fp8_dynamic"}
     other = registry.create({"checkpoint_sha256": "def", "recipe": "fp8_dynamic"})

@@ -335,7 +335,7 @@ def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path,
     assert {a.path for a in c.list_artifacts(run.info.run_id, "reports")} >= {"reports/quality_gate.json"}
     assert c.search_model_versions(f"name='{cfg.model_name}'") == []
     # the same inputs are not gated again; a latency gate that could not measure is retried
-    from tasks.registry import find_existing
+    from tasks.register import find_existing
 
     existing = find_existing(cfg, "a" * 64, "fp8_dynamic", "b" * 64)
     assert existing == {"status": "inconclusive", "run_id": result["run_id"]}
