@@ -23,6 +23,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Half calibrates, half is the pipeline's held-out quality-gate set (tasks/quantize.py).
+# held-out positions per user: the last N interactions (the quality gate's default,
+# onerec.quant.quality_gate.QualityGateConfig.positions; its module doc says why 10)
+HELD_OUT_POSITIONS = 10
 DEFAULT_REQUESTS = 2048
 
 
@@ -53,11 +56,10 @@ def draw_calibration_table(data: str | Path, context_len: int | None, requests: 
     the last `positions` interactions of each user held out (None: the quality gate's default)."""
     from onerec.data import calibration_requests, load_dataset, split_leave_last_out
     from onerec.errors import UserError
-    from onerec.quant.quality_gate import QualityGateConfig
 
     if requests < 1:
         raise UserError("--requests must be positive")
-    positions = QualityGateConfig.positions if positions is None else positions
+    positions = HELD_OUT_POSITIONS if positions is None else positions
     split = split_leave_last_out(load_dataset(data), max_history=context_len, positions=positions)
     return calibration_requests(split, requests, seed=seed)
 
@@ -66,13 +68,12 @@ def read_calibration(path: str | Path, context_len: int | None, requests: int = 
                      seed: int = 0) -> tuple[object, dict]:
     """(request table, where it came from): a data folder is drawn from, anything else read."""
     from onerec.data import read_requests
-    from onerec.quant.quality_gate import QualityGateConfig
 
     if is_data_folder(path):
         table = draw_calibration_table(path, context_len, requests, seed)
         log.info("calibration: drew %d training requests from data folder %s (seed %d)", len(table), path, seed)
         return table, {"kind": "drawn from data folder", "data": str(path), "requests": len(table), "seed": seed,
-                       "split": "train", "held_out_positions": QualityGateConfig.positions}
+                       "split": "train", "held_out_positions": HELD_OUT_POSITIONS}
     table = read_requests(path)
     return table, {"kind": "request table", "path": str(path), "requests": len(table)}
 
@@ -107,7 +108,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     from onerec.features import profile_columns
     from onerec.manifest import sha256_file
-    from onerec.quant.quality_gate import QualityGateConfig
 
     context_len = context_len_of(args.checkpoint)
     table = draw_calibration_table(args.data, context_len, args.requests, args.seed, args.positions)
@@ -118,6 +118,6 @@ def main(args: argparse.Namespace) -> dict:
     return {
         "calibration": str(out), "sha256": sha256_file(out), "data": str(args.data), "checkpoint": str(args.checkpoint),
         "requests": len(table), "users": int(table["user_id"].nunique()), "seed": args.seed, "split": "train",
-        "held_out_positions": args.positions or QualityGateConfig.positions,
+        "held_out_positions": args.positions or HELD_OUT_POSITIONS,
         "context_len": context_len, "profile_features": {"numeric": numeric, "categorical": categorical},
     }

@@ -109,9 +109,8 @@ def popularity_baseline(dataset, requests, k: int = 10, positions: int = 1) -> d
 
 def load_model(checkpoint: str | None = None, quantized: str | None = None, device="cpu"):
     """(model, table, source description) from a checkpoint folder or a quantized folder."""
-    from onerec.checkpoint import load_model_folder
     from onerec.errors import UserError
-    from onerec.quant.export import is_quantized_folder, recipe_name
+    from onerec.quant.export import is_quantized_folder, load_model_folder, recipe_name
 
     if (checkpoint is None) == (quantized is None):
         raise UserError("give exactly one of --checkpoint or --quantized")

@@ -101,7 +101,7 @@ def train(
     from tqdm import tqdm
 
     from onerec.checkpoint import save_checkpoint
-    from onerec.data import iter_batches, load_dataset, split_leave_last_out
+    from onerec.data import iter_batches, load_dataset, split_leave_last_out, training_interactions
     from onerec.devices import resolve_device
     from onerec.errors import UserError
     from onerec.manifest import manifest_digest
@@ -128,7 +128,8 @@ def train(
         log.info("categorical profile features: %s",
                  ", ".join(f"{n} ({len(v)} values + unknown)" for n, v in cfg.categorical_features.items()))
     log.info("building semantic ids (codebook %d x %d levels)", cfg.codebook_size, cfg.n_levels)
-    table = build_semantic_ids(dataset, cfg.codebook_size, seed=seed, n_levels=cfg.n_levels)
+    table = build_semantic_ids(training_interactions(dataset), cfg.codebook_size, seed=seed, n_levels=cfg.n_levels,
+                               items_table=dataset.items)
     train_requests = _known_targets(split.train, table)
     valid_requests = _known_targets(split.valid, table)
     if train_requests.empty:

@@ -20,7 +20,7 @@ from onerec.devices import resolve_device
 
 class OneRecPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from onerec.checkpoint import load_model_folder  # heavy: torch
+        from onerec.quant.export import load_model_folder  # heavy: torch
 
         self.device = str(resolve_device())
         self.model, self.table, _ = load_model_folder(context.artifacts["quantized"], self.device)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from onerec.checkpoint import CONFIG, SEMANTIC_IDS, WEIGHTS, load_weights
+from onerec.checkpoint import CONFIG, SEMANTIC_IDS, WEIGHTS, load_checkpoint, load_weights
 from onerec.errors import UserError
 from onerec.manifest import atomic_folder, manifest_digest, verify_manifest, write_manifest
 from onerec.model import MoE, OneRecV2, OneRecV2Config
@@ -212,7 +212,6 @@ def quantize_folder(
     exact recipe, is kept as it is. Returns what was quantized, what not, the worst layer's SQNR
     and the size ratio.
     """
-    from onerec.checkpoint import load_checkpoint
     from onerec.features import count_unseen
     from onerec.quant.calibrate import Calibration
     from onerec.quant.recipes import make_recipe, quantize
@@ -258,3 +257,19 @@ def _same_quantization(out: Path, checkpoint: str | Path, recipe: dict) -> bool:
         return source == manifest_digest(checkpoint) and recipe_json.get("recipe") == recipe
     except (UserError, ValueError, OSError):
         return False
+
+
+def load_model_folder(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True,
+) -> tuple[OneRecV2, np.ndarray, dict | None]:
+    """(model in eval mode, semantic-id table, recipe.json or None) from a checkpoint or a quantized folder.
+
+    `dtype` applies to a checkpoint; a quantized model keeps its stored FP8 and bf16 tensors.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist or is not a folder")
+    if is_quantized_folder(folder):
+        return load_quantized(folder, device=device, verify=verify)
+    model, table = load_checkpoint(folder, device=device, dtype=dtype, verify=verify)
+    return model, table, None

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onerec.calibration_table import HELD_OUT_POSITIONS
 from onerec.evaluate import topk_overlap
 from onerec.quant import gate_stats
 
@@ -76,7 +77,7 @@ class QualityGateConfig:
     batch_size: int = 256
     split: str = "test"
     max_users: int | None = None
-    positions: int = 10  # held-out positions per user: the last N interactions (module doc: why 10)
+    positions: int = HELD_OUT_POSITIONS  # held-out positions per user: the last N interactions (module doc: why 10)
     seed: int = 0  # of the --max-users sample and of the bootstrap
     device: str = "cpu"  # cuda: the FP8 GEMMs run on the GPU's tensor cores
     confidence: float = 0.95  # two-sided, of the relative-change intervals

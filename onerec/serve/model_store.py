@@ -264,8 +264,8 @@ def load_served_model(
     tracking server, the serving account, the default cache folder)."""
     import torch
 
-    from onerec.checkpoint import load_model_folder
     from onerec.manifest import manifest_digest
+    from onerec.quant.export import load_model_folder
     from onerec.semantic_ids import SemanticIdIndex
 
     ref = parse_model_uri(uri, default_name=name)
