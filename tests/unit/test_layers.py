@@ -121,6 +121,17 @@ def test_the_walk_sees_lazy_imports(tmp_path):
     assert [m for _, m in imported_modules(sample)] == ["tasks.registry", "ops.stack"]
 
 
+# the story of the work instead of what is: rounds, who did it, what comes next
+STORY = re.compile(r"\bround \d+\b|\b(first|second|third) engineer\b|\bnext gpu\b|\bsession \d+\b", re.IGNORECASE)
+
+
+def test_docs_say_what_is_not_how_it_came_to_be():
+    docs = [REPO / "README.md", *(p for folder in DOC_DIRS for p in sorted((REPO / folder).rglob("*.md")))]
+    hits = [f"{path.relative_to(REPO)}:{number}: {text.strip()}"
+            for path in docs for number, text in enumerate(path.read_text().splitlines(), 1) if STORY.search(text)]
+    assert not hits, "docs tell how the work went (say what is, with numbers and dates):\n" + "\n".join(hits)
+
+
 def test_no_issue_numbers_in_code():
     hits = []
     for folder in CODE_DIRS:
