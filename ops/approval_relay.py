@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from onerec.errors import UserError
+from onerec.settings import Settings
 from ops.airflow_events import MODEL_APPROVED, notify
 from ops.mlflow_auth import read_private
 
@@ -46,7 +47,7 @@ def signature(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str
     return "v1," + base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest()).decode()
 
 
-def create_relay_app(secret: str, state_dir: str | None, post_event=None):
+def create_relay_app(secret: str, settings: Settings, post_event=None):
     from starlette.applications import Starlette  # heavy: Starlette
     from starlette.middleware import Middleware  # heavy: Starlette
     from starlette.requests import Request  # heavy: Starlette
@@ -55,7 +56,7 @@ def create_relay_app(secret: str, state_dir: str | None, post_event=None):
 
     from onerec.serve.guard import RequestGuard, read_body  # heavy: numpy, FastAPI
 
-    post_event = post_event or (lambda extra: notify(MODEL_APPROVED, extra, state_dir))
+    post_event = post_event or (lambda extra: notify(MODEL_APPROVED, extra, settings))
     relayed: dict[str, float] = {}  # delivery id -> when it was relayed; kept while it could be fresh
 
     async def webhook(request: Request):
@@ -146,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     from onerec.serve.guard import guarded_config  # heavy: numpy, FastAPI
 
-    config = guarded_config(create_relay_app(secret, args.state_dir), "127.0.0.1", args.port, **LIMITS,
+    # the relay's configuration, built here once: the Airflow to post to (or the stack's, in its state dir)
+    settings = Settings.from_env(overrides={"state_dir": args.state_dir} if args.state_dir else None)
+    config = guarded_config(create_relay_app(secret, settings), "127.0.0.1", args.port, **LIMITS,
                             access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()
     return 0

@@ -101,7 +101,7 @@ def publish(
             result.update(calibration_uri=cal_uri, calibration_sha256=cal_sha256)
     if result.get("uploaded") or calibration is not None:
         event = notify(CHECKPOINT_PUBLISHED, {"checkpoint_uri": result["checkpoint_uri"],
-                                              "checkpoint_sha256": digest}, cfg.state_dir)
+                                              "checkpoint_sha256": digest}, cfg)
         result["airflow_event"] = event is not None
     return result
 

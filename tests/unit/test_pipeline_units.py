@@ -76,7 +76,7 @@ def test_every_secret_field_is_left_out_of_what_runs_log():
     from tasks.config import PipelineConfig
 
     fields = secret_fields(PipelineConfig)
-    assert set(fields) == {"aws_access_key_id", "aws_secret_access_key", "alert_webhook_url"}
+    assert set(fields) == {"aws_access_key_id", "aws_secret_access_key", "alert_webhook_url", "airflow_password"}
     cfg = PipelineConfig.from_env({}, {field: f"https://example.com/{field}-token" for field in fields})
     logged = json.dumps(cfg.to_dict(), default=str)
     for field in fields:
