@@ -16,9 +16,13 @@ data folder, from which it draws the table the same way and says so in its resul
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
+
+from onerec.errors import UserError
+from onerec.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +40,7 @@ def is_data_folder(path: str | Path) -> bool:
 
 def context_len_of(folder: str | Path) -> int:
     """The context length in a checkpoint's or quantized folder's config.json (no weights loaded)."""
-    import json
-
-    from onerec.errors import UserError
-    from onerec.model import OneRecV2Config
+    from onerec.model import OneRecV2Config  # heavy: torch
 
     path = Path(folder) / "config.json"
     if not path.is_file():
@@ -54,8 +55,7 @@ def draw_calibration_table(data: str | Path, context_len: int | None, requests: 
                            seed: int = 0, positions: int | None = None):
     """N requests (seeded) of the data folder's training part, histories cut to `context_len`,
     the last `positions` interactions of each user held out (None: the quality gate's default)."""
-    from onerec.data import calibration_requests, load_dataset, split_leave_last_out
-    from onerec.errors import UserError
+    from onerec.data import calibration_requests, load_dataset, split_leave_last_out  # heavy: pandas, torch
 
     if requests < 1:
         raise UserError("--requests must be positive")
@@ -67,7 +67,7 @@ def draw_calibration_table(data: str | Path, context_len: int | None, requests: 
 def read_calibration(path: str | Path, context_len: int | None, requests: int = DEFAULT_REQUESTS,
                      seed: int = 0) -> tuple[object, dict]:
     """(request table, where it came from): a data folder is drawn from, anything else read."""
-    from onerec.data import read_requests
+    from onerec.data import read_requests  # heavy: pandas, torch
 
     if is_data_folder(path):
         table = draw_calibration_table(path, context_len, requests, seed)
@@ -80,8 +80,6 @@ def read_calibration(path: str | Path, context_len: int | None, requests: int = 
 
 def write_calibration_table(table, out: str | Path, overwrite: bool = False) -> Path:
     """Write parquet atomically (a reader never sees half a file)."""
-    from onerec.errors import UserError
-
     out = Path(out)
     if out.suffix != ".parquet":
         raise UserError(f"--out {out}: write a .parquet file")
@@ -106,8 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from onerec.features import profile_columns
-    from onerec.manifest import sha256_file
+    from onerec.features import profile_columns  # heavy: pandas
 
     context_len = context_len_of(args.checkpoint)
     table = draw_calibration_table(args.data, context_len, args.requests, args.seed, args.positions)

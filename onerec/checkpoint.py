@@ -45,7 +45,7 @@ def check_weights_file(path: Path) -> None:
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; a damaged or hostile file is a one-line UserError."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError  # heavy: safetensors
 
     check_weights_file(path)
     try:

@@ -211,7 +211,7 @@ def feature_embeddings(items_table, item_ids: np.ndarray) -> np.ndarray | None:
     L2-normalised per row; None when there is no usable feature column. Items missing from the
     table get zero rows.
     """
-    import pandas as pd
+    import pandas as pd  # heavy: pandas
 
     if items_table is None or "item_id" not in items_table.columns:
         return None

@@ -64,7 +64,7 @@ class PreparedUser:
 def encode_user(served: ServedModel, user: PreparedUser) -> PreparedUser:
     """The user's history as the model's codes, done when the request arrives (host work that
     overlaps the batch on the GPU), not when its batch runs."""
-    from onerec.semantic_ids import encode_history
+    from onerec.semantic_ids import encode_history  # heavy: torch
 
     user.codes, user.unknown = encode_history(user.history, served.table, served.context_len)
     return user
@@ -90,7 +90,7 @@ class ProfileError(ValueError):
 
 
 def prepare_user(served: ServedModel, history: list[int], profile: dict[str, float | str] | None) -> PreparedUser:
-    from onerec.features import encode_categorical
+    from onerec.features import encode_categorical  # heavy: pandas
 
     names = served.profile_features
     categorical = served.model.cfg.categorical_features
@@ -122,9 +122,9 @@ def prepare_user(served: ServedModel, history: list[int], profile: dict[str, flo
 
 def run_users(served: ServedModel, users: list[PreparedUser], k: int, beam: int) -> list[UserResult]:
     """One beam search for `users` (any number): the work of one batch."""
-    import torch
+    import torch  # heavy: torch
 
-    from onerec.semantic_ids import pad_histories
+    from onerec.semantic_ids import pad_histories  # heavy: torch
 
     users = [u if u.codes is not None else encode_user(served, u) for u in users]
     sids, mask = pad_histories([u.codes for u in users], served.table.shape[1])
@@ -159,7 +159,7 @@ class EngineCollector:
         return []
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily  # heavy: prometheus_client
 
         engine = getattr(self.metrics.served, "engine", None)
         eager = CounterMetricFamily("onerec_eager_fallbacks", "batches run eagerly: their shape had no CUDA graph")
@@ -178,7 +178,13 @@ class Metrics:
     """Prometheus metrics in a registry of their own (several apps may live in one test process)."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+        from prometheus_client import (  # heavy: prometheus_client
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            Info,
+        )
 
         self.registry = CollectorRegistry()
         r = self.registry
@@ -275,7 +281,7 @@ def create_app(
 
     def run(users, k, beam):
         if config.threads:
-            import torch
+            import torch  # heavy: torch
 
             if torch.get_num_threads() != config.threads:  # set in the batch thread itself
                 torch.set_num_threads(config.threads)
@@ -455,7 +461,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # heavy: prometheus_client
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -27,6 +27,8 @@ import numpy as np
 
 from onerec.devices import resolve_device
 from onerec.errors import UserError
+from onerec.manifest import MANIFEST, manifest_digest, verify_manifest
+from onerec.serve.registry import download_verified
 from onerec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,9 @@ def _signed_in(settings: Settings) -> Settings:
     resolves a version's logged model through the process's URIs) and signed in as the serving account."""
     import mlflow  # optional: the [serve] extra; a local folder serves without it
 
-    from onerec.serve.mlflow_login import use_serving_account
+    from onerec.serve.mlflow_login import (
+        use_serving_account,  # heavy: FastAPI, MLflow, PyYAML, Starlette, pandas, pydantic, requests
+    )
 
     uri = settings.tracking_uri()
     if not uri:
@@ -96,7 +100,7 @@ def registry_version(ref: ModelRef, settings: Settings) -> str:
     if ref.version is not None:
         return ref.version
     try:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # heavy: MLflow
 
         settings = _signed_in(settings)
         client = MlflowClient(settings.tracking_uri(), registry_uri=settings.tracking_uri())
@@ -115,8 +119,6 @@ def require_digest(ref: ModelRef, digest: str | None) -> None:
 
 def download(ref: ModelRef, cache_dir: Path, digest: str, settings: Settings) -> Path:
     """A registry version's quantized folder, verified against `digest` (onerec.serve.registry.download_verified)."""
-    from onerec.serve.registry import download_verified
-
     try:
         return download_verified(ref.uri, cache_dir, digest, _signed_in(settings).tracking_uri())
     except UserError:
@@ -127,8 +129,6 @@ def download(ref: ModelRef, cache_dir: Path, digest: str, settings: Settings) ->
 
 def verify_folder(folder: Path) -> dict:
     """Hash every manifest entry, and refuse model files the manifest does not cover."""
-    from onerec.manifest import MANIFEST, verify_manifest
-
     manifest = verify_manifest(folder)
     unlisted = sorted(
         p.relative_to(folder).as_posix()
@@ -202,7 +202,7 @@ class ServingShapes:
 
 
 def _reference_search(model, index) -> Callable:
-    from onerec.generate import beam_search
+    from onerec.generate import beam_search  # heavy: torch
 
     device = model.token_embedding.weight.device
 
@@ -223,7 +223,7 @@ def _engine(model, index, device: str, shapes: ServingShapes):
     if not device.startswith("cuda"):
         return None
     try:
-        from onerec.engine.engine import Engine, EngineConfig
+        from onerec.engine.engine import Engine, EngineConfig  # heavy: torch
     except ImportError as exc:
         log.info("onerec.engine is not available (%s); using the reference beam search on %s", exc, device)
         return None
@@ -241,7 +241,7 @@ def require_finite(model, folder: Path) -> None:
     """Refuse a model with a NaN or an infinity in any weight, embedding row, scale or buffer: the
     warm-up touches a few items only, and such a model would answer 422 to every request that
     reaches the bad row. One tensor at a time (FP8 ones widened to float32 for the check)."""
-    import torch
+    import torch  # heavy: torch
 
     for name, tensor in model.state_dict().items():
         if not tensor.is_floating_point():
@@ -262,11 +262,10 @@ def load_served_model(
     manifest digest, when given); `shapes` (beam widths with the engine, batch and history
     buckets) default to ServingShapes's; `settings` are the server's (a models:/ URI needs them: the
     tracking server, the serving account, the default cache folder)."""
-    import torch
+    import torch  # heavy: torch
 
-    from onerec.manifest import manifest_digest
-    from onerec.quant.export import load_model_folder
-    from onerec.semantic_ids import SemanticIdIndex
+    from onerec.quant.export import load_model_folder  # heavy: safetensors, torch
+    from onerec.semantic_ids import SemanticIdIndex  # heavy: torch
 
     ref = parse_model_uri(uri, default_name=name)
     require_digest(ref, digest)

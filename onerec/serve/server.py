@@ -82,7 +82,7 @@ def int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 def _log_config() -> dict:
     """uvicorn's logging with every handler on stderr (stdout carries only the result JSON)."""
-    from uvicorn.config import LOGGING_CONFIG
+    from uvicorn.config import LOGGING_CONFIG  # heavy: uvicorn
 
     config = copy.deepcopy(LOGGING_CONFIG)
     for handler in config["handlers"].values():
@@ -92,7 +92,7 @@ def _log_config() -> dict:
 
 def uvicorn_config(app, host: str, port: int, **kwargs):
     """The uvicorn.Config for an app of onerec.serve.app.create_app, with its connection limits."""
-    from onerec.serve.guard import guarded_config
+    from onerec.serve.guard import guarded_config  # heavy: Starlette
 
     config = app.state.config
     return guarded_config(app, host, port, header_timeout_s=config.header_timeout_s,
@@ -101,7 +101,7 @@ def uvicorn_config(app, host: str, port: int, **kwargs):
 
 
 def _draining_server_class():
-    import uvicorn
+    import uvicorn  # heavy: uvicorn
 
     class DrainingServer(uvicorn.Server):
         """uvicorn.Server whose first exit signal flips readiness and waits `drain_seconds` before stopping."""
