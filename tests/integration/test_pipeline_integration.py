@@ -273,7 +273,7 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     # a serving port the environment does not name: the promote's configuration reaches the local rollout
     serve_port = free_port()
     cfg = config(stack, "happy", alert_webhook_url="https://hooks.example.com/T0/B0/webhook-secret-token",
-                 local_serve_port=serve_port)
+                 airflow_password="airflow-secret-password", local_serve_port=serve_port)
     done = publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
     result = run_requantize(cfg)
     # on CPU the latency gate cannot measure; the local config lets that pass, and the label says so
@@ -294,7 +294,7 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     from onerec.settings import secret_fields
 
     secrets = {field: getattr(cfg, field) for field in secret_fields(type(cfg))}
-    assert {"alert_webhook_url", "aws_access_key_id", "aws_secret_access_key"} <= set(secrets)
+    assert {"alert_webhook_url", "aws_access_key_id", "aws_secret_access_key", "airflow_password"} <= set(secrets)
     logged = {**run.data.params, **run.data.tags}
     for field, value in secrets.items():
         assert value, field  # set here, so its absence below means something
