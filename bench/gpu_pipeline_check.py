@@ -44,6 +44,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # onerec, tasks: run from a checkout, nothing installed
+from onerec.gate_verdict import GateVerdict  # noqa: E402
+from tasks.config import PipelineConfig, config_json  # noqa: E402
 from tasks.requantize import pod_arguments  # noqa: E402
 
 GPU_STEPS = ("quantize", "quality_gate", "latency_gate")
@@ -246,20 +248,23 @@ def main() -> int:
     steps: dict = {}
     xcom_dir = args.work / "xcom"
     xcom_dir.mkdir(exist_ok=True)
+    config = config_json(PipelineConfig.from_env(env))  # the worker's configuration, as the DAG gives it to a pod
     for step in GPU_STEPS:
         inputs = json.dumps({name: results[name] for name in STEP[step].inputs})  # the DAG's `| tojson` XComs
         xcom = xcom_dir / f"{step}.json"
         xcom.unlink(missing_ok=True)
         (xcom_dir / f"{step}.inputs.json").write_text(inputs)  # to re-run one step by hand
-        code, stdout, seconds = run([*cli, *pod_arguments(step, inputs, str(xcom))], env, budget, step)
+        code, stdout, seconds = run([*cli, *pod_arguments(step, inputs, config, str(xcom))], env, budget, step)
         result = json.loads(xcom.read_text()) if xcom.is_file() else None
         steps[step] = {"exit_code": code, "seconds": round(seconds, 2), "xcom_written": result is not None,
-                       "command": " ".join(["onerec-fp8", *pod_arguments(step, "JSON", "F")])}
+                       "command": " ".join(["onerec-fp8", *pod_arguments(step, "JSON", "CONFIG", "F")])}
         if result is None:
             say(f"{step} wrote no result (exit {code}); stopping")
             break
         results[step] = result
-    quality, latency = results.get("quality_gate"), results.get("latency_gate")
+    # each pod returns its gate's verdict; this check reads the full reports the verdicts name
+    quality, latency = (json.loads(Path(GateVerdict.from_dict(results[s]).report_json).read_text())
+                        if results.get(s) else None for s in ("quality_gate", "latency_gate"))
     chosen = {}  # the timed per-layer choice of the quantized folder (recipe.json), when made
     if results.get("quantize"):
         recipe_json = json.loads((Path(results["quantize"]["quantized_dir"]) / "recipe.json").read_text())

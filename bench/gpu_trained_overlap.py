@@ -42,12 +42,11 @@ def trained_overlap(folder: Path, beam_sizes: list[int], k: int = 10, batch_size
     import torch
 
     from bench.models import overlap
-    from onerec.checkpoint import load_model_folder
     from onerec.data import iter_batches, load_dataset, split_leave_last_out
     from onerec.engine.engine import Engine, EngineConfig
     from onerec.evaluate import per_user_metrics, ranking_metrics
     from onerec.generate import beam_search
-    from onerec.quant.export import recipe_name
+    from onerec.quant.export import load_model_folder, recipe_name
     from onerec.quant.gate_stats import non_inferiority, paired_relative_change
     from onerec.quant.quality_gate import QualityGateConfig
     from onerec.semantic_ids import SemanticIdIndex

@@ -32,11 +32,11 @@ class OnCallNotifier(BaseNotifier):
         reason = context.get("reason")
         if reason is None and ti is not None:  # a task's callback
             error = context.get("exception") or "the task failed"
-            send_failure(*failure_message(dag_id, run_id, error, ti.log_url, task_id=ti.task_id))
+            send_failure(*failure_message(dag_id, run_id, error, ti.log_url, task_id=ti.task_id), config())
         elif reason != "task_failure":  # the DAG's, for a run no task callback reported
             base_url = conf.get("api", "base_url", fallback="http://localhost:8080").rstrip("/")
             send_failure(*failure_message(dag_id, run_id, f"the DAG run failed: {reason or 'unknown reason'}",
-                                          f"{base_url}/dags/{dag_id}/runs/{run_id}"))
+                                          f"{base_url}/dags/{dag_id}/runs/{run_id}"), config())
 
 
 START_DATE = datetime(2026, 1, 1)
@@ -59,7 +59,8 @@ ON_FAILURE = [OnCallNotifier()]
 
 
 def config():
-    """PipelineConfig from the environment, overridden by the Airflow Variable `onerec_fp8_config` (JSON)."""
+    """The DAG task's configuration, built once per task and handed to everything it calls:
+    PipelineConfig from the environment, overridden by the Airflow Variable `onerec_fp8_config` (JSON)."""
     from airflow.sdk import Variable
 
     from onerec.settings import AIRFLOW_VARIABLE
@@ -68,21 +69,30 @@ def config():
     return load_config(Variable.get(AIRFLOW_VARIABLE, default=None, deserialize_json=True) or None)
 
 
-def run_step(fn, *args, **kwargs):
-    """A pipeline step; a StepFailed (bad data, failed check, lost file) fails the task at once,
-    without retries; S3 or MLflow still down after the clients' own retries ends the try with one
-    line (the task's retries may find them back)."""
+def config_json() -> str:
+    """The worker's effective configuration as a GPU pod gets it (`--config`; a DAG macro, rendered
+    in the worker when the pod starts, so a Variable change reaches the pod as it reaches the worker)."""
+    from tasks.config import config_json as as_json
+
+    return as_json(config())
+
+
+def run_step(cfg, fn, *args, **kwargs):
+    """fn(*args, **kwargs), a pipeline step run with configuration `cfg`; a StepFailed (bad data,
+    failed check, lost file) fails the task at once, without retries; S3 or MLflow still down after
+    the clients' own retries ends the try with one line naming cfg's servers (the task's retries
+    may find them back)."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+    from tasks.errors import StepFailed
     from tasks.outages import outage_message
-    from tasks.requantize import StepFailed
 
     try:
         return fn(*args, **kwargs)
     except StepFailed as exc:
         raise AirflowFailException(str(exc)) from None
     except Exception as exc:
-        message = outage_message(exc)
+        message = outage_message(exc, cfg)
         if message is None:
             raise
         raise AirflowException(message) from None

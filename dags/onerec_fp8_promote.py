@@ -45,7 +45,8 @@ def onerec_fp8_promote():
         from tasks.promote import promote_newest_approved
 
         # a version the first task refused fails this run too
-        return run_step(promote_newest_approved, config(), reviewed_before=reviewed)
+        cfg = config()
+        return run_step(cfg, promote_newest_approved, cfg, reviewed_before=reviewed)
 
     promote_newest_approved(expire_stale_candidates())
 

@@ -18,7 +18,16 @@ from __future__ import annotations
 from datetime import timedelta
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
-from onerec_fp8_common import DEFAULT_ARGS, GPU_STEP, NO_RETRY, ON_FAILURE, START_DATE, config, run_step
+from onerec_fp8_common import (
+    DEFAULT_ARGS,
+    GPU_STEP,
+    NO_RETRY,
+    ON_FAILURE,
+    START_DATE,
+    config,
+    config_json,
+    run_step,
+)
 
 from onerec.settings import Settings
 from tasks.requantize import STEPS, Step, pod_arguments
@@ -37,7 +46,8 @@ def _python_task(step: Step):
     if step.name == "check_registered":
         @task.short_circuit(**options)
         def check_registered(fetched: dict) -> bool:
-            return run_step(step.fn, config(), fetched) is None
+            cfg = config()
+            return run_step(cfg, step.fn, cfg, fetched) is None
 
         return check_registered
 
@@ -45,13 +55,14 @@ def _python_task(step: Step):
     def run(*inputs: dict) -> dict:
         from airflow.sdk import get_current_context
 
+        cfg = config()
         if step.name != "register":
-            return run_step(step.fn, config(), *inputs)
+            return run_step(cfg, step.fn, cfg, *inputs)
         from tasks.requantize import require_candidate
 
         # gates that did not pass fail this task once the run with the reports is logged
-        result = run_step(step.fn, config(), *inputs, run_name=get_current_context()["run_id"])
-        return run_step(require_candidate, result)
+        result = run_step(cfg, step.fn, cfg, *inputs, run_name=get_current_context()["run_id"])
+        return run_step(cfg, require_candidate, result)
 
     return run
 
@@ -66,7 +77,9 @@ def _gpu_pod(step: Step):
                              for name in step.inputs) + "}"
     return KubernetesPodOperator(
         task_id=step.name, name=f"onerec-{step.name.replace('_', '-')}",
-        cmds=["onerec-fp8"], arguments=pod_arguments(step.name, inputs),
+        # the worker's effective configuration (environment + Variable), rendered when the pod starts;
+        # the pod's environment (the Secret) adds only the secrets
+        cmds=["onerec-fp8"], arguments=pod_arguments(step.name, inputs, "{{ onerec_config_json() }}"),
         image=SETTINGS.gpu_image, namespace=SETTINGS.k8s_namespace, do_xcom_push=True, get_logs=True,
         # a failed pod stays for kubectl logs/describe (keep_failed_pods); a succeeded one goes
         on_finish_action="delete_succeeded_pod" if pod.keep_failed_pods else "delete_pod",
@@ -96,6 +109,7 @@ def _gpu_pod(step: Step):
     default_args=DEFAULT_ARGS,
     tags=["onerec", "fp8", "requantize"],
     doc_md=__doc__,
+    user_defined_macros={"onerec_config_json": config_json},
 )
 def onerec_fp8_requantize():
     tasks: dict = {}  # step name -> its task (its XComArg for TaskFlow tasks)

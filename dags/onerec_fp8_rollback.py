@@ -45,7 +45,7 @@ def onerec_fp8_rollback():
         from tasks.rollback import rollback_request
 
         params = context["params"]
-        reason, version = run_step(rollback_request, params.get("reason"), params.get("version"))
+        reason, version = run_step(config(), rollback_request, params.get("reason"), params.get("version"))
         return {"reason": reason, "version": version}
 
     @task
@@ -53,7 +53,8 @@ def onerec_fp8_rollback():
         from tasks.rollback import rollback
 
         by = getattr(context["dag_run"], "triggering_user_name", None) or "airflow"
-        return run_step(rollback, config(), request["reason"], request["version"], by=by)
+        cfg = config()
+        return run_step(cfg, rollback, cfg, request["reason"], request["version"], by=by)
 
     rollback(check_form())
 

@@ -16,13 +16,20 @@ data folder, from which it draws the table the same way and says so in its resul
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
 
+from onerec.errors import UserError
+from onerec.manifest import sha256_file
+
 log = logging.getLogger(__name__)
 
 # Half calibrates, half is the pipeline's held-out quality-gate set (tasks/quantize.py).
+# held-out positions per user: the last N interactions (the quality gate's default,
+# onerec.quant.quality_gate.QualityGateConfig.positions; its module doc says why 10)
+HELD_OUT_POSITIONS = 10
 DEFAULT_REQUESTS = 2048
 
 
@@ -33,10 +40,7 @@ def is_data_folder(path: str | Path) -> bool:
 
 def context_len_of(folder: str | Path) -> int:
     """The context length in a checkpoint's or quantized folder's config.json (no weights loaded)."""
-    import json
-
-    from onerec.errors import UserError
-    from onerec.model import OneRecV2Config
+    from onerec.model import OneRecV2Config  # heavy: torch
 
     path = Path(folder) / "config.json"
     if not path.is_file():
@@ -51,13 +55,11 @@ def draw_calibration_table(data: str | Path, context_len: int | None, requests: 
                            seed: int = 0, positions: int | None = None):
     """N requests (seeded) of the data folder's training part, histories cut to `context_len`,
     the last `positions` interactions of each user held out (None: the quality gate's default)."""
-    from onerec.data import calibration_requests, load_dataset, split_leave_last_out
-    from onerec.errors import UserError
-    from onerec.quant.quality_gate import QualityGateConfig
+    from onerec.data import calibration_requests, load_dataset, split_leave_last_out  # heavy: pandas, torch
 
     if requests < 1:
         raise UserError("--requests must be positive")
-    positions = QualityGateConfig.positions if positions is None else positions
+    positions = HELD_OUT_POSITIONS if positions is None else positions
     split = split_leave_last_out(load_dataset(data), max_history=context_len, positions=positions)
     return calibration_requests(split, requests, seed=seed)
 
@@ -65,22 +67,19 @@ def draw_calibration_table(data: str | Path, context_len: int | None, requests: 
 def read_calibration(path: str | Path, context_len: int | None, requests: int = DEFAULT_REQUESTS,
                      seed: int = 0) -> tuple[object, dict]:
     """(request table, where it came from): a data folder is drawn from, anything else read."""
-    from onerec.data import read_requests
-    from onerec.quant.quality_gate import QualityGateConfig
+    from onerec.data import read_requests  # heavy: pandas, torch
 
     if is_data_folder(path):
         table = draw_calibration_table(path, context_len, requests, seed)
         log.info("calibration: drew %d training requests from data folder %s (seed %d)", len(table), path, seed)
         return table, {"kind": "drawn from data folder", "data": str(path), "requests": len(table), "seed": seed,
-                       "split": "train", "held_out_positions": QualityGateConfig.positions}
+                       "split": "train", "held_out_positions": HELD_OUT_POSITIONS}
     table = read_requests(path)
     return table, {"kind": "request table", "path": str(path), "requests": len(table)}
 
 
 def write_calibration_table(table, out: str | Path, overwrite: bool = False) -> Path:
     """Write parquet atomically (a reader never sees half a file)."""
-    from onerec.errors import UserError
-
     out = Path(out)
     if out.suffix != ".parquet":
         raise UserError(f"--out {out}: write a .parquet file")
@@ -105,9 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from onerec.features import profile_columns
-    from onerec.manifest import sha256_file
-    from onerec.quant.quality_gate import QualityGateConfig
+    from onerec.features import profile_columns  # heavy: pandas
 
     context_len = context_len_of(args.checkpoint)
     table = draw_calibration_table(args.data, context_len, args.requests, args.seed, args.positions)
@@ -118,6 +115,6 @@ def main(args: argparse.Namespace) -> dict:
     return {
         "calibration": str(out), "sha256": sha256_file(out), "data": str(args.data), "checkpoint": str(args.checkpoint),
         "requests": len(table), "users": int(table["user_id"].nunique()), "seed": args.seed, "split": "train",
-        "held_out_positions": args.positions or QualityGateConfig.positions,
+        "held_out_positions": args.positions or HELD_OUT_POSITIONS,
         "context_len": context_len, "profile_features": {"numeric": numeric, "categorical": categorical},
     }

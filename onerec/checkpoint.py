@@ -45,7 +45,7 @@ def check_weights_file(path: Path) -> None:
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; a damaged or hostile file is a one-line UserError."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError  # heavy: safetensors
 
     check_weights_file(path)
     try:
@@ -97,21 +97,3 @@ def load_checkpoint(
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     table = load_table(folder / SEMANTIC_IDS)
     return model.eval(), table
-
-
-def load_model_folder(
-    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True,
-) -> tuple[OneRecV2, np.ndarray, dict | None]:
-    """(model in eval mode, semantic-id table, recipe.json or None) from a checkpoint or a quantized folder.
-
-    `dtype` applies to a checkpoint; a quantized model keeps its stored FP8 and bf16 tensors.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist or is not a folder")
-    from onerec.quant.export import is_quantized_folder, load_quantized
-
-    if is_quantized_folder(folder):
-        return load_quantized(folder, device=device, verify=verify)
-    model, table = load_checkpoint(folder, device=device, dtype=dtype, verify=verify)
-    return model, table, None

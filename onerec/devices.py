@@ -8,7 +8,7 @@ from onerec.errors import UserError
 def resolve_device(device=None):
     """A torch.device as it is. None or "auto": CUDA when present, else CPU. "cpu" and "cuda[:N]" as given; asking for CUDA
     where there is none, or for anything else, is a UserError (not a traceback later on)."""
-    import torch
+    import torch  # heavy: torch
 
     if isinstance(device, torch.device):
         return device

@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 from onerec.devices import resolve_device
+from onerec.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,12 @@ def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
 def recommend(model, table: np.ndarray, requests, k: int = 10, beam_size: int = 64, batch_size: int = 256,
               device=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-k item ids [N, k] (-1 where fewer than k valid items exist) and their scores [N, k]."""
-    import torch
-    from tqdm import tqdm
+    import torch  # heavy: torch
+    from tqdm import tqdm  # heavy: tqdm
 
-    from onerec.data import iter_batches
-    from onerec.generate import beam_search
-    from onerec.semantic_ids import SemanticIdIndex
+    from onerec.data import iter_batches  # heavy: pandas, torch
+    from onerec.generate import beam_search  # heavy: torch
+    from onerec.semantic_ids import SemanticIdIndex  # heavy: torch
 
     device = resolve_device(device)
     cfg = model.cfg
@@ -95,7 +96,7 @@ def evaluate(model, table: np.ndarray, requests, k: int = 10, beam_size: int = 6
 
 def popularity_baseline(dataset, requests, k: int = 10, positions: int = 1) -> dict:
     """The most-popular-items baseline, keys prefixed `popularity_` (counted without the held-out positions)."""
-    from onerec.data import training_interactions
+    from onerec.data import training_interactions  # heavy: pandas, torch
 
     counts = training_interactions(dataset, positions=positions)["item_id"].value_counts(sort=False)
     # Most interactions first; ties by smaller item id (deterministic).
@@ -109,9 +110,11 @@ def popularity_baseline(dataset, requests, k: int = 10, positions: int = 1) -> d
 
 def load_model(checkpoint: str | None = None, quantized: str | None = None, device="cpu"):
     """(model, table, source description) from a checkpoint folder or a quantized folder."""
-    from onerec.checkpoint import load_model_folder
-    from onerec.errors import UserError
-    from onerec.quant.export import is_quantized_folder, recipe_name
+    from onerec.quant.export import (  # heavy: safetensors, torch
+        is_quantized_folder,
+        load_model_folder,
+        recipe_name,
+    )
 
     if (checkpoint is None) == (quantized is None):
         raise UserError("give exactly one of --checkpoint or --quantized")
@@ -142,8 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from onerec.data import held_out_requests, load_dataset
-    from onerec.errors import UserError
+    from onerec.data import held_out_requests, load_dataset  # heavy: pandas, torch
 
     if args.k < 1 or args.beam < 1 or args.batch_size < 1 or args.positions < 1:
         raise UserError("--k, --beam, --batch-size and --positions must be positive")
@@ -153,9 +155,9 @@ def main(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     model, table, source = load_model(args.checkpoint, args.quantized, device)
     if device.type == "cpu":
-        import torch
+        import torch  # heavy: torch
 
-        from onerec.train import default_threads
+        from onerec.train import default_threads  # heavy: pandas
 
         torch.set_num_threads(args.threads or default_threads(model.cfg))
     requests = held_out_requests(dataset, args.split, model.cfg.context_len, args.positions, args.max_users,
@@ -165,7 +167,7 @@ def main(args: argparse.Namespace) -> dict:
     metrics.update(num_users=int(requests["user_id"].nunique()), num_positions=len(requests))
     metrics.update(popularity_baseline(dataset, requests, args.k, args.positions))
     if model.cfg.categorical_features:  # unseen values took the unknown bucket: say how many
-        from onerec.features import count_unseen
+        from onerec.features import count_unseen  # heavy: pandas
 
         metrics["unseen_profile_values"] = count_unseen(requests, model.cfg.categorical_features)
     base = metrics[f"popularity_recall@{args.k}"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend, imported on first use (reports only)."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     return plt

@@ -149,19 +149,6 @@ def encode_histories(
 # ---------------------------------------------------------------------------------------------
 
 
-def _training_part(data):
-    """Interactions (user_id, item_id, timestamp) sorted by user and time, and the items table if any.
-
-    A `onerec.data.Dataset` contributes its training part only (the leave-last-out split's
-    validation and test targets never shape the tokenizer); a DataFrame is used as it is.
-    """
-    if hasattr(data, "interactions"):
-        from onerec.data import training_interactions  # onerec.data imports this module
-
-        return training_interactions(data), data.items
-    return data.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True), None
-
-
 def cooccurrence_embeddings(
     users: np.ndarray, items: np.ndarray, n_rows: int, dim: int = 32, window: int = 5,
     max_contexts: int = 2048, seed: int = 0,
@@ -224,7 +211,7 @@ def feature_embeddings(items_table, item_ids: np.ndarray) -> np.ndarray | None:
     L2-normalised per row; None when there is no usable feature column. Items missing from the
     table get zero rows.
     """
-    import pandas as pd
+    import pandas as pd  # heavy: pandas
 
     if items_table is None or "item_id" not in items_table.columns:
         return None
@@ -353,20 +340,21 @@ def make_unique(codes: np.ndarray, x: np.ndarray, centroids: list[np.ndarray], c
 
 
 def build_semantic_ids(
-    data, codebook_size: int, seed: int = 0, n_levels: int = 3, dim: int = 32, window: int = 5,
-    feature_weight: float = 0.5, num_items: int | None = None,
+    interactions, codebook_size: int, seed: int = 0, n_levels: int = 3, dim: int = 32, window: int = 5,
+    feature_weight: float = 0.5, num_items: int | None = None, items_table=None,
 ) -> np.ndarray:
     """The semantic-id table, int32 [num_items, n_levels], from training interactions.
 
-    `data` is a `onerec.data.Dataset` (its training part is used, plus its items table if any)
-    or an interactions DataFrame (user_id, item_id, timestamp). Item embeddings are PPMI-SVD of
+    `interactions` is a DataFrame (user_id, item_id, timestamp): a dataset's training part only
+    (`onerec.data.training_interactions`: the leave-last-out split's validation and test targets
+    never shape the tokenizer); `items_table` its items (features), if any. Item embeddings are PPMI-SVD of
     co-occurrence within user sequences, concatenated with item features (weighted by
     `feature_weight`) where an items table is given; residual k-means gives n_levels codes per
     item; collisions are resolved by `make_unique`. Item ids absent from the training data get
     -1 rows. `num_items` (default: the largest id seen + 1, in the items table too) sets the
     table length.
     """
-    interactions, items_table = _training_part(data)
+    interactions = interactions.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
     users = interactions["user_id"].to_numpy(np.int64)
     item_ids = interactions["item_id"].to_numpy(np.int64)
     known = np.unique(item_ids)

@@ -117,6 +117,11 @@ class Settings:
     gpu_image: str = "ghcr.io/onerec-fp8/onerec-fp8-gpu:0.1.0"
     gpu_pod: GpuPodConfig = dataclasses.field(default_factory=GpuPodConfig)
     k8s_namespace: str = "onerec"
+    # the Airflow that `publish` and the approval relay post asset events to (production: from a
+    # Secret); None: the local stack's (stack.json), else none (the DAGs' schedules catch up)
+    airflow_url: str | None = None
+    airflow_username: str = ""
+    airflow_password: Secret | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.rollout_target not in ("local", "helm"):

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from onerec.errors import UserError
+from onerec.manifest import atomic_folder
+
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +50,7 @@ def _choice(rng: np.random.Generator, p: np.ndarray) -> int:
 
 def generate(cfg: SynthConfig):
     """The three tables as pandas DataFrames: (interactions, users, items)."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas
 
     rng = np.random.default_rng(cfg.seed)
     n_items, n_users, n_topics = cfg.items, cfg.users, cfg.topics
@@ -132,9 +135,6 @@ def generate(cfg: SynthConfig):
 
 def synthesize(out_dir: str | Path, seed: int = 0, overwrite: bool = False, **size) -> dict:
     """Write a synthetic data folder; `size` overrides SynthConfig fields (users, items, ...)."""
-    from onerec.errors import UserError
-    from onerec.manifest import atomic_folder
-
     unknown = set(size) - set(SynthConfig.__dataclass_fields__)
     if unknown:
         raise UserError(f"unknown synth options {sorted(unknown)}")

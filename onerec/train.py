@@ -19,7 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from onerec.devices import resolve_device
+from onerec.errors import UserError
 from onerec.features import MAX_VALUES, MIN_COUNT, build_vocabularies
+from onerec.manifest import manifest_digest
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +43,12 @@ def default_threads(cfg) -> int:
     threads that wait for each other at every op cost far more than they give (measured: 0.08 s
     per `tiny` step with one thread, 1.4 s with two on a loaded 2-core machine).
     """
-    import torch
+    import torch  # heavy: torch
 
     return 1 if cfg.d_model <= 256 else torch.get_num_threads()
 
 
 def _known_targets(requests, table):
-    import numpy as np
-
     t = requests["target"].to_numpy(np.int64)
     ok = (t >= 0) & (t < len(table))
     ok[ok] = (table[t[ok]] >= 0).all(1)
@@ -53,9 +56,9 @@ def _known_targets(requests, table):
 
 
 def _validation_loss(model, requests, table, cfg, batch_size: int, device, autocast) -> float:
-    import torch
+    import torch  # heavy: torch
 
-    from onerec.data import iter_batches
+    from onerec.data import iter_batches  # heavy: pandas, torch
 
     model.eval()
     total, count = 0.0, 0
@@ -96,17 +99,18 @@ def train(
     `held_out_positions`: each user's last N interactions stay out of training (onerec.data's split),
     so `eval` / `gate quality` with `--positions N` score only positions the model never trained on.
     """
-    import numpy as np
-    import torch
-    from tqdm import tqdm
+    import torch  # heavy: torch
+    from tqdm import tqdm  # heavy: tqdm
 
-    from onerec.checkpoint import save_checkpoint
-    from onerec.data import iter_batches, load_dataset, split_leave_last_out
-    from onerec.devices import resolve_device
-    from onerec.errors import UserError
-    from onerec.manifest import manifest_digest
-    from onerec.model import PRESETS, OneRecV2, OneRecV2Config
-    from onerec.semantic_ids import build_semantic_ids
+    from onerec.checkpoint import save_checkpoint  # heavy: safetensors, torch
+    from onerec.data import (  # heavy: pandas, torch
+        iter_batches,
+        load_dataset,
+        split_leave_last_out,
+        training_interactions,
+    )
+    from onerec.model import PRESETS, OneRecV2, OneRecV2Config  # heavy: torch
+    from onerec.semantic_ids import build_semantic_ids  # heavy: torch
 
     started = time.perf_counter()
     if preset not in PRESETS:
@@ -128,7 +132,8 @@ def train(
         log.info("categorical profile features: %s",
                  ", ".join(f"{n} ({len(v)} values + unknown)" for n, v in cfg.categorical_features.items()))
     log.info("building semantic ids (codebook %d x %d levels)", cfg.codebook_size, cfg.n_levels)
-    table = build_semantic_ids(dataset, cfg.codebook_size, seed=seed, n_levels=cfg.n_levels)
+    table = build_semantic_ids(training_interactions(dataset), cfg.codebook_size, seed=seed, n_levels=cfg.n_levels,
+                               items_table=dataset.items)
     train_requests = _known_targets(split.train, table)
     valid_requests = _known_targets(split.valid, table)
     if train_requests.empty:

@@ -9,9 +9,9 @@ torch), and a library-only install can run the library's commands. A command mod
 
 `main` returns the result, printed here as one JSON object on stdout; logs and progress go
 to stderr. A command raises `onerec.errors.UserError` for input the user can fix: it is
-printed as one line and the exit code is 1. A gate that ran exits 3 when it failed and 4 when
-it was inconclusive (its result has `verdict`; `passed` is false in both), so scripts never
-mistake either for success; a command module may also define `exit_code(args, result)`.
+printed as one line and the exit code is 1. A gate that ran exits with its verdict's code
+(onerec.gate_verdict: 3 failed, 4 inconclusive), so scripts never mistake either
+for success; a command module may also define `exit_code(args, result)`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import logging
 import sys
 
 from onerec.errors import UserError
+from onerec.gate_verdict import GATES, GateVerdict
 
 # name -> (module, one-line help) or a nested table of sub-commands.
 COMMANDS: dict = {
@@ -46,8 +47,6 @@ COMMANDS: dict = {
 
 log = logging.getLogger("onerec")
 
-EXIT_FAILED = 3  # a gate ran and failed
-EXIT_INCONCLUSIVE = 4  # a gate ran and its sample could not decide
 
 
 def _add_commands(subparsers, table: dict, prefix: str) -> None:
@@ -132,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         code = module.exit_code(args, result) if hasattr(module, "exit_code") else None
         if code is not None:
             return code
-        if isinstance(result, dict) and result.get("passed") is False:
-            return EXIT_INCONCLUSIVE if result.get("verdict") == "inconclusive" else EXIT_FAILED
+        if isinstance(result, dict) and result.get("gate") in GATES:  # a gate's report: its verdict decides
+            return GateVerdict.of_report(result).exit_code
     return 0
 
 

@@ -6,8 +6,8 @@
 
 `publish` posts CHECKPOINT_PUBLISHED (requantize starts when a checkpoint lands) and the approval
 relay (ops.approval_relay) posts MODEL_APPROVED (promote starts when an approver decides).
-Where Airflow is: ONEREC_AIRFLOW_URL with ONEREC_AIRFLOW_USERNAME / ONEREC_AIRFLOW_PASSWORD (from a
-Secret), else the local stack's stack.json. Without either, nothing is posted and the DAG's
+Where Airflow is: the caller's Settings (airflow_url, airflow_username, airflow_password: in
+production from a Secret), else the local stack's stack.json in settings.state_dir. Without either, nothing is posted and the DAG's
 schedule picks the change up later.
 """
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from onerec.errors import UserError
+from onerec.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +26,13 @@ CHECKPOINT_PUBLISHED = "onerec_checkpoint_published"
 MODEL_APPROVED = "onerec_model_approved"
 
 
-def airflow_target(state_dir: str | Path | None = None) -> dict | None:
+def airflow_target(settings: Settings) -> dict | None:
     """{"url", "username", "password"} of the Airflow to notify, or None."""
-    if os.environ.get("ONEREC_AIRFLOW_URL"):
-        return {"url": os.environ["ONEREC_AIRFLOW_URL"].rstrip("/"),
-                "username": os.environ.get("ONEREC_AIRFLOW_USERNAME", ""),
-                "password": os.environ.get("ONEREC_AIRFLOW_PASSWORD", "")}
-    state_dir = Path(state_dir or os.environ.get("ONEREC_STATE_DIR") or Path(__file__).resolve().parents[1] / ".onerec")
+    if settings.airflow_url:
+        return {"url": settings.airflow_url.rstrip("/"), "username": settings.airflow_username,
+                "password": settings.airflow_password or ""}
     try:
-        state = json.loads((state_dir / "stack.json").read_text())
+        state = json.loads((Path(settings.state_dir) / "stack.json").read_text())
         creds = state["credentials"]["airflow"]
         return {"url": state["services"]["airflow"]["url"], "username": creds["username"], "password": creds["password"]}
     except (OSError, KeyError, json.JSONDecodeError):
@@ -43,7 +41,7 @@ def airflow_target(state_dir: str | Path | None = None) -> dict | None:
 
 def post_asset_event(target: dict, asset_name: str, extra: dict, timeout: float = 15.0) -> dict:
     """One asset event; returns Airflow's answer. UserError when Airflow refuses or lacks the asset."""
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     with httpx.Client(base_url=target["url"], timeout=timeout, trust_env=False) as http:
         token = http.post("/auth/token", json={"username": target["username"], "password": target["password"]})
@@ -62,13 +60,13 @@ def post_asset_event(target: dict, asset_name: str, extra: dict, timeout: float 
         return event.json()
 
 
-def notify(asset_name: str, extra: dict, state_dir: str | Path | None = None) -> dict | None:
-    """Post the event when an Airflow is configured; a failure is logged, never fatal (the schedule catches up)."""
-    target = airflow_target(state_dir)
+def notify(asset_name: str, extra: dict, settings: Settings) -> dict | None:
+    """Post the event when `settings` name an Airflow; a failure is logged, never fatal (the schedule catches up)."""
+    target = airflow_target(settings)
     if target is None:
         log.info("no Airflow configured: %s not posted (the DAG's schedule will pick it up)", asset_name)
         return None
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     try:
         return post_asset_event(target, asset_name, extra)

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 from onerec.errors import UserError
+from onerec.settings import Settings
+from ops.airflow_events import MODEL_APPROVED, notify
 from ops.mlflow_auth import read_private
 
 log = logging.getLogger("onerec.approval_relay")
@@ -45,17 +47,16 @@ def signature(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str
     return "v1," + base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest()).decode()
 
 
-def create_relay_app(secret: str, state_dir: str | None, post_event=None):
-    from starlette.applications import Starlette
-    from starlette.middleware import Middleware
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
+def create_relay_app(secret: str, settings: Settings, post_event=None):
+    from starlette.applications import Starlette  # heavy: Starlette
+    from starlette.middleware import Middleware  # heavy: Starlette
+    from starlette.requests import Request  # heavy: Starlette
+    from starlette.responses import JSONResponse  # heavy: Starlette
+    from starlette.routing import Route  # heavy: Starlette
 
-    from onerec.serve.guard import RequestGuard, read_body
-    from ops.airflow_events import MODEL_APPROVED, notify
+    from onerec.serve.guard import RequestGuard, read_body  # heavy: numpy, FastAPI
 
-    post_event = post_event or (lambda extra: notify(MODEL_APPROVED, extra, state_dir))
+    post_event = post_event or (lambda extra: notify(MODEL_APPROVED, extra, settings))
     relayed: dict[str, float] = {}  # delivery id -> when it was relayed; kept while it could be fresh
 
     async def webhook(request: Request):
@@ -105,7 +106,7 @@ def register_webhook(mlflow_url: str, admin: tuple[str, str], relay_url: str, se
     The id of the webhook created is kept in `id_file`, and that webhook is deleted by id first:
     deleting needs no decryption of its secret, so a webhook that MLflow can no longer read (its
     encryption key changed) is still replaced."""
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     with httpx.Client(base_url=mlflow_url, auth=admin, timeout=30, trust_env=False) as http:
         if id_file is not None and id_file.is_file() and (known := id_file.read_text().strip()):
@@ -132,7 +133,7 @@ def register_webhook(mlflow_url: str, admin: tuple[str, str], relay_url: str, se
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
+    import uvicorn  # heavy: uvicorn
 
     parser = argparse.ArgumentParser(prog="python -m ops.approval_relay", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
@@ -144,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         secret = read_private(args.secret_file, "webhook secret", 16)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    from onerec.serve.guard import guarded_config
+    from onerec.serve.guard import guarded_config  # heavy: numpy, FastAPI
 
-    config = guarded_config(create_relay_app(secret, args.state_dir), "127.0.0.1", args.port, **LIMITS,
+    # the relay's configuration, built here once: the Airflow to post to (or the stack's, in its state dir)
+    settings = Settings.from_env(overrides={"state_dir": args.state_dir} if args.state_dir else None)
+    config = guarded_config(create_relay_app(secret, settings), "127.0.0.1", args.port, **LIMITS,
                             access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()
     return 0

@@ -39,9 +39,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 from pathlib import Path
+
+from onerec.errors import UserError
 
 ADMIN, SERVICE, APPROVER, VIEWER, SERVING = "admin", "onerec-pipeline", "approver", "viewer", "onerec-serving"
 ACCOUNTS = {"admin": ADMIN, "service": SERVICE, "approver": APPROVER, "viewer": VIEWER,  # role -> username
@@ -151,9 +154,7 @@ def server_env(state_dir: str | Path) -> dict[str, str]:
 
 def ensure_accounts(url: str, state_dir: str | Path, timeout: float = 30.0) -> dict[str, str]:
     """Create (or reset to its file's password) every non-admin account; returns role -> username."""
-    import httpx
-
-    from onerec.errors import UserError
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     admin = credentials(state_dir, "admin")
     auth = (admin["username"], admin["password"])
@@ -234,7 +235,7 @@ def request_fields() -> dict:
 
 
 def _is_admin(user: str) -> bool:
-    from mlflow.server.auth import store
+    from mlflow.server.auth import store  # heavy: MLflow
 
     try:
         return bool(store.get_user(user).is_admin)
@@ -243,7 +244,7 @@ def _is_admin(user: str) -> bool:
 
 
 def _version_tags(name: str, version: str) -> dict[str, str]:
-    from mlflow.server.handlers import _get_model_registry_store
+    from mlflow.server.handlers import _get_model_registry_store  # heavy: MLflow
 
     try:
         return dict(_get_model_registry_store().get_model_version(name, version).tags)
@@ -253,8 +254,6 @@ def _version_tags(name: str, version: str) -> dict[str, str]:
 
 def _audit_account_change(user: str) -> None:
     """Every change to accounts and permissions is a line in the server log: how a grant is logged."""
-    import logging
-
     from flask import request
 
     try:
@@ -280,7 +279,7 @@ ACCOUNT_PATHS = ("/mlflow/users/", "/permissions/")
 def authenticate_and_guard():
     """MLflow's basic auth, then the registry rules (see the module docstring)."""
     from flask import request
-    from mlflow.server.auth import authenticate_request_basic_auth
+    from mlflow.server.auth import authenticate_request_basic_auth  # heavy: MLflow
     from werkzeug.datastructures import Authorization
 
     authorization = authenticate_request_basic_auth()
@@ -354,8 +353,8 @@ def _record_approver(user: str, name: str, version: str) -> None:
         if response.status_code == 200:
             import datetime as dt
 
-            from mlflow.entities.model_registry import ModelVersionTag
-            from mlflow.server.handlers import _get_model_registry_store
+            from mlflow.entities.model_registry import ModelVersionTag  # heavy: MLflow
+            from mlflow.server.handlers import _get_model_registry_store  # heavy: MLflow
 
             store = _get_model_registry_store()
             now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -30,7 +30,7 @@ _children: dict[int, subprocess.Popen] = {}  # started by this Python process; r
 
 def spawn_detached(cmd: list[str], log_path: str | Path, env: dict | None = None, cwd: str | Path | None = None) -> dict:
     """Start `cmd` in a new session, stdout and stderr appended to `log_path`; returns its record."""
-    import psutil
+    import psutil  # optional: psutil
 
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ def spawn_detached(cmd: list[str], log_path: str | Path, env: dict | None = None
 
 def process_of(record: dict):
     """The live psutil.Process of a record, or None (exited, zombie, or the pid was reused)."""
-    import psutil
+    import psutil  # optional: psutil
 
     pid, create_time = record.get("pid"), record.get("create_time")
     if not pid or create_time is None:
@@ -76,7 +76,7 @@ def _tree(records: list[dict]) -> list:
     Descendants are collected too because a server may move its workers to new process groups
     (Airflow's task supervisor does), out of reach of a killpg on the leader's group.
     """
-    import psutil
+    import psutil  # optional: psutil
 
     found: dict[int, psutil.Process] = {}
     groups = set()
@@ -98,7 +98,7 @@ def _tree(records: list[dict]) -> list:
 
 def _exited(proc) -> bool:
     """Gone, or a zombie: it has exited and only waits for a parent (not us) to reap it."""
-    import psutil
+    import psutil  # optional: psutil
 
     try:
         return proc.status() == psutil.STATUS_ZOMBIE
@@ -113,7 +113,7 @@ def stop_processes(records: list[dict], grace_s: float) -> None:
     drain); then SIGKILL for whatever is left (Airflow's LocalExecutor workers ignore SIGTERM).
     The caller's own process group is never signalled.
     """
-    import psutil
+    import psutil  # optional: psutil
 
     leaders = [proc for record in records if (proc := process_of(record)) is not None]
     # A zombie (e.g. of an interrupted `airflow dags test`) cannot be signalled or waited for.

@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 import time
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 
 log = logging.getLogger("ops.smtp_sink")
@@ -38,9 +40,6 @@ class MaildirHandler:
 
 def read_mail(maildir: str | Path) -> list:
     """Every message in the sink, oldest first, as email.message.EmailMessage."""
-    from email import policy
-    from email.parser import BytesParser
-
     return [BytesParser(policy=policy.default).parsebytes(p.read_bytes())
             for p in sorted(Path(maildir).glob("*.eml"))]
 

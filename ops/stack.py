@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -41,11 +42,12 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from onerec.errors import UserError
@@ -53,6 +55,9 @@ from onerec.settings import Settings, env_name
 from ops import mlflow_auth
 from ops.approval_relay import register_webhook
 from ops.processes import file_lock, is_alive, log_tail, spawn_detached, stop_processes
+from ops.rollout import RolloutError
+from ops.rollout.local import resume
+from ops.rollout.local import stop as stop_local_serving
 
 log = logging.getLogger("ops.stack")
 
@@ -61,6 +66,7 @@ DEFAULT_STATE_DIR = Path(Settings.state_dir)
 SERVICES = ("s3", "smtp", "mlflow", "airflow", "relay")  # start order; `down` stops in reverse
 DEFAULT_PORTS = {s: getattr(Settings, f"{s}_port") for s in SERVICES}
 PORT_ENV = {s: env_name(f"{s}_port") for s in SERVICES}
+LOCAL_SERVE = "local_serve"  # ports.json's key of the local rollout's endpoint
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 AIRFLOW_USER = "admin"
 # The local object store checks the access key id only: placeholders that keep boto3 from looking
@@ -74,13 +80,13 @@ _abort = threading.Event()  # set when one of the parallel service starts failed
 
 @dataclass
 class StackConfig:
-    state_dir: Path = DEFAULT_STATE_DIR
+    """What `stack up/down/status` works on: the shared Settings (state dir, bucket, prefix, model
+    name, rollout target, every port: Settings holds their defaults) and the stack's own fields."""
+
+    settings: Settings = field(default_factory=Settings)
     ports: dict[str, int] | None = None  # service -> port; missing ones: running port, env, default
-    bucket: str = "onerec"
-    prefix: str = "onerec-v2"
-    model_name: str = "onerec-v2-fp8"
-    rollout_target: str = "local"
-    local_serve_port: int = 8800  # the local rollout's stable endpoint (its proxy), handed to the DAGs
+    # the services (and LOCAL_SERVE) whose port the environment set: those beat the port of the last start
+    env_ports: frozenset[str] = frozenset()
     dags_folder: Path = REPO_ROOT / "dags"
     airflow_parallelism: int = 2
     dags_paused: bool = False  # DAGs new to Airflow start paused (a quiet stack, e.g. for tests)
@@ -88,29 +94,32 @@ class StackConfig:
     grace_s: float = 10.0  # SIGTERM -> SIGKILL
 
     @classmethod
-    def from_env(cls, **overrides) -> StackConfig:
-        settings = Settings.from_env()
-        cfg = cls(
-            state_dir=Path(settings.state_dir), bucket=settings.s3_bucket, prefix=settings.s3_prefix,
-            model_name=settings.model_name, rollout_target=settings.rollout_target,
-            local_serve_port=settings.local_serve_port,
-        )
+    def from_env(cls, env: typing.Mapping[str, str] | None = None, state_dir: str | Path | None = None,
+                 **overrides) -> StackConfig:
+        """The entry point's config: Settings from `env` (default os.environ), the given overrides."""
+        env = os.environ if env is None else env
+        settings = Settings.from_env(env)
+        settings = dataclasses.replace(settings, state_dir=str(Path(state_dir or settings.state_dir).resolve()))
+        env_ports = frozenset(s for s in (*SERVICES, LOCAL_SERVE) if env.get(env_name(f"{s}_port")))
+        cfg = cls(settings=settings, env_ports=env_ports)
         for key, value in overrides.items():
             if value is not None:
                 setattr(cfg, key, value)
-        cfg.state_dir = Path(cfg.state_dir).resolve()
         cfg.dags_folder = Path(cfg.dags_folder).resolve()
         return cfg
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.settings.state_dir)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API (contract): stack.json and the env it gives to pipeline code
 
 
-def read_state(state_dir: str | Path | None = None) -> dict:
+def read_state(state_dir: str | Path) -> dict:
     """The stack.json that `stack up` wrote: services (url, port, pids, logs), env, credentials."""
-    state_dir = Path(state_dir or Settings.from_env().state_dir)
-    path = state_dir / STACK_FILE
+    path = Path(state_dir) / STACK_FILE
     if not path.is_file():
         raise UserError(f"no local stack state at {path}: run `onerec-fp8 stack up` first")
     return json.loads(path.read_text())
@@ -126,12 +135,12 @@ def contract_env(cfg: StackConfig, ports: dict[str, int]) -> dict[str, str]:
     return {
         "ONEREC_STATE_DIR": str(cfg.state_dir),
         "ONEREC_S3_ENDPOINT_URL": s3_url,
-        "ONEREC_S3_BUCKET": cfg.bucket,
-        "ONEREC_S3_PREFIX": cfg.prefix,
+        "ONEREC_S3_BUCKET": cfg.settings.s3_bucket,
+        "ONEREC_S3_PREFIX": cfg.settings.s3_prefix,
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
-        "ONEREC_MODEL_NAME": cfg.model_name,
-        "ONEREC_ROLLOUT_TARGET": cfg.rollout_target,
-        "ONEREC_LOCAL_SERVE_PORT": str(cfg.local_serve_port),
+        "ONEREC_MODEL_NAME": cfg.settings.model_name,
+        "ONEREC_ROLLOUT_TARGET": cfg.settings.rollout_target,
+        "ONEREC_LOCAL_SERVE_PORT": str(cfg.settings.local_serve_port),
         **LOCAL_AWS_ENV,
         "MLFLOW_S3_ENDPOINT_URL": s3_url,
         "ONEREC_ALERT_SMTP": f"127.0.0.1:{ports['smtp']}",
@@ -242,7 +251,7 @@ def _smtp_healthy(port: int) -> bool:
 
 def _service_healthy(service: str, url: str, cfg: StackConfig) -> bool:
     if service == "s3":
-        return _s3_healthy(url, cfg.bucket)
+        return _s3_healthy(url, cfg.settings.s3_bucket)
     if service == "smtp":
         return _smtp_healthy(int(url.rsplit(":", 1)[1]))
     if service == "relay":
@@ -309,9 +318,9 @@ def _start_s3(cfg: StackConfig, port: int, env: dict) -> list[dict]:
     url = f"http://127.0.0.1:{port}"
     # --openssl-legacy-provider: s3rver's ListObjectsV2 continuation tokens use DES
     cmd = [node, "--openssl-legacy-provider", str(S3_SERVER), "--directory", str(s3_data_dir(cfg.state_dir)),
-           "--port", str(port), "--bucket", cfg.bucket, "--access-key-id", LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"]]
+           "--port", str(port), "--bucket", cfg.settings.s3_bucket, "--access-key-id", LOCAL_AWS_ENV["AWS_ACCESS_KEY_ID"]]
     record = _spawn(cfg, "s3", "s3", port, cmd, env)
-    _wait("s3", [record], lambda: _s3_healthy(url, cfg.bucket), cfg.timeout_s)
+    _wait("s3", [record], lambda: _s3_healthy(url, cfg.settings.s3_bucket), cfg.timeout_s)
     return [record]
 
 
@@ -319,7 +328,7 @@ def _start_mlflow(cfg: StackConfig, port: int, env: dict) -> list[dict]:
     cmd = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", f"sqlite:///{cfg.state_dir / 'mlflow.db'}",
-        "--artifacts-destination", f"s3://{cfg.bucket}/mlflow",
+        "--artifacts-destination", f"s3://{cfg.settings.s3_bucket}/mlflow",
         "--serve-artifacts", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
         "--app-name", "basic-auth",  # accounts and the approval rule: ops.mlflow_auth
     ]
@@ -478,14 +487,12 @@ def _last_ports(cfg: StackConfig) -> dict:
     return {}
 
 
-LOCAL_SERVE = "local_serve"  # ports.json's key of the local rollout's endpoint
 
 
 def _resolve_ports(cfg: StackConfig) -> dict[str, int]:
     """Port per service: explicit (flag/ports) > the recorded (running or crashed) service's > env >
     the port of the last start in this state dir (so `up` after `down` comes back where it was) > default."""
     explicit = dict(cfg.ports or {})
-    settings = Settings.from_env()
     last = _last_ports(cfg)
     ports = {}
     for service in SERVICES:
@@ -495,8 +502,8 @@ def _resolve_ports(cfg: StackConfig) -> dict[str, int]:
             ports[service] = int(explicit[service])
         elif running:
             ports[service] = running[0]
-        elif os.environ.get(PORT_ENV[service]) or not isinstance(last.get(service), int):
-            ports[service] = getattr(settings, f"{service}_port")  # env, else the default
+        elif service in cfg.env_ports or not isinstance(last.get(service), int):
+            ports[service] = getattr(cfg.settings, f"{service}_port")  # env, else the default
         else:
             ports[service] = last[service]
     return ports
@@ -545,7 +552,7 @@ def _write_state(cfg: StackConfig, ports: dict[str, int]) -> dict:
     if services:
         _write_json(cfg.state_dir / STACK_FILE, state)
         ports_now = {s: st["port"] for s, st in services.items()}
-        _write_json(cfg.state_dir / "ports.json", {**_last_ports(cfg), **ports_now, LOCAL_SERVE: cfg.local_serve_port})
+        _write_json(cfg.state_dir / "ports.json", {**_last_ports(cfg), **ports_now, LOCAL_SERVE: cfg.settings.local_serve_port})
     else:
         with contextlib.suppress(FileNotFoundError):
             (cfg.state_dir / STACK_FILE).unlink()
@@ -558,8 +565,9 @@ def up(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
     with _locked(cfg):
         ports = _resolve_ports(cfg)
         last_serve_port = _last_ports(cfg).get(LOCAL_SERVE)
-        if not os.environ.get("ONEREC_LOCAL_SERVE_PORT") and isinstance(last_serve_port, int):
-            cfg.local_serve_port = last_serve_port  # the endpoint of the last start: the champion comes back there
+        if LOCAL_SERVE not in cfg.env_ports and isinstance(last_serve_port, int):
+            # the endpoint of the last start: the champion comes back there
+            cfg.settings = dataclasses.replace(cfg.settings, local_serve_port=last_serve_port)
         env = {**_base_env(), **contract_env(cfg, ports)}
         to_start = []
         for service in services:
@@ -638,13 +646,11 @@ def down(cfg: StackConfig, services: tuple[str, ...] = SERVICES) -> dict:
 def _resume_local_serving(cfg: StackConfig, env: dict) -> None:
     """The local rollout target's champion serves again on its proxy port after a `down` (or a
     reboot): the stack is a working deployment, not only its services."""
-    if cfg.rollout_target != "local" or not (cfg.state_dir / "serving" / "local.json").is_file():
+    if cfg.settings.rollout_target != "local" or not (cfg.state_dir / "serving" / "local.json").is_file():
         return
-    from ops.rollout import RolloutError
-    from ops.rollout.local import resume
 
     try:
-        resumed = resume(cfg.state_dir, env=env)
+        resumed = resume(Settings.from_env(env), env=env)  # the settings the stack hands its clients
     except RolloutError as exc:
         log.error("%s", exc)
         first = str(exc).splitlines()[0].rstrip(":")  # names the server's log; the tail went to the log above
@@ -658,7 +664,6 @@ def _stop_local_serving(cfg: StackConfig) -> dict | None:
     leaves nothing of the local setup running."""
     if not (cfg.state_dir / "serving").is_dir():
         return None
-    from ops.rollout.local import stop as stop_local_serving
 
     return stop_local_serving(cfg.state_dir)
 

@@ -32,11 +32,14 @@ rejected ones.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 
-from tasks.registry import CHALLENGER, client, find_versions, now_iso
-from tasks.requantize import StepFailed
+from tasks.checkpoints import read_json, s3_client, write_json
+from tasks.errors import StateError
+from tasks.provenance import load_key, sign, verifies
+from tasks.registry import CHALLENGER, client, find_versions, now_iso, registering_run_status
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,6 @@ NOT_REGISTERED_NOTE = ("**NOT A CANDIDATE: this version was not registered by th
 SEQUENCE_TAG = "state_sequence"  # ops.mlflow_auth.STATE_SEQUENCE_TAG: the server lets it only grow
 
 
-class StateError(StepFailed):
-    """A transition the state machine does not allow, or a record that does not verify (no retry helps)."""
-
-
 # --- the record in the pipeline's store -----------------------------------------------------------------
 
 
@@ -71,9 +70,6 @@ def _signed(record: dict) -> dict:
 
 def read_record(cfg, version: str, s3=None, mlflow_client=None) -> dict | None:
     """The version's verified, freshest record; None when the pipeline never registered it."""
-    from tasks.checkpoints import read_json, s3_client
-    from tasks.provenance import load_key, verifies
-
     record = read_json(s3 or s3_client(cfg), record_uri(cfg, str(version)))
     if record is None:
         return None
@@ -90,7 +86,7 @@ def read_record(cfg, version: str, s3=None, mlflow_client=None) -> dict | None:
 
 
 def _newest_sequence(cfg, c, version: str) -> int:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: MLflow
 
     try:
         value = c.get_model_version(cfg.model_name, version).tags.get(SEQUENCE_TAG, "0")
@@ -100,9 +96,6 @@ def _newest_sequence(cfg, c, version: str) -> int:
 
 
 def _write(cfg, c, record: dict, s3=None) -> dict:
-    from tasks.checkpoints import s3_client, write_json
-    from tasks.provenance import load_key, sign
-
     record = {**_signed(record), "sequence": int(record.get("sequence", 0)) + 1}
     record["signature"] = sign(load_key(cfg, create=True), "state", record)
     write_json(s3 or s3_client(cfg), record_uri(cfg, record["version"]), record)
@@ -151,7 +144,7 @@ def normalize_decision(value: str | None) -> str | None:
 
 
 def _remove_alias_if_on(c, name: str, alias: str, version: str) -> bool:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: MLflow
 
     try:
         current = c.get_model_version_by_alias(name, alias)
@@ -164,8 +157,6 @@ def _remove_alias_if_on(c, name: str, alias: str, version: str) -> bool:
 
 
 def _ms(iso: str) -> float:
-    import datetime as dt
-
     return dt.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp() * 1000
 
 
@@ -180,8 +171,6 @@ def _set_problem(c, name: str, version: str, tags: dict, problem: str | None) ->
 def _mark_not_registered(cfg, c, mv) -> bool:
     """Make a version the pipeline did not register look like what it is (in the versions list and on
     its page); False when it is marked already or may still be being registered by a pipeline run."""
-    from tasks.registry import registering_run_status
-
     if mv.tags.get(STATE_TAG) == NOT_REGISTERED or registering_run_status(c, mv) == "registering":
         return False
     name = cfg.model_name
@@ -199,8 +188,6 @@ def accept_calibration(cfg, c, record: dict, s3) -> None:
     """An approved version's calibration data becomes the drift check's reference: its profile (stored
     by the validate step under the table's digest) is copied to accepted_profile_uri. The digest is
     read from the registering run's params, which no one can change after the run logged them."""
-    from tasks.checkpoints import read_json, write_json
-
     digest = c.get_run(record["run_id"]).data.params.get("calibration_sha256")
     profile = read_json(s3, cfg.calibration_profile_uri(digest)) if digest else None
     if profile is None:
@@ -218,8 +205,6 @@ def review(cfg, mlflow_client=None, now_s: float | None = None, s3=None) -> dict
     `marked`: versions the pipeline did not register, now tagged state=not-registered-by-pipeline,
     gates=not-a-candidate, with a warning heading their description and no challenger alias).
     """
-    from tasks.checkpoints import s3_client
-
     c = mlflow_client or client(cfg)
     s3 = s3 or s3_client(cfg)
     name = cfg.model_name
@@ -308,8 +293,6 @@ def expire_stale(cfg, mlflow_client=None, now_s: float | None = None) -> dict:
 
 def versions_in_state(cfg, state: str, mlflow_client=None, s3=None) -> list[str]:
     """Versions whose verified record is in `state`, newest first."""
-    from tasks.checkpoints import s3_client
-
     c = mlflow_client or client(cfg)
     s3 = s3 or s3_client(cfg)
     out = []

@@ -71,14 +71,14 @@ def judge(policy, weight: int, evidence: dict, baseline: dict | None) -> tuple[s
     return ("failed" if reasons else "passed"), reasons
 
 
-def _hold(policy, weight: int, state_dir) -> dict:
+def _hold(cfg, policy, weight: int) -> dict:
     """Wait out one step: its hold time and enough traffic, or its timeout; the proxy's evidence."""
     from ops.rollout import local
 
     started = time.monotonic()
     while True:
         time.sleep(policy.poll_s)
-        evidence = local.canary_status(state_dir)
+        evidence = local.canary_status(cfg)
         if evidence is None:
             from ops.rollout import RolloutError
 
@@ -95,20 +95,19 @@ def walk(cfg, c, version: str, model_uri: str, digest: str | None, champion: str
     when it passed, StepFailed (after rolling back and notifying) when a step did not."""
     from ops.rollout import local
 
-    policy, name, state_dir = cfg.canary, cfg.model_name, cfg.state_dir
+    policy, name = cfg.canary, cfg.model_name
     steps: list[dict] = []
     c.set_model_version_tag(name, version, VERDICT_TAG, "running")
     verdict, reasons, baseline = "failed", ["the canary did not start"], None
     try:
         for n, weight in enumerate(policy.weights, 1):
             if n == 1:
-                local.canary_start(model_uri, version, weight, digest=digest, state_dir=state_dir,
-                                   port=cfg.local_serve_port)
+                local.canary_start(cfg, model_uri, version, weight, digest=digest)
             else:
-                local.canary_weight(weight, state_dir)
+                local.canary_weight(cfg, weight)
             log.info("canary step %d/%d: version %s takes %d%% of the traffic beside champion %s",
                      n, len(policy.weights), version, weight, champion)
-            evidence = _hold(policy, weight, state_dir)
+            evidence = _hold(cfg, policy, weight)
             if evidence["stable"]["requests"]:
                 baseline = evidence["stable"]
             verdict, reasons = judge(policy, weight, evidence, baseline)
@@ -126,7 +125,7 @@ def walk(cfg, c, version: str, model_uri: str, digest: str | None, champion: str
     finally:
         if verdict != "passed":
             _roll_back(cfg, c, version, champion, steps, verdict, reasons)
-    rollout = local.canary_end(promote=True, state_dir=state_dir)
+    rollout = local.canary_end(cfg, promote=True)
     c.set_model_version_tag(name, version, VERDICT_TAG, "passed")
     _report(cfg, c, version, champion, steps, "passed")
     log.info("canary of version %s passed %d steps: it serves all traffic", version, len(steps))
@@ -139,14 +138,14 @@ def _roll_back(cfg, c, version: str, champion: str, steps: list[dict], verdict: 
 
     from ops.rollout import RolloutError, local
     from tasks.approval import transition
+    from tasks.errors import StepFailed
     from tasks.notify import send_failure
-    from tasks.requantize import StepFailed
 
     name = cfg.model_name
     where = f"step {len(steps)} ({steps[-1]['weight']}%)" if steps else "its start"
     reason = f"canary {verdict} at {where}: {'; '.join(reasons)}"
     with contextlib.suppress(RolloutError):  # nothing to end when the canary never started
-        local.canary_end(promote=False, state_dir=cfg.state_dir)
+        local.canary_end(cfg, promote=False)
     c.set_model_version_tag(name, version, VERDICT_TAG, verdict)
     c.set_model_version_tag(name, version, REASON_TAG, reason[:5000])
     transition(cfg, c, version, "rolled_back", by="canary", note=reason)

@@ -21,6 +21,8 @@ into place only after every file matched its sha256 in the manifest. The checkpo
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import logging
 import posixpath
@@ -37,6 +39,8 @@ from onerec.manifest import (
     verify_manifest,
 )
 from tasks.config import PipelineConfig
+from tasks.errors import StepFailed
+from tasks.outages import s3_client_config
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +49,14 @@ MB = 1 << 20
 
 def s3_client(cfg: PipelineConfig):
     """A boto3 S3 client for the configured endpoint, with the bounded retries of tasks.outages."""
-    import boto3
-
-    from tasks.outages import s3_client_config
+    import boto3  # heavy: boto3
 
     return boto3.client("s3", config=s3_client_config(), **cfg.s3_client_kwargs())
 
 
 def transfer_config():
     """Multipart transfers for large weight files (parts of 64 MiB, 8 in flight)."""
-    from boto3.s3.transfer import TransferConfig
+    from boto3.s3.transfer import TransferConfig  # heavy: boto3
 
     return TransferConfig(multipart_threshold=64 * MB, multipart_chunksize=64 * MB, max_concurrency=8)
 
@@ -77,7 +79,7 @@ def _not_found(exc) -> bool:
 
 
 def s3_exists(client, uri: str) -> bool:
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError  # heavy: boto3
 
     bucket, key = parse_s3_uri(uri)
     try:
@@ -91,7 +93,7 @@ def s3_exists(client, uri: str) -> bool:
 
 def read_json(client, uri: str) -> dict | None:
     """The JSON object at `uri`, or None when there is none."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError  # heavy: boto3
 
     bucket, key = parse_s3_uri(uri)
     try:
@@ -169,8 +171,6 @@ def rejection_uri(cfg: PipelineConfig, kind: str, digest: str) -> str:
 def record_rejection(cfg: PipelineConfig, kind: str, digest: str, uri: str, reason: str, client=None) -> None:
     """Remember that this `kind` ("checkpoint" or "calibration") failed validation: the find step skips
     it from now on (delete the record to try it again)."""
-    import datetime as dt
-
     write_json(client or s3_client(cfg), rejection_uri(cfg, kind, digest), {
         "kind": kind, "sha256": digest, "uri": uri, "reason": reason[:4000],
         "rejected_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
@@ -178,8 +178,6 @@ def record_rejection(cfg: PipelineConfig, kind: str, digest: str, uri: str, reas
 
 
 def object_sha256(client, uri: str) -> str:
-    import hashlib
-
     bucket, key = parse_s3_uri(uri)
     digest = hashlib.sha256()
     for chunk in client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1 << 20):
@@ -259,7 +257,7 @@ def download_checkpoint(cfg: PipelineConfig, checkpoint_uri: str, dst: str | Pat
     matched; a mismatch raises UserError naming the file. A `dst` that already holds the same,
     intact checkpoint is reused. Returns {checkpoint_dir, checkpoint_sha256, files, reused}.
     """
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError  # heavy: boto3
 
     client = client or s3_client(cfg)
     dst = Path(dst)
@@ -284,8 +282,6 @@ def download_checkpoint(cfg: PipelineConfig, checkpoint_uri: str, dst: str | Pat
                 download_file(client, uri + name, path)
             except ClientError as exc:
                 if _not_found(exc):
-                    from tasks.requantize import StepFailed
-
                     raise StepFailed(f"{uri}{name}: listed in {MANIFEST} but missing from S3 "
                                      "(the checkpoint is damaged; publish it again)") from None
                 raise
@@ -304,8 +300,6 @@ def download_calibration(cfg: PipelineConfig, calibration_uri: str, dst: str | P
     digest = sha256_file(path)
     named = DIGEST_KEY.search(calibration_uri)
     if named and named.group(1) != digest:
-        from tasks.requantize import StepFailed
-
         Path(path).unlink()
         raise StepFailed(f"{calibration_uri}: its content has sha256 {digest[:12]}..., not the digest its key names "
                          "(altered after publishing; publish the table again)")

@@ -4,7 +4,7 @@
     onerec-fp8 pipeline STEP     [...]   the requantize steps in order through STEP (tasks.requantize.STEPS:
                                          find, fetch, check_registered, validate, quantize, quality_gate,
                                          latency_gate, register)
-    onerec-fp8 pipeline exec STEP --inputs JSON [--xcom-file F]
+    onerec-fp8 pipeline exec STEP --inputs JSON [--config JSON] [--xcom-file F]
                                          one step alone, its inputs the earlier steps' results by step name,
                                          e.g. {"fetch": {...}, "quantize": {...}} (what a GPU pod of the
                                          requantize DAG runs; the result also goes to F for Airflow's XCom)
@@ -23,7 +23,14 @@ import getpass
 import json
 from pathlib import Path
 
+from onerec.errors import UserError
+from tasks import requantize
+from tasks.approval import expire_stale
+from tasks.config import PipelineConfig, load_config
+from tasks.outages import outage_message  # heavy: botocore, requests (a GPU pod has neither)
+from tasks.promote import promote, promote_newest_approved
 from tasks.requantize import STEP
+from tasks.rollback import rollback
 
 COMMANDS = ("run", *STEP, "exec", "expire", "promote", "rollback")
 
@@ -33,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("exec_step", nargs="?", choices=list(STEP), help="exec: the step")
     parser.add_argument("--inputs", help="exec: JSON object, earlier step name -> its result")
     parser.add_argument("--xcom-file", help="exec: also write the result JSON here")
+    parser.add_argument("--config", help="the worker's effective configuration as a JSON object (a GPU pod of the "
+                                         "requantize DAG gets it): it overrides the environment in every field")
     parser.add_argument("--checkpoint-uri", help="s3://.../checkpoints/<id>/ (default: the newest complete one)")
     parser.add_argument("--calibration-uri", help="s3://.../calibration/<date>/calibration.parquet (default: newest)")
     parser.add_argument("--version", help="promote/rollback: the registry version")
@@ -44,8 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(pairs: list[str]) -> dict:
-    from onerec.errors import UserError
-
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -58,13 +65,28 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _json_object(option: str, text: str, what: str) -> dict:
+    """The JSON object an option was given, or a one-line UserError."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{option} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{option} must be a JSON object: {what}")
+    return value
+
+
+def config(args: argparse.Namespace) -> PipelineConfig:
+    """The command's configuration: environment < --config (a pod: the worker's) < --set."""
+    overrides = {} if args.config is None else _json_object("--config", args.config, "config field -> value")
+    return load_config({**overrides, **_overrides(args.set)})
+
+
 def _found(cfg, args) -> dict | None:
     """The find step's result when a checkpoint or calibration table is given (None: find the newest)."""
-    from tasks.requantize import find_step
-
     if not (args.checkpoint_uri or args.calibration_uri):
         return None
-    found = find_step(cfg)
+    found = requantize.find_step(cfg)
     if args.checkpoint_uri:
         uri = args.checkpoint_uri.rstrip("/") + "/"
         found.update(checkpoint_uri=uri, checkpoint_id=uri.rstrip("/").rsplit("/", 1)[-1], skipped=[])
@@ -74,17 +96,17 @@ def _found(cfg, args) -> dict | None:
 
 
 def main(args: argparse.Namespace) -> dict | None:
+    """The entry point: the configuration is built here, once, and handed to every step."""
+    cfg = config(args)
     if args.step == "exec":  # a GPU pod: no boto3 there, and the steps it runs never touch S3
-        return run(args)
-    from onerec.errors import UserError
-    from tasks.outages import outage_message
+        return run(args, cfg)
 
     try:
-        return run(args)
+        return run(args, cfg)
     except UserError:
         raise
     except Exception as exc:  # S3 or MLflow down, denied, or gone after the clients' retries
-        message = outage_message(exc)
+        message = outage_message(exc, cfg)
         if message is None:
             raise
         raise UserError(f"{message} (is the stack up? `onerec-fp8 stack status`)") from None
@@ -97,37 +119,21 @@ def exit_code(args: argparse.Namespace, result) -> int | None:
     return 0 if args.step == "exec" else None
 
 
-def run(args: argparse.Namespace) -> dict | None:
-    from onerec.errors import UserError
-    from tasks import requantize
-    from tasks.config import load_config
-
-    cfg = load_config(_overrides(args.set))
+def run(args: argparse.Namespace, cfg: PipelineConfig) -> dict | None:
     if args.step == "exec":
         if not args.exec_step or args.inputs is None:
             raise UserError("exec needs a step name and --inputs JSON")
-        try:
-            inputs = json.loads(args.inputs)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--inputs is not JSON: {exc}") from None
-        if not isinstance(inputs, dict):
-            raise UserError("--inputs must be a JSON object: earlier step name -> its result")
+        inputs = _json_object("--inputs", args.inputs, "earlier step name -> its result")
         result = requantize.exec_step(cfg, args.exec_step, inputs)
         if args.xcom_file:
             Path(args.xcom_file).parent.mkdir(parents=True, exist_ok=True)
             Path(args.xcom_file).write_text(json.dumps(result, default=str))
         return result
     if args.step == "expire":
-        from tasks.approval import expire_stale
-
         return expire_stale(cfg)
     if args.step == "promote":
-        from tasks.promote import promote, promote_newest_approved
-
         return promote(cfg, args.version) if args.version else promote_newest_approved(cfg)
     if args.step == "rollback":
-        from tasks.rollback import rollback
-
         if not args.reason:
             raise UserError("rollback needs --reason")
         return rollback(cfg, args.reason, args.version, by=args.by or getpass.getuser())

@@ -15,6 +15,8 @@ MLflow run (secrets left out), so a decision can be traced to it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from onerec.quant.quality_gate import QualityGateConfig
 from onerec.settings import AIRFLOW_VARIABLE, Secret, Settings
 from ops.rollout.canary import CanaryConfig
 
-__all__ = ["AIRFLOW_VARIABLE", "PipelineConfig", "load_config"]
+__all__ = ["AIRFLOW_VARIABLE", "PipelineConfig", "config_json", "config_sha256", "load_config"]
 
 
 @dataclass(frozen=True)
@@ -96,5 +98,17 @@ class PipelineConfig(Settings):
 
 
 def load_config(overrides: dict | None = None) -> PipelineConfig:
-    """The config for this process: environment (plus the local stack's env when it runs) and overrides."""
+    """The config of an entry point (CLI, DAG task, pod): environment (plus the local stack's env
+    when it runs) and overrides. Everything below it gets the config as an argument."""
     return PipelineConfig.load(overrides)
+
+
+def config_json(cfg: PipelineConfig) -> str:
+    """Every field but the secrets, as canonical JSON: what a GPU pod gets as `--config`, so that it
+    runs with the worker's effective configuration (its secrets come from its own mounted Secret)."""
+    return json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_sha256(cfg: PipelineConfig) -> str:
+    """The digest of config_json: each GPU step's result carries it, the register step checks it."""
+    return hashlib.sha256(config_json(cfg).encode()).hexdigest()

@@ -23,7 +23,16 @@ import sys
 import time
 from pathlib import Path
 
+from onerec.calibration_table import context_len_of, draw_calibration_table, write_calibration_table
 from onerec.errors import UserError
+from onerec.manifest import verify_manifest
+from ops import rollout
+from ops.rollout import local
+from ops.stack import airflow_home, read_state, stack_env
+from tasks.config import PipelineConfig
+from tasks.provenance import verify_version
+from tasks.publish import publish
+from tasks.registry import client, find_versions
 
 log = logging.getLogger("onerec.demo")
 
@@ -46,8 +55,6 @@ def _done(t0: float, text: str = "done") -> None:
 
 def airflow_env(state: dict, extra: dict | None = None) -> dict[str, str]:
     """Environment for the Airflow CLI on the local stack: its AIRFLOW_HOME, dags/ and contract env."""
-    from ops.stack import airflow_home, stack_env
-
     return {
         **os.environ, **stack_env(state),
         "AIRFLOW_HOME": str(airflow_home(state["state_dir"])),
@@ -84,22 +91,19 @@ def dags_test(dag_id: str, state: dict, log_path: str | Path, extra_env: dict | 
 
 def prepare_checkpoint(demo_dir: Path) -> dict:
     """Synthetic data, a trained tiny checkpoint and a calibration table; each reused when present."""
-    from onerec.calibration_table import context_len_of, draw_calibration_table, write_calibration_table
-    from onerec.manifest import verify_manifest
-
     data_dir, ckpt_dir, calibration = demo_dir / "data", demo_dir / "checkpoint", demo_dir / "calibration.parquet"
     reused = []
     if (data_dir / "interactions.parquet").is_file():
         reused.append("data")
     else:
-        from onerec.synth import synthesize
+        from onerec.synth import synthesize  # heavy: torch
 
         synthesize(data_dir, seed=0, overwrite=True)
     try:
         verify_manifest(ckpt_dir)
         reused.append("checkpoint")
     except UserError:
-        from onerec.train import train
+        from onerec.train import train  # heavy: torch
 
         train(data_dir, "tiny", ckpt_dir, epochs=TRAIN_EPOCHS, seed=0, overwrite=True, progress=True)
     if calibration.is_file():
@@ -115,7 +119,7 @@ PROMOTE_WAIT_S = 240.0  # the approval's webhook -> relay -> asset event -> prom
 
 def _became_champion(c, name: str, version: str, timeout_s: float) -> bool:
     """Whether `version` is the champion within `timeout_s` (polled every 2 s)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: MLflow
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -134,23 +138,19 @@ def approve_as_the_ui_does(tracking_uri: str, name: str, version: str, auth: tup
 
     Returns the HTTP response (403 for an account that is not an approver).
     """
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     return httpx.post(f"{tracking_uri}/ajax-api/2.0/mlflow/model-versions/set-tag",
                       json={"name": name, "version": str(version), "key": "approval", "value": value},
                       auth=auth, timeout=30, trust_env=False)
 
 
-def run_demo() -> dict:
-    from ops.stack import read_state, stack_env
-
+def run_demo(env: dict[str, str]) -> dict:
+    """The demo against the stack of `env`'s state dir (main passes this process's environment)."""
     total = 7
-    state = read_state()  # UserError "run `onerec-fp8 stack up` first" when there is no stack
-    from tasks.config import PipelineConfig
-    from tasks.publish import publish
-    from tasks.registry import client, find_versions
-
-    cfg = PipelineConfig.from_env({**os.environ, **stack_env(state)})
+    # UserError "run `onerec-fp8 stack up` first" when there is no stack
+    state = read_state(PipelineConfig.from_env(env).state_dir)
+    cfg = PipelineConfig.from_env({**env, **stack_env(state)})
     demo_dir = Path(cfg.state_dir) / "demo"
     urls = {name: svc["url"] for name, svc in state["services"].items()}
     missing = {"s3", "mlflow", "airflow"} - set(urls)
@@ -162,7 +162,7 @@ def run_demo() -> dict:
     _done(t, f"reused: {prepared['reused'] or 'nothing'}")
 
     t = _step(2, total, f"publish the checkpoint (files, then manifest.json last) and calibration data to {cfg.s3_root}")
-    published = publish(prepared["checkpoint"], cfg.s3_root, prepared["calibration"], date="2026-01-01")
+    published = publish(cfg, prepared["checkpoint"], prepared["calibration"], date="2026-01-01")
     _done(t, f"{published['checkpoint_uri']} ({'uploaded' if published['uploaded'] else 'already published'})")
 
     t = _step(3, total, "run onerec_fp8_requantize through Airflow (airflow dags test): "
@@ -236,32 +236,23 @@ def run_demo() -> dict:
 
 def ensure_serving(cfg, version: str) -> None:
     """After a restart of the machine or the stack the champion is deployed but no longer running: restart it."""
-    from ops import rollout
-    from ops.rollout import local
-
     if cfg.rollout_target != "local":
         return
-    current = local.status(state_dir=cfg.state_dir).get("current") or {}
+    current = local.status(cfg.state_dir).get("current") or {}
     if not (current.get("alive") and str(current.get("version")) == str(version)):
         print(f"           the local serving process is not running version {version}: starting it again",
               file=sys.stderr)
-        from tasks.provenance import verify_version
-        from tasks.registry import client
-
         c = client(cfg)
         digest = verify_version(cfg, c, c.get_model_version(cfg.model_name, version))["evidence"]["version_sha256"]
-        rollout.deploy(f"models:/{cfg.model_name}/{version}", version, target="local", state_dir=cfg.state_dir,
-                       digest=digest)
+        rollout.deploy(cfg, f"models:/{cfg.model_name}/{version}", version, digest=digest)
 
 
 def ask_serving(cfg, calibration_path: str) -> dict:
     """One recommendation request (a real user history from the calibration table) to the local endpoint."""
-    import httpx
-    import pandas as pd
+    import httpx  # heavy: httpx, only where HTTP is spoken
+    import pandas as pd  # heavy: pandas
 
-    from ops.rollout import local
-
-    url = local.status(state_dir=cfg.state_dir)["url"]
+    url = local.status(cfg.state_dir)["url"]
     row = pd.read_parquet(calibration_path).iloc[0]
     profile = {k: float(v) for k, v in row.items() if k not in ("user_id", "history", "target")}
     body = {"users": [{"history": [int(i) for i in row["history"]], "profile": profile}], "k": 10}
@@ -274,7 +265,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.monotonic()
     try:
-        result = run_demo()
+        result = run_demo(dict(os.environ))  # the entry point: its environment is the configuration
     except UserError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1

@@ -14,13 +14,13 @@ import posixpath
 import tempfile
 from pathlib import Path
 
+from tasks.errors import StepFailed
+
 
 def model_version(c, name: str, version: str):
     """The registry's model version, or StepFailed (a one-line UserError, not retried: the version
     will not appear by waiting) when there is no such version."""
-    from mlflow.exceptions import MlflowException
-
-    from tasks.requantize import StepFailed
+    from mlflow.exceptions import MlflowException  # heavy: MLflow
 
     try:
         return c.get_model_version(name, str(version))
@@ -42,8 +42,8 @@ def _files(repo, path: str | None = None) -> dict[str, int]:
 
 def missing_files(c, name: str, version: str) -> tuple[str, list[str]]:
     """(artifact URI, the files of the version that the artifact store lacks or holds truncated)."""
-    import yaml
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    import yaml  # optional: PyYAML
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # heavy: MLflow
 
     uri = c.get_model_version_download_uri(name, str(version))
     repo = get_artifact_repository(uri)
@@ -70,8 +70,6 @@ def missing_files(c, name: str, version: str) -> tuple[str, list[str]]:
 
 def require_files(c, name: str, version: str) -> None:
     """StepFailed naming the version and the missing file(s) when the artifact store lost any."""
-    from tasks.requantize import StepFailed
-
     uri, missing = missing_files(c, name, version)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")

@@ -20,6 +20,13 @@ the failure itself.
 from __future__ import annotations
 
 import logging
+import smtplib
+import ssl
+from email.message import EmailMessage
+from pathlib import Path
+
+from ops.mlflow_auth import read_private
+from tasks.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +58,11 @@ def failure_message(dag_id: str, run_id: str, error: object, link: str, task_id:
     return subject, body
 
 
-def send_failure(subject: str, body: str, cfg=None) -> dict:
-    """Send the notification on every configured channel; returns {channel: "sent" | error text}."""
-    from tasks.config import load_config
-
-    cfg = cfg or load_config()
+def send_failure(subject: str, body: str, cfg: PipelineConfig) -> dict:
+    """Send the notification on every channel `cfg` (the caller's configuration) names; returns
+    {channel: "sent" | error text}."""
     sent: dict[str, str] = {}
     if cfg.alert_smtp:
-        import smtplib
-        from email.message import EmailMessage
-
         message = EmailMessage()
         message["Subject"], message["From"], message["To"] = subject, cfg.alert_from, cfg.alert_email
         message.set_content(body)
@@ -70,7 +72,7 @@ def send_failure(subject: str, body: str, cfg=None) -> dict:
         except (OSError, smtplib.SMTPException, ValueError) as exc:  # ssl.SSLError is an OSError
             sent["smtp"] = f"failed: {exc}"
     if cfg.alert_webhook_url:
-        import httpx
+        import httpx  # heavy: httpx, only where HTTP is spoken
 
         try:
             httpx.post(cfg.alert_webhook_url, json={"text": f"{subject}\n{body}"}, timeout=15).raise_for_status()
@@ -86,16 +88,10 @@ def send_failure(subject: str, body: str, cfg=None) -> dict:
 
 def send_mail(cfg, message) -> None:
     """`message` through the configured relay: STARTTLS and login when configured (module doc)."""
-    import smtplib
-    import ssl
-    from pathlib import Path
-
     host, _, port = cfg.alert_smtp.rpartition(":")
     with smtplib.SMTP(host, int(port), timeout=15) as smtp:
         if cfg.alert_smtp_starttls:
             smtp.starttls(context=ssl.create_default_context(cafile=cfg.alert_smtp_ca_file or None))
         if cfg.alert_smtp_user:
-            from ops.mlflow_auth import read_private
-
             smtp.login(cfg.alert_smtp_user, read_private(Path(cfg.alert_smtp_password_file), "SMTP password", 1))
         smtp.send_message(message)

@@ -17,6 +17,10 @@ override the MLflow budget (MLFLOW_HTTP_REQUEST_*), as MLflow documents.
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
+
+from onerec.settings import Settings
 
 S3_RETRIES = {"mode": "standard", "total_max_attempts": 5}
 S3_CONNECT_TIMEOUT_S = 5
@@ -30,7 +34,7 @@ MLFLOW_HTTP_ENV = {
 
 
 def s3_client_config():
-    from botocore.config import Config
+    from botocore.config import Config  # heavy: boto3
 
     return Config(retries=dict(S3_RETRIES), connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_READ_TIMEOUT_S)
 
@@ -55,9 +59,6 @@ def _unreachable(text: str) -> bool:
 
 def _answers(url: str) -> bool:
     """Whether anything answers HTTP at `url` right now (2 s): tells which server is the one down."""
-    import urllib.error
-    import urllib.request
-
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(url, timeout=2):
@@ -68,28 +69,19 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _endpoints() -> tuple[str, str]:
-    """(S3 endpoint, tracking URI) as this process's settings have them (the local stack's too)."""
-    from onerec.errors import UserError
-    from onerec.settings import Settings
-
-    try:
-        settings = Settings.load()
-    except UserError:
-        return os.environ.get("ONEREC_S3_ENDPOINT_URL", ""), os.environ.get("MLFLOW_TRACKING_URI", "")
-    return settings.s3_endpoint_url or "", settings.tracking_uri() or ""
-
-
-def outage_message(exc: BaseException) -> str | None:
+def outage_message(exc: BaseException, settings: Settings | None) -> str | None:
     """One line for an S3 or MLflow failure that outlived the retries; None for anything else.
 
+    `settings`: the configuration the failed step ran with (its S3 endpoint and tracking URI are
+    named and probed; None: a configuration that did not load, nothing is probed).
     MLflow proxies artifacts into S3, so a failed artifact request may mean that S3 is down
     behind a healthy MLflow: both are probed to name the one that is not answering.
     """
-    import requests
-    from botocore.exceptions import BotoCoreError, ClientError
+    import requests  # heavy: requests
+    from botocore.exceptions import BotoCoreError, ClientError  # heavy: boto3
 
-    s3, tracking = _endpoints()
+    s3 = (settings.s3_endpoint_url if settings else None) or ""
+    tracking = (settings.tracking_uri() if settings else None) or ""
     if isinstance(exc, BotoCoreError | ClientError):
         return f"S3 ({s3 or 'AWS'}): {_first_line(exc)}"
     tracking = tracking or "the tracking server"
@@ -97,7 +89,7 @@ def outage_message(exc: BaseException) -> str | None:
         text = f"{type(exc).__name__}: {exc}"
     else:
         try:
-            from mlflow.exceptions import MlflowException
+            from mlflow.exceptions import MlflowException  # heavy: MLflow
         except ImportError:
             return None
         if not isinstance(exc, MlflowException):

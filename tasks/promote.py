@@ -30,17 +30,15 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from ops import rollout as rollout_api
 from ops.processes import file_lock
+from tasks.approval import REFUSED_TAG, read_record, refuse, review, transition, versions_in_state
+from tasks.errors import ProvenanceError, StateError, StepFailed
 from tasks.model_artifacts import model_version, require_files
+from tasks.provenance import verify_version
 from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, client, now_iso
 
 log = logging.getLogger(__name__)
-
-
-def rollout_options(cfg) -> dict:
-    """Options for ops.rollout: the local target keeps its state in our state dir and serves on the
-    configured port (an Airflow Variable may set both)."""
-    return {"state_dir": cfg.state_dir, "port": cfg.local_serve_port} if cfg.rollout_target == "local" else {}
 
 
 @contextlib.contextmanager
@@ -57,8 +55,6 @@ def serving_change(cfg) -> Iterator[None]:
 def require_champion_unchanged(c, name: str, champion: str | None) -> None:
     """The champion read before the rollout is still the champion (a run on another host did not
     promote or roll back meanwhile); otherwise no alias moves and on-call must look."""
-    from tasks.requantize import StepFailed
-
     now = alias_version(c, name, CHAMPION)
     if now != champion:
         raise StepFailed(f"{name}: the champion changed from {champion} to {now} while this rollout ran "
@@ -66,7 +62,7 @@ def require_champion_unchanged(c, name: str, champion: str | None) -> None:
 
 
 def alias_version(c, name: str, alias: str) -> str | None:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: MLflow
 
     try:
         return c.get_model_version_by_alias(name, alias).version
@@ -76,9 +72,6 @@ def alias_version(c, name: str, alias: str) -> str | None:
 
 def check_promotable(cfg, c, version: str, champion: str | None, scheduled: bool) -> dict:
     """Everything promote requires of `version`, or StateError/ProvenanceError (recorded on the version)."""
-    from tasks.approval import StateError, read_record, refuse
-    from tasks.provenance import ProvenanceError, verify_version
-
     name = cfg.model_name
     try:
         record = read_record(cfg, version, mlflow_client=c)
@@ -104,8 +97,6 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
     Only an approved version (state record) whose provenance verifies is deployed; the scheduled
     path also refuses a version older than the champion.
     """
-    from tasks.approval import transition
-
     c = mlflow_client or client(cfg)
     name, version = cfg.model_name, str(version)
     with serving_change(cfg):
@@ -117,8 +108,6 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
         model_uri = f"models:/{name}/{version}"
         log.info("rolling out %s with target %s (current champion: %s; approved by %s at %s)", model_uri,
                  cfg.rollout_target, champion, approved.get("by"), approved.get("approved_at") or approved.get("at"))
-        from ops import rollout as rollout_api
-
         digest = checked["evidence"]["version_sha256"]  # the server loads only bytes that hash to it
         if cfg.canary.weights and champion and champion != version and cfg.rollout_target == "local":
             from tasks.canary import walk
@@ -126,8 +115,7 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
             # step by step beside the champion; a failed step rolls back, marks, notifies and raises
             rollout = walk(cfg, c, version, model_uri, digest, champion)
         else:
-            rollout = rollout_api.deploy(model_uri, version, target=cfg.rollout_target, digest=digest,
-                                         **rollout_options(cfg))
+            rollout = rollout_api.deploy(cfg, model_uri, version, digest=digest)  # target, port, release: cfg's
         require_champion_unchanged(c, name, champion)
         # Only now, with the rollout done, the registry says so.
         transition(cfg, c, version, "deployed", by="pipeline", note=f"rollout revision {rollout.get('revision', '')}",
@@ -155,10 +143,6 @@ def promote_newest_approved(cfg, mlflow_client=None, reviewed_before: dict | Non
     is not refused again here), so that on-call hears of a forged, copied, tampered or dead
     version someone tried to push through.
     """
-    from tasks.approval import REFUSED_TAG, StateError, review, versions_in_state
-    from tasks.provenance import ProvenanceError
-    from tasks.requantize import StepFailed
-
     c = mlflow_client or client(cfg)
     reviewed = review(cfg, c)
     refused = sorted({*(reviewed_before or {}).get("refused", ()), *reviewed["refused"]}, key=int)

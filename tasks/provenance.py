@@ -28,17 +28,19 @@ import logging
 import tempfile
 from pathlib import Path
 
-from tasks.requantize import StepFailed
+from onerec.errors import UserError
+from onerec.manifest import manifest_digest, sha256_file, verify_manifest
+from onerec.serve.registry import fetch_version, model_folder, version_digest
+from ops.mlflow_auth import read_private, secret_token
+from tasks.errors import ProvenanceError
+from tasks.gates import Gates
+from tasks.registry import PYFUNC_CODE
 
 log = logging.getLogger(__name__)
 
 PROVENANCE_TAG = "provenance"
 SCHEME = "hmac-sha256-v1"
 GATES_REPORT = "reports/gates.json"
-
-
-class ProvenanceError(StepFailed):
-    """The version's evidence does not verify: it is not what the pipeline registered (no retry helps)."""
 
 
 def key_file(cfg) -> Path:
@@ -53,12 +55,9 @@ def load_key(cfg, create: bool = False) -> bytes:
         if not create:
             raise ProvenanceError(f"no provenance key at {path}: nothing can be verified "
                                   "(set provenance_key_file / ONEREC_PROVENANCE_KEY_FILE)")
-        from ops.mlflow_auth import secret_token
-
         log.warning("no provenance key at %s: generating one (versions signed with another key will not verify)",
                     path)
         secret_token(path)
-    from ops.mlflow_auth import read_private
 
     try:
         return read_private(path, "provenance key", 32).encode()
@@ -89,11 +88,6 @@ def evidence(*, model: str, version: str, run_id: str, version_sha256: str, mode
 def fetch_digests(cfg, version: str) -> dict:
     """Download `version` afresh (no cache) and hash it: {version_sha256, model_manifest_sha256,
     pyfunc_code_sha256} (the last: of the model's copy of tasks/pyfunc_model.py, "" when it has none)."""
-    from onerec.errors import UserError
-    from onerec.manifest import manifest_digest, sha256_file, verify_manifest
-    from onerec.serve.registry import fetch_version, model_folder, version_digest
-    from tasks.registry import PYFUNC_CODE
-
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="onerec-verify-", dir=cfg.work_dir) as tmp:
         model_dir = fetch_version(f"models:/{cfg.model_name}/{version}", Path(tmp) / "model", cfg.tracking_uri())
@@ -107,11 +101,11 @@ def fetch_digests(cfg, version: str) -> dict:
                 "pyfunc_code_sha256": sha256_file(code[0]) if len(code) == 1 else ""}
 
 
-def write_gates_report(gates: dict, report_dir: str | Path) -> tuple[Path, str]:
+def write_gates_report(gates: Gates, report_dir: str | Path) -> tuple[Path, str]:
     """reports/gates.json as the run will keep it, and the sha256 of exactly those bytes."""
     path = Path(report_dir) / "gates.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(gates, indent=2, sort_keys=True, default=str) + "\n").encode()
+    data = gates.to_json()
     path.write_bytes(data)
     return path, hashlib.sha256(data).hexdigest()
 
@@ -122,9 +116,6 @@ def sign_version(cfg, c, version: str, run_id: str, quantized_dir: str | Path, g
     The version digest is taken from a fresh download of what MLflow stored; its quantized folder
     must be the one gated here (manifest digest) and its pyfunc code this package's, byte for byte.
     """
-    from onerec.manifest import manifest_digest, sha256_file
-    from tasks.registry import PYFUNC_CODE
-
     digests = fetch_digests(cfg, version)
     if digests["model_manifest_sha256"] != manifest_digest(quantized_dir):
         raise ProvenanceError(f"{cfg.model_name} version {version}: the artifact store holds another quantized folder "
@@ -146,10 +137,8 @@ def verify_version(cfg, c, mv) -> dict:
     """At promote and rollback: recompute the evidence from the registry's artifacts, downloaded afresh;
     ProvenanceError if it does not verify or the gate report (re-read, under the current policy) did not pass.
 
-    Returns {"evidence": ..., "gates": <the gate report>}.
+    Returns {"evidence": ..., "gates": Gates}.
     """
-    from tasks.registry import gates_passed
-
     name, version = cfg.model_name, str(mv.version)
     signature = mv.tags.get(PROVENANCE_TAG)
     if not signature:
@@ -157,7 +146,7 @@ def verify_version(cfg, c, mv) -> dict:
                               "by the pipeline")
     if not mv.run_id:
         raise ProvenanceError(f"{name} version {version} names no registering run")
-    import mlflow
+    import mlflow  # heavy: MLflow
 
     with tempfile.TemporaryDirectory(prefix="onerec-gates-") as tmp:
         try:
@@ -166,9 +155,9 @@ def verify_version(cfg, c, mv) -> dict:
             raise ProvenanceError(f"{name} version {version}: the run's {GATES_REPORT} cannot be read ({exc})") from None
         data = Path(local).read_bytes()
     try:
-        gates = json.loads(data)
-    except json.JSONDecodeError:
-        raise ProvenanceError(f"{name} version {version}: {GATES_REPORT} is not JSON") from None
+        gates = Gates.from_json(data)
+    except UserError as exc:
+        raise ProvenanceError(f"{name} version {version}: {GATES_REPORT}: {exc}") from None
     digests = fetch_digests(cfg, version)
     digests.pop("pyfunc_code_sha256")  # covered by version_sha256
     record = evidence(model=name, version=version, run_id=mv.run_id, **digests,
@@ -177,7 +166,7 @@ def verify_version(cfg, c, mv) -> dict:
     if not verifies(load_key(cfg), "version", record, signature):
         raise ProvenanceError(f"{name} version {version}: the provenance does not verify (the model, checkpoint, "
                               "recipe, gate report or registering run differ from what the pipeline signed)")
-    if not gates_passed(gates, cfg.latency_gate_blocking):
+    if not gates.passed(cfg.latency_gate_blocking):
         raise ProvenanceError(f"{name} version {version}: its gate report did not pass "
                               f"(latency_gate_blocking={cfg.latency_gate_blocking})")
     return {"evidence": record, "gates": gates}

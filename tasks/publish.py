@@ -26,6 +26,21 @@ from pathlib import Path
 from onerec.calibration_table import context_len_of, is_data_folder, read_calibration, write_calibration_table
 from onerec.errors import UserError
 from onerec.manifest import manifest_digest, read_manifest, sha256_file, verify_manifest
+from ops.airflow_events import CHECKPOINT_PUBLISHED, notify
+from tasks.checkpoints import (
+    CALIBRATION_POINTER,
+    calibration_uri,
+    find_latest_checkpoint,
+    join_uri,
+    parse_s3_uri,
+    read_json,
+    s3_client,
+    s3_exists,
+    upload_file,
+    upload_folder,
+    write_json,
+)
+from tasks.config import load_config
 
 log = logging.getLogger(__name__)
 
@@ -38,27 +53,11 @@ def new_checkpoint_id(now: dt.datetime | None = None) -> str:
 
 
 def publish(
-    checkpoint: str, s3_uri: str, calibration: str | None = None, date: str | None = None,
+    cfg, checkpoint: str, calibration: str | None = None, date: str | None = None,
     checkpoint_id: str | None = None, client=None,
 ) -> dict:
-    """Upload a checkpoint (manifest last) and optionally calibration data. Returns what was uploaded."""
-    from tasks.checkpoints import (
-        CALIBRATION_POINTER,
-        calibration_uri,
-        find_latest_checkpoint,
-        join_uri,
-        parse_s3_uri,
-        read_json,
-        s3_client,
-        s3_exists,
-        upload_file,
-        upload_folder,
-        write_json,
-    )
-    from tasks.config import load_config
-
-    bucket, prefix = parse_s3_uri(s3_uri.rstrip("/"))
-    cfg = load_config({"s3_bucket": bucket, "s3_prefix": prefix})
+    """Upload a checkpoint (manifest last) and optionally calibration data under cfg.s3_root, with
+    cfg's S3 endpoint and credentials. Returns what was uploaded."""
     client = client or s3_client(cfg)
     verify_manifest(checkpoint)  # never publish a damaged folder
     digest = manifest_digest(checkpoint)
@@ -101,10 +100,8 @@ def publish(
             log.info("published calibration data %s", cal_uri)
             result.update(calibration_uri=cal_uri, calibration_sha256=cal_sha256)
     if result.get("uploaded") or calibration is not None:
-        from ops.airflow_events import CHECKPOINT_PUBLISHED, notify
-
         event = notify(CHECKPOINT_PUBLISHED, {"checkpoint_uri": result["checkpoint_uri"],
-                                              "checkpoint_sha256": digest})
+                                              "checkpoint_sha256": digest}, cfg)
         result["airflow_event"] = event is not None
     return result
 
@@ -120,4 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     if args.calibration and not (Path(args.calibration).is_file() or is_data_folder(args.calibration)):
         raise UserError(f"--calibration {args.calibration} does not exist")
-    return publish(args.checkpoint, args.s3, args.calibration, args.date, args.checkpoint_id)
+
+    bucket, prefix = parse_s3_uri(args.s3.rstrip("/"))
+    cfg = load_config({"s3_bucket": bucket, "s3_prefix": prefix})  # the entry point's configuration
+    return publish(cfg, args.checkpoint, args.calibration, args.date, args.checkpoint_id)

@@ -15,17 +15,18 @@ from __future__ import annotations
 import mlflow
 import pandas as pd
 
+from onerec.devices import resolve_device
+
 
 class OneRecPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from onerec.checkpoint import load_model_folder
-        from onerec.devices import resolve_device
+        from onerec.quant.export import load_model_folder  # heavy: torch
 
         self.device = str(resolve_device())
         self.model, self.table, _ = load_model_folder(context.artifacts["quantized"], self.device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from onerec.evaluate import recommend
+        from onerec.evaluate import recommend  # heavy: torch
 
         params = params or {}
         k = int(params.get("k", 10))

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def split_calibration(calibration_path: str | Path, out_dir: str | Path, eval_users: int) -> dict:
     """calibration.parquet -> {calibrate_path, eval_path}: the first half's users' requests / one
     request (the longest) of each of the second half's users, at most `eval_users` of them."""
-    from onerec.data import read_requests
+    from onerec.data import read_requests  # heavy: torch
 
     requests = read_requests(calibration_path)
     users = requests["user_id"].unique()  # in order of first appearance
@@ -45,7 +45,7 @@ def requests_as_data_folder(requests, out_dir: str | Path) -> Path:
     out), and its profile features in users.parquet. With `positions` N the test split holds the
     request itself and the N - 1 positions before it (each its history's prefix and next item).
     """
-    import pandas as pd
+    import pandas as pd  # heavy: pandas
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

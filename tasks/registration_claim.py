@@ -25,6 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ops.processes import file_lock
+from tasks.approval import read_record
+from tasks.errors import StateError
+from tasks.registry import find_versions, registering_run_status
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,6 @@ def registration_lock(cfg, checkpoint_sha256: str, recipe: str) -> Iterator[None
 
 def settle_duplicates(mlflow_client, cfg, checkpoint_sha256: str, recipe: str, own_version: str) -> str:
     """The version that stands for this checkpoint + recipe; deletes `own_version` when it lost."""
-    from tasks.registry import abandoned_registration, find_versions
-
     same = [v for v in find_versions(cfg, mlflow_client, checkpoint_sha256=checkpoint_sha256, recipe=recipe)
             if v.version == own_version or abandoned_registration(cfg, mlflow_client, v) is None]
     winner = str(min(int(v.version) for v in same)) if same else own_version
@@ -51,3 +52,22 @@ def settle_duplicates(mlflow_client, cfg, checkpoint_sha256: str, recipe: str, o
                     own_version, winner, checkpoint_sha256[:12], recipe)
         mlflow_client.delete_model_version(cfg.model_name, own_version)
     return winner
+
+
+def abandoned_registration(cfg, c, mv) -> str | None:
+    """Why version `mv` is a half-registered version, or None when it is complete or still being registered.
+
+    Registration ends by writing the version's signed state record (tasks.approval, in S3); a version
+    without one was never approved, so nothing can have promoted it. It is abandoned when its run is
+    over (failed, killed, or finished without it) or has been RUNNING for longer than any run lasts.
+    Tags decide nothing here: deleting the mirror tag `state` does not make a version abandoned.
+    """
+    try:
+        if read_record(cfg, mv.version, mlflow_client=c) is not None:  # the last step of registration ran
+            return None
+    except StateError:
+        return None  # the pipeline's, but its record does not verify: promote refuses it, nothing re-registers
+    status = registering_run_status(c, mv)
+    if status == "registering":
+        return None
+    return f"version {mv.version} was left half-registered by run {mv.run_id} ({status}, no state record)"

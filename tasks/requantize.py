@@ -18,6 +18,7 @@ pod) and the tests call these same functions. Files live in a per-checkpoint wor
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -25,13 +26,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from onerec.devices import resolve_device
 from onerec.errors import UserError
+from onerec.gate_verdict import GateVerdict
+from onerec.settings import build
+from tasks.checkpoints import (
+    MANIFEST,
+    download_calibration,
+    download_checkpoint,
+    find_latest_calibration,
+    find_latest_checkpoint,
+    object_sha256,
+    read_json,
+    record_rejection,
+    s3_client,
+    write_json,
+)
+from tasks.config import config_sha256
+from tasks.errors import StepFailed
+from tasks.gates import Gates, Validation
+from tasks.notify import send_failure
+from tasks.quantize import split_calibration
+from tasks.register import find_existing, register_candidate
+from tasks.reports import gate_report
 
 log = logging.getLogger(__name__)
-
-
-class StepFailed(UserError):
-    """A check that ran and said no (bad data, failed gate): retrying will not change the answer."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +90,11 @@ class Quantized:
     worst_layer: str | None = None
     worst_layer_sqnr_db: float | None = None
     seconds: float | None = None
+    config_sha256: str | None = None  # the configuration it ran with (tasks.config.config_sha256)
 
 
 def typed(cls, value):
     """`value` as `cls`: an instance as it is, a dict (an XCom, --inputs JSON) checked field by field."""
-    from onerec.settings import build
-
     if isinstance(value, cls):
         return value
     if not isinstance(value, dict):
@@ -94,8 +112,6 @@ def _work(cfg, checkpoint_id: str) -> Path:
 def find_step(cfg) -> dict:
     """The newest complete checkpoint and calibration table that did not fail validation before;
     skipping a rejected newer one alerts on-call (the run goes on with the newest good one)."""
-    from tasks.checkpoints import find_latest_calibration, find_latest_checkpoint, s3_client
-
     client = s3_client(cfg)
     found = find_latest_checkpoint(cfg, client)
     rejected_calibration: list[str] = []
@@ -103,8 +119,6 @@ def find_step(cfg) -> dict:
     found["rejected_calibration"] = rejected_calibration
     log.info("newest complete checkpoint: %s; calibration: %s", found["checkpoint_uri"], found["calibration_uri"])
     if found["rejected"] or rejected_calibration:
-        from tasks.notify import send_failure
-
         skipped = [f"checkpoint {c}" for c in found["rejected"]] + [f"calibration {u}" for u in rejected_calibration]
         send_failure(f"onerec_fp8_requantize: skipped newer input(s) that failed validation before ({cfg.s3_root})",
                      f"Skipped: {', '.join(skipped)}.\nUsing checkpoint {found['checkpoint_uri']} and calibration "
@@ -115,15 +129,6 @@ def find_step(cfg) -> dict:
 def fetch_step(cfg, found: dict) -> dict:
     """Download and verify the checkpoint and the calibration table into the work folder; a
     checkpoint that does not verify is recorded as rejected (later runs skip it)."""
-    from tasks.checkpoints import (
-        MANIFEST,
-        download_calibration,
-        download_checkpoint,
-        object_sha256,
-        record_rejection,
-        s3_client,
-    )
-
     client = s3_client(cfg)
     work = _work(cfg, found["checkpoint_id"])
     try:
@@ -139,8 +144,6 @@ def fetch_step(cfg, found: dict) -> dict:
 
 def existing_step(cfg, fetched: Fetched | dict) -> dict | None:
     """What the registry already has for this checkpoint + recipe (None: go on)."""
-    from tasks.registry import find_existing
-
     fetched = typed(Fetched, fetched)
     existing = find_existing(cfg, fetched.checkpoint_sha256, cfg.recipe, fetched.calibration_sha256)
     if existing:
@@ -155,10 +158,7 @@ def validate_step(cfg, fetched: Fetched | dict) -> dict:
     A pass stores the table's profile under its digest; it becomes the drift reference only when a
     version made from it is approved (tasks.approval). A no raises StepFailed with the failures.
     """
-    import json
-
-    from tasks.checkpoints import read_json, s3_client, write_json
-    from tasks.validate import failure_summary, validate_calibration
+    from tasks.validate import failure_summary, validate_calibration  # heavy: pandas, Great Expectations
 
     fetched = typed(Fetched, fetched)
     client = s3_client(cfg)
@@ -166,8 +166,6 @@ def validate_step(cfg, fetched: Fetched | dict) -> dict:
     result = validate_calibration(cfg, fetched.calibration_path, fetched.checkpoint_dir,
                                   str(Path(fetched.report_dir) / "validation"), reference, fetched.calibration_sha256)
     if not result["passed"]:
-        from tasks.checkpoints import record_rejection
-
         record_rejection(cfg, "calibration", fetched.calibration_sha256, fetched.calibration_uri,
                          failure_summary(result), client)
         raise StepFailed(
@@ -184,8 +182,7 @@ def validate_step(cfg, fetched: Fetched | dict) -> dict:
 def quantize_step(cfg, fetched: Fetched | dict) -> dict:
     """Split the calibration table (calibrate / held out), then quantize with cfg.recipe (and
     cfg.layer_choice: "timed" times the layers on this pod's GPU)."""
-    from onerec.quant.export import quantize_folder
-    from tasks.quantize import split_calibration
+    from onerec.quant.export import quantize_folder  # heavy: torch
 
     fetched = typed(Fetched, fetched)
     work = Path(fetched.work_dir)
@@ -202,14 +199,13 @@ def quantize_step(cfg, fetched: Fetched | dict) -> dict:
         quantized_layers=result.get("quantized_layers"),
         excluded_layers=len(result["excluded"]) if "excluded" in result else None,
         worst_layer=result.get("worst_layer"), worst_layer_sqnr_db=result.get("worst_layer_sqnr_db"),
-        seconds=result.get("seconds")))
+        seconds=result.get("seconds"), config_sha256=config_sha256(cfg)))
 
 
 def quality_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict) -> dict:
-    """FP8 vs bf16 on the held-out calibration requests, on the GPU when there is one (cfg.quality_gate)."""
-    from onerec.devices import resolve_device
-    from onerec.quant.quality_gate import run_quality_gate
-    from tasks.reports import gate_report
+    """FP8 vs bf16 on the held-out calibration requests, on the GPU when there is one (cfg.quality_gate);
+    writes reports/quality_gate.json (+ .png) and returns the GateVerdict's JSON."""
+    from onerec.quant.quality_gate import run_quality_gate  # heavy: torch
 
     fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)
     gate = dataclasses.replace(cfg.quality_gate, device=str(resolve_device(cfg.quality_gate.device)))
@@ -217,51 +213,71 @@ def quality_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict)
     result = run_quality_gate(fetched.checkpoint_dir, quantized.quantized_dir, quantized.eval_data_dir, config=gate,
                               report_dir=fetched.report_dir)
     result["duration_s"] = round(time.monotonic() - started, 3)
+    verdict = _verdict(cfg, gate_report(result, fetched.report_dir, "quality_gate"))
     # passed / failed / inconclusive (not a pass either: the register step says why it registers nothing)
-    log.info("quality gate on %s: %s in %.1f s (%s)", gate.device, result["verdict"], result["duration_s"],
-             result.get("reason", ""))
-    return gate_report(result, fetched.report_dir, "quality_gate")
+    log.info("quality gate on %s: %s in %.1f s (%s)", verdict.device, verdict.outcome, verdict.duration_s,
+             verdict.reason)
+    return verdict.to_dict()
+
+
+def _verdict(cfg, report: dict) -> GateVerdict:
+    """The verdict of a gate's written report, with the configuration the gate ran with."""
+    verdict = GateVerdict.of_report(report)
+    return verdict.with_run(verdict.duration_s, config_sha256(cfg), report["report_json"])
 
 
 def latency_gate_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict) -> dict:
     """FP8 vs bf16 latency on this machine's GPU, replaying the run's held-out requests at
-    cfg.latency_gate.batch_sizes; `measurable` is False without an FP8 GPU (whether that blocks:
-    cfg.latency_gate_blocking, applied in tasks.registry.gates_outcome)."""
-    from onerec.engine.latency_gate import measure_latency, plot
-    from tasks.reports import gate_report
+    cfg.latency_gate.batch_sizes; writes reports/latency_gate.json (+ .png) and returns the
+    GateVerdict's JSON: `unmeasured` without an FP8 GPU (whether that blocks: cfg.latency_gate_blocking,
+    applied in tasks.gates.Gates.outcome)."""
+    from onerec.engine.latency_gate import measure_latency, plot  # heavy: torch
 
     fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)
     started = time.monotonic()
     result = measure_latency(fetched.checkpoint_dir, quantized.quantized_dir, config=cfg.latency_gate,
                              requests_path=quantized.eval_path)
     result.setdefault("duration_s", round(time.monotonic() - started, 3))
-    if result.get("measurable") is False:
-        log.warning("latency gate could not measure (%s); blocking: %s", result.get("reason"), cfg.latency_gate_blocking)
-        return gate_report(result, fetched.report_dir, "latency_gate")
-    log.info("latency gate: %s", "passed" if result.get("passed") else "FAILED")
-    return gate_report(result, fetched.report_dir, "latency_gate", plot=plot)
+    verdict = GateVerdict.of_report(result)
+    if not verdict.measured:
+        log.warning("latency gate could not measure (%s); blocking: %s", verdict.reason, cfg.latency_gate_blocking)
+        return _verdict(cfg, gate_report(result, fetched.report_dir, "latency_gate")).to_dict()
+    log.info("latency gate: %s (%s)", verdict.outcome, verdict.reason)
+    return _verdict(cfg, gate_report(result, fetched.report_dir, "latency_gate", plot=plot)).to_dict()
 
 
-def register_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict, quality: dict, latency: dict,
-                  validation: dict, run_name: str | None = None) -> dict:
+def register_step(cfg, fetched: Fetched | dict, quantized: Quantized | dict, quality: GateVerdict | dict,
+                  latency: GateVerdict | dict, validation: dict, run_name: str | None = None) -> dict:
     """Log the run with every report; a model version + alias challenger only when the gates passed
     (a failed or inconclusive quality gate: the run is tagged with the outcome and the reason)."""
-    from tasks.registry import register_candidate
-
     fetched, quantized = typed(Fetched, fetched), typed(Quantized, quantized)
+    quality, latency = GateVerdict.from_dict(quality), GateVerdict.from_dict(latency)
+    require_same_config(cfg, quantize=quantized.config_sha256, quality_gate=quality.config_sha256,
+                        latency_gate=latency.config_sha256)
     report_dir = Path(fetched.report_dir)
     q_reports = Path(quantized.quantized_dir) / "reports"
     if q_reports.is_dir():  # the quantization/distribution reports, beside the gates' and GX's
         shutil.copytree(q_reports, report_dir / "quantization", dirs_exist_ok=True)
-    gates = {"quality": quality, "latency": latency,
-             "validation": {"passed": validation.get("passed"), "rows": validation.get("rows"),
-                            "drift": validation.get("drift", {})}}
+    gates = Gates(quality, latency, Validation(passed=validation.get("passed"), rows=validation.get("rows"),
+                                               drift=validation.get("drift", {})))
     return register_candidate(
         cfg, checkpoint_uri=fetched.checkpoint_uri, checkpoint_sha256=fetched.checkpoint_sha256,
         calibration_uri=fetched.calibration_uri, calibration_sha256=fetched.calibration_sha256,
         quantized_dir=quantized.quantized_dir, report_dir=str(report_dir), gates=gates,
         run_name=run_name or f"requantize-{fetched.checkpoint_id}",
     )
+
+
+def require_same_config(cfg, **step_configs: str | None) -> None:
+    """The GPU steps (pods in the DAG's kubernetes mode) ran with this step's configuration: each
+    result's config_sha256 equals ours, so the run's logged config (and tags) are what quantized
+    and gated the model. A difference is a StepFailed naming the steps."""
+    ours = config_sha256(cfg)
+    differ = sorted(name for name, digest in step_configs.items() if digest != ours)
+    if differ:
+        raise StepFailed(f"step(s) {differ} ran with another configuration than the register step "
+                         f"(config_sha256 {[step_configs[n] for n in differ]} != {ours}); nothing registered: "
+                         "the pods must get the worker's --config")
 
 
 def require_candidate(result: dict) -> dict:
@@ -299,10 +315,12 @@ STEPS: tuple[Step, ...] = (
 STEP = {step.name: step for step in STEPS}
 
 
-def pod_arguments(step: str, inputs: str, xcom_file: str = "/airflow/xcom/return.json") -> list[str]:
-    """The arguments of `onerec-fp8` in a GPU pod of the requantize DAG (Kubernetes mode); the
-    XCom sidecar reads /airflow/xcom/return.json. Tests and bench/gpu_pipeline_check.py run the same."""
-    return ["pipeline", "exec", step, "--inputs", inputs, "--xcom-file", xcom_file]
+def pod_arguments(step: str, inputs: str, config: str, xcom_file: str = "/airflow/xcom/return.json") -> list[str]:
+    """The arguments of `onerec-fp8` in a GPU pod of the requantize DAG (Kubernetes mode): `config`
+    is the worker's effective configuration (tasks.config.config_json; the pod's environment gives
+    only the secrets); the XCom sidecar reads /airflow/xcom/return.json. Tests and
+    bench/gpu_pipeline_check.py run the same."""
+    return ["pipeline", "exec", step, "--inputs", inputs, "--config", config, "--xcom-file", xcom_file]
 
 
 def exec_step(cfg, name: str, inputs: dict) -> dict | None:

@@ -1,4 +1,4 @@
-"""The reviewer's page: the model version description registration writes, and the `gates` label.
+"""The reviewer's page: the model version description registration writes, from the run's Gates.
 
 The approver decides on the version's page in the MLflow UI; the description puts there what
 they must read first: the quality verdict, each judged metric's interval and verdict in %, its
@@ -12,10 +12,8 @@ import json
 import re
 from pathlib import Path
 
-
-def gates_label(gates: dict) -> str:
-    """`passed`, or `passed-latency-unmeasured` when the latency gate could not measure (no FP8 GPU)."""
-    return "passed-latency-unmeasured" if gates.get("latency", {}).get("measurable") is False else "passed"
+from onerec.gate_verdict import GateVerdict
+from tasks.gates import Gates
 
 
 def _fmt(value) -> str:
@@ -35,20 +33,18 @@ def kept_in_bf16(quantized_dir: str | Path) -> list[str]:
     return [str(item) for item in excluded]
 
 
-def quality_interval_lines(quality: dict) -> list[str]:
+def quality_interval_lines(quality: GateVerdict) -> list[str]:
     """One line per judged metric: verdict, relative change and interval in %, margin, users x positions."""
     lines = []
-    for metric, verdict in sorted((quality.get("metric_verdicts") or {}).items()):
-        interval = (quality.get("intervals") or {}).get(metric) or {}
-        if interval.get("estimate") is None:
+    for i in quality.intervals:
+        if i.estimate is None:
             change = "change n/a"
         else:
-            change = (f"{100 * interval['estimate']:+.2f}% [{100 * interval['low']:+.2f}%, "
-                      f"{100 * interval['high']:+.2f}%] ({100 * interval.get('confidence', 0.95):g}% interval)")
-        margin = interval.get("margin")
-        lines.append(f"  - {metric}: {verdict.upper()}, {change}, margin "
-                     f"{'n/a' if margin is None else f'-{100 * margin:g}%'}, on {_fmt(interval.get('num_users'))} "
-                     f"users x {_fmt(quality.get('positions'))} positions")
+            change = (f"{100 * i.estimate:+.2f}% [{100 * i.low:+.2f}%, {100 * i.high:+.2f}%] "
+                      f"({100 * (i.confidence or 0.95):g}% interval)")
+        lines.append(f"  - {i.metric}: {i.verdict.upper()}, {change}, margin "
+                     f"{'n/a' if i.margin is None else f'-{100 * i.margin:g}%'}, on {_fmt(i.num_users)} "
+                     f"users x {_fmt(quality.positions)} positions")
     return lines
 
 
@@ -71,24 +67,28 @@ def run_url(tracking_uri: str | None, experiment_id: str, run_id: str) -> str:
     return f"{tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}" if tracking_uri else f"run {run_id}"
 
 
-def version_description(cfg, gates: dict, quantized_dir: str | Path, experiment_id: str, run_id: str,
+# the quality figures the page shows (the run's metrics hold every figure)
+QUALITY_FIGURES = re.compile(r"^(bf16_|fp8_|relative_|top\d+_overlap$|kl_max$|users_needed$|worst_layer_sqnr_db$)")
+
+
+def version_description(cfg, gates: Gates, quantized_dir: str | Path, experiment_id: str, run_id: str,
                         tracking_uri: str | None) -> str:
-    quality, latency = gates.get("quality", {}), gates.get("latency", {})
-    figures = {k: v for k, v in quality.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    quality, latency = gates.quality, gates.latency
+    figures = {k: v for k, v in quality.figures.items() if QUALITY_FIGURES.match(k)}
     lines = [
-        f"**Gates: {gates_label(gates)}** (recipe `{cfg.recipe}`)",
+        f"**Gates: {gates.label}** (recipe `{cfg.recipe}`)",
         "",
-        f"- Quality: {'PASSED' if quality.get('passed') else 'FAILED'} on {_fmt(quality.get('num_users'))} users: "
-        + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(figures.items()) if k != "num_users"),
+        f"- Quality: {quality.outcome.upper()} on {_fmt(quality.figures.get('num_users'))} users: "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(figures.items())),
         *quality_interval_lines(quality),
     ]
-    if latency.get("measurable") is False:
-        lines.append(f"- Latency: NOT MEASURED ({latency.get('reason', 'no FP8 GPU')}); "
+    if not latency.measured:
+        lines.append(f"- Latency: NOT MEASURED ({latency.reason or 'no FP8 GPU'}); "
                      f"latency_gate_blocking={cfg.latency_gate_blocking}")
     else:
-        lines.append(f"- Latency: {'PASSED' if latency.get('passed') else 'FAILED'}: FP8/bf16 p50 "
-                     f"{_fmt(latency.get('latency_ratio'))}, throughput {_fmt(latency.get('throughput_ratio'))} "
-                     f"on {latency.get('device', '?')}")
+        lines.append(f"- Latency: {latency.outcome.upper()}: FP8/bf16 p50 "
+                     f"{_fmt(latency.figures.get('latency_ratio'))}, throughput "
+                     f"{_fmt(latency.figures.get('throughput_ratio'))} on {latency.device or '?'}")
     kept = kept_in_bf16(quantized_dir)
     lines.append(f"- Layers kept in bf16: {', '.join(map(markdown_text, kept)) if kept else 'none'}")
     run_link = run_url(tracking_uri, experiment_id, run_id)

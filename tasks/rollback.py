@@ -18,12 +18,13 @@ import contextlib
 import logging
 
 from onerec.errors import UserError
-from tasks.approval import StateError, read_record, transition
+from ops import rollout as rollout_api
+from tasks.approval import read_record, transition
+from tasks.errors import StateError, StepFailed
 from tasks.model_artifacts import model_version, require_files
-from tasks.promote import alias_version, require_champion_unchanged, rollout_options, serving_change
+from tasks.promote import alias_version, require_champion_unchanged, serving_change
 from tasks.provenance import verify_version
 from tasks.registry import CHAMPION, PREVIOUS, client, now_iso
-from tasks.requantize import StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,10 @@ def rollback(cfg, reason: str, version: str | None = None, by: str = "unknown", 
         digest = verify_version(cfg, c, mv)["evidence"]["version_sha256"]  # the same evidence promote checks
         model_uri = f"models:/{name}/{target}"
         log.info("rolling back %s from version %s to %s (reason: %s, by %s)", name, current, target, reason, by)
-        from ops import rollout as rollout_api
-
         if version:  # an explicit version: deploy exactly that one
-            rollout = rollout_api.deploy(model_uri, target, target=cfg.rollout_target, digest=digest,
-                                         **rollout_options(cfg))
+            rollout = rollout_api.deploy(cfg, model_uri, target, digest=digest)
         else:  # previous-champion: the target's own rollback (helm rollback / local restart of that version)
-            rollout = rollout_api.rollback(cfg.rollout_target, model_uri, target, digest=digest, **rollout_options(cfg))
+            rollout = rollout_api.rollback(cfg, model_uri, target, digest=digest)
         require_champion_unchanged(c, name, current)
         c.set_registered_model_alias(name, CHAMPION, target)
         before = mv.tags.get("previous_champion_version")

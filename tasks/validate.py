@@ -169,9 +169,9 @@ def _vocabularies(checkpoint_dir: Path) -> dict[str, list[str]]:
 
 def _profile_stats(checkpoint_dir: Path) -> dict[str, tuple[float, float]]:
     """feature -> (mean, std) of the model's training data, from the normaliser buffers."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # heavy: safetensors
 
-    from onerec.checkpoint import check_weights_file
+    from onerec.checkpoint import check_weights_file  # heavy: torch
 
     cfg = json.loads((checkpoint_dir / "config.json").read_text())
     features = cfg.get("profile_features", [])
@@ -191,8 +191,8 @@ def _profile_stats(checkpoint_dir: Path) -> dict[str, tuple[float, float]]:
 
 
 def request_suite(cfg, profile_stats: dict, context_len: int, vocabularies: dict[str, list[str]] | None = None):
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
+    import great_expectations as gx  # heavy: Great Expectations
+    import great_expectations.expectations as gxe  # heavy: Great Expectations
 
     max_len = cfg.max_history_length or context_len
     suite = gx.ExpectationSuite(name="calibration_requests", meta={"suite_version": SUITE_VERSION})
@@ -220,8 +220,8 @@ def request_suite(cfg, profile_stats: dict, context_len: int, vocabularies: dict
 
 
 def drift_suite(cfg, reference: dict):
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
+    import great_expectations as gx  # heavy: Great Expectations
+    import great_expectations.expectations as gxe  # heavy: Great Expectations
 
     _, pop_weights = popularity_buckets(reference)
     edges, len_weights = length_buckets(reference)
@@ -275,7 +275,7 @@ def drift_frame(current: dict, reference: dict) -> pd.DataFrame:
 
 def _context(docs_dir: Path):
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # never phone home from a pipeline step
-    import great_expectations as gx
+    import great_expectations as gx  # heavy: Great Expectations
 
     ctx = gx.get_context(mode="ephemeral")
     for site, site_config in list(ctx.list_data_docs_sites().items()):
@@ -293,8 +293,8 @@ def _context(docs_dir: Path):
 
 
 def _run_suite(ctx, name: str, suite, frame: pd.DataFrame, run_name: str):
-    import great_expectations as gx
-    from great_expectations.core.run_identifier import RunIdentifier
+    import great_expectations as gx  # heavy: Great Expectations
+    from great_expectations.core.run_identifier import RunIdentifier  # heavy: Great Expectations
 
     source = ctx.data_sources.add_or_update_pandas(name)
     batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
@@ -349,7 +349,7 @@ def validate_calibration(
     `reference` is the previous accepted snapshot's profile (None on the first run: drift is then
     not checked, and the result says so).
     """
-    from onerec.semantic_ids import load_table
+    from onerec.semantic_ids import load_table  # heavy: torch
 
     calibration_path, checkpoint_dir, report_dir = Path(calibration_path), Path(checkpoint_dir), Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -413,7 +413,7 @@ def failure_summary(result: dict) -> str:
 
 def plot_validation(result: dict, profile: dict | None, reference: dict | None, out: Path) -> Path:
     """PNG: the failed checks (or 'all passed') and, with a reference, both drift distributions."""
-    from onerec.plots import pyplot
+    from onerec.plots import pyplot  # heavy: torch
 
     plt = pyplot()
 

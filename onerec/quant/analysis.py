@@ -35,6 +35,8 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from onerec.quant import plots
+
 log = logging.getLogger(__name__)
 
 
@@ -75,10 +77,10 @@ def layer_flags(stats: dict, config: AnalysisConfig) -> list[str]:
 def analyze(model, calibration, recipe="fp8_dynamic", config: AnalysisConfig | None = None,
             out_dir: str | Path | None = None) -> dict:
     """The analysis of a high-precision model (left unchanged); writes JSON and plots to `out_dir`."""
-    import torch
+    import torch  # heavy: torch
 
-    from onerec.quant.calibrate import measure_sqnr, observe_activations, tensor_stats
-    from onerec.quant.recipes import HANDLERS, make_recipe, select_layers, static_input_scale
+    from onerec.quant.calibrate import measure_sqnr, observe_activations, tensor_stats  # heavy: torch
+    from onerec.quant.recipes import HANDLERS, make_recipe, select_layers, static_input_scale  # heavy: torch
 
     config = config or AnalysisConfig()
     recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -123,8 +125,6 @@ def analyze(model, calibration, recipe="fp8_dynamic", config: AnalysisConfig | N
 
 
 def _write_outputs(result: dict, model, observers, out_dir: Path, config: AnalysisConfig) -> dict:
-    from onerec.quant import plots
-
     out_dir.mkdir(parents=True, exist_ok=True)
     layers, flagged = result["layers"], set(result["flagged"])
     bars = {
@@ -166,9 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from onerec.checkpoint import load_checkpoint
-    from onerec.quant.calibrate import Calibration
-    from onerec.quant.recipes import make_recipe
+    from onerec.checkpoint import load_checkpoint  # heavy: safetensors, torch
+    from onerec.quant.calibrate import Calibration  # heavy: torch
+    from onerec.quant.recipes import make_recipe  # heavy: torch
 
     recipe = make_recipe(args.recipe, exclude=args.exclude)
     model, table = load_checkpoint(args.checkpoint)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from onerec.calibration_table import read_calibration
 from onerec.errors import UserError
 from onerec.quant.fp8 import E4M3_MAX, check_finite, quantize_per_tensor
 
@@ -52,14 +53,12 @@ class Calibration:
     @classmethod
     def from_path(cls, path: str | Path, table: np.ndarray, context_len: int | None = None, **kwargs) -> Calibration:
         """A request table file/folder, or a data folder to draw one from (cut to `context_len`)."""
-        from onerec.calibration_table import read_calibration
-
         requests, source = read_calibration(path, context_len)
         return cls(requests, table, source=source, **kwargs)
 
     def batches(self, model) -> Iterator:
         """Batches of requests whose target is known (the teacher-forced pass needs its codes)."""
-        from onerec.data import iter_batches
+        from onerec.data import iter_batches  # heavy: pandas, torch
 
         requests = self.requests
         if self.max_requests is not None:
@@ -199,7 +198,7 @@ def mse_clip_value(sample: torch.Tensor, amax: float, grid: int = 100) -> float:
 
 
 def _progress(iterable, total: int, desc: str):
-    from tqdm import tqdm
+    from tqdm import tqdm  # heavy: tqdm
 
     return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False)
 

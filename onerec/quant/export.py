@@ -30,10 +30,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from onerec.checkpoint import CONFIG, SEMANTIC_IDS, WEIGHTS, load_weights
+from onerec.checkpoint import CONFIG, SEMANTIC_IDS, WEIGHTS, load_checkpoint, load_weights
+from onerec.devices import resolve_device
 from onerec.errors import UserError
 from onerec.manifest import atomic_folder, manifest_digest, verify_manifest, write_manifest
 from onerec.model import MoE, OneRecV2, OneRecV2Config
+from onerec.quant import plots
 from onerec.quant.fp8 import FP8Linear
 from onerec.semantic_ids import load_table, validate_table
 
@@ -96,8 +98,6 @@ def save_quantized(
     `report` is the QuantizationReport (or its dict); `extra(folder)` may add files (e.g. more
     reports) before the manifest is written.
     """
-    from onerec.quant import plots
-
     report = report if isinstance(report, dict) else report.to_dict()
     layers = fp8_layers(model)
     if not layers:
@@ -150,7 +150,7 @@ def load_quantized(
     qdir: str | Path, device: str | torch.device = "cpu", verify: bool = True,
 ) -> tuple[OneRecV2, np.ndarray, dict]:
     """(FP8 model in eval mode, semantic-id table, recipe.json as a dict) from a quantized folder."""
-    from onerec.quant.recipes import _replace, recipe_from_dict
+    from onerec.quant.recipes import _replace, recipe_from_dict  # heavy: torch
 
     qdir = Path(qdir)
     if not is_quantized_folder(qdir):
@@ -212,10 +212,9 @@ def quantize_folder(
     exact recipe, is kept as it is. Returns what was quantized, what not, the worst layer's SQNR
     and the size ratio.
     """
-    from onerec.checkpoint import load_checkpoint
-    from onerec.features import count_unseen
-    from onerec.quant.calibrate import Calibration
-    from onerec.quant.recipes import make_recipe, quantize
+    from onerec.features import count_unseen  # heavy: pandas
+    from onerec.quant.calibrate import Calibration  # heavy: torch
+    from onerec.quant.recipes import make_recipe, quantize  # heavy: torch
 
     if batch_size < 1 or (max_requests is not None and max_requests < 1):
         raise UserError("--batch-size and --max-requests must be positive")
@@ -224,7 +223,6 @@ def quantize_folder(
     if reuse and _same_quantization(out, checkpoint, config.to_dict()):
         log.info("%s already holds %s of this checkpoint: reused", out, recipe)
         return {"quantized": str(out), "checkpoint": str(checkpoint), "recipe": recipe, "reused": True}
-    from onerec.devices import resolve_device
 
     t0 = time.monotonic()
     model, table = load_checkpoint(checkpoint, device=resolve_device(device))
@@ -258,3 +256,19 @@ def _same_quantization(out: Path, checkpoint: str | Path, recipe: dict) -> bool:
         return source == manifest_digest(checkpoint) and recipe_json.get("recipe") == recipe
     except (UserError, ValueError, OSError):
         return False
+
+
+def load_model_folder(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True,
+) -> tuple[OneRecV2, np.ndarray, dict | None]:
+    """(model in eval mode, semantic-id table, recipe.json or None) from a checkpoint or a quantized folder.
+
+    `dtype` applies to a checkpoint; a quantized model keeps its stored FP8 and bf16 tensors.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist or is not a folder")
+    if is_quantized_folder(folder):
+        return load_quantized(folder, device=device, verify=verify)
+    model, table = load_checkpoint(folder, device=device, dtype=dtype, verify=verify)
+    return model, table, None

@@ -56,7 +56,10 @@ from pathlib import Path
 
 import numpy as np
 
-from onerec.evaluate import topk_overlap
+from onerec.calibration_table import HELD_OUT_POSITIONS
+from onerec.errors import UserError
+from onerec.evaluate import per_user_metrics, ranking_metrics, recommend, topk_overlap
+from onerec.plots import pyplot
 from onerec.quant import gate_stats
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,7 @@ class QualityGateConfig:
     batch_size: int = 256
     split: str = "test"
     max_users: int | None = None
-    positions: int = 10  # held-out positions per user: the last N interactions (module doc: why 10)
+    positions: int = HELD_OUT_POSITIONS  # held-out positions per user: the last N interactions (module doc: why 10)
     seed: int = 0  # of the --max-users sample and of the bootstrap
     device: str = "cpu"  # cuda: the FP8 GEMMs run on the GPU's tensor cores
     confidence: float = 0.95  # two-sided, of the relative-change intervals
@@ -88,8 +91,6 @@ class QualityGateConfig:
     noise_floor_users: int | None = 1024
 
     def __post_init__(self) -> None:
-        from onerec.errors import UserError
-
         if not 0 < self.confidence < 1:
             raise UserError(f"confidence must be in (0, 1), got {self.confidence}")
         margins = (self.max_relative_recall_drop, self.max_relative_ndcg_drop)
@@ -104,8 +105,6 @@ class QualityGateConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> QualityGateConfig:
-        from onerec.errors import UserError
-
         values = {}
         if path is not None:
             try:
@@ -121,9 +120,9 @@ class QualityGateConfig:
 
 def level_kl(bf16_model, fp8_model, calibration) -> list[float]:
     """Mean KL(bf16 || fp8) per SID level of the teacher-forced softmax, in nats."""
-    import torch
+    import torch  # heavy: torch
 
-    from onerec.quant.calibrate import run_model
+    from onerec.quant.calibrate import run_model  # heavy: torch
 
     total, n = None, 0
     for batch in calibration.batches(bf16_model):
@@ -138,8 +137,6 @@ def level_kl(bf16_model, fp8_model, calibration) -> list[float]:
 def paired_intervals(ref_items, new_items, targets, users, config: QualityGateConfig) -> dict:
     """recall@k and ndcg@k: the relative-change interval of `new` vs `ref` on the same positions
     (`users`: each position's user, the unit the bootstrap resamples)."""
-    from onerec.evaluate import per_user_metrics
-
     k = config.k
     ref, new = per_user_metrics(ref_items, targets, k), per_user_metrics(new_items, targets, k)
     return {
@@ -166,8 +163,7 @@ class QualityComparison:
     """
 
     def __init__(self, bf16_model, table, requests, config: QualityGateConfig, fp32_model=None):
-        from onerec.evaluate import ranking_metrics, recommend
-        from onerec.quant.calibrate import Calibration
+        from onerec.quant.calibrate import Calibration  # heavy: torch
 
         self.bf16_model, self.table, self.requests, self.config = bf16_model, table, requests, config
         self.targets = requests["target"].to_numpy(np.int64)
@@ -217,14 +213,12 @@ class QualityComparison:
         return np.isin(self.users, chosen)
 
     def layer_sqnr(self, fp8_model) -> dict[str, float | None]:
-        from onerec.quant.calibrate import measure_sqnr
-        from onerec.quant.export import fp8_layers
+        from onerec.quant.calibrate import measure_sqnr  # heavy: torch
+        from onerec.quant.export import fp8_layers  # heavy: safetensors, torch
 
         return measure_sqnr(self.bf16_model, fp8_layers(fp8_model), self.calibration, desc="layer sqnr")
 
     def compare(self, fp8_model, sqnr: dict[str, float | None] | None = None) -> dict:
-        from onerec.evaluate import recommend
-
         c, k = self.config, self.config.k
         items, _ = recommend(fp8_model, self.table, self.requests, k, c.beam_size, c.batch_size, c.device, progress=True)
         return self.judge(items, level_kl(self.bf16_model, fp8_model, self.calibration),
@@ -232,8 +226,6 @@ class QualityComparison:
 
     def judge(self, items: np.ndarray, kl: list[float], sqnr: dict[str, float | None]) -> dict:
         """The verdict on FP8 recommendations `items` (same users and order as the bf16 ones)."""
-        from onerec.evaluate import ranking_metrics
-
         c, k = self.config, self.config.k
         b, q = self.bf16_metrics, ranking_metrics(items, self.targets, k)
         intervals = paired_intervals(self.bf16_items, items, self.targets, self.users, c)
@@ -315,13 +307,12 @@ def run_quality_gate(
     auto: bool = False, max_excluded: int = 3, out: str | Path | None = None, report_dir: str | Path | None = None,
 ) -> dict:
     """The quality gate as a function (the pipeline step calls this); see the module doc."""
-    import torch
+    import torch  # heavy: torch
 
-    from onerec.checkpoint import load_checkpoint
-    from onerec.data import held_out_requests, load_dataset
-    from onerec.errors import UserError
-    from onerec.quant.export import check_made_from, load_quantized
-    from onerec.quant.recipes import _replace
+    from onerec.checkpoint import load_checkpoint  # heavy: safetensors, torch
+    from onerec.data import held_out_requests, load_dataset  # heavy: pandas, torch
+    from onerec.quant.export import check_made_from, load_quantized  # heavy: safetensors, torch
+    from onerec.quant.recipes import _replace  # heavy: torch
 
     config = config or QualityGateConfig()
     started = time.monotonic()
@@ -334,7 +325,7 @@ def run_quality_gate(
 
     previous_threads = torch.get_num_threads()
     if str(config.device).startswith("cpu"):  # a tiny model is fastest on one thread (onerec.train)
-        from onerec.train import default_threads
+        from onerec.train import default_threads  # heavy: pandas
 
         torch.set_num_threads(default_threads(bf16_model.cfg))
     try:
@@ -359,7 +350,7 @@ def run_quality_gate(
             "recipe": recipe["recipe"]["name"], "config": dataclasses.asdict(config),
         }
         if bf16_model.cfg.categorical_features:  # unseen values took the unknown bucket: say how many
-            from onerec.features import count_unseen
+            from onerec.features import count_unseen  # heavy: pandas
 
             summary["unseen_profile_values"] = count_unseen(requests, bf16_model.cfg.categorical_features)
         if auto:
@@ -395,7 +386,7 @@ def run_quality_gate(
 
 
 def _save_repaired(fp8_model, table, recipe: dict, kept: list[str], sqnr: dict, checkpoint, out) -> Path:
-    from onerec.quant.export import save_quantized
+    from onerec.quant.export import save_quantized  # heavy: safetensors, torch
 
     calibration = copy.deepcopy(recipe.get("calibration", {}))
     for name in kept:
@@ -409,8 +400,6 @@ def _save_repaired(fp8_model, table, recipe: dict, kept: list[str], sqnr: dict, 
 
 
 def _write_report(summary: dict, report_dir: Path, k: int) -> tuple[str, str]:
-    from onerec.plots import pyplot
-
     report_dir.mkdir(parents=True, exist_ok=True)
     json_path = report_dir / "quality_gate.json"
     json_path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from onerec.errors import UserError
+
 RECIPE_NAMES = ("fp8_dynamic", "fp8_static", "fp8_block")
 
 
@@ -35,8 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def recipe_options(args: argparse.Namespace) -> dict:
-    from onerec.errors import UserError
-
     options = {k: v for k, v in (("observer", args.observer), ("percentile", args.percentile)) if v is not None}
     if options and args.recipe != "fp8_static":
         raise UserError(f"--observer/--percentile apply to fp8_static only, not {args.recipe}")
@@ -48,7 +48,7 @@ def recipe_options(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from onerec.quant.export import quantize_folder
+    from onerec.quant.export import quantize_folder  # heavy: safetensors, torch
 
     return quantize_folder(
         args.checkpoint, args.calibration, args.recipe, args.out, args.exclude, recipe_options(args),

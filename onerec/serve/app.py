@@ -40,87 +40,15 @@ from onerec import __version__
 from onerec.errors import UserError
 from onerec.serve import open_inference as oip
 from onerec.serve.batcher import BatcherStopped, DynamicBatcher
+from onerec.serve.config import ServerConfig
 from onerec.serve.guard import RequestGuard, read_body
-from onerec.serve.model_store import (
-    ServedModel,
-    ServingShapes,
-    load_served_model,
-    parse_model_uri,
-    require_digest,
-)
-from onerec.serve.schemas import HARD_MAX_BEAM, HARD_MAX_USERS, RecommendRequest
+from onerec.serve.model_store import ServedModel, load_served_model, parse_model_uri, require_digest
+from onerec.serve.schemas import RecommendRequest
 
 log = logging.getLogger(__name__)
 
 JSON_TYPES = ("application/json",)
 MAX_ERRORS_SHOWN = 10
-
-
-@dataclass
-class ServerConfig:
-    model_uri: str
-    model_name: str | None = None  # default: the registry name, else ONEREC_MODEL_NAME
-    model_version: str | None = None  # default: the registry version, else local-<manifest digest>
-    model_digest: str | None = None  # the signed version digest a registry version must hash to
-    device: str = "auto"
-    cache_dir: str | None = None
-    max_batch_size: int = 64  # users per beam search
-    # with the GPU idle, wait this long for batch-mates (0: start at once; while a batch runs the
-    # next one fills anyway, onerec/serve/batcher.py)
-    max_wait_ms: float = 0.0
-    max_users: int = 64  # users per request
-    max_beam: int = 512
-    default_k: int = 10
-    default_beam: int = 128
-    # widths searched; a request's beam is rounded up to the next one, beyond the largest it is a
-    # 422. None: (default_beam, max_beam) on the engine (GPU), any width on the reference search
-    beam_widths: tuple[int, ...] | None = None
-    history_buckets: tuple[int, ...] | None = None  # engine: None = length_buckets(context_len)
-    max_body_bytes: int = 1 << 20
-    threads: int = 0  # torch CPU threads for the beam search (0: torch's default)
-    # protections (onerec.serve.guard); the connection-level ones apply under uvicorn_config()
-    max_in_flight: int = 256  # requests being answered; beyond: 503 + Retry-After (health exempt)
-    max_connections: int = 1024  # open connections; beyond: 503 + Retry-After, closed
-    header_timeout_s: float = 5.0  # from a request's first byte (or the connection) to its last header
-    body_timeout_s: float = 10.0  # from the last header to the last body byte
-    # idle time between requests on one connection: longer than clients' pool expiry (httpx: 5 s),
-    # else a request sent just as the server closes the idle connection is reset (seen at 5 s)
-    keep_alive_s: float = 75.0
-    max_header_bytes: int = 64 * 1024
-
-    def validate(self) -> None:
-        checks = [
-            (1 <= self.max_batch_size <= 65536, "max_batch_size must be in 1..65536"),
-            (0 <= self.max_wait_ms <= 10_000, "max_wait_ms must be in 0..10000"),
-            (1 <= self.max_users <= HARD_MAX_USERS, f"max_users must be in 1..{HARD_MAX_USERS}"),
-            (1 <= self.max_beam <= HARD_MAX_BEAM, f"max_beam must be in 1..{HARD_MAX_BEAM}"),
-            (1 <= self.default_k <= self.default_beam <= self.max_beam, "need 1 <= default_k <= default_beam <= max_beam"),
-            (self.beam_widths is None or (0 < len(self.beam_widths) <= 16 and all(
-                isinstance(w, int) and 1 <= w <= self.max_beam for w in self.beam_widths)),
-             f"beam_widths: 1 to 16 widths, each in 1..max_beam={self.max_beam}"),
-            (self.beam_widths is None or self.default_beam <= max(self.beam_widths),
-             "default_beam must not exceed the largest of beam_widths"),
-            (self.history_buckets is None or (0 < len(self.history_buckets) <= 64 and all(
-                isinstance(b, int) and 1 <= b <= 1 << 20 for b in self.history_buckets)),
-             "history_buckets: 1 to 64 lengths, each in 1..1048576"),
-            (1024 <= self.max_body_bytes <= 1 << 30, "max_body_bytes must be in 1 KiB..1 GiB"),
-            (0 <= self.threads <= 1024, "threads must be in 0..1024"),
-            (1 <= self.max_in_flight <= 65536, "max_in_flight must be in 1..65536"),
-            (1 <= self.max_connections <= 65536, "max_connections must be in 1..65536"),
-            (all(0 < t <= 3600 for t in (self.header_timeout_s, self.body_timeout_s, self.keep_alive_s)),
-             "header, body and keep-alive timeouts must be in (0, 3600] seconds"),
-            (1024 <= self.max_header_bytes <= 1 << 20, "max_header_bytes must be in 1 KiB..1 MiB"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-
-    def shapes(self) -> ServingShapes:
-        return ServingShapes(
-            beam_widths=tuple(sorted(set(self.beam_widths))) if self.beam_widths else None,
-            engine_widths=tuple(sorted({self.default_beam, self.max_beam})),
-            max_batch_users=self.max_batch_size, history_buckets=self.history_buckets,
-        )
 
 
 @dataclass
@@ -137,7 +65,7 @@ class PreparedUser:
 def encode_user(served: ServedModel, user: PreparedUser) -> PreparedUser:
     """The user's history as the model's codes, done when the request arrives (host work that
     overlaps the batch on the GPU), not when its batch runs."""
-    from onerec.semantic_ids import encode_history
+    from onerec.semantic_ids import encode_history  # heavy: torch
 
     user.codes, user.unknown = encode_history(user.history, served.table, served.context_len)
     return user
@@ -163,7 +91,7 @@ class ProfileError(ValueError):
 
 
 def prepare_user(served: ServedModel, history: list[int], profile: dict[str, float | str] | None) -> PreparedUser:
-    from onerec.features import encode_categorical
+    from onerec.features import encode_categorical  # heavy: pandas
 
     names = served.profile_features
     categorical = served.model.cfg.categorical_features
@@ -195,9 +123,9 @@ def prepare_user(served: ServedModel, history: list[int], profile: dict[str, flo
 
 def run_users(served: ServedModel, users: list[PreparedUser], k: int, beam: int) -> list[UserResult]:
     """One beam search for `users` (any number): the work of one batch."""
-    import torch
+    import torch  # heavy: torch
 
-    from onerec.semantic_ids import pad_histories
+    from onerec.semantic_ids import pad_histories  # heavy: torch
 
     users = [u if u.codes is not None else encode_user(served, u) for u in users]
     sids, mask = pad_histories([u.codes for u in users], served.table.shape[1])
@@ -232,7 +160,7 @@ class EngineCollector:
         return []
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily  # heavy: prometheus_client
 
         engine = getattr(self.metrics.served, "engine", None)
         eager = CounterMetricFamily("onerec_eager_fallbacks", "batches run eagerly: their shape had no CUDA graph")
@@ -251,7 +179,13 @@ class Metrics:
     """Prometheus metrics in a registry of their own (several apps may live in one test process)."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+        from prometheus_client import (  # heavy: prometheus_client
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            Info,
+        )
 
         self.registry = CollectorRegistry()
         r = self.registry
@@ -339,16 +273,16 @@ def create_app(
     """The app for `config`. `loader` (default: load_served_model) runs in a thread after startup;
     `on_fatal` is called when loading or warm-up fails (the CLI stops the server)."""
     config.validate()
-    ref = parse_model_uri(config.model_uri, default_name=config.model_name)
+    ref = parse_model_uri(config.model_uri, default_name=config.model_name or config.settings.model_name)
     require_digest(ref, config.model_digest)
     state = ServerState(name=config.model_name or ref.name)
     metrics = Metrics()
-    loader = loader or (lambda c: load_served_model(c.model_uri, c.device, c.cache_dir, c.model_name, c.model_version,
-                                                    c.model_digest, c.shapes()))
+    loader = loader or (lambda c: load_served_model(c.model_uri, c.device, c.cache_dir, c.model_name or ref.name,
+                                                    c.model_version, c.model_digest, c.shapes(), settings=c.settings))
 
     def run(users, k, beam):
         if config.threads:
-            import torch
+            import torch  # heavy: torch
 
             if torch.get_num_threads() != config.threads:  # set in the batch thread itself
                 torch.set_num_threads(config.threads)
@@ -574,7 +508,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # heavy: prometheus_client
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -66,7 +67,7 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, max_connect
     read and dropped, as uvicorn does, but for at most `header_timeout_s` more. Its own answers
     (408, 431, 503) are counted in `metrics` under the route "connection".
     """
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # heavy: uvicorn
 
     warned = [-REFUSAL_LOG_INTERVAL_S]  # when the last refusal was logged
     busy = _raw_response(503, "Service Unavailable", f"server busy: more than {max_connections} connections",
@@ -180,8 +181,6 @@ def connection_cap(max_connections: int, reserve: int = 128) -> int:
     """`max_connections`, lowered if need be so the open-file limit keeps `reserve` descriptors for
     everything else (model files, logs, the listening socket): running out of descriptors stops
     accept() and with it the health checks. Raises the soft limit towards the hard one first."""
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = max_connections + reserve
     if soft != resource.RLIM_INFINITY and soft < need:
@@ -201,7 +200,7 @@ def connection_cap(max_connections: int, reserve: int = 128) -> int:
 def guarded_config(app, host: str, port: int, *, header_timeout_s: float, max_header_bytes: int,
                    max_connections: int, keep_alive_s: float, metrics=None, **kwargs):
     """uvicorn.Config for `app` under `guarded_protocol` (connections capped by `connection_cap`)."""
-    import uvicorn
+    import uvicorn  # heavy: uvicorn
 
     protocol = guarded_protocol(header_timeout_s, max_header_bytes, connection_cap(max_connections), keep_alive_s,
                                 metrics)

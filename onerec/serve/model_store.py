@@ -2,7 +2,8 @@
 
 Accepted URIs:
 - `models:/NAME@ALIAS` or `models:/NAME/VERSION`: an MLflow registry version, downloaded by
-  `onerec.serve.registry.download_verified` from the tracking server of onerec.settings.Settings
+  `onerec.serve.registry.download_verified` from the tracking server of the caller's Settings (the
+  server's entry point builds them once)
   and loaded only when every file of it hashes to the version digest the pipeline signed
   (`digest`: promote and rollback pass it);
 - a local folder: a quantized artifact (it has recipe.json) or a bf16 checkpoint, loaded by
@@ -26,6 +27,8 @@ import numpy as np
 
 from onerec.devices import resolve_device
 from onerec.errors import UserError
+from onerec.manifest import MANIFEST, manifest_digest, verify_manifest
+from onerec.serve.registry import download_verified
 from onerec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,18 +73,18 @@ def parse_model_uri(uri: str, default_name: str | None = None) -> ModelRef:
     folder = Path(uri).expanduser()
     if not folder.is_dir():
         raise UserError(f"model folder {folder} does not exist or is not a folder")
-    name = default_name or Settings.load().model_name
-    return ModelRef(uri, name, folder=folder.resolve())
+    return ModelRef(uri, default_name or Settings.model_name, folder=folder.resolve())
 
 
-def _signed_in() -> Settings:
-    """The settings, with this process's MLflow client pointed at their tracking server (MLflow
+def _signed_in(settings: Settings) -> Settings:
+    """`settings`, with this process's MLflow client pointed at their tracking server (MLflow
     resolves a version's logged model through the process's URIs) and signed in as the serving account."""
-    import mlflow
+    import mlflow  # optional: the [serve] extra; a local folder serves without it
 
-    from onerec.serve.mlflow_login import use_serving_account
+    from onerec.serve.mlflow_login import (
+        use_serving_account,  # heavy: FastAPI, MLflow, PyYAML, Starlette, pandas, pydantic, requests
+    )
 
-    settings = Settings.load()
     uri = settings.tracking_uri()
     if not uri:
         raise UserError("no MLflow tracking server configured for a models:/ URI: set MLFLOW_TRACKING_URI, or start "
@@ -92,14 +95,14 @@ def _signed_in() -> Settings:
     return settings
 
 
-def registry_version(ref: ModelRef) -> str:
+def registry_version(ref: ModelRef, settings: Settings) -> str:
     """The registry version number an alias points at now (MLflow, imported lazily)."""
     if ref.version is not None:
         return ref.version
     try:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # heavy: MLflow
 
-        settings = _signed_in()
+        settings = _signed_in(settings)
         client = MlflowClient(settings.tracking_uri(), registry_uri=settings.tracking_uri())
         return str(client.get_model_version_by_alias(ref.name, ref.alias).version)
     except Exception as exc:  # mlflow raises its own types; the message names the cause
@@ -114,12 +117,10 @@ def require_digest(ref: ModelRef, digest: str | None) -> None:
                         "never loaded")
 
 
-def download(ref: ModelRef, cache_dir: Path, digest: str) -> Path:
+def download(ref: ModelRef, cache_dir: Path, digest: str, settings: Settings) -> Path:
     """A registry version's quantized folder, verified against `digest` (onerec.serve.registry.download_verified)."""
-    from onerec.serve.registry import download_verified
-
     try:
-        return download_verified(ref.uri, cache_dir, digest, _signed_in().tracking_uri())
+        return download_verified(ref.uri, cache_dir, digest, _signed_in(settings).tracking_uri())
     except UserError:
         raise
     except Exception as exc:
@@ -128,8 +129,6 @@ def download(ref: ModelRef, cache_dir: Path, digest: str) -> Path:
 
 def verify_folder(folder: Path) -> dict:
     """Hash every manifest entry, and refuse model files the manifest does not cover."""
-    from onerec.manifest import MANIFEST, verify_manifest
-
     manifest = verify_manifest(folder)
     unlisted = sorted(
         p.relative_to(folder).as_posix()
@@ -203,7 +202,7 @@ class ServingShapes:
 
 
 def _reference_search(model, index) -> Callable:
-    from onerec.generate import beam_search
+    from onerec.generate import beam_search  # heavy: torch
 
     device = model.token_embedding.weight.device
 
@@ -224,7 +223,7 @@ def _engine(model, index, device: str, shapes: ServingShapes):
     if not device.startswith("cuda"):
         return None
     try:
-        from onerec.engine.engine import Engine, EngineConfig
+        from onerec.engine.engine import Engine, EngineConfig  # heavy: torch
     except ImportError as exc:
         log.info("onerec.engine is not available (%s); using the reference beam search on %s", exc, device)
         return None
@@ -242,7 +241,7 @@ def require_finite(model, folder: Path) -> None:
     """Refuse a model with a NaN or an infinity in any weight, embedding row, scale or buffer: the
     warm-up touches a few items only, and such a model would answer 422 to every request that
     reaches the bad row. One tensor at a time (FP8 ones widened to float32 for the check)."""
-    import torch
+    import torch  # heavy: torch
 
     for name, tensor in model.state_dict().items():
         if not tensor.is_floating_point():
@@ -256,26 +255,28 @@ def require_finite(model, folder: Path) -> None:
 def load_served_model(
     uri: str, device: str = "auto", cache_dir: str | Path | None = None,
     name: str | None = None, version: str | None = None, digest: str | None = None,
-    shapes: ServingShapes | None = None,
+    shapes: ServingShapes | None = None, settings: Settings | None = None,
 ) -> ServedModel:
     """Resolve, verify and load `uri` (see module doc). `name`/`version` override the derived labels;
     `digest` is the signed version digest a registry version must match (a local folder: its
     manifest digest, when given); `shapes` (beam widths with the engine, batch and history
-    buckets) default to ServingShapes's."""
-    import torch
+    buckets) default to ServingShapes's; `settings` are the server's (a models:/ URI needs them: the
+    tracking server, the serving account, the default cache folder)."""
+    import torch  # heavy: torch
 
-    from onerec.checkpoint import load_model_folder
-    from onerec.manifest import manifest_digest
-    from onerec.semantic_ids import SemanticIdIndex
+    from onerec.quant.export import load_model_folder  # heavy: safetensors, torch
+    from onerec.semantic_ids import SemanticIdIndex  # heavy: torch
 
     ref = parse_model_uri(uri, default_name=name)
     require_digest(ref, digest)
     device = str(resolve_device(device))
     if ref.is_registry:
-        version = version or registry_version(ref)
+        if settings is None:
+            raise UserError(f"serving {ref.uri} needs the server's settings (its MLflow tracking server)")
+        version = version or registry_version(ref, settings)
         ref = parse_model_uri(ref.pinned_uri(version))
-        cache = Path(cache_dir or Path(Settings.load().state_dir) / "serving" / "cache")
-        folder = download(ref, cache, digest)
+        cache = Path(cache_dir or Path(settings.state_dir) / "serving" / "cache")
+        folder = download(ref, cache, digest, settings)
     else:
         folder = ref.folder
     log.info("verifying %s", folder)

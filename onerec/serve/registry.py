@@ -21,13 +21,14 @@ import tempfile
 from pathlib import Path
 
 from onerec.errors import UserError
+from onerec.manifest import check_no_symlinks, sha256_file
 
 DIGEST_LENGTH = 64
 
 
 def model_folder(model_dir: Path) -> Path:
     """The "quantized" artifact folder inside a downloaded pyfunc model (its path is in MLmodel)."""
-    import yaml
+    import yaml  # heavy: PyYAML
 
     try:
         path = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"][
@@ -42,8 +43,6 @@ def model_folder(model_dir: Path) -> Path:
 
 def version_digest(model_dir: str | Path) -> str:
     """sha256 over every file of a downloaded version: {relative path: sha256} as canonical JSON."""
-    from onerec.manifest import check_no_symlinks, sha256_file
-
     model_dir = Path(model_dir)
     check_no_symlinks(model_dir)
     files = {p.relative_to(model_dir).as_posix(): sha256_file(p) for p in sorted(model_dir.rglob("*")) if p.is_file()}
@@ -54,7 +53,7 @@ def resolve_version(model_uri: str, tracking_uri: str | None = None) -> str:
     """models:/NAME@ALIAS -> models:/NAME/VERSION (an alias moves; a version does not)."""
     if "@" not in model_uri:
         return model_uri
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # heavy: MLflow
 
     name, alias = model_uri[len("models:/"):].split("@", 1)
     registry = MlflowClient(tracking_uri, registry_uri=tracking_uri)
@@ -63,7 +62,7 @@ def resolve_version(model_uri: str, tracking_uri: str | None = None) -> str:
 
 def fetch_version(model_uri: str, dst_dir: str | Path, tracking_uri: str | None = None) -> Path:
     """Download every file of `models:/NAME/VERSION` (or @ALIAS) afresh into the new folder dst_dir."""
-    import mlflow
+    import mlflow  # heavy: MLflow
 
     if not model_uri.startswith("models:/"):
         raise UserError(f"{model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")

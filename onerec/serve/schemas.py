@@ -10,11 +10,11 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from onerec.serve.config import HARD_MAX_BEAM, HARD_MAX_USERS
+
 MAX_ITEM_ID = 2**63 - 1  # item ids become int64
 MAX_HISTORY_ITEMS = 100_000  # per user, before the server keeps the newest context_len known items
 MAX_PROFILE_FEATURES = 256
-HARD_MAX_USERS = 4096
-HARD_MAX_BEAM = 4096
 
 FLOAT32_MAX = 3.4028234663852886e38  # numeric features become float32: larger values would be inf
 MAX_CATEGORY_CHARS = 256

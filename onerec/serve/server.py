@@ -20,6 +20,8 @@ import os
 import threading
 
 from onerec.errors import UserError
+from onerec.serve.config import ServerConfig, default
+from onerec.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,36 +36,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 inside a container)")
     parser.add_argument("--model-name", default=None, help="name in responses and /v2/models/{name}")
     parser.add_argument("--model-version", default=None, help="version label (default: from the registry or the manifest)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, or cuda[:N]")
+    parser.add_argument("--device", default=default("device"), help="auto (CUDA when present), cpu, or cuda[:N]")
     parser.add_argument("--cache-dir", default=None, help="where registry versions are downloaded")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="users per beam search (dynamic batching)")
-    parser.add_argument("--max-wait-ms", type=float, default=0.0,
+    parser.add_argument("--max-batch-size", type=int, default=default("max_batch_size"), help="users per beam search (dynamic batching)")
+    parser.add_argument("--max-wait-ms", type=float, default=default("max_wait_ms"),
                         help="with the GPU idle, how long a request waits for batch-mates (while a batch runs, "
                              "the next one fills anyway)")
-    parser.add_argument("--max-users", type=int, default=64, help="users per request")
-    parser.add_argument("--max-beam", type=int, default=512)
-    parser.add_argument("--default-k", type=int, default=10)
-    parser.add_argument("--default-beam", type=int, default=128)
+    parser.add_argument("--max-users", type=int, default=default("max_users"), help="users per request")
+    parser.add_argument("--max-beam", type=int, default=default("max_beam"))
+    parser.add_argument("--default-k", type=int, default=default("default_k"))
+    parser.add_argument("--default-beam", type=int, default=default("default_beam"))
     parser.add_argument("--beam-widths", default=None,
                         help="comma-separated beam widths searched (a request's beam is rounded up to the next; "
                              "wider is a 422); default: --default-beam and --max-beam on a GPU, any on CPU")
     parser.add_argument("--history-buckets", default=None,
                         help="comma-separated history lengths a batch is padded up to on a GPU (one CUDA graph each "
                              "per width and batch bucket); default: 64, 128, ... doubling, then the model's context")
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--max-body-bytes", type=int, default=default("max_body_bytes"))
+    parser.add_argument("--threads", type=int, default=default("threads"),
                         help="torch CPU threads (0: torch's default); 1 avoids oversubscription on a busy small host")
     parser.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds for in-flight requests at shutdown")
     parser.add_argument("--drain-seconds", type=float, default=0.0, help="keep serving this long after readiness flips")
     parser.add_argument("--access-log", action="store_true", help="log every request (stderr)")
     limits = parser.add_argument_group("limits (docs/serving.md)")
-    limits.add_argument("--max-in-flight", type=int, default=256,
+    limits.add_argument("--max-in-flight", type=int, default=default("max_in_flight"),
                         help="requests being answered; beyond: 503 + Retry-After (health and metrics exempt)")
-    limits.add_argument("--max-connections", type=int, default=1024,
+    limits.add_argument("--max-connections", type=int, default=default("max_connections"),
                         help="open connections; beyond: 503 + Retry-After and closed")
-    limits.add_argument("--header-timeout", type=float, default=5.0, help="seconds for a request's headers")
-    limits.add_argument("--body-timeout", type=float, default=10.0, help="seconds for a request's body, after its headers")
-    limits.add_argument("--keep-alive-timeout", type=float, default=75.0,
+    limits.add_argument("--header-timeout", type=float, default=default("header_timeout_s"), help="seconds for a request's headers")
+    limits.add_argument("--body-timeout", type=float, default=default("body_timeout_s"), help="seconds for a request's body, after its headers")
+    limits.add_argument("--keep-alive-timeout", type=float, default=default("keep_alive_s"),
                         help="idle seconds between requests (above clients' pool expiry)")
 
 
@@ -80,7 +82,7 @@ def int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 def _log_config() -> dict:
     """uvicorn's logging with every handler on stderr (stdout carries only the result JSON)."""
-    from uvicorn.config import LOGGING_CONFIG
+    from uvicorn.config import LOGGING_CONFIG  # heavy: uvicorn
 
     config = copy.deepcopy(LOGGING_CONFIG)
     for handler in config["handlers"].values():
@@ -90,7 +92,7 @@ def _log_config() -> dict:
 
 def uvicorn_config(app, host: str, port: int, **kwargs):
     """The uvicorn.Config for an app of onerec.serve.app.create_app, with its connection limits."""
-    from onerec.serve.guard import guarded_config
+    from onerec.serve.guard import guarded_config  # heavy: Starlette
 
     config = app.state.config
     return guarded_config(app, host, port, header_timeout_s=config.header_timeout_s,
@@ -99,7 +101,7 @@ def uvicorn_config(app, host: str, port: int, **kwargs):
 
 
 def _draining_server_class():
-    import uvicorn
+    import uvicorn  # heavy: uvicorn
 
     class DrainingServer(uvicorn.Server):
         """uvicorn.Server whose first exit signal flips readiness and waits `drain_seconds` before stopping."""
@@ -128,7 +130,8 @@ def _draining_server_class():
 
 
 def main(args: argparse.Namespace) -> dict:
-    from onerec.serve.app import ServerConfig, create_app
+    """The server's entry point: its Settings (environment + the local stack's) are built here, once."""
+    from onerec.serve.app import create_app  # heavy: fastapi, torch
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, not {args.port}")
@@ -144,6 +147,7 @@ def main(args: argparse.Namespace) -> dict:
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive_timeout,
         beam_widths=int_list(args.beam_widths, "--beam-widths"),
         history_buckets=int_list(args.history_buckets, "--history-buckets"),
+        settings=Settings.load(),
     )
     holder: dict = {}
 

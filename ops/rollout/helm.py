@@ -5,10 +5,10 @@ only bytes that hash to the signed digest; `helm rollback` restores a revision's
 failure, waiting for the rollout, with a timeout; returns the release revision. rollback =
 `helm rollback` to the last revision before the current one that was deployed successfully.
 One engine: helm-python-sdk (the Helm v4 engine, in the `[pipeline]` extra), so no helm binary
-and no version-dependent flags are needed in the Airflow image. Options (or Settings):
-release (ONEREC_HELM_RELEASE, onerec-serving), namespace (ONEREC_HELM_NAMESPACE, onerec),
-values_files (ONEREC_HELM_VALUES, os.pathsep-separated), kube_context (ONEREC_KUBE_CONTEXT),
-kubeconfig (KUBECONFIG), timeout_s, chart, dry_run (render and validate, touch no cluster).
+and no version-dependent flags are needed in the Airflow image. The caller's Settings give the
+release (helm_release), namespace (helm_namespace), values files (helm_values, os.pathsep-separated),
+kube_context, kubeconfig and the tracking URI the pods use; options: timeout_s, chart, dry_run
+(render and validate, touch no cluster).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from onerec.settings import Settings
-from ops.rollout import RolloutError
+from ops.rollout.base import RolloutError
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +28,13 @@ log = logging.getLogger(__name__)
 CHART = Path(__file__).resolve().parent / "charts" / "onerec-serving"
 
 
-def _options(
-    release: str | None = None, namespace: str | None = None, values_files: list[str] | None = None,
-    kube_context: str | None = None, kubeconfig: str | None = None, timeout_s: float = 600,
-    chart: str | Path | None = None, dry_run: bool = False, **_,
-) -> dict:
-    settings = Settings.load()
-    files = values_files if values_files is not None else [f for f in settings.helm_values.split(os.pathsep) if f]
+def _options(settings: Settings, timeout_s: float = 600, chart: str | Path | None = None, dry_run: bool = False) -> dict:
     return {
-        "release": release or settings.helm_release,
-        "namespace": namespace or settings.helm_namespace,
-        "values_files": [str(f) for f in files],
-        "kube_context": kube_context or settings.kube_context,
-        "kubeconfig": kubeconfig or settings.kubeconfig,
+        "release": settings.helm_release,
+        "namespace": settings.helm_namespace,
+        "values_files": [f for f in settings.helm_values.split(os.pathsep) if f],
+        "kube_context": settings.kube_context,
+        "kubeconfig": settings.kubeconfig,
         "timeout_s": int(timeout_s),
         "chart": str(chart or CHART),
         "dry_run": bool(dry_run),
@@ -70,7 +64,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
 @contextlib.contextmanager
 def _helm(o: dict, action: str):
     """The Helm engine for these options; its errors become one RolloutError naming the action."""
-    import helm_python as hp
+    import helm_python as hp  # optional: the Helm SDK ([pipeline])
 
     try:
         with hp.Config(kubeconfig_path=o["kubeconfig"], kube_context=o["kube_context"], namespace=o["namespace"],
@@ -97,10 +91,10 @@ def _previous_good(history: list[dict], current: int) -> int:
     return max(good)
 
 
-def deploy(model_uri: str, version: str, digest: str | None = None, **options) -> dict:
-    import yaml
+def deploy(settings: Settings, model_uri: str, version: str, digest: str | None = None, **options) -> dict:
+    import yaml  # optional: PyYAML
 
-    o = _options(**options)
+    o = _options(settings, **options)
     values: dict = {}
     for f in o["values_files"]:
         values = _deep_merge(values, yaml.safe_load(Path(f).read_text()) or {})
@@ -131,8 +125,8 @@ def deploy(model_uri: str, version: str, digest: str | None = None, **options) -
     return result
 
 
-def rollback(revision: int | None = None, **options) -> dict:
-    o = _options(**options)
+def rollback(settings: Settings, revision: int | None = None, **options) -> dict:
+    o = _options(settings, **options)
     with _helm(o, "rollback") as (_, cfg):
         history = cfg.history(o["release"])
         current = max(_revision_of(h) for h in history if _status_of(h) == "deployed")
@@ -148,8 +142,8 @@ def rollback(revision: int | None = None, **options) -> dict:
     }
 
 
-def status(**options) -> dict:
-    o = _options(**options)
+def status(settings: Settings, **options) -> dict:
+    o = _options(settings, **options)
     with _helm(o, "status") as (_, cfg):
         release = cfg.status(o["release"])
     return {"target": "helm", "release": o["release"], "namespace": o["namespace"],

@@ -1,7 +1,9 @@
 """The local rollout target: serving processes on this machine behind a stable loopback endpoint.
 
-A reverse proxy (ops/rollout/proxy.py) on a fixed loopback port (Settings.local_serve_port,
-ONEREC_LOCAL_SERVE_PORT, 8800) is the stable endpoint; each deploy starts `onerec-fp8 serve` for
+Every call takes the caller's Settings: the state dir, the serving port and the serving child's
+environment (`Settings.subprocess_env`: tracking URI, S3, the MLflow account) come from it, never
+from this process's environment. A reverse proxy (ops/rollout/proxy.py) on a fixed loopback port
+(settings.local_serve_port, 8800 by default) is the stable endpoint; each deploy starts `onerec-fp8 serve` for
 the new version (with its signed version digest) on a free port in its own process group, waits
 for /v2/health/ready, switches
 the proxy to it, then stops the old server gracefully (it drains). Clients of the proxy never
@@ -28,8 +30,9 @@ import time
 from pathlib import Path
 
 from onerec.settings import Settings
+from ops.mlflow_auth import secret_token
 from ops.processes import file_lock, free_port, is_alive, log_tail, spawn_detached, stop_processes
-from ops.rollout import RolloutError, pinned_uri
+from ops.rollout.base import RolloutError, pinned_uri
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls would log every request
@@ -41,17 +44,16 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def _state_dir(state_dir: str | Path | None) -> Path:
-    root = Path(state_dir or Settings.load().state_dir)
-    path = root / "serving"
+def _state_dir(state_dir: str | Path) -> Path:
+    path = Path(state_dir) / "serving"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> dict:
+def _spawn(cmd: list[str], log_path: Path, settings: Settings, env: dict | None = None) -> dict:
     """Start `cmd` detached in its own process group (it outlives the caller); {pid, create_time}.
-    Its env: `env` (default os.environ) with the settings (and the local stack's) filled in."""
-    child_env = Settings.load(env=env).subprocess_env(env)
+    Its env: `env` (default os.environ: PATH and the like) with `settings` as variables over it."""
+    child_env = settings.subprocess_env(env)
     proc = spawn_detached(cmd, log_path, env={**child_env, "PYTHONUNBUFFERED": "1"}, cwd=REPO_ROOT)
     if not is_alive(proc):
         raise RolloutError(f"{cmd[2]} exited at once; see {log_path}")
@@ -59,7 +61,7 @@ def _spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> dict:
 
 
 def _wait_http(url: str, record: dict, timeout_s: float, log_path: Path) -> None:
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -91,7 +93,7 @@ def _write_state(folder: Path, state: dict) -> None:
 
 
 def _proxy_up(proxy: dict | None) -> bool:
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     if not proxy or not is_alive(proxy):
         return False
@@ -101,9 +103,8 @@ def _proxy_up(proxy: dict | None) -> bool:
         return False
 
 
-def _ensure_proxy(folder: Path, state: dict, port: int | None, env: dict | None = None) -> dict:
+def _ensure_proxy(folder: Path, state: dict, port: int, settings: Settings, env: dict | None = None) -> dict:
     proxy = state.get("proxy")
-    port = port or (proxy or {}).get("port") or Settings.load().local_serve_port
     if _proxy_up(proxy) and proxy["port"] == port:
         return proxy
     if proxy:
@@ -111,7 +112,7 @@ def _ensure_proxy(folder: Path, state: dict, port: int | None, env: dict | None 
     log_path = folder / "proxy.log"
     cmd = [sys.executable, "-m", "ops.rollout.proxy", "--port", str(port), "--state-file", str(folder / "proxy-upstream.json"),
            "--token-file", str(_proxy_token_file(folder))]
-    proxy = {**_spawn(cmd, log_path, env), "port": port, "url": f"http://127.0.0.1:{port}", "log": str(log_path)}
+    proxy = {**_spawn(cmd, log_path, settings, env), "port": port, "url": f"http://127.0.0.1:{port}", "log": str(log_path)}
     try:
         _wait_http(proxy["url"] + "/_proxy/status", proxy, 30, log_path)
     except RolloutError:
@@ -136,8 +137,6 @@ def _server_command(
 
 def _proxy_token_file(folder: Path) -> Path:
     """The proxy's admin token (0600, generated once per serving folder)."""
-    from ops.mlflow_auth import secret_token
-
     path = folder / "proxy-admin-token"
     secret_token(path)
     return path
@@ -145,7 +144,7 @@ def _proxy_token_file(folder: Path) -> Path:
 
 def _admin(proxy: dict, path: str, body: dict) -> dict:
     """An authenticated admin call to the proxy (PUT `path`); httpx.HTTPError when it fails."""
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     token = _proxy_token_file(Path(proxy["log"]).parent).read_text().strip()
     reply = httpx.put(proxy["url"] + path, json=body, timeout=5.0, headers={"Authorization": f"Bearer {token}"})
@@ -175,7 +174,8 @@ def _set_canary(proxy: dict, upstream: str | None, weight: float = 0.0, version:
 
 
 def _start_server(
-    folder: Path, proxy: dict, previous: dict | None, revision: int, action: str, model_uri: str, version: str, *,
+    folder: Path, proxy: dict, previous: dict | None, revision: int, action: str, model_uri: str, version: str,
+    settings: Settings, *,
     digest: str | None = None, device: str = "auto", threads: int = 1, ready_timeout_s: float = 300,
     stop_timeout_s: float = 30, server_args: list[str] | None = None, env: dict | None = None,
     canary_weight: float | None = None,
@@ -189,7 +189,7 @@ def _start_server(
     log.info("%s revision %d: %s version %s on port %d", action, revision, model_uri, version, server_port)
     record = {
         "revision": revision, "action": action, "model_uri": model_uri, "version": version, "digest": digest,
-        **_spawn(cmd, log_path, env), "port": server_port, "url": f"http://127.0.0.1:{server_port}",
+        **_spawn(cmd, log_path, settings, env), "port": server_port, "url": f"http://127.0.0.1:{server_port}",
         "log": str(log_path), "deployed_at": _now(),
     }
     try:
@@ -212,17 +212,16 @@ def _start_server(
 
 
 def _local_rollout(
-    model_uri: str, version: str, action: str, *, state_dir=None, port: int | None = None, stop_timeout_s: float = 30,
-    **server_options,
+    settings: Settings, model_uri: str, version: str, action: str, *, stop_timeout_s: float = 30, **server_options,
 ) -> dict:
-    folder = _state_dir(state_dir)
+    folder = _state_dir(settings.state_dir)
     with _locked(folder):
         state = _read_state(folder)
-        proxy = _ensure_proxy(folder, state, port)
+        proxy = _ensure_proxy(folder, state, settings.local_serve_port, settings)
         revision = state["revision"] + 1
         old = state.get("current")
-        record = _start_server(folder, proxy, old, revision, action, model_uri, version, stop_timeout_s=stop_timeout_s,
-                               **server_options)
+        record = _start_server(folder, proxy, old, revision, action, model_uri, version, settings,
+                               stop_timeout_s=stop_timeout_s, **server_options)
         state.update(revision=revision, current=record)
         state["history"].append({k: v for k, v in record.items() if k not in ("pid", "create_time")})
         _write_state(folder, state)
@@ -236,11 +235,11 @@ def _local_rollout(
     }
 
 
-def resume(state_dir=None, env: dict | None = None, ready_timeout_s: float = 300) -> dict | None:
+def resume(settings: Settings, env: dict | None = None, ready_timeout_s: float = 300) -> dict | None:
     """Serve the current revision again when its processes are gone (`stack down`, a reboot): the
     proxy on its port, the same model version on a new server. None when nothing was deployed;
     "resumed": False when it still serves. The revision and the history stay as they are."""
-    folder = _state_dir(state_dir)
+    folder = _state_dir(settings.state_dir)
     with _locked(folder):
         state = _read_state(folder)
         current = state.get("current")
@@ -249,13 +248,14 @@ def resume(state_dir=None, env: dict | None = None, ready_timeout_s: float = 300
         serving = is_alive(current)
         if serving and _proxy_up(state.get("proxy")):
             return {"target": "local", "resumed": False, "version": current["version"], "url": state["proxy"]["url"]}
-        proxy = _ensure_proxy(folder, state, None, env)
+        proxy = _ensure_proxy(folder, state, (state.get("proxy") or {}).get("port") or settings.local_serve_port,
+                              settings, env)
         if serving:
             _switch(proxy, current["url"])
         else:
             record = _start_server(folder, proxy, None, current["revision"], current["action"], current["model_uri"],
-                                   current["version"], digest=current.get("digest"), ready_timeout_s=ready_timeout_s,
-                                   env=env)
+                                   current["version"], settings, digest=current.get("digest"),
+                                   ready_timeout_s=ready_timeout_s, env=env)
             state["current"] = {**record, "deployed_at": current["deployed_at"], "resumed_at": _now()}
             _write_state(folder, state)
         log.info("serving revision %s (version %s) again on %s", current["revision"], current["version"], proxy["url"])
@@ -263,15 +263,16 @@ def resume(state_dir=None, env: dict | None = None, ready_timeout_s: float = 300
             "url": proxy["url"]}
 
 
-def deploy(model_uri: str, version: str, **options) -> dict:
-    return _local_rollout(model_uri, version, "deploy", **options)
+def deploy(settings: Settings, model_uri: str, version: str, **options) -> dict:
+    return _local_rollout(settings, model_uri, version, "deploy", **options)
 
 
-def rollback(model_uri: str | None = None, version: str | None = None, digest: str | None = None, **options) -> dict:
+def rollback(settings: Settings, model_uri: str | None = None, version: str | None = None, digest: str | None = None,
+             **options) -> dict:
     """Restart `model_uri`/`version` (signed version digest `digest`), or by default the revision before
     the current one (with the digest it was deployed with)."""
     if model_uri is None:
-        state = _read_state(_state_dir(options.get("state_dir")))
+        state = _read_state(_state_dir(settings.state_dir))
         current = (state.get("current") or {}).get("revision")
         earlier = [r for r in state["history"] if current is None or r["revision"] < current]
         if not earlier:
@@ -281,26 +282,26 @@ def rollback(model_uri: str | None = None, version: str | None = None, digest: s
             raise RolloutError("the previous revision has no version")
     elif version is None:
         raise RolloutError("rollback to a given model_uri needs its version too")
-    return _local_rollout(pinned_uri(model_uri, version), str(version), "rollback", digest=digest, **options)
+    return _local_rollout(settings, pinned_uri(model_uri, version), str(version), "rollback", digest=digest, **options)
 
 
-def canary_start(model_uri: str, version: str, weight: float, *, state_dir=None, port: int | None = None,
-                 stop_timeout_s: float = 30, **server_options) -> dict:
+def canary_start(settings: Settings, model_uri: str, version: str, weight: float, *, stop_timeout_s: float = 30,
+                 **server_options) -> dict:
     """Start `model_uri` beside the serving revision and send it `weight` percent of the
     recommendation requests (the rest mirrored to it); the serving revision stays as it is.
     A canary left by an interrupted run is stopped first."""
-    folder = _state_dir(state_dir)
+    folder = _state_dir(settings.state_dir)
     with _locked(folder):
         state = _read_state(folder)
         current = state.get("current")
         if not current or not is_alive(current):
             raise RolloutError("a canary runs beside a serving version: nothing serves locally")
-        proxy = _ensure_proxy(folder, state, port)
+        proxy = _ensure_proxy(folder, state, settings.local_serve_port, settings)
         if state.get("canary"):
             stop_processes([state["canary"]], stop_timeout_s)
         revision = state["revision"] + 1
         record = _start_server(folder, proxy, current, revision, "canary", pinned_uri(model_uri, version), str(version),
-                               stop_timeout_s=stop_timeout_s, canary_weight=weight, **server_options)
+                               settings, stop_timeout_s=stop_timeout_s, canary_weight=weight, **server_options)
         state["canary"] = record
         _write_state(folder, state)
     return {"target": "local", "action": "canary", "url": proxy["url"], "version": str(version),
@@ -314,19 +315,19 @@ def _canary_state(folder: Path) -> tuple[dict, dict]:
     return state, state["canary"]
 
 
-def canary_weight(weight: float, state_dir=None) -> dict:
+def canary_weight(settings: Settings, weight: float) -> dict:
     """The running canary's share (percent); its evidence starts afresh."""
-    folder = _state_dir(state_dir)
+    folder = _state_dir(settings.state_dir)
     with _locked(folder):
         state, canary = _canary_state(folder)
         return _set_canary(state["proxy"], canary["url"], weight, canary["version"])["canary"]
 
 
-def canary_status(state_dir=None) -> dict | None:
+def canary_status(settings: Settings) -> dict | None:
     """The proxy's view of the canary: share, seconds, both arms' evidence and the mirror comparison."""
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
-    state = _read_state(_state_dir(state_dir))
+    state = _read_state(_state_dir(settings.state_dir))
     if not state.get("proxy"):
         return None
     try:
@@ -335,10 +336,10 @@ def canary_status(state_dir=None) -> dict | None:
         raise RolloutError(f"the local endpoint {state['proxy']['url']} does not answer: {exc}") from None
 
 
-def canary_end(promote: bool, state_dir=None, stop_timeout_s: float = 30) -> dict:
+def canary_end(settings: Settings, promote: bool, stop_timeout_s: float = 30) -> dict:
     """End the canary: `promote` makes it the serving revision (all traffic, the old server drains
     and stops); otherwise all traffic goes back to the serving revision and the canary stops."""
-    folder = _state_dir(state_dir)
+    folder = _state_dir(settings.state_dir)
     with _locked(folder):
         state, canary = _canary_state(folder)
         proxy, old = state["proxy"], state.get("current")
@@ -365,7 +366,7 @@ def canary_end(promote: bool, state_dir=None, stop_timeout_s: float = 30) -> dic
             "replaced": None if not old else {"revision": old["revision"], "version": old["version"]}}
 
 
-def status(state_dir=None, **_) -> dict:
+def status(state_dir: str | Path) -> dict:
     folder = _state_dir(state_dir)
     state = _read_state(folder)
     current = state.get("current")
@@ -378,7 +379,7 @@ def status(state_dir=None, **_) -> dict:
     }
 
 
-def stop(state_dir=None, timeout_s: float = 30) -> dict:
+def stop(state_dir: str | Path, timeout_s: float = 30) -> dict:
     """Stop the local target's server and proxy. Their records stay: `resume` serves the same
     revision on the same port again, and the history stays for the next deploy."""
     folder = _state_dir(state_dir)

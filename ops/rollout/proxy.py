@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -44,6 +45,8 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from ops.mlflow_auth import read_private
 
 log = logging.getLogger("ops.rollout.proxy")
 
@@ -74,20 +77,18 @@ def check_upstream(url: str) -> str:
 
 def read_token(path: Path) -> str:
     """The admin token from a file only its owner can read."""
-    from ops.mlflow_auth import read_private
-
     return read_private(path, "admin token", 16)
 
 
 def create_proxy_app(state_file: Path, token: str):
-    import httpx
-    from starlette.applications import Starlette
-    from starlette.middleware import Middleware
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
+    import httpx  # heavy: httpx, only where HTTP is spoken
+    from starlette.applications import Starlette  # heavy: Starlette
+    from starlette.middleware import Middleware  # heavy: Starlette
+    from starlette.requests import Request  # heavy: Starlette
+    from starlette.responses import JSONResponse, Response  # heavy: Starlette
+    from starlette.routing import Route  # heavy: Starlette
 
-    from onerec.serve.guard import RequestGuard, read_body, read_capped
+    from onerec.serve.guard import RequestGuard, read_body, read_capped  # heavy: numpy, FastAPI
     from ops.rollout.canary import CanaryStats, is_recommendation
 
     state = {"upstream": None, "switches": 0, "canary": None}
@@ -106,7 +107,6 @@ def create_proxy_app(state_file: Path, token: str):
 
     async def admin_body(request: Request, what: str) -> dict | JSONResponse:
         """The JSON object of an admin call that carries the token, or the 401/413/400 answer."""
-        import hmac
 
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -245,7 +245,7 @@ def create_proxy_app(state_file: Path, token: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
+    import uvicorn  # heavy: uvicorn
 
     parser = argparse.ArgumentParser(prog="python -m ops.rollout.proxy", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO line per forwarded request
     args.state_file.parent.mkdir(parents=True, exist_ok=True)
-    from onerec.serve.guard import guarded_config
-    from onerec.serve.server import _log_config
+    from onerec.serve.guard import guarded_config  # heavy: numpy, FastAPI
+    from onerec.serve.server import _log_config  # heavy: numpy, FastAPI
 
     try:
         token = read_token(args.token_file)

@@ -87,7 +87,7 @@ def test_an_approver_approves_in_the_mlflow_ui_and_promote_serves_it(local_stack
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     cfg = PipelineConfig.from_env(env, overrides)
-    publish(str(trained_tiny.checkpoint_dir), cfg.s3_root, str(trained_tiny.calibration_path), "2026-01-01",
+    publish(cfg, str(trained_tiny.checkpoint_dir), str(trained_tiny.calibration_path), "2026-01-01",
             "20260101T000000Z")
     version = run_requantize(cfg)["version"]
     assert version is not None

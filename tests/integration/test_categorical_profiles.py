@@ -331,10 +331,11 @@ def test_unused_item_columns_are_ignored_and_logged(caplog):
     assert "column 'title' ignored" in caplog.text
 
 
-def test_publish_draws_the_calibration_table_from_a_data_folder(byod, monkeypatch):
+def test_publish_draws_the_calibration_table_from_a_data_folder(byod, monkeypatch, tmp_path):
     """S3 is faked here (the pipeline integration tests publish to a real moto server)."""
-    import tasks.checkpoints as checkpoints
+    import tasks.publish as checkpoints  # publish's S3 helpers (tasks.checkpoints), as publish sees them
     from onerec.errors import UserError
+    from tasks.config import PipelineConfig
     from tasks.publish import publish
 
     root, data, ckpt, _ = byod
@@ -351,7 +352,8 @@ def test_publish_draws_the_calibration_table_from_a_data_folder(byod, monkeypatc
     monkeypatch.setattr(checkpoints, "upload_file", upload_file)
     monkeypatch.setattr(checkpoints, "s3_exists", lambda client, uri: False)
     monkeypatch.setattr(checkpoints, "write_json", lambda client, uri, obj: uploaded.__setitem__(uri, obj))
-    result = publish(str(ckpt), "s3://bucket/prefix", str(data), "2026-01-02", "ckpt1", client=object())
+    cfg = PipelineConfig.from_env({}, {"s3_bucket": "bucket", "s3_prefix": "prefix", "state_dir": str(tmp_path)})
+    result = publish(cfg, str(ckpt), str(data), "2026-01-02", "ckpt1", client=object())
     uri = f"s3://bucket/prefix/calibration/2026-01-02/{result['calibration_sha256']}.parquet"
     assert result["calibration_uri"] == uri and result["calibration_source"]["kind"] == "drawn from data folder"
     assert uploaded["s3://bucket/prefix/calibration/2026-01-02/calibration.json"]["calibration_uri"] == uri

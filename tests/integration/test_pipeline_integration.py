@@ -100,7 +100,7 @@ def variant(checkpoint: Path, out: Path, tag: str) -> Path:
 def publish(cfg, checkpoint: Path, calibration: Path, checkpoint_id: str, date: str = "2026-01-01") -> dict:
     from tasks.publish import publish as publish_checkpoint
 
-    return publish_checkpoint(str(checkpoint), cfg.s3_root, str(calibration), date, checkpoint_id)
+    return publish_checkpoint(cfg, str(checkpoint), str(calibration), date, checkpoint_id)
 
 
 def versions(cfg) -> list:
@@ -183,7 +183,8 @@ def test_a_newest_input_that_failed_validation_is_skipped_by_later_runs_with_an_
     from ops.processes import free_port
     from ops.smtp_sink import MaildirHandler, read_mail
     from tasks.checkpoints import s3_client
-    from tasks.requantize import StepFailed, find_step, run_requantize
+    from tasks.errors import StepFailed
+    from tasks.requantize import find_step, run_requantize
 
     maildir = tmp_path / "mail"
     maildir.mkdir()
@@ -226,7 +227,8 @@ def test_a_newest_input_that_failed_validation_is_skipped_by_later_runs_with_an_
 def test_bad_calibration_data_stops_before_quantization(stack, tiny, tmp_path):
     import pandas as pd
 
-    from tasks.requantize import StepFailed, run_requantize
+    from tasks.errors import StepFailed
+    from tasks.requantize import run_requantize
 
     cfg = config(stack, "baddata")
     bad = pd.read_parquet(tiny.calibration_path)
@@ -249,11 +251,15 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     import pandas as pd
 
     from onerec.serve.registry import download_verified
+    from ops.processes import free_port
     from tasks.promote import promote_newest_approved
     from tasks.registry import client
     from tasks.requantize import run_requantize
 
-    cfg = config(stack, "happy", alert_webhook_url="https://hooks.example.com/T0/B0/webhook-secret-token")
+    # a serving port the environment does not name: the promote's configuration reaches the local rollout
+    serve_port = free_port()
+    cfg = config(stack, "happy", alert_webhook_url="https://hooks.example.com/T0/B0/webhook-secret-token",
+                 airflow_password="airflow-secret-password", local_serve_port=serve_port)
     done = publish(cfg, tiny.checkpoint_dir, tiny.calibration_path, "20260101T000000Z")
     result = run_requantize(cfg)
     # on CPU the latency gate cannot measure; the local config lets that pass, and the label says so
@@ -274,7 +280,7 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     from onerec.settings import secret_fields
 
     secrets = {field: getattr(cfg, field) for field in secret_fields(type(cfg))}
-    assert {"alert_webhook_url", "aws_access_key_id", "aws_secret_access_key"} <= set(secrets)
+    assert {"alert_webhook_url", "aws_access_key_id", "aws_secret_access_key", "airflow_password"} <= set(secrets)
     logged = {**run.data.params, **run.data.tags}
     for field, value in secrets.items():
         assert value, field  # set here, so its absence below means something
@@ -317,6 +323,7 @@ def test_happy_path_to_champion_then_idempotent_rerun(stack, tiny):
     served = httpx.post(f"{promoted['rollout']['url']}/v1/recommend",
                         json={"users": [{"history": requests["history"].iloc[0].tolist()}], "k": 3}, timeout=60)
     assert served.status_code == 200 and served.json()["model"]["version"] == version.version
+    assert promoted["rollout"]["url"] == f"http://127.0.0.1:{serve_port}"
 
     # the same checkpoint and recipe again: nothing new (no quantization, no version, no run), also
     # when the service account deleted the mirror tag `state` (it decides nothing)
@@ -715,9 +722,11 @@ def test_copies_and_hand_registered_versions_are_never_candidates(stack, tiny):
     from mlflow.exceptions import MlflowException
 
     from tasks.approval import NOT_REGISTERED_NOTE, review
+    from tasks.errors import StepFailed
     from tasks.promote import promote_newest_approved
-    from tasks.registry import client, find_existing
-    from tasks.requantize import StepFailed, run_requantize
+    from tasks.register import find_existing
+    from tasks.registry import client
+    from tasks.requantize import run_requantize
 
     cfg = config(stack, "copied")
     c = client(cfg)
@@ -860,7 +869,8 @@ def test_calibration_is_immutable_and_the_drift_reference_moves_only_on_approval
 
     from tasks.approval import review
     from tasks.checkpoints import find_latest_calibration, read_json, s3_client
-    from tasks.requantize import StepFailed, run_requantize
+    from tasks.errors import StepFailed
+    from tasks.requantize import run_requantize
 
     cfg = config(stack, "immutable", thresholds=FAIL_THRESHOLDS)
     s3 = s3_client(cfg)

@@ -69,12 +69,14 @@ def test_soak_64_clients_for_60_s_through_the_proxy_without_5xx_and_with_bounded
     import httpx
     import psutil
 
+    from onerec.settings import Settings
     from ops.processes import free_port
     from ops.rollout import local
 
     bench = load_module()
     model = random_tiny_checkpoint(tmp_path / "ckpt", seed=3)
-    deployed = local.deploy(str(model), "1", state_dir=tmp_path / "state", port=free_port(), device="cpu", threads=1)
+    settings = Settings(state_dir=str(tmp_path / "state"), local_serve_port=free_port())
+    deployed = local.deploy(settings, str(model), "1", device="cpu", threads=1)
     try:
         proxy = psutil.Process(httpx.get(deployed["url"] + "/_proxy/status", timeout=10).json()["pid"])
         proxy_rss = [proxy.memory_info().rss / 2**20]

@@ -191,7 +191,7 @@ def test_pipeline_through_s3_and_mlflow_crashes_then_racing_reruns(tmp_path, tra
         from tasks.publish import publish
 
         cfg = PipelineConfig.from_env(env)
-        publish(str(trained_tiny.checkpoint_dir), cfg.s3_root, str(trained_tiny.calibration_path), "2026-01-01",
+        publish(cfg, str(trained_tiny.checkpoint_dir), str(trained_tiny.calibration_path), "2026-01-01",
                 "20260101T000000Z")
         published = listing(env, f"{cfg.s3_prefix}/")
 
@@ -271,9 +271,9 @@ def test_lost_artifact_is_named_and_changes_nothing(tmp_path, s3_and_mlflow, mon
     from ops import rollout
     from ops.stack import stack_env
     from tasks.config import PipelineConfig
+    from tasks.errors import StepFailed
     from tasks.promote import alias_version, promote
     from tasks.registry import client
-    from tasks.requantize import StepFailed
     from tasks.rollback import rollback
 
     env = stack_env(s3_and_mlflow)

@@ -63,7 +63,8 @@ def test_swapped_weights_code_or_mlmodel_are_never_served(stack, tiny, tmp_path)
     from onerec.serve.app import ServerConfig, create_app
     from onerec.serve.registry import download_verified
     from tasks.checkpoints import s3_client
-    from tasks.provenance import ProvenanceError, verify_version
+    from tasks.errors import ProvenanceError
+    from tasks.provenance import verify_version
     from tasks.registry import client
     from tasks.requantize import run_requantize
 
@@ -116,7 +117,7 @@ def test_swapped_weights_code_or_mlmodel_are_never_served(stack, tiny, tmp_path)
     s3.put_object(Bucket=cfg.s3_bucket, Key=keys[code], Body=attacks["pyfunc code"][code])
     try:
         app = create_app(ServerConfig(model_uri=f"models:/{cfg.model_name}/{version}", model_digest=signed,
-                                      device="cpu", cache_dir=str(tmp_path / "cache-ready")))
+                                      device="cpu", cache_dir=str(tmp_path / "cache-ready"), settings=cfg))
         with TestClient(app) as http:
             for _ in range(600):
                 reply = http.get("/v2/health/ready")

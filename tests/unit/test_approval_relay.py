@@ -7,6 +7,7 @@ import time
 
 from starlette.testclient import TestClient
 
+from onerec.settings import Settings
 from ops.approval_relay import create_relay_app, signature
 
 SECRET = "s" * 40
@@ -23,7 +24,7 @@ def deliver(http: TestClient, delivery_id: str):
 
 def test_a_delivery_id_is_relayed_once():
     posted = []
-    with TestClient(create_relay_app(SECRET, None, post_event=lambda extra: posted.append(extra) or {"id": 1})) as http:
+    with TestClient(create_relay_app(SECRET, Settings(), post_event=lambda extra: posted.append(extra) or {"id": 1})) as http:
         answers = [deliver(http, "d-1").json() for _ in range(3)]
         assert answers[0] == {"relayed": True}
         assert answers[1] == answers[2] == {"relayed": False, "duplicate": True}
@@ -33,7 +34,7 @@ def test_a_delivery_id_is_relayed_once():
 
 def test_a_delivery_that_could_not_be_posted_is_relayed_when_it_comes_again():
     outcomes = [None, {"id": 1}]  # Airflow down at the first attempt
-    with TestClient(create_relay_app(SECRET, None, post_event=lambda extra: outcomes.pop(0))) as http:
+    with TestClient(create_relay_app(SECRET, Settings(), post_event=lambda extra: outcomes.pop(0))) as http:
         assert deliver(http, "d-1").json() == {"relayed": False}
         assert deliver(http, "d-1").json() == {"relayed": True}
     assert outcomes == []

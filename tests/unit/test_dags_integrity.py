@@ -141,7 +141,7 @@ def test_rollback_form_takes_what_the_form_sends_and_check_form_says_what_is_wro
     text); the first task refuses bad input in one line that names the field and what it takes."""
     import jsonschema
 
-    from tasks.requantize import StepFailed
+    from tasks.errors import StepFailed
     from tasks.rollback import rollback_request
 
     [params] = [dag["params"] for r in reports for dag_id, dag in r.get("dags", {}).items()

@@ -85,7 +85,7 @@ def test_held_out_positions_are_each_users_last_interactions_and_never_trained_o
 
 def test_semantic_ids_unique_deterministic_and_unknown_rows(small_data):
     ds = load_dataset(small_data)
-    table = build_semantic_ids(ds, codebook_size=8, seed=0)
+    table = build_semantic_ids(training_interactions(ds), codebook_size=8, seed=0, items_table=ds.items)
     assert table.dtype == np.int32 and table.shape == (SIZE["items"], 3)
     known = (table >= 0).all(1)
     train_items = set(training_interactions(ds)["item_id"])
@@ -93,10 +93,11 @@ def test_semantic_ids_unique_deterministic_and_unknown_rows(small_data):
     assert (table[~known] == -1).all()
     assert len(np.unique(table[known], axis=0)) == known.sum()
     assert table.max() < 8
-    assert np.array_equal(table, build_semantic_ids(ds, codebook_size=8, seed=0))
+    assert np.array_equal(table, build_semantic_ids(training_interactions(ds), codebook_size=8, seed=0,
+                                                    items_table=ds.items))
     index = SemanticIdIndex.build(table, 8)
     assert sorted(index.leaf_item.tolist()) == sorted(train_items)
-    # A DataFrame of interactions works too and may set a longer table.
+    # Without the items table, and a longer table.
     longer = build_semantic_ids(training_interactions(ds), codebook_size=8, seed=0, num_items=200)
     assert longer.shape == (200, 3) and (longer[SIZE["items"]:] == -1).all()
 
@@ -104,7 +105,7 @@ def test_semantic_ids_unique_deterministic_and_unknown_rows(small_data):
 def test_level_one_codes_group_similar_items(small_data):
     """Items sharing a first code should mostly share a synthetic topic (items.parquet category)."""
     ds = load_dataset(small_data)
-    table = build_semantic_ids(ds, codebook_size=8, seed=0, feature_weight=0.0)  # co-occurrence only
+    table = build_semantic_ids(training_interactions(ds), codebook_size=8, seed=0, feature_weight=0.0)  # co-occurrence only
     category = ds.items.set_index("item_id")["category"].reindex(range(len(table))).to_numpy()
     known = (table >= 0).all(1)
     frame = pd.DataFrame({"code": table[known, 0], "category": category[known]})

@@ -16,18 +16,22 @@ def test_outage_message_names_the_server_that_is_down(monkeypatch):
     from botocore.exceptions import EndpointConnectionError
     from mlflow.exceptions import MlflowException
 
-    from tasks.outages import outage_message
+    from onerec.settings import Settings
+    from tasks.outages import outage_message as message_with
 
     dead_s3, dead_mlflow = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("ONEREC_S3_ENDPOINT_URL", dead_s3)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead_mlflow)
+    settings = Settings(s3_endpoint_url=dead_s3, mlflow_tracking_uri=dead_mlflow)
+
+    def outage_message(exc):  # the step's configuration names the servers, not this process's environment
+        return message_with(exc, settings)
+
     s3 = outage_message(EndpointConnectionError(endpoint_url=f"{dead_s3}/onerec/x"))
     assert s3.startswith(f"S3 ({dead_s3}): Could not connect") and "\n" not in s3
     # MLflow proxies artifacts: with S3 down, the artifact request fails at MLflow, the cause is S3
     proxied = MlflowException("API request to .../mlflow-artifacts/artifacts/x failed with exception "
                               "HTTPConnectionPool(...): Max retries exceeded\nmore lines")
     assert outage_message(proxied).startswith(f"S3 unreachable at {dead_s3}")
-    monkeypatch.setenv("ONEREC_S3_ENDPOINT_URL", "")
+    settings = Settings(mlflow_tracking_uri=dead_mlflow)  # no S3 endpoint configured: MLflow is the one down
     assert outage_message(proxied) == f"MLflow unreachable at {dead_mlflow} after retries"
     assert outage_message(requests.exceptions.ConnectionError("refused")).startswith("MLflow unreachable")
     assert outage_message(MlflowException("RESOURCE_DOES_NOT_EXIST: no run\nx")) == (
@@ -61,7 +65,7 @@ def test_racing_registrations_leave_the_oldest_version(monkeypatch):
 
     cfg = SimpleNamespace(model_name="m")
     # every version here has no state record: the runs that created them are still registering
-    monkeypatch.setattr("tasks.registry.abandoned_registration", lambda cfg, c, mv: None)
+    monkeypatch.setattr("tasks.registration_claim.abandoned_registration", lambda cfg, c, mv: None)
     registry = FakeRegistry()
     tags = {"checkpoint_sha256": "abc", "recipe": "fp8_dynamic"}
     other = registry.create({"checkpoint_sha256": "def", "recipe": "fp8_dynamic"})

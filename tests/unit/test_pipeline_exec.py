@@ -1,17 +1,22 @@
 """The requantize DAG's GPU steps exactly as its Kubernetes pods run them, here on CPU.
 
-The DAG is parsed in its kubernetes mode; each pod's `onerec-fp8 ...` command is rendered with the
-earlier steps' results as Airflow renders it, and run as a subprocess: quantize, then the quality
-gate (on CPU, with its duration) and the latency gate (no FP8 GPU: measurable false, with its
-duration). The work folder is laid out as the fetch step leaves it.
+The DAG is parsed in its kubernetes mode with an Airflow Variable `onerec_fp8_config` set (through
+Airflow's environment-variable secrets backend); each pod's `onerec-fp8 ...` command is rendered
+with the earlier steps' results and the worker's configuration (the DAG's macro) as Airflow renders
+it, and run as a subprocess whose environment has no Variable and contrary values: quantize, then
+the quality gate (on CPU, with its duration) and the latency gate (no FP8 GPU: measurable false,
+with its duration). Each pod ran with the worker's effective configuration. The work folder is laid
+out as the fetch step leaves it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import jinja2
@@ -27,20 +32,31 @@ from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(sys.argv[1])
 assert not bag.import_errors, bag.import_errors
 dag = bag.dags["onerec_fp8_requantize"]
-print(json.dumps({t.task_id: [*t.cmds, *t.arguments] for t in dag.tasks if type(t).__name__ == "KubernetesPodOperator"}))
+pods = {t.task_id: [*t.cmds, *t.arguments] for t in dag.tasks if type(t).__name__ == "KubernetesPodOperator"}
+# the worker's side of the render: the DAG's macro, as Airflow calls it when a pod starts
+print(json.dumps({"pods": pods, "config": dag.user_defined_macros["onerec_config_json"]()}))
 """
+# The Variable's overrides: thresholds that let a random tiny model pass
+VARIABLE = {"quality_gate": {"max_relative_recall_drop": 1.0, "max_relative_ndcg_drop": 1.0, "min_topk_overlap": 0.0,
+                            "beam_size": 8}}
 
 
 @pytest.fixture(scope="module")
-def pod_commands(tmp_path_factory) -> dict[str, list[str]]:
+def worker(tmp_path_factory, fetched) -> dict:
+    """The parsed DAG's pod commands and the worker's configuration JSON, with the Variable set."""
     home = tmp_path_factory.mktemp("airflow_home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "ONEREC_", "MLFLOW_"))}
     env.update(AIRFLOW_HOME=str(home), AIRFLOW__CORE__LOAD_EXAMPLES="False", ONEREC_GPU_EXECUTOR="kubernetes",
+               ONEREC_STATE_DIR=state_dir_of(fetched), AIRFLOW_VAR_ONEREC_FP8_CONFIG=json.dumps(VARIABLE),
                PYTHONPATH=os.pathsep.join([str(REPO / "dags"), str(REPO)]))
     done = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "dags" / "onerec_fp8_requantize.py")],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def state_dir_of(fetched: dict) -> str:
+    return str(Path(fetched["work_dir"]).parents[1])
 
 
 @pytest.fixture(scope="module")
@@ -67,21 +83,24 @@ def fetched(tmp_path_factory) -> dict:
             "work_dir": str(work), "report_dir": str(work / "reports"), "skipped": [], "files": 4, "reused": False}
 
 
-def run_pod(command: list[str], xcom: dict, tmp_path: Path, state_dir: str) -> dict:
-    """Render the pod's command as Airflow does (xcom_pull | tojson) and run it; the XCom file is the result."""
+def run_pod(command: list[str], xcom: dict, config: str, tmp_path: Path, state_dir: str) -> dict:
+    """Render the pod's command as Airflow does (xcom_pull | tojson, the config macro) and run it in
+    a pod-like environment (the Secret's variables only, here contrary to the Variable); the XCom
+    file is the result."""
 
     class TaskInstance:
         @staticmethod
         def xcom_pull(task_ids: str):
             return xcom[task_ids]
 
-    rendered = [jinja2.Environment().from_string(arg).render(ti=TaskInstance) for arg in command]
+    rendered = [jinja2.Environment().from_string(arg).render(ti=TaskInstance, onerec_config_json=lambda: config)
+                for arg in command]
     assert rendered[0] == "onerec-fp8"
     xcom_file = tmp_path / "return.json"
     rendered[rendered.index("--xcom-file") + 1] = str(xcom_file)
-    env = {**os.environ, "ONEREC_STATE_DIR": state_dir,
-           "ONEREC_QUALITY_GATE": json.dumps({"max_relative_recall_drop": 1.0, "max_relative_ndcg_drop": 1.0,
-                                               "min_topk_overlap": 0.0, "beam_size": 8})}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "ONEREC_", "MLFLOW_"))}
+    env.update(ONEREC_STATE_DIR=state_dir, ONEREC_QUALITY_EVAL_REQUESTS="8",
+               ONEREC_QUALITY_GATE=json.dumps({"max_relative_recall_drop": 0.0, "beam_size": 4}))
     done = subprocess.run([sys.executable, "-m", "onerec_fp8.cli", *rendered[1:]], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
     assert done.returncode in (0, 3), done.stderr[-3000:]
@@ -90,25 +109,55 @@ def run_pod(command: list[str], xcom: dict, tmp_path: Path, state_dir: str) -> d
     return result
 
 
-def test_gpu_steps_run_as_the_pods_run_them(pod_commands, fetched, tmp_path):
-    assert set(pod_commands) == {"quantize", "quality_gate", "latency_gate"}
-    state_dir = str(Path(fetched["work_dir"]).parents[1])
-    xcom = {"fetch": fetched}
-    xcom["quantize"] = quantized = run_pod(pod_commands["quantize"], xcom, tmp_path, state_dir)
-    assert Path(quantized["quantized_dir"], "recipe.json").is_file() and quantized["eval_rows"] > 0
+def test_gpu_steps_run_as_the_pods_run_them(worker, fetched, tmp_path):
+    from onerec.gate_verdict import GateVerdict
+    from tasks.config import PipelineConfig, config_sha256
+    from tasks.requantize import require_same_config
 
-    quality = run_pod(pod_commands["quality_gate"], xcom, tmp_path, state_dir)
-    assert quality["gate"] == "quality" and quality["passed"] is True
-    assert quality["config"]["device"] == "cpu"  # "auto" resolved: no CUDA here
-    assert quality["duration_s"] > 0
+    pods, config = worker["pods"], worker["config"]
+    assert set(pods) == {"quantize", "quality_gate", "latency_gate"}
+    assert json.loads(config)["quality_gate"]["beam_size"] == 8  # the worker's config has the Variable in it
+    worker_sha256 = hashlib.sha256(config.encode()).hexdigest()
+    state_dir = state_dir_of(fetched)
+    xcom = {"fetch": fetched}
+    xcom["quantize"] = quantized = run_pod(pods["quantize"], xcom, config, tmp_path, state_dir)
+    assert Path(quantized["quantized_dir"], "recipe.json").is_file() and quantized["eval_rows"] > 0
+    assert quantized["eval_rows"] == 24  # the worker's default (all 24 held-out users), not the pod env's 8
+
+    quality = GateVerdict.from_dict(run_pod(pods["quality_gate"], xcom, config, tmp_path, state_dir))
+    assert quality.gate == "quality" and quality.passed
+    assert quality.device == "cpu"  # "auto" resolved: no CUDA here
+    assert quality.duration_s > 0
     reports = Path(fetched["report_dir"])
-    assert json.loads((reports / "quality_gate.json").read_text())["duration_s"] == quality["duration_s"]
+    report = json.loads((reports / "quality_gate.json").read_text())  # the full report the verdict was read from
+    assert quality.report_json == str(reports / "quality_gate.json") and report["duration_s"] == quality.duration_s
+    assert report["config"]["beam_size"] == 8 and report["config"]["max_relative_recall_drop"] == 1.0
     assert (reports / "quality_gate.png").is_file() and not (reports / "quality_gate").exists()
 
-    latency = run_pod(pod_commands["latency_gate"], xcom, tmp_path, state_dir)
-    assert latency["gate"] == "latency" and latency["measurable"] is False and latency["passed"] is None
-    assert "duration_s" in latency
+    latency = GateVerdict.from_dict(run_pod(pods["latency_gate"], xcom, config, tmp_path, state_dir))
+    assert latency.gate == "latency" and latency.outcome == "unmeasured" and not latency.measured
+    assert latency.duration_s is not None
     assert json.loads((reports / "latency_gate.json").read_text())["measurable"] is False
+
+    # every pod ran with the worker's effective configuration, and the register step (in the worker,
+    # with the same environment and Variable) checks exactly that
+    assert {quantized["config_sha256"], quality.config_sha256, latency.config_sha256} == {worker_sha256}
+    worker_cfg = PipelineConfig.from_env({"ONEREC_STATE_DIR": state_dir, "ONEREC_GPU_EXECUTOR": "kubernetes"}, VARIABLE)
+    assert config_sha256(worker_cfg) == worker_sha256
+    require_same_config(worker_cfg, quantize=quantized["config_sha256"], quality_gate=quality.config_sha256,
+                        latency_gate=latency.config_sha256)
+
+
+def test_register_refuses_gpu_results_of_another_configuration():
+    from onerec.errors import UserError
+    from tasks.config import PipelineConfig, config_sha256
+    from tasks.requantize import require_same_config
+
+    cfg = PipelineConfig.from_env({}, {"state_dir": "/srv/onerec"})
+    ours, other = config_sha256(cfg), config_sha256(replace(cfg, recipe="fp8_static"))
+    require_same_config(cfg, quantize=ours, quality_gate=ours, latency_gate=ours)
+    with pytest.raises(UserError, match=r"step\(s\) \['latency_gate'\] ran with another configuration"):
+        require_same_config(cfg, quantize=ours, quality_gate=ours, latency_gate=other)
 
 
 def test_exec_rejects_inputs_that_are_not_the_steps(fetched, tmp_path):

@@ -76,7 +76,7 @@ def test_every_secret_field_is_left_out_of_what_runs_log():
     from tasks.config import PipelineConfig
 
     fields = secret_fields(PipelineConfig)
-    assert set(fields) == {"aws_access_key_id", "aws_secret_access_key", "alert_webhook_url"}
+    assert set(fields) == {"aws_access_key_id", "aws_secret_access_key", "alert_webhook_url", "airflow_password"}
     cfg = PipelineConfig.from_env({}, {field: f"https://example.com/{field}-token" for field in fields})
     logged = json.dumps(cfg.to_dict(), default=str)
     for field in fields:
@@ -245,45 +245,81 @@ def test_data_docs_open_styled_with_no_network(tmp_path, checkpoint):
 # --- gates, metrics, adapters -------------------------------------------------------------------------
 
 
-def test_gates_passed_policy():
-    from tasks.registry import gates_passed
+def verdict(gate: str, outcome: str, reason: str = "", **fields):
+    from onerec.gate_verdict import GateVerdict
 
-    ok_quality = {"passed": True}
-    assert gates_passed({"quality": ok_quality, "latency": {"measurable": True, "passed": True}}, True)
-    assert not gates_passed({"quality": {"passed": False}, "latency": {"measurable": True, "passed": True}}, False)
-    assert not gates_passed({"quality": ok_quality, "latency": {"measurable": True, "passed": False}}, False)
-    unmeasured = {"quality": ok_quality, "latency": {"measurable": False, "reason": "no CUDA"}}
-    assert not gates_passed(unmeasured, latency_gate_blocking=True)  # production
-    assert gates_passed(unmeasured, latency_gate_blocking=False)  # the CPU demo
+    return GateVerdict(gate=gate, outcome=outcome, reason=reason, **fields)
+
+
+def gates_of(quality, latency):
+    from tasks.gates import Gates, Validation
+
+    return Gates(quality, latency, Validation(passed=True, rows=10))
+
+
+def test_gates_passed_policy():
+    ok_quality = verdict("quality", "passed")
+    measured_ok = verdict("latency", "passed")
+    assert gates_of(ok_quality, measured_ok).passed(True)
+    assert not gates_of(verdict("quality", "failed"), measured_ok).passed(False)
+    assert not gates_of(ok_quality, verdict("latency", "failed")).passed(False)
+    unmeasured = gates_of(ok_quality, verdict("latency", "unmeasured", "no CUDA"))
+    assert not unmeasured.passed(latency_gate_blocking=True)  # production
+    assert unmeasured.passed(latency_gate_blocking=False)  # the CPU demo
+
+
+def test_a_gate_verdict_is_read_once_from_its_report_and_travels_as_versioned_json():
+    from onerec.errors import UserError
+    from onerec.gate_verdict import GateVerdict
+
+    report = {"gate": "quality", "passed": False, "verdict": "inconclusive", "reason": "too few users",
+              "users_needed": 900, "positions": 10, "config": {"device": "cpu", "beam_size": 8},
+              "metric_verdicts": {"recall@10": "inconclusive"},
+              "intervals": {"recall@10": {"estimate": -0.03, "low": -0.091, "high": 0.029, "margin": 0.05,
+                                          "confidence": 0.95, "num_users": 40}}}
+    quality = GateVerdict.of_report(report)
+    assert (quality.outcome, quality.reason, quality.device, quality.positions) == (
+        "inconclusive", "too few users", "cpu", 10)
+    assert quality.intervals[0].metric == "recall@10" and quality.intervals[0].low == -0.091
+    assert quality.figures["users_needed"] == 900 and "config.beam_size" not in quality.figures  # settings left out
+    assert GateVerdict.from_dict(json.loads(json.dumps(quality.to_dict()))) == quality
+    unmeasured = GateVerdict.of_report({"gate": "latency", "measurable": False, "reason": "no GPU", "passed": None})
+    assert unmeasured.outcome == "unmeasured" and not unmeasured.measured and unmeasured.exit_code == 0
+    with pytest.raises(UserError, match="schema version 0"):
+        GateVerdict.from_dict({**quality.to_dict(), "schema_version": 0})
+    with pytest.raises(UserError, match=r"unknown field\(s\) \['passed'\]"):
+        GateVerdict.from_dict({**quality.to_dict(), "passed": True})
+    with pytest.raises(UserError, match="outcome must be one of"):
+        GateVerdict.from_dict({**quality.to_dict(), "outcome": "maybe"})
 
 
 def test_an_inconclusive_quality_gate_registers_nothing_and_says_why(monkeypatch, capsys):
     """The registration step's decision (the Airflow run of it is the integration tests' job)."""
     import onerec.quant.quality_gate as quality_gate
+    from onerec.gate_verdict import MetricInterval
     from onerec_fp8.cli import main
-    from tasks.registry import gate_metrics, gates_outcome, gates_passed
 
-    latency = {"measurable": True, "passed": True}
+    latency = verdict("latency", "passed")
     reason = "inconclusive on 40 users: recall@10 -3.00% [-9.10%, +2.90%] (margin -5%); about 900 users would decide it"
-    quality = {"passed": False, "verdict": "inconclusive", "reason": reason, "users_needed": 900,
-               "intervals": {"recall@10": {"estimate": -0.03, "low": -0.091, "high": 0.029}}}
-    gates = {"quality": quality, "latency": latency}
-    assert not gates_passed(gates, latency_gate_blocking=False)
-    assert gates_outcome(gates, False) == ("inconclusive", f"quality gate inconclusive: {reason}")
-    failed = {"quality": {"passed": False, "verdict": "failed", "reason": "failed topk_overlap: ..."}, "latency": latency}
-    assert gates_outcome(failed, False) == ("failed", "quality gate failed: failed topk_overlap: ...")
-    unmeasured = {"quality": {"passed": True, "verdict": "passed"}, "latency": {"measurable": False, "reason": "no GPU"}}
-    assert gates_outcome(unmeasured, True) == ("unmeasured", "latency gate could not measure (no GPU) and blocks")
-    assert gates_outcome({"quality": {"passed": True, "verdict": "passed"}, "latency": latency}, False)[0] == "passed"
+    quality = verdict("quality", "inconclusive", reason, figures={"users_needed": 900.0, "intervals.recall@10.low": -0.091},
+                      intervals=(MetricInterval("recall@10", "inconclusive", -0.03, -0.091, 0.029),))
+    gates = gates_of(quality, latency)
+    assert not gates.passed(latency_gate_blocking=False)
+    assert gates.outcome(False) == ("inconclusive", f"quality gate inconclusive: {reason}")
+    failed = gates_of(verdict("quality", "failed", "failed topk_overlap: ..."), latency)
+    assert failed.outcome(False) == ("failed", "quality gate failed: failed topk_overlap: ...")
+    unmeasured = gates_of(verdict("quality", "passed"), verdict("latency", "unmeasured", "no GPU"))
+    assert unmeasured.outcome(True) == ("unmeasured", "latency gate could not measure (no GPU) and blocks")
+    assert gates_of(verdict("quality", "passed"), latency).outcome(False)[0] == "passed"
     # the interval bounds become run metrics
-    assert gate_metrics(gates)["quality.intervals.recall_at_10.low"] == -0.091
+    assert gates.metrics()["quality.intervals.recall_at_10.low"] == -0.091
     # the CLI: 3 = failed, 4 = inconclusive, so a script can tell them apart
     argv = ["gate", "quality", "--checkpoint", "c", "--quantized", "q", "--data", "d"]
-    for verdict, code in (("inconclusive", 4), ("failed", 3), ("passed", 0)):
+    for outcome, code in (("inconclusive", 4), ("failed", 3), ("passed", 0)):
         monkeypatch.setattr(quality_gate, "run_quality_gate",
-                            lambda *a, v=verdict, **k: {"passed": v == "passed", "verdict": v})
+                            lambda *a, v=outcome, **k: {"gate": "quality", "passed": v == "passed", "verdict": v})
         assert main(argv) == code
-        assert json.loads(capsys.readouterr().out)["verdict"] == verdict
+        assert json.loads(capsys.readouterr().out)["verdict"] == outcome
 
 
 def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path, monkeypatch):
@@ -291,6 +327,7 @@ def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path,
     tagged with the outcome and the reason; no model version, no alias."""
     from mlflow import MlflowClient
 
+    from tasks.config import config_sha256
     from tasks.requantize import register_step
 
     monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
@@ -304,12 +341,14 @@ def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path,
                "checkpoint_sha256": "a" * 64, "calibration_uri": "s3://b/cal.parquet",
                "calibration_path": str(tmp_path / "cal.parquet"), "calibration_sha256": "b" * 64,
                "work_dir": str(tmp_path), "report_dir": str(reports)}
+    ran_with = {"config_sha256": config_sha256(cfg)}  # the GPU steps ran with the register step's config
     quantized = {"quantized_dir": str(tmp_path / "q"), "recipe": "fp8_dynamic", "reused": False,
-                 "calibrate_path": "c", "eval_path": "e", "eval_data_dir": "d", "calibrate_rows": 1, "eval_rows": 1}
+                 "calibrate_path": "c", "eval_path": "e", "eval_data_dir": "d", "calibrate_rows": 1, "eval_rows": 1,
+                 **ran_with}
     reason = "inconclusive on 40 users: recall@10 -3.00% [-9.10%, +2.90%] (margin -5%); about 900 users would decide it"
-    quality = {"passed": False, "verdict": "inconclusive", "reason": reason, "users_needed": 900}
-    result = register_step(cfg, fetched, quantized, quality, {"measurable": False, "reason": "no GPU"},
-                           {"passed": True, "rows": 10})
+    quality = verdict("quality", "inconclusive", reason, figures={"users_needed": 900.0}, **ran_with).to_dict()
+    no_gpu = verdict("latency", "unmeasured", "no GPU", **ran_with).to_dict()
+    result = register_step(cfg, fetched, quantized, quality, no_gpu, {"passed": True, "rows": 10})
     assert result["registered"] is False and result["version"] is None and result["gates"] == "inconclusive"
     assert result["reason"] == f"quality gate inconclusive: {reason}"
     c = MlflowClient(uri, registry_uri=uri)  # this process may have set a registry URI for another server
@@ -320,25 +359,31 @@ def test_the_register_step_logs_an_inconclusive_gate_without_a_version(tmp_path,
     assert {a.path for a in c.list_artifacts(run.info.run_id, "reports")} >= {"reports/quality_gate.json"}
     assert c.search_model_versions(f"name='{cfg.model_name}'") == []
     # the same inputs are not gated again; a latency gate that could not measure is retried
-    from tasks.registry import find_existing
+    from tasks.register import find_existing
 
     existing = find_existing(cfg, "a" * 64, "fp8_dynamic", "b" * 64)
     assert existing == {"status": "inconclusive", "run_id": result["run_id"]}
     cfg = PipelineConfig.from_env({}, {"mlflow_tracking_uri": uri, "state_dir": str(tmp_path),
                                        "latency_gate_blocking": True})
-    unmeasured = register_step(cfg, {**fetched, "checkpoint_sha256": "c" * 64}, quantized,
-                               {"passed": True, "verdict": "passed"}, {"measurable": False, "reason": "no GPU"},
+    ran_with = {"config_sha256": config_sha256(cfg)}
+    unmeasured = register_step(cfg, {**fetched, "checkpoint_sha256": "c" * 64}, {**quantized, **ran_with},
+                               verdict("quality", "passed", **ran_with).to_dict(),
+                               verdict("latency", "unmeasured", "no GPU", **ran_with).to_dict(),
                                {"passed": True, "rows": 10})
     assert unmeasured["registered"] is False and unmeasured["gates"] == "unmeasured"
     assert find_existing(cfg, "c" * 64, "fp8_dynamic", "b" * 64) is None
 
 
 def test_gate_metrics_flatten_every_number():
-    from tasks.registry import gate_metrics
+    from onerec.gate_verdict import GateVerdict
 
-    m = gate_metrics({"quality": {"passed": True, "bf16_recall@10": 0.5, "kl_per_level": [1, 2], "recipe": "x",
-                                  "nested": {"p50_ms": 3}}, "latency": {"ratio": float("nan")}})
-    assert m == {"quality.passed": 1.0, "quality.bf16_recall_at_10": 0.5, "quality.nested.p50_ms": 3.0}
+    quality = GateVerdict.of_report({"gate": "quality", "verdict": "passed", "passed": True, "bf16_recall@10": 0.5,
+                                     "kl_per_level": [1, 2], "recipe": "x", "nested": {"p50_ms": 3},
+                                     "thresholds": {"max": 1}})
+    latency = GateVerdict.of_report({"gate": "latency", "measurable": True, "passed": True, "ratio": float("nan")})
+    assert gates_of(quality, latency).metrics() == {
+        "quality.passed": 1.0, "quality.bf16_recall_at_10": 0.5, "quality.nested.p50_ms": 3.0,
+        "latency.measurable": 1.0, "latency.passed": 1.0, "validation.passed": 1.0, "validation.rows": 10.0}
 
 
 def test_requests_as_data_folder_has_those_requests_as_its_test_split(tmp_path):
@@ -393,14 +438,16 @@ def test_approval_values_are_case_and_space_tolerant():
 
 
 def test_gates_label_and_reviewer_description(tmp_path):
+    from onerec.gate_verdict import MetricInterval
     from tasks.config import PipelineConfig
-    from tasks.review_page import gates_label, version_description
+    from tasks.review_page import version_description
 
-    quality = {"passed": True, "num_users": 32, "top10_overlap": 0.96, "relative_recall@10_change": -0.004}
-    unmeasured = {"quality": quality, "latency": {"measurable": False, "reason": "no CUDA GPU is visible"}}
-    measured = {"quality": quality, "latency": {"measurable": True, "passed": True, "latency_ratio": 0.81,
-                                                "throughput_ratio": 1.3, "device": "H100"}}
-    assert gates_label(unmeasured) == "passed-latency-unmeasured" and gates_label(measured) == "passed"
+    figures = {"num_users": 32.0, "top10_overlap": 0.96, "relative_recall@10_change": -0.004}
+    quality = verdict("quality", "passed", figures=figures)
+    unmeasured = gates_of(quality, verdict("latency", "unmeasured", "no CUDA GPU is visible"))
+    measured = gates_of(quality, verdict("latency", "passed", figures={"latency_ratio": 0.81, "throughput_ratio": 1.3},
+                                         device="H100"))
+    assert unmeasured.label == "passed-latency-unmeasured" and measured.label == "passed"
     (tmp_path / "recipe.json").write_text(json.dumps({"excluded": {"lm_head": "sensitive (SQNR 12 dB)"}}))
     cfg = PipelineConfig(latency_gate_blocking=False)
     text = version_description(cfg, unmeasured, tmp_path, "7", "run1", "http://mlflow")
@@ -409,11 +456,10 @@ def test_gates_label_and_reviewer_description(tmp_path):
     assert "[quality plot](http://mlflow/#/experiments/7/runs/run1/artifacts/reports/quality_gate.png)" in text
     assert "Promote model" in text and "the pencil on the row `approval`" in text
     assert "p50 0.81, throughput 1.3 on H100" in version_description(cfg, measured, tmp_path, "7", "r", None)
-    quality |= {"positions": 10, "metric_verdicts": {"recall@10": "passed", "ndcg@10": "inconclusive"},
-                "intervals": {"recall@10": {"estimate": -0.004, "low": -0.0213, "high": 0.0131, "margin": 0.05,
-                                            "confidence": 0.95, "num_users": 32},
-                              "ndcg@10": {"estimate": None, "low": None, "high": None, "margin": 0.05,
-                                          "num_users": 32}}}
+    quality = verdict("quality", "passed", figures=figures, positions=10, intervals=(
+        MetricInterval("ndcg@10", "inconclusive", margin=0.05, num_users=32),
+        MetricInterval("recall@10", "passed", -0.004, -0.0213, 0.0131, 0.95, 0.05, 32)))
+    measured = gates_of(quality, measured.latency)
     text = version_description(cfg, measured, tmp_path, "7", "r", None)
     assert ("  - recall@10: PASSED, -0.40% [-2.13%, +1.31%] (95% interval), margin -5%, on 32 users x 10 positions"
             in text.splitlines())
@@ -424,7 +470,8 @@ def test_provenance_signature_binds_every_field_and_the_key_stays_private(tmp_pa
     import os
 
     from tasks.config import PipelineConfig
-    from tasks.provenance import ProvenanceError, evidence, load_key, sign, verifies
+    from tasks.errors import ProvenanceError
+    from tasks.provenance import evidence, load_key, sign, verifies
 
     cfg = PipelineConfig(state_dir=str(tmp_path))
     with pytest.raises(ProvenanceError, match="no provenance key"):
@@ -448,7 +495,7 @@ def test_provenance_signature_binds_every_field_and_the_key_stays_private(tmp_pa
 def test_a_rollback_version_out_of_the_registry_range_is_refused_before_any_call():
     """23 digits would reach MLflow as an overflow (500, retried); refused at once, one line, no client used."""
     from tasks.config import PipelineConfig
-    from tasks.requantize import StepFailed
+    from tasks.errors import StepFailed
     from tasks.rollback import rollback
 
     cfg = PipelineConfig.from_env({})
@@ -470,7 +517,8 @@ def test_failure_mail_names_dag_task_run_error_and_link():
 
 
 def test_gates_that_did_not_pass_fail_the_register_task_with_the_runs_link():
-    from tasks.requantize import StepFailed, require_candidate
+    from tasks.errors import StepFailed
+    from tasks.requantize import require_candidate
 
     registered = {"registered": True, "version": "3"}
     assert require_candidate(registered) is registered

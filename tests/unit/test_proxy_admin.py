@@ -41,7 +41,8 @@ def test_proxy_refuses_a_token_file_others_can_read(tmp_path):
 def test_every_secret_reader_refuses_files_others_can_read_and_short_secrets(tmp_path):
     """The relay's webhook secret and the provenance key go through the same check as the token."""
     from tasks.config import PipelineConfig
-    from tasks.provenance import ProvenanceError, load_key
+    from tasks.errors import ProvenanceError
+    from tasks.provenance import load_key
 
     secret = tmp_path / "secret"
     secret.write_text("s" * 40)

@@ -12,7 +12,7 @@ import mlflow
 import pandas as pd
 from packaging.requirements import Requirement
 
-from tasks.registry import DISTRIBUTION, pyfunc_model
+from tasks.register import DISTRIBUTION, pyfunc_model
 
 # the load, in an interpreter that cannot import this package (isolated mode, and the editable
 # install's import hook removed): only the model's own code/ folder can provide `onerec`

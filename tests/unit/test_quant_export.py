@@ -145,7 +145,7 @@ def test_folder_written_with_the_retired_attention_field_loads_for_bf16_and_is_r
 
 
 def test_load_model_folder_takes_either_kind_of_folder(trained_tiny, quantized_dir, tmp_path):
-    from onerec.checkpoint import load_model_folder
+    from onerec.quant.export import load_model_folder
 
     qdir, _ = quantized_dir
     model, table, recipe = load_model_folder(trained_tiny.checkpoint_dir, dtype=torch.bfloat16)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from onerec.settings import Settings
 from ops import rollout
 from ops.processes import free_port
 from ops.rollout import helm
@@ -28,9 +29,12 @@ def unreachable_kubeconfig(tmp_path, monkeypatch):
 
 
 def test_dry_run_renders_the_pinned_version(unreachable_kubeconfig, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    result = rollout.deploy("models:/onerec-v2-fp8@champion", 9, target="helm", kubeconfig=unreachable_kubeconfig,
-                            release="recs", namespace="serving", dry_run=True, digest="d" * 64)
+    # the promote's configuration decides release, namespace and tracking URI, not this process's environment
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://not-this-one.example:5000")
+    monkeypatch.setenv("ONEREC_HELM_RELEASE", "not-this-release")
+    settings = Settings(rollout_target="helm", kubeconfig=unreachable_kubeconfig, helm_release="recs",
+                        helm_namespace="serving", mlflow_tracking_uri="http://mlflow.example:5000")
+    result = rollout.deploy(settings, "models:/onerec-v2-fp8@champion", 9, dry_run=True, digest="d" * 64)
     assert result["engine"] == "helm-python-sdk" and result["revision"] == 1 and result["dry_run"]
     assert result["model_uri"] == "models:/onerec-v2-fp8/9"  # an alias is pinned before it ships
     assert result["url"] == "http://recs-onerec-serving.serving.svc.cluster.local"
@@ -42,12 +46,13 @@ def test_dry_run_renders_the_pinned_version(unreachable_kubeconfig, monkeypatch)
 
 
 def test_failed_rollout_and_rollback_raise(unreachable_kubeconfig):
+    settings = Settings(rollout_target="helm", kubeconfig=unreachable_kubeconfig)
     with pytest.raises(rollout.RolloutError, match="unreachable"):
-        rollout.deploy("models:/onerec-v2-fp8/3", "3", target="helm", kubeconfig=unreachable_kubeconfig, timeout_s=30)
+        rollout.deploy(settings, "models:/onerec-v2-fp8/3", "3", timeout_s=30)
     with pytest.raises(rollout.RolloutError, match="unreachable"):
-        rollout.rollback(target="helm", kubeconfig=unreachable_kubeconfig)
+        rollout.rollback(settings)
     with pytest.raises(rollout.RolloutError):
-        rollout.status(target="helm", kubeconfig=unreachable_kubeconfig)
+        rollout.status(settings)
 
 
 def test_previous_good_revision_skips_failed_ones():

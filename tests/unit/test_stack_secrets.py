@@ -33,7 +33,7 @@ def test_an_unexpected_error_during_a_start_is_one_line_naming_the_service_and_i
 
     monkeypatch.setitem(stack._STARTERS, "relay", webhook_list_fails)
     with pytest.raises(UserError) as failed:
-        stack._start_timed(stack.StackConfig(state_dir=tmp_path), "relay", 1, {})
+        stack._start_timed(stack.StackConfig.from_env({}, state_dir=tmp_path), "relay", 1, {})
     message = str(failed.value)
     assert message.startswith("relay did not start (RuntimeError: Server error '500")
     assert str(tmp_path / "logs" / "relay.log") in message and str(tmp_path / "logs" / "mlflow.log") in message
@@ -43,13 +43,11 @@ def test_an_unexpected_error_during_a_start_is_one_line_naming_the_service_and_i
 def test_the_ports_of_the_last_start_come_back_after_a_down(tmp_path, monkeypatch):
     from ops import stack
 
-    for service in stack.SERVICES:
-        monkeypatch.delenv(stack.PORT_ENV[service], raising=False)
-    cfg = stack.StackConfig(state_dir=tmp_path)
+    cfg = stack.StackConfig.from_env({}, state_dir=tmp_path)
     assert stack._resolve_ports(cfg) == stack.DEFAULT_PORTS
     (tmp_path / "ports.json").write_text('{"s3": 19000, "mlflow": 15000}')
     ports = stack._resolve_ports(cfg)
     assert (ports["s3"], ports["mlflow"], ports["airflow"]) == (19000, 15000, stack.DEFAULT_PORTS["airflow"])
-    monkeypatch.setenv(stack.PORT_ENV["s3"], "19999")  # the environment still decides over the last start
-    assert stack._resolve_ports(cfg)["s3"] == 19999
-    assert stack._resolve_ports(stack.StackConfig(state_dir=tmp_path, ports={"mlflow": 15555}))["mlflow"] == 15555
+    # the environment still decides over the last start
+    assert stack._resolve_ports(stack.StackConfig.from_env({stack.PORT_ENV["s3"]: "19999"}, state_dir=tmp_path))["s3"] == 19999
+    assert stack._resolve_ports(stack.StackConfig.from_env({}, state_dir=tmp_path, ports={"mlflow": 15555}))["mlflow"] == 15555
