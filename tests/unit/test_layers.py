@@ -25,12 +25,8 @@ FORBIDDEN = {
 }
 CODE_DIRS = ("onerec", "ops", "tasks", "onerec_fp8", "dags", "bench", "tests")
 DOC_DIRS = ("docs", "bench", "mlflow_config", "helm", "containers")
-# Import loops still allowed, each exactly as it is (a loop that grows or a new one fails):
-# the model's MoE layer and the fused-MoE kernels import each other until the engine converts the
-# model for serving with its own module classes; then this entry goes.
-ALLOWED_LOOPS = (
-    frozenset({"onerec.model", "onerec.kernels", "onerec.kernels.fused_moe", "onerec.kernels.triton_fused_moe"}),
-)
+# Import loops allowed, each exactly as it is (a loop that grows or a new one fails): none.
+ALLOWED_LOOPS: tuple[frozenset[str], ...] = ()
 
 
 def imported_modules(path: Path, modules: frozenset[str] = frozenset()) -> list[tuple[int, str]]:
