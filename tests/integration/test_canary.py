@@ -69,7 +69,7 @@ def register(stack, checkpoint: Path, checkpoint_id: str) -> str:
     from tasks.requantize import run_requantize
 
     cfg = stack["cfg"]
-    publish(str(checkpoint), cfg.s3_root, str(stack["calibration"]), "2026-01-01", checkpoint_id)
+    publish(cfg, str(checkpoint), str(stack["calibration"]), "2026-01-01", checkpoint_id)
     result = run_requantize(cfg)
     assert result["registered"], result
     creds = stack["state"]["credentials"]["mlflow"]["approver"]
