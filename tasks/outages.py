@@ -53,6 +53,7 @@ def _first_line(text: str, limit: int = 300) -> str:
 def _unreachable(text: str) -> bool:
     markers = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection",
                "Read timed out", "Connection aborted", "RemoteDisconnected", "ConnectionResetError",
+               "Connection broken", "IncompleteRead",  # the server died while it answered
                "too many 500 error responses", "too many 503 error responses")
     return any(m in text for m in markers)
 

@@ -77,7 +77,8 @@ def test_swapped_weights_code_or_mlmodel_are_never_served(stack, tiny, tmp_path)
     warm = tmp_path / "warm-cache"
     download_verified(f"models:/{cfg.model_name}/{version}", warm, signed, cfg.tracking_uri())  # an earlier download
     keys = artifact_keys(cfg, mv.source.removeprefix("models:/"))
-    [code] = [k for k in keys if k.endswith(".py")]
+    [code] = [k for k in keys if k.rsplit("/", 1)[-1] == "pyfunc_model.py"]
+    library = sorted(k for k in keys if k.startswith("code/") and k.endswith(".py"))[0]  # onerec/, carried
     s3 = s3_client(cfg)
     original = {path: s3.get_object(Bucket=cfg.s3_bucket, Key=keys[path])["Body"].read() for path in keys}
     quantized = yaml.safe_load(original["MLmodel"])["flavors"]["python_function"]["artifacts"]["quantized"]["path"]
@@ -96,6 +97,7 @@ def test_swapped_weights_code_or_mlmodel_are_never_served(stack, tiny, tmp_path)
         "weights": {p: (swapped / p).read_bytes() for p in (f"{quantized}/manifest.json",
                                                              weights.relative_to(swapped).as_posix())},
         "pyfunc code": {code: original[code] + b"\nimport os; os.system('touch /tmp/onerec-pwned')\n"},
+        "library code": {library: original[library] + b"\nimport os; os.system('touch /tmp/onerec-pwned')\n"},
         "MLmodel": {"MLmodel": original["MLmodel"] + b"# edited\n"},
     }
     for attack, files in attacks.items():

@@ -34,6 +34,10 @@ def test_outage_message_names_the_server_that_is_down(monkeypatch):
     settings = Settings(mlflow_tracking_uri=dead_mlflow)  # no S3 endpoint configured: MLflow is the one down
     assert outage_message(proxied) == f"MLflow unreachable at {dead_mlflow} after retries"
     assert outage_message(requests.exceptions.ConnectionError("refused")).startswith("MLflow unreachable")
+    # the server killed while it answered: the response breaks off
+    broken = MlflowException("API request to .../experiments/get-by-name failed with exception ('Connection broken: "
+                             "IncompleteRead(0 bytes read, 269 more expected)', IncompleteRead(...))")
+    assert outage_message(broken) == f"MLflow unreachable at {dead_mlflow} after retries"
     assert outage_message(MlflowException("RESOURCE_DOES_NOT_EXIST: no run\nx")) == (
         f"MLflow ({dead_mlflow}): RESOURCE_DOES_NOT_EXIST: no run")
     assert outage_message(ValueError("a bug")) is None  # not an outage: the traceback stays
