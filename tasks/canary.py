@@ -25,12 +25,17 @@ Rollout and AnalysisTemplate express the same steps (helm/onerec-serving, canary
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
 import time
 from pathlib import Path
 
+from ops.rollout import RolloutError, local
+from tasks.approval import transition
+from tasks.errors import StepFailed
+from tasks.notify import send_failure
 from tasks.registry import now_iso
 
 log = logging.getLogger(__name__)
@@ -71,17 +76,14 @@ def judge(policy, weight: int, evidence: dict, baseline: dict | None) -> tuple[s
     return ("failed" if reasons else "passed"), reasons
 
 
-def _hold(cfg, policy, weight: int) -> dict:
+def _hold(cfg, weight: int) -> dict:
     """Wait out one step: its hold time and enough traffic, or its timeout; the proxy's evidence."""
-    from ops.rollout import local
-
+    policy = cfg.canary
     started = time.monotonic()
     while True:
         time.sleep(policy.poll_s)
         evidence = local.canary_status(cfg)
         if evidence is None:
-            from ops.rollout import RolloutError
-
             raise RolloutError("the canary disappeared from the local endpoint (proxy restarted?)")
         elapsed = time.monotonic() - started
         enough = evidence["canary"]["requests"] >= policy.min_requests and (
@@ -93,8 +95,6 @@ def _hold(cfg, policy, weight: int) -> dict:
 def walk(cfg, c, version: str, model_uri: str, digest: str | None, champion: str) -> dict:
     """Walk `version` through the canary steps beside `champion` (module doc); the rollout result
     when it passed, StepFailed (after rolling back and notifying) when a step did not."""
-    from ops.rollout import local
-
     policy, name = cfg.canary, cfg.model_name
     steps: list[dict] = []
     c.set_model_version_tag(name, version, VERDICT_TAG, "running")
@@ -107,7 +107,7 @@ def walk(cfg, c, version: str, model_uri: str, digest: str | None, champion: str
                 local.canary_weight(cfg, weight)
             log.info("canary step %d/%d: version %s takes %d%% of the traffic beside champion %s",
                      n, len(policy.weights), version, weight, champion)
-            evidence = _hold(cfg, policy, weight)
+            evidence = _hold(cfg, weight)
             if evidence["stable"]["requests"]:
                 baseline = evidence["stable"]
             verdict, reasons = judge(policy, weight, evidence, baseline)
@@ -134,13 +134,6 @@ def walk(cfg, c, version: str, model_uri: str, digest: str | None, champion: str
 
 def _roll_back(cfg, c, version: str, champion: str, steps: list[dict], verdict: str, reasons: list[str]) -> None:
     """All traffic back to the champion, the candidate stopped and marked, on-call told; then raise."""
-    import contextlib
-
-    from ops.rollout import RolloutError, local
-    from tasks.approval import transition
-    from tasks.errors import StepFailed
-    from tasks.notify import send_failure
-
     name = cfg.model_name
     where = f"step {len(steps)} ({steps[-1]['weight']}%)" if steps else "its start"
     reason = f"canary {verdict} at {where}: {'; '.join(reasons)}"

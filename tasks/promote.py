@@ -33,6 +33,7 @@ from pathlib import Path
 from ops import rollout as rollout_api
 from ops.processes import file_lock
 from tasks.approval import REFUSED_TAG, read_record, refuse, review, transition, versions_in_state
+from tasks.canary import walk
 from tasks.errors import ProvenanceError, StateError, StepFailed
 from tasks.model_artifacts import model_version, require_files
 from tasks.provenance import verify_version
@@ -110,8 +111,6 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
                  cfg.rollout_target, champion, approved.get("by"), approved.get("approved_at") or approved.get("at"))
         digest = checked["evidence"]["version_sha256"]  # the server loads only bytes that hash to it
         if cfg.canary.weights and champion and champion != version and cfg.rollout_target == "local":
-            from tasks.canary import walk
-
             # step by step beside the champion; a failed step rolls back, marks, notifies and raises
             rollout = walk(cfg, c, version, model_uri, digest, champion)
         else:

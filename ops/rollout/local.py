@@ -153,7 +153,7 @@ def _admin(proxy: dict, path: str, body: dict) -> dict:
 
 
 def _switch(proxy: dict, upstream: str) -> None:
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     try:
         _admin(proxy, "/_proxy/upstream", {"url": upstream})
@@ -165,7 +165,7 @@ def _switch(proxy: dict, upstream: str) -> None:
 
 def _set_canary(proxy: dict, upstream: str | None, weight: float = 0.0, version: str = "") -> dict:
     """Send `weight` percent of the recommendation requests to `upstream` (None: none) and mirror the rest."""
-    import httpx
+    import httpx  # heavy: httpx, only where HTTP is spoken
 
     try:
         return _admin(proxy, "/_proxy/canary", {"url": upstream, "weight": weight, "version": version, "mirror": True})
