@@ -89,6 +89,9 @@ class QualityGateConfig:
     # 8.5x a bf16 pass on the H200 (1b: 1.78 s vs 0.21 s per batch of 256, 2026-12-04), and the
     # power only needs the per-user spread, scaled to all users (gate_stats.scale_to_users)
     noise_floor_users: int | None = 1024
+    # on CUDA the fp32 pass multiplies in TF32 (10-bit mantissa, fp32 accumulation): still 8x finer
+    # than bf16's 7 bits, so bf16's own shift dominates the floor, at a fraction of IEEE fp32's cost
+    noise_floor_tf32: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.confidence < 1:
@@ -163,6 +166,8 @@ class QualityComparison:
     """
 
     def __init__(self, bf16_model, table, requests, config: QualityGateConfig, fp32_model=None):
+        import torch  # heavy
+
         from onerec.quant.calibrate import Calibration  # heavy: torch
 
         self.bf16_model, self.table, self.requests, self.config = bf16_model, table, requests, config
@@ -179,11 +184,19 @@ class QualityComparison:
         self.noise_floor = self.power = None
         if fp32_model is not None:
             sample = self._noise_floor_sample()
-            fp32_items, _ = recommend(fp32_model, table, requests[sample].reset_index(drop=True), config.k,
-                                      config.beam_size, config.batch_size, config.device, progress=True)
+            tf32 = config.noise_floor_tf32 and str(config.device).startswith("cuda")
+            previous_precision = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high" if tf32 else "highest")
+            try:
+                fp32_items, _ = recommend(fp32_model, table, requests[sample].reset_index(drop=True), config.k,
+                                          config.beam_size, config.batch_size, config.device, progress=True)
+            finally:
+                torch.set_float32_matmul_precision(previous_precision)
             bf16_sample = self.bf16_items[sample]
             self.noise_floor = {
                 "compared": "bf16 vs fp32 (the same checkpoint)",
+                "reference_matmuls": "tf32" if tf32 else "ieee fp32",
+                "users": int(len(np.unique(self.users[sample]))),
                 **paired_intervals(fp32_items, bf16_sample, self.targets[sample], self.users[sample], config),
                 f"top{config.k}_overlap": topk_overlap(fp32_items, bf16_sample, config.k),
             }
