@@ -153,7 +153,7 @@ def compare(engines: dict, served: dict, mixes: list[str], buckets: list[int]) -
                     "p99_ms": level["latency_ms"]["p99"], "mean_users_per_batch": level.get("mean_users_per_batch"),
                     "engine_batch": int(b), "engine_rps": engine_rps,
                     "served_over_engine": round(level["requests_per_s"] / engine_rps, 3), "engine": level.get("engine"),
-                    "errors": level["errors"],
+                    "batch_busy_share": level.get("batch_busy_share"), "errors": level["errors"],
                 }
         levels = rows[mix]
         best = max(levels.values(), key=lambda r: r["fp8"]["served_rps"])["fp8"]

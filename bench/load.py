@@ -214,7 +214,8 @@ async def run_level(
 
 def engine_counters(url: str) -> dict:
     """The server's engine counters (onerec.serve.app.EngineCollector): eager fallbacks, graph
-    captures after ready, history positions real and padding; and its recommend latency sum and count."""
+    captures after ready, history positions real and padding; its recommend latency sum and count;
+    the batch thread's busy seconds; full garbage collections and their pauses."""
     text = httpx.get(url + "/metrics", timeout=10).text
     out = {}
     for line in text.splitlines():
@@ -223,7 +224,10 @@ def engine_counters(url: str) -> dict:
                           ('onerec_history_positions_total{kind="real"}', "real_positions"),
                           ('onerec_history_positions_total{kind="padding"}', "padding_positions"),
                           ('onerec_request_duration_seconds_sum{route="/v1/recommend"}', "server_seconds"),
-                          ('onerec_request_duration_seconds_count{route="/v1/recommend"}', "server_requests")):
+                          ('onerec_request_duration_seconds_count{route="/v1/recommend"}', "server_requests"),
+                          ("onerec_batch_seconds_sum", "batch_seconds"),
+                          ('onerec_gc_pause_seconds_sum{generation="2"}', "gc_full_pause_seconds"),
+                          ('onerec_gc_pause_seconds_count{generation="2"}', "gc_full_collections")):
             if line.startswith(key + " "):
                 out[name] = float(line.split()[-1])
     return out
@@ -355,6 +359,9 @@ def main(argv: list[str] | None = None) -> dict:
             # the server's own time per request (its latency histogram): the client's latency minus
             # this is spent in the network stack and the load generator
             level["server_mean_ms"] = round(level["engine"].pop("server_seconds", 0) / served * 1000, 3) if served else None
+            # the share of the level's wall time the batch thread spent in batches: below 1 under
+            # load, the GPU waited for the host between batches
+            level["batch_busy_share"] = round(level["engine"].pop("batch_seconds", 0) / level["duration_s"], 3)
             levels.append(level)
             print(f"concurrency {concurrency}: {level['requests_per_s']} req/s, p50 {level['latency_ms']['p50']} ms, "
                   f"p99 {level['latency_ms']['p99']} ms, errors {level['errors']}, server RSS {level['server_rss_mb']}",
