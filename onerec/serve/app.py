@@ -355,8 +355,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # the batch thread waits for the GIL while the event loop answers and parses requests; the
-        # default 5 ms switch interval would leave the GPU idle that long before each batch
+        # each torch call in the batch thread gives up the GIL and takes it back; while the event
+        # loop runs Python that wait lasts up to the switch interval (docs/serving.md: an H200 A/B)
         previous_switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         gc.callbacks.append(time_gc)

@@ -7,6 +7,7 @@ FP8-quantized version.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import httpx
@@ -24,7 +25,7 @@ from onerec.checkpoint import load_checkpoint
 from onerec.generate import beam_search
 from onerec.manifest import manifest_digest
 from onerec.semantic_ids import SemanticIdIndex, encode_histories
-from onerec.serve.app import ServerConfig, create_app, prepare_user, run_users
+from onerec.serve.app import SWITCH_INTERVAL_S, ServerConfig, create_app, prepare_user, run_users
 from onerec.serve.model_store import load_served_model
 
 MAX_USERS = 8
@@ -56,9 +57,12 @@ def server(checkpoint):
         model_uri=str(checkpoint), model_version="7", device="cpu", max_users=MAX_USERS, max_beam=MAX_BEAM,
         default_k=5, default_beam=16, max_body_bytes=MAX_BODY, max_batch_size=64, max_wait_ms=30,
     )
+    before = sys.getswitchinterval()
     with serve_in_thread(create_app(config)) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
         wait_ready(client, url)
+        assert sys.getswitchinterval() == SWITCH_INTERVAL_S  # set for the batch thread while serving
         yield client
+    assert sys.getswitchinterval() == before  # and given back at shutdown
 
 
 def known_ids(table: np.ndarray) -> np.ndarray:
@@ -199,8 +203,10 @@ def test_health_metadata_and_metrics(server, checkpoint, reference):
     post(server, {"users": [{"history": [-5]}]})  # one 422 for the error counter
     text = server.get("/metrics").text
     for name in ("onerec_request_duration_seconds_bucket", "onerec_batch_size_users_bucket",
-                 'onerec_http_errors_total{code="422"}', "onerec_ready 1.0"):
+                 'onerec_http_errors_total{code="422"}', "onerec_ready 1.0", "onerec_gc_pause_seconds"):
         assert name in text, name
+    batches = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("onerec_batch_seconds_count "))
+    assert batches >= 1  # the warm-up request's batch at least
     assert 'onerec_model_info{backend="reference"' in text and 'version="7"' in text
 
 

@@ -93,7 +93,15 @@ def test_the_noise_floor_runs_on_a_sample_and_its_power_speaks_for_all_users(mov
     fp32_model = load_checkpoint(movielens_shape.checkpoint_dir, dtype=torch.float32)[0]
     requests = held_out_requests(load_dataset(movielens_shape.data_dir), "test", model.cfg.context_len,
                                  config.positions)
-    comparison = QualityComparison(model, table, requests, config, fp32_model)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        comparison = QualityComparison(model, table, requests, config, fp32_model)
+        # TF32 is for CUDA only, and the caller's matmul precision comes back after the fp32 pass
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert comparison.noise_floor["reference_matmuls"] == "ieee fp32" and comparison.noise_floor["users"] == 300
     floor, power = comparison.noise_floor["recall@10"], comparison.power["recall@10"]
     assert floor["num_users"] == 300 and comparison.num_users == 943
     assert power["num_users"] == 943 and power["measured_users"] == 300
