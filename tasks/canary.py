@@ -6,8 +6,8 @@ serving proxy (ops/rollout/proxy.py) sends that share of the recommendation requ
 candidate, mirrors the champion's share to it, and keeps the evidence (ops/rollout/canary.py):
 
 - live metrics, candidate against the champion of the same step (at 100% the champion answers
-  nothing, so against the champion of the step before): error rate, p99 latency, answers with a
-  user left without items;
+  nothing, so against the champion of the step before): error rate, p99 latency, empty results
+  (the share of users answered with no item);
 - mirrored requests (below 100%): the candidate's answers against the champion's, top-k overlap
   and top-1 score shift.
 
@@ -58,9 +58,10 @@ def judge(policy, weight: int, evidence: dict, baseline: dict | None) -> tuple[s
     if candidate["error_rate"] - champion_errors > policy.max_error_rate_increase:
         reasons.append(f"error rate {candidate['error_rate']:.3f} vs champion {champion_errors:.3f} "
                        f"(max increase {policy.max_error_rate_increase})")
-    champion_empty = champion["empty_rate"] if champion else 0.0
-    if candidate["empty_rate"] - champion_empty > policy.max_empty_rate_increase:
-        reasons.append(f"empty answers {candidate['empty_rate']:.3f} vs champion {champion_empty:.3f} "
+    # share of users answered with no item; None when no user was answered (all errors: judged above)
+    empty, champion_empty = candidate["empty_rate"] or 0.0, (champion["empty_rate"] if champion else None) or 0.0
+    if empty - champion_empty > policy.max_empty_rate_increase:
+        reasons.append(f"empty results {empty:.3f} of users vs champion {champion_empty:.3f} "
                        f"(max increase {policy.max_empty_rate_increase})")
     if champion and champion["p99_s"] and candidate["p99_s"] is not None:
         slower = candidate["p99_s"] - champion["p99_s"]

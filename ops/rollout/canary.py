@@ -2,8 +2,10 @@
 
 While a canary serves a share of the traffic (ops/rollout/proxy.py, PUT /_proxy/canary), every
 recommendation request is counted on the arm that answered it (`stable`: the champion, `canary`:
-the candidate): requests, errors (5xx or upstream unreachable), answers where a user got no item,
-and the latency the proxy measured. Requests the champion answered are also mirrored to the
+the candidate): requests, errors (5xx or upstream unreachable), users answered and those answered
+with no item at all (empty results: the notion the server counts as onerec_empty_results_total
+beside onerec_recommended_users_total, which the chart's AnalysisTemplate judges), and the latency
+the proxy measured. Requests the champion answered are also mirrored to the
 canary (its answer is discarded) and the two answers compared per user: top-k overlap (shared
 items / k) and score shift (|top-1 score difference|). tasks/canary.py judges these against the
 configured thresholds at the end of each step; the proxy resets them when the step changes.
@@ -54,7 +56,7 @@ def p99(values) -> float | None:
 
 class ArmStats:
     def __init__(self):
-        self.requests = self.errors = self.empty = 0
+        self.requests = self.errors = self.users = self.empty = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     def observe(self, status: int | None, seconds: float, body: bytes | None) -> None:
@@ -65,13 +67,15 @@ class ArmStats:
             self.errors += 1
         elif status == 200 and body is not None:
             users = recommendations(body)
-            if users is not None and any(not items for items, _ in users):
-                self.empty += 1
+            if users is not None:
+                self.users += len(users)
+                self.empty += sum(1 for items, _ in users if not items)
 
     def summary(self) -> dict:
         n = self.requests
         return {"requests": n, "errors": self.errors, "error_rate": self.errors / n if n else None,
-                "empty": self.empty, "empty_rate": self.empty / n if n else None, "p99_s": p99(self.latencies)}
+                "users": self.users, "empty": self.empty, "empty_rate": self.empty / self.users if self.users else None,
+                "p99_s": p99(self.latencies)}
 
 
 class MirrorStats:
@@ -136,7 +140,7 @@ class CanaryConfig:
     max_error_rate_increase: float = 0.01  # candidate error rate minus the champion's
     max_p99_ratio: float = 1.5  # candidate p99 / champion p99 ...
     min_p99_increase_s: float = 0.05  # ... counted only when the candidate is also this much slower
-    max_empty_rate_increase: float = 0.01  # answers with a user left without items
+    max_empty_rate_increase: float = 0.01  # share of users answered with no item (empty results)
     # mirrored requests, the candidate's answers against the champion's
     min_topk_overlap: float = 0.5  # mean share of the champion's top-k the candidate also returns
     max_score_shift: float = 1.0  # mean |top-1 score difference| (summed log-probabilities)
