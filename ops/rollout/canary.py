@@ -136,6 +136,9 @@ class CanaryConfig:
     min_mirrored: int = 50
     step_timeout_s: float = 3600.0
     poll_s: float = 1.0
+    # helm target with the chart's canary (values canary.enabled): how long promote waits for the
+    # Argo Rollout's verdict after `helm upgrade` (all its steps and pauses must fit in it)
+    rollout_timeout_s: float = 7200.0
     # live metrics, candidate against the champion of the same step (at 100%: of the step before)
     max_error_rate_increase: float = 0.01  # candidate error rate minus the champion's
     max_p99_ratio: float = 1.5  # candidate p99 / champion p99 ...
@@ -149,7 +152,7 @@ class CanaryConfig:
         w = list(self.weights)
         if w and not (all(isinstance(x, int) and 1 <= x <= 100 for x in w) and w == sorted(set(w))):
             raise ValueError(f"canary weights must be increasing percentages in 1..100, not {w}")
-        if self.hold_s < 0 or self.step_timeout_s < self.hold_s or self.poll_s <= 0:
-            raise ValueError("canary: need 0 <= hold_s <= step_timeout_s and poll_s > 0")
+        if self.hold_s < 0 or self.step_timeout_s < self.hold_s or self.poll_s <= 0 or self.rollout_timeout_s <= 0:
+            raise ValueError("canary: need 0 <= hold_s <= step_timeout_s, poll_s > 0 and rollout_timeout_s > 0")
         if self.min_requests < 1 or self.min_mirrored < 0:
             raise ValueError("canary: min_requests must be >= 1 and min_mirrored >= 0")
