@@ -183,6 +183,8 @@ def test_rendered_manifests(name):
     if "PodDisruptionBudget" in m:
         assert m["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == selector
     assert merged["model"]["uri"] in m["NOTES"]
+    watch = f"get rollout {deployment['metadata']['name']}" if merged["canary"]["enabled"] else "rollout status deployment/"
+    assert watch in m["NOTES"]
 
 
 def check_env_secret(m: dict, values: dict, sources: list[dict]) -> None:
