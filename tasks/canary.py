@@ -6,8 +6,8 @@ serving proxy (ops/rollout/proxy.py) sends that share of the recommendation requ
 candidate, mirrors the champion's share to it, and keeps the evidence (ops/rollout/canary.py):
 
 - live metrics, candidate against the champion of the same step (at 100% the champion answers
-  nothing, so against the champion of the step before): error rate, p99 latency, answers with a
-  user left without items;
+  nothing, so against the champion of the step before): error rate, p99 latency, empty results
+  (the share of users answered with no item);
 - mirrored requests (below 100%): the candidate's answers against the champion's, top-k overlap
   and top-1 score shift.
 
@@ -19,8 +19,13 @@ and verdict are the version tags canary_step_<n> (JSON), the whole walk reports/
 reports/canary.png on the version's registering run (tag `canary_report`). A walk that passes
 leaves the candidate serving everything; promote then moves the aliases.
 
-The walk runs on the local target (its proxy); with the helm target the chart's Argo Rollouts
-Rollout and AnalysisTemplate express the same steps (helm/onerec-serving, canary.* values).
+The walk runs on the local target (its proxy). With the helm target and the chart's canary
+(values canary.enabled) the chart's Argo Rollouts Rollout walks its steps, judged by its
+AnalysisTemplate in Prometheus (helm/onerec-serving, canary.* values), after `helm upgrade`
+returns; `judge_rollout` waits for that verdict (ops/rollout/argo.py, at most
+CanaryConfig.rollout_timeout_s): Healthy passes, aborted, Degraded or no verdict in time rolls
+back with `helm rollback` and is recorded, reported and notified exactly as a failed local step
+(one step, `rollout`, with Argo's message as the reason).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ops.rollout import RolloutError, local
+from ops import rollout as rollout_api
+from ops.rollout import RolloutError, argo, helm, local
 from tasks.approval import transition
 from tasks.errors import StepFailed
 from tasks.notify import send_failure
@@ -58,9 +64,10 @@ def judge(policy, weight: int, evidence: dict, baseline: dict | None) -> tuple[s
     if candidate["error_rate"] - champion_errors > policy.max_error_rate_increase:
         reasons.append(f"error rate {candidate['error_rate']:.3f} vs champion {champion_errors:.3f} "
                        f"(max increase {policy.max_error_rate_increase})")
-    champion_empty = champion["empty_rate"] if champion else 0.0
-    if candidate["empty_rate"] - champion_empty > policy.max_empty_rate_increase:
-        reasons.append(f"empty answers {candidate['empty_rate']:.3f} vs champion {champion_empty:.3f} "
+    # share of users answered with no item; None when no user was answered (all errors: judged above)
+    empty, champion_empty = candidate["empty_rate"] or 0.0, (champion["empty_rate"] if champion else None) or 0.0
+    if empty - champion_empty > policy.max_empty_rate_increase:
+        reasons.append(f"empty results {empty:.3f} of users vs champion {champion_empty:.3f} "
                        f"(max increase {policy.max_empty_rate_increase})")
     if champion and champion["p99_s"] and candidate["p99_s"] is not None:
         slower = candidate["p99_s"] - champion["p99_s"]
@@ -132,20 +139,60 @@ def walk(cfg, c, version: str, model_uri: str, digest: str | None, champion: str
     return {**rollout, "canary": {"verdict": "passed", "steps": steps}}
 
 
-def _roll_back(cfg, c, version: str, champion: str, steps: list[dict], verdict: str, reasons: list[str]) -> None:
-    """All traffic back to the champion, the candidate stopped and marked, on-call told; then raise."""
+def judge_rollout(cfg, c, version: str, model_uri: str, digest: str | None, champion: str, api=None) -> dict:
+    """Helm target with the chart's canary: `helm upgrade`, then the Argo Rollout's verdict (module
+    doc); the rollout result when it is Healthy, StepFailed (after `helm rollback`, marking and
+    notifying) otherwise. `api`: the Kubernetes custom-objects API (default: from cfg)."""
+    name, namespace, rollout_name = cfg.model_name, cfg.helm_namespace, helm.fullname(cfg.helm_release)
+    api = api if api is not None else argo.rollouts_api(cfg)
+    before = argo.current_pod_hash(api, namespace, rollout_name)  # the verdict must be about the new pods
+    rollout = rollout_api.deploy(cfg, model_uri, version, digest=digest)  # a failed upgrade undid itself: raise
+    c.set_model_version_tag(name, version, VERDICT_TAG, "running")
+    log.info("helm revision %s of %s: waiting up to %.0f s for the Rollout %s/%s (champion %s serves the rest)",
+             rollout.get("revision"), version, cfg.canary.rollout_timeout_s, namespace, rollout_name, champion)
+    try:
+        argo_verdict = argo.wait_for_verdict(api, namespace, rollout_name, cfg.canary.rollout_timeout_s,
+                                             cfg.canary.poll_s, previous_hash=before)
+    except BaseException as exc:  # interrupted: what serves is undecided, so back to the champion
+        argo_verdict = {"verdict": "interrupted", "message": f"the wait stopped: {exc}", "seconds": None}
+    verdict = {"healthy": "passed", "timeout": "inconclusive"}.get(argo_verdict["verdict"], "failed")
+    step = {"step": 1, "weight": 100, "verdict": verdict, "reasons": [] if verdict == "passed" else [argo_verdict["message"]],
+            "at": now_iso(), "seconds": argo_verdict["seconds"], "rollout": f"{namespace}/{rollout_name}",
+            "argo": argo_verdict["verdict"], "helm_revision": rollout.get("revision")}
+    c.set_model_version_tag(name, version, STEP_TAG.format(1), json.dumps(step, sort_keys=True)[:5000])
+    if verdict != "passed":
+        _roll_back(cfg, c, version, champion, [step], verdict, step["reasons"], undo=lambda: rollout_api.rollback(cfg),
+                   where=f"the Rollout {namespace}/{rollout_name}")
+    c.set_model_version_tag(name, version, VERDICT_TAG, "passed")
+    _report(cfg, c, version, champion, [step], "passed")
+    log.info("the Rollout of version %s is healthy: it serves all traffic", version)
+    return {**rollout, "canary": {"verdict": "passed", "steps": [step]}}
+
+
+def _roll_back(cfg, c, version: str, champion: str, steps: list[dict], verdict: str, reasons: list[str],
+               undo=None, where: str | None = None) -> None:
+    """All traffic back to the champion, the candidate stopped and marked, on-call told; then raise.
+    `undo` (helm: its rollback) replaces ending the local canary; if it fails, the reason says so."""
     name = cfg.model_name
-    where = f"step {len(steps)} ({steps[-1]['weight']}%)" if steps else "its start"
+    where = where or (f"step {len(steps)} ({steps[-1]['weight']}%)" if steps else "its start")
+    serving = f"champion {champion} serves all traffic again, unchanged"
+    if undo is None:
+        with contextlib.suppress(RolloutError):  # nothing to end when the canary never started
+            local.canary_end(cfg, promote=False)
+    else:
+        try:
+            undo()
+        except RolloutError as exc:
+            reasons = [*reasons, f"the rollback failed too ({exc})"]
+            serving = "the rollback FAILED: check what serves"
     reason = f"canary {verdict} at {where}: {'; '.join(reasons)}"
-    with contextlib.suppress(RolloutError):  # nothing to end when the canary never started
-        local.canary_end(cfg, promote=False)
     c.set_model_version_tag(name, version, VERDICT_TAG, verdict)
     c.set_model_version_tag(name, version, REASON_TAG, reason[:5000])
     transition(cfg, c, version, "rolled_back", by="canary", note=reason)
     report = _report(cfg, c, version, champion, steps, verdict)
     subject = f"[onerec-fp8] canary of {name} version {version} rolled back: {reason}"[:200]
     body = "\n".join([
-        f"Model:    {name} version {version} (champion {champion} serves all traffic again, unchanged)",
+        f"Model:    {name} version {version} ({serving})",
         f"Verdict:  {verdict} at {where}",
         *[f"Reason:   {r}" for r in reasons],
         f"Steps:    {json.dumps([{k: s[k] for k in ('step', 'weight', 'verdict')} for s in steps])}",
@@ -154,14 +201,15 @@ def _roll_back(cfg, c, version: str, champion: str, steps: list[dict], verdict: 
         "Runbook: docs/runbook.md (Canary).",
     ])
     send_failure(subject, body, cfg)
-    log.error("%s version %s: %s; champion %s serves all traffic", name, version, reason, champion)
-    raise StepFailed(f"{name} version {version}: {reason}; rolled back, champion {champion} serves all traffic")
+    log.error("%s version %s: %s; %s", name, version, reason, serving)
+    raise StepFailed(f"{name} version {version}: {reason}; rolled back, {serving}")
 
 
 def _report(cfg, c, version: str, champion: str, steps: list[dict], verdict: str) -> str:
     """reports/canary.json and reports/canary.png on the version's registering run; the tag
-    canary_report names them. Best effort: a report that cannot be stored is logged, never hides
-    the verdict."""
+    canary_report names them. The Argo Rollout's verdict has no figures here (they are in its
+    AnalysisRuns): canary.json only. Best effort: a report that cannot be stored is logged, never
+    hides the verdict."""
     name = cfg.model_name
     run_id = c.get_model_version(name, version).run_id
     report = {"model": name, "version": version, "champion": champion, "verdict": verdict, "steps": steps,
@@ -169,13 +217,15 @@ def _report(cfg, c, version: str, champion: str, steps: list[dict], verdict: str
     try:
         with tempfile.TemporaryDirectory(prefix="onerec-canary-") as tmp:
             (Path(tmp) / "canary.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=list) + "\n")
-            plot_canary(report, Path(tmp) / "canary.png")
-            for file in ("canary.json", "canary.png"):
+            files = ["canary.json"]
+            if all("canary" in s for s in steps):  # the proxy's figures per step
+                files.append(plot_canary(report, Path(tmp) / "canary.png").name)
+            for file in files:
                 c.log_artifact(run_id, str(Path(tmp) / file), "reports")
     except Exception as exc:  # the artifact store is down: the tags still say everything
         log.error("could not store the canary report of version %s: %s", version, exc)
         return f"not stored ({exc})"
-    where = f"runs:/{run_id}/reports/canary.png"
+    where = f"runs:/{run_id}/reports/{files[-1]}"
     c.set_model_version_tag(name, version, REPORT_TAG, where)
     return where
 

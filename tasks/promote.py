@@ -15,7 +15,8 @@ version (promotion_refused) and an error; nothing is deployed and no alias moves
 A failed rollout raises and leaves every alias and tag as it was. With canary steps configured
 (PipelineConfig.canary) and a champion serving, the version first walks the canary beside it
 (tasks/canary.py); a failed step rolls back to the champion, marks the version rolled_back,
-notifies on-call and raises, with no alias moved.
+notifies on-call and raises, with no alias moved. With the helm target and the chart's canary
+(values canary.enabled) promote waits for the Argo Rollout's verdict the same way.
 
 Promote and rollback change what serves, so they take turns (`serving_change`): a lock per model
 on this host, and, for runs on other hosts, the champion read before the rollout must still be the
@@ -32,8 +33,9 @@ from pathlib import Path
 
 from ops import rollout as rollout_api
 from ops.processes import file_lock
+from ops.rollout.helm import canary_enabled
 from tasks.approval import REFUSED_TAG, read_record, refuse, review, transition, versions_in_state
-from tasks.canary import walk
+from tasks.canary import judge_rollout, walk
 from tasks.errors import ProvenanceError, StateError, StepFailed
 from tasks.model_artifacts import model_version, require_files
 from tasks.provenance import verify_version
@@ -113,6 +115,9 @@ def promote(cfg, version: str, mlflow_client=None, scheduled: bool = False) -> d
         if cfg.canary.weights and champion and champion != version and cfg.rollout_target == "local":
             # step by step beside the champion; a failed step rolls back, marks, notifies and raises
             rollout = walk(cfg, c, version, model_uri, digest, champion)
+        elif champion and champion != version and cfg.rollout_target == "helm" and canary_enabled(cfg):
+            # the chart's Argo Rollout walks the steps; not Healthy in time: helm rollback, marks, notifies, raises
+            rollout = judge_rollout(cfg, c, version, model_uri, digest, champion)
         else:
             rollout = rollout_api.deploy(cfg, model_uri, version, digest=digest)  # target, port, release: cfg's
         require_champion_unchanged(c, name, champion)

@@ -210,7 +210,9 @@ class Metrics:
         )
         self.responses = Counter("onerec_http_responses", "HTTP responses by route and status code", ["route", "code"], registry=r)
         self.errors = Counter("onerec_http_errors", "HTTP responses with status >= 400 by code", ["code"], registry=r)
-        self.users = Counter("onerec_recommended_users", "users answered by /v1/recommend", registry=r)
+        self.users = Counter("onerec_recommended_users", "users answered (/v1/recommend and /v2 infer)", registry=r)
+        # the canary's empty-result share: onerec_empty_results_total / onerec_recommended_users_total
+        self.empty_results = Counter("onerec_empty_results", "users answered with no item at all", registry=r)
         self.unknown_items = Counter("onerec_unknown_items", "history items dropped as unknown to the model", registry=r)
         self.truncated_items = Counter("onerec_truncated_items", "history items beyond the context, dropped", registry=r)
         self.unseen_profile_values = Counter(
@@ -432,6 +434,7 @@ def create_app(
                 return _error(422, f"users.{i}: the model's scores are not finite for this input "
                                    "(profile values far outside the training range?)")
         metrics.users.inc(len(results))
+        metrics.empty_results.inc(sum(1 for r in results if not r.items))
         metrics.unknown_items.inc(sum(r.unknown_items for r in results))
         metrics.truncated_items.inc(sum(r.truncated_items for r in results))
         return served, k, width, results

@@ -6,7 +6,7 @@ pyproject.toml registers `ServingAccountHeaders` under the entry point group
 account comes from, first found wins:
 
 - MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment (Kubernetes: the chart's
-  `mlflow.credentialsSecret`; the local rollout passes its account this way): MLflow uses them
+  env Secret, `envSecret`; the local rollout passes its account this way): MLflow uses them
   itself and nothing is done here;
 - the 0600 file Settings.mlflow_serving_credentials_file (default
   <state_dir>/secrets/mlflow-serving.json, which `onerec-fp8 stack up` writes for its read-only

@@ -2,8 +2,10 @@
 
 While a canary serves a share of the traffic (ops/rollout/proxy.py, PUT /_proxy/canary), every
 recommendation request is counted on the arm that answered it (`stable`: the champion, `canary`:
-the candidate): requests, errors (5xx or upstream unreachable), answers where a user got no item,
-and the latency the proxy measured. Requests the champion answered are also mirrored to the
+the candidate): requests, errors (5xx or upstream unreachable), users answered and those answered
+with no item at all (empty results: the notion the server counts as onerec_empty_results_total
+beside onerec_recommended_users_total, which the chart's AnalysisTemplate judges), and the latency
+the proxy measured. Requests the champion answered are also mirrored to the
 canary (its answer is discarded) and the two answers compared per user: top-k overlap (shared
 items / k) and score shift (|top-1 score difference|). tasks/canary.py judges these against the
 configured thresholds at the end of each step; the proxy resets them when the step changes.
@@ -54,7 +56,7 @@ def p99(values) -> float | None:
 
 class ArmStats:
     def __init__(self):
-        self.requests = self.errors = self.empty = 0
+        self.requests = self.errors = self.users = self.empty = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     def observe(self, status: int | None, seconds: float, body: bytes | None) -> None:
@@ -65,13 +67,15 @@ class ArmStats:
             self.errors += 1
         elif status == 200 and body is not None:
             users = recommendations(body)
-            if users is not None and any(not items for items, _ in users):
-                self.empty += 1
+            if users is not None:
+                self.users += len(users)
+                self.empty += sum(1 for items, _ in users if not items)
 
     def summary(self) -> dict:
         n = self.requests
         return {"requests": n, "errors": self.errors, "error_rate": self.errors / n if n else None,
-                "empty": self.empty, "empty_rate": self.empty / n if n else None, "p99_s": p99(self.latencies)}
+                "users": self.users, "empty": self.empty, "empty_rate": self.empty / self.users if self.users else None,
+                "p99_s": p99(self.latencies)}
 
 
 class MirrorStats:
@@ -132,11 +136,14 @@ class CanaryConfig:
     min_mirrored: int = 50
     step_timeout_s: float = 3600.0
     poll_s: float = 1.0
+    # helm target with the chart's canary (values canary.enabled): how long promote waits for the
+    # Argo Rollout's verdict after `helm upgrade` (all its steps and pauses must fit in it)
+    rollout_timeout_s: float = 7200.0
     # live metrics, candidate against the champion of the same step (at 100%: of the step before)
     max_error_rate_increase: float = 0.01  # candidate error rate minus the champion's
     max_p99_ratio: float = 1.5  # candidate p99 / champion p99 ...
     min_p99_increase_s: float = 0.05  # ... counted only when the candidate is also this much slower
-    max_empty_rate_increase: float = 0.01  # answers with a user left without items
+    max_empty_rate_increase: float = 0.01  # share of users answered with no item (empty results)
     # mirrored requests, the candidate's answers against the champion's
     min_topk_overlap: float = 0.5  # mean share of the champion's top-k the candidate also returns
     max_score_shift: float = 1.0  # mean |top-1 score difference| (summed log-probabilities)
@@ -145,7 +152,7 @@ class CanaryConfig:
         w = list(self.weights)
         if w and not (all(isinstance(x, int) and 1 <= x <= 100 for x in w) and w == sorted(set(w))):
             raise ValueError(f"canary weights must be increasing percentages in 1..100, not {w}")
-        if self.hold_s < 0 or self.step_timeout_s < self.hold_s or self.poll_s <= 0:
-            raise ValueError("canary: need 0 <= hold_s <= step_timeout_s and poll_s > 0")
+        if self.hold_s < 0 or self.step_timeout_s < self.hold_s or self.poll_s <= 0 or self.rollout_timeout_s <= 0:
+            raise ValueError("canary: need 0 <= hold_s <= step_timeout_s, poll_s > 0 and rollout_timeout_s > 0")
         if self.min_requests < 1 or self.min_mirrored < 0:
             raise ValueError("canary: min_requests must be >= 1 and min_mirrored >= 0")

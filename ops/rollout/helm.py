@@ -8,7 +8,10 @@ One engine: helm-python-sdk (the Helm v4 engine, in the `[pipeline]` extra), so 
 and no version-dependent flags are needed in the Airflow image. The caller's Settings give the
 release (helm_release), namespace (helm_namespace), values files (helm_values, os.pathsep-separated),
 kube_context, kubeconfig and the tracking URI the pods use; options: timeout_s, chart, dry_run
-(render and validate, touch no cluster).
+(render and validate, touch no cluster). With the chart's canary (values canary.enabled,
+`canary_enabled`) the upgrade returns once the objects are applied while Argo Rollouts walks the
+steps; the promote then waits for the Rollout's verdict (ops/rollout/argo.py, tasks/canary.py).
+A dry run's manifest comes back with every Secret's values replaced.
 """
 
 from __future__ import annotations
@@ -49,9 +52,29 @@ def _model_values(model_uri: str, version: str, digest: str | None, tracking_uri
     return values
 
 
-def _service_url(release: str, namespace: str) -> str:
+def fullname(release: str) -> str:
+    """The chart's name for its objects (Deployment, Service, Rollout) in `release`."""
     name = release if "onerec-serving" in release else f"{release}-onerec-serving"
-    return f"http://{name[:63].rstrip('-')}.{namespace}.svc.cluster.local"
+    return name[:63].rstrip("-")
+
+
+def _service_url(release: str, namespace: str) -> str:
+    return f"http://{fullname(release)}.{namespace}.svc.cluster.local"
+
+
+def values_files(settings: Settings) -> dict:
+    """The release's values from settings.helm_values, merged in order (the chart's defaults below them)."""
+    import yaml  # optional: PyYAML
+
+    values: dict = {}
+    for f in _options(settings)["values_files"]:
+        values = _deep_merge(values, yaml.safe_load(Path(f).read_text()) or {})
+    return values
+
+
+def canary_enabled(settings: Settings) -> bool:
+    """Whether the release's values turn on the chart's Argo Rollouts canary (canary.enabled)."""
+    return bool((values_files(settings).get("canary") or {}).get("enabled"))
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -92,13 +115,8 @@ def _previous_good(history: list[dict], current: int) -> int:
 
 
 def deploy(settings: Settings, model_uri: str, version: str, digest: str | None = None, **options) -> dict:
-    import yaml  # optional: PyYAML
-
     o = _options(settings, **options)
-    values: dict = {}
-    for f in o["values_files"]:
-        values = _deep_merge(values, yaml.safe_load(Path(f).read_text()) or {})
-    values = _deep_merge(values, _model_values(model_uri, version, digest, o["tracking_uri"]))
+    values = _deep_merge(values_files(settings), _model_values(model_uri, version, digest, o["tracking_uri"]))
     with _helm(o, "upgrade --install") as (hp, cfg), hp.Chart.load(o["chart"]) as chart:
         if o["dry_run"]:
             release = cfg.install(chart, o["release"], values, namespace=o["namespace"], dry_run="client")
@@ -119,10 +137,24 @@ def deploy(settings: Settings, model_uri: str, version: str, digest: str | None 
     result = {
         "target": "helm", "engine": "helm-python-sdk", "release": o["release"], "namespace": o["namespace"],
         "revision": revision, "version": version, "model_uri": model_uri, "url": _service_url(o["release"], o["namespace"]),
+        "canary": bool((values.get("canary") or {}).get("enabled")), "rollout": fullname(o["release"]),
     }
     if o["dry_run"]:
-        result.update(dry_run=True, manifest=release.get("manifest", ""))
+        result.update(dry_run=True, manifest=_without_secret_values(release.get("manifest", "")))
     return result
+
+
+def _without_secret_values(manifest: str) -> str:
+    """The rendered manifest with every Secret's values replaced (a dry run's result may be printed)."""
+    import yaml  # optional: PyYAML
+
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+    for doc in docs:
+        if doc.get("kind") == "Secret":
+            for field in ("data", "stringData"):
+                if doc.get(field):
+                    doc[field] = dict.fromkeys(doc[field], "(redacted)")
+    return yaml.safe_dump_all(docs, sort_keys=False)
 
 
 def rollback(settings: Settings, revision: int | None = None, **options) -> dict:

@@ -13,7 +13,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from onerec.serve.app import ServerConfig
-from ops.rollout.canary import CanaryConfig, MirrorStats, recommendations
+from ops.rollout.canary import ArmStats, CanaryConfig, MirrorStats, recommendations
 from ops.rollout.proxy import create_proxy_app
 from tasks.canary import judge, plot_canary
 
@@ -103,11 +103,18 @@ def test_answers_of_both_protocols_are_read_and_compared():
     summary = mirror.summary()
     assert (summary["compared"], summary["failed"], summary["users"]) == (1, 1, 1)
     assert summary["overlap_mean"] == 0.5 and summary["score_shift_mean"] == 0.25
+    # empty results per user answered, as the server counts them (onerec_empty_results_total)
+    arm_stats = ArmStats()
+    for status, body in ((200, v1), (200, v2), (500, b'{"error": "x"}'), (None, None)):
+        arm_stats.observe(status, 0.01, body)
+    got = arm_stats.summary()
+    assert (got["requests"], got["errors"], got["users"], got["empty"]) == (4, 2, 4, 2) and got["empty_rate"] == 0.5
 
 
-def arm(requests, errors=0, empty=0, p99=0.01):
+def arm(requests, errors=0, empty=0, p99=0.01, users_per_request=1):
+    users = (requests - errors) * users_per_request
     return {"requests": requests, "errors": errors, "error_rate": errors / requests if requests else None,
-            "empty": empty, "empty_rate": empty / requests if requests else None, "p99_s": p99}
+            "users": users, "empty": empty, "empty_rate": empty / users if users else None, "p99_s": p99}
 
 
 def evidence(canary, stable, overlap=0.95, shift=0.1, compared=100, failed=0):
@@ -126,7 +133,9 @@ POLICY = CanaryConfig(weights=(5, 25, 100), min_requests=50, min_mirrored=50)
     (5, evidence(arm(60), arm(900), overlap=0.3), "failed", "top-k overlap"),
     (5, evidence(arm(60), arm(900), shift=2.5), "failed", "score shift"),
     (5, evidence(arm(60, errors=3), arm(900, errors=1)), "failed", "error rate"),
-    (5, evidence(arm(60, empty=6), arm(900)), "failed", "empty answers"),
+    (5, evidence(arm(60, empty=6), arm(900)), "failed", "empty results"),
+    (5, evidence(arm(60, empty=1, users_per_request=4), arm(900)), "passed", None),  # 1 of 240 users
+    (5, evidence(arm(60, errors=60), arm(900)), "failed", "error rate"),  # no user answered at all
     (5, evidence(arm(60, p99=0.5), arm(900, p99=0.1)), "failed", "p99 latency"),
     (5, evidence(arm(60, p99=0.03), arm(900, p99=0.01)), "passed", None),  # 3x, but 20 ms: noise
     (5, evidence(arm(60), arm(900), failed=5), "failed", "mirrored requests failed"),

@@ -15,6 +15,8 @@ from onerec.serve.schemas import RecommendRequest
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "onerec-serving"
 MODEL = {"model": {"uri": "models:/onerec-v2-fp8/4", "version": "4"}}
+SECRET_DATA = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t/key+with=signs",
+               "MLFLOW_TRACKING_USERNAME": "reader", "MLFLOW_TRACKING_PASSWORD": "pa55: 'quoted' \"value\""}
 
 VALUE_SETS = {
     "defaults": {},
@@ -31,7 +33,8 @@ VALUE_SETS = {
             "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
                                                "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "onerec-serving"}}}}]}},
         "image": {"repository": "registry.example/onerec-serving", "tag": "0.1.0", "digest": "sha256:" + "a" * 64},
-        "mlflow": {"trackingUri": "https://mlflow.internal", "s3EndpointUrl": "https://s3.internal", "credentialsSecret": "mlflow-s3"},
+        "mlflow": {"trackingUri": "https://mlflow.internal", "s3EndpointUrl": "https://s3.internal"},
+        "envSecret": {"name": "mlflow-s3"},  # an existing Secret, by reference
         "serviceAccount": {"create": True, "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/onerec"}},
         "server": {"maxBatchSize": 128, "maxWaitMs": 2, "extraArgs": ["--access-log"]},
         "podDisruptionBudget": {"enabled": False},
@@ -44,7 +47,11 @@ VALUE_SETS = {
     "canary-autoscaled": {
         **MODEL, "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 6},
         "canary": {"enabled": True, "weights": [10, 50, 100], "pauseSeconds": 300,
-                   "analysis": {"maxErrorRate": 0.02, "maxP99LatencySeconds": 0.25}},
+                   "analysis": {"maxErrorRate": 0.02, "maxP99LatencySeconds": 0.25, "maxEmptyResultShare": 0.005}},
+    },
+    "env-secret-rendered": {
+        **MODEL, "mlflow": {"s3EndpointUrl": "https://s3.internal"},
+        "envSecret": {"create": True, "data": SECRET_DATA},
     },
 }
 
@@ -123,12 +130,12 @@ def test_rendered_manifests(name):
     image = merged["image"]
     assert container["image"] == (f"{image['repository']}@{image['digest']}" if image["digest"] else f"{image['repository']}:{image['tag']}")
 
-    # MLflow settings reach the pod through the ConfigMap (and the credentials Secret, by reference)
+    # MLflow settings reach the pod through the ConfigMap, the credentials through the env Secret
     assert config["data"]["MLFLOW_TRACKING_URI"] == merged["mlflow"]["trackingUri"]
     sources = container["envFrom"]
     assert {"configMapRef": {"name": config["metadata"]["name"]}} in sources
-    if merged["mlflow"]["credentialsSecret"]:
-        assert {"secretRef": {"name": merged["mlflow"]["credentialsSecret"]}} in sources
+    check_env_secret(m, merged["envSecret"], sources)
+    if merged["mlflow"]["s3EndpointUrl"]:
         assert config["data"]["MLFLOW_S3_ENDPOINT_URL"] == merged["mlflow"]["s3EndpointUrl"]
 
     # the Service selects exactly the server pods; the helm test pod is not one of them
@@ -176,6 +183,26 @@ def test_rendered_manifests(name):
     if "PodDisruptionBudget" in m:
         assert m["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == selector
     assert merged["model"]["uri"] in m["NOTES"]
+    watch = f"get rollout {deployment['metadata']['name']}" if merged["canary"]["enabled"] else "rollout status deployment/"
+    assert watch in m["NOTES"]
+
+
+def check_env_secret(m: dict, values: dict, sources: list[dict]) -> None:
+    """Rendered from envSecret.data (base64, nowhere else in the release) or referenced by name; no
+    Secret at all when neither is asked for."""
+    import base64
+
+    refs = [s["secretRef"]["name"] for s in sources if "secretRef" in s]
+    if not values["create"]:
+        assert "Secret" not in m
+        assert refs == ([values["name"]] if values["name"] else [])
+        return
+    secret = m["Secret"]
+    assert refs == [secret["metadata"]["name"]] and secret["type"] == "Opaque"
+    assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == values["data"]
+    others = yaml.safe_dump({k: v for k, v in m.items() if k != "Secret"})
+    for value in values["data"].values():
+        assert value not in others and base64.b64encode(value.encode()).decode() not in others
 
 
 def check_network_policy(policy: dict | None, values: dict, selector: dict) -> None:
@@ -216,16 +243,21 @@ def check_canary(m: dict, merged: dict) -> None:
     assert canary["analysis"]["templates"] == [{"templateName": analysis["metadata"]["name"]}]
     assert canary["analysis"]["args"][0]["valueFrom"] == {"podTemplateHashValue": "Latest"}
     metrics = {metric["name"]: metric for metric in analysis["spec"]["metrics"]}
-    assert set(metrics) == {"error-rate", "p99-latency", "ready"}
+    assert set(metrics) == {"error-rate", "p99-latency", "empty-results", "ready"}
     limits = merged["canary"]["analysis"]
     assert metrics["error-rate"]["successCondition"].endswith(f"<= {limits['maxErrorRate']}")
     assert metrics["p99-latency"]["successCondition"].endswith(f"<= {limits['maxP99LatencySeconds']}")
+    assert metrics["empty-results"]["successCondition"].endswith(f"<= {limits['maxEmptyResultShare']}")
+    # users answered with no item over users answered (the server's two counters, onerec.serve.app.Metrics)
+    empty_query = metrics["empty-results"]["provider"]["prometheus"]["query"]
+    assert empty_query.startswith("sum(rate(onerec_empty_results_total{")
+    assert ") / sum(rate(onerec_recommended_users_total{" in empty_query
     for metric in metrics.values():
         query = metric["provider"]["prometheus"]["query"]
         assert f'{limits["podHashLabel"]}="{{{{args.canary-hash}}}}"' in query  # the canary pods only
         # the series the server exports (onerec.serve.app.Metrics), on the routes it labels
         assert any(name in query for name in ("onerec_http_responses_total", "onerec_request_duration_seconds_bucket",
-                                              "onerec_ready"))
+                                              "onerec_empty_results_total", "onerec_ready"))
     # two backslashes in the PromQL string: the regex gets \{name\}, the literal route label (onerec.serve.app._route)
     assert r'"/v1/recommend|/v2/models/\\{name\\}/infer"' in metrics["error-rate"]["provider"]["prometheus"]["query"]
 
@@ -245,6 +277,12 @@ BAD_VALUES = {
     "bad namespace name": {"networkPolicy": {"ingressNamespaces": ["Not_A_Namespace"]}},
     "canary weight above 100": {"canary": {"enabled": True, "weights": [50, 150]}},
     "canary prometheus not a URL": {"canary": {"analysis": {"prometheusAddress": "prometheus:9090"}}},
+    "empty-result share above 1": {"canary": {"analysis": {"maxEmptyResultShare": 1.5}}},
+    "env secret created without data": {"envSecret": {"create": True}},
+    "env secret data not rendered": {"envSecret": {"name": "existing", "data": {"AWS_SECRET_ACCESS_KEY": "x"}}},
+    "env secret key not a variable name": {"envSecret": {"create": True, "data": {"AWS-KEY": "x"}}},
+    "env secret value not a string": {"envSecret": {"create": True, "data": {"PORT": 5000}}},
+    "credentials under mlflow": {"mlflow": {"credentialsSecret": "mlflow-s3"}},
     "missing model uri": {"model": {"uri": None}},
     "empty model uri": {"model": {"uri": ""}},
     "model uri of another scheme": {"model": {"uri": "s3://bucket/model"}},

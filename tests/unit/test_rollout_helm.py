@@ -65,3 +65,32 @@ def test_previous_good_revision_skips_failed_ones():
     assert helm._previous_good(history, 4) == 2
     with pytest.raises(rollout.RolloutError):
         helm._previous_good(history[2:], 4)
+
+
+def test_dry_run_with_the_canary_and_a_rendered_secret(unreachable_kubeconfig, tmp_path):
+    """The values files turn on the chart's canary (promote then waits for the Rollout's verdict);
+    the returned manifest carries no secret value."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"canary": {"enabled": True},
+                                      "envSecret": {"create": True, "data": {"MLFLOW_TRACKING_PASSWORD": "hunter2-x"}}}))
+    settings = Settings(rollout_target="helm", kubeconfig=unreachable_kubeconfig, helm_release="recs",
+                        helm_namespace="serving", helm_values=str(values))
+    assert helm.canary_enabled(settings) and not helm.canary_enabled(Settings(rollout_target="helm"))
+    result = rollout.deploy(settings, "models:/onerec-v2-fp8/9", 9, dry_run=True, digest="d" * 64)
+    assert result["canary"] is True and result["rollout"] == "recs-onerec-serving"
+    docs = {d["kind"]: d for d in yaml.safe_load_all(result["manifest"]) if d}
+    assert docs["Rollout"]["metadata"]["name"] == result["rollout"]
+    assert docs["Secret"]["data"] == {"MLFLOW_TRACKING_PASSWORD": "(redacted)"}
+    assert "hunter2" not in result["manifest"] and "aHVudGVyMi" not in result["manifest"]  # nor its base64
+
+
+def test_the_rollout_verdict_against_an_unreachable_cluster_times_out(unreachable_kubeconfig):
+    """The real Kubernetes client from the promote's kubeconfig: an API that does not answer is no
+    verdict, polled again until the timeout, which the promote treats as a failure."""
+    from ops.rollout import argo
+
+    api = argo.rollouts_api(Settings(rollout_target="helm", kubeconfig=unreachable_kubeconfig))
+    assert api.api_client.configuration.host.startswith("https://127.0.0.1:")
+    assert argo.current_pod_hash(api, "serving", "recs-onerec-serving") is None
+    result = argo.wait_for_verdict(api, "serving", "recs-onerec-serving", timeout_s=1, poll_s=0.2)
+    assert result["verdict"] == "timeout" and "the Kubernetes API did not answer" in result["message"]

@@ -49,3 +49,12 @@ app.kubernetes.io/component: inference
 {{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
 {{- end }}
 {{- end }}
+
+{{/* The env Secret the server reads (envFrom): the rendered one (envSecret.create) or an existing one; "" = none. */}}
+{{- define "onerec-serving.envSecretName" -}}
+{{- if .Values.envSecret.create }}
+{{- default (printf "%s-env" (include "onerec-serving.fullname" .) | trunc 63 | trimSuffix "-") .Values.envSecret.name }}
+{{- else }}
+{{- .Values.envSecret.name }}
+{{- end }}
+{{- end }}
