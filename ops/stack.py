@@ -693,15 +693,17 @@ def status(cfg: StackConfig) -> dict:
 def _print_banner(state: dict) -> None:
     services = state["services"]
     lines = ["", "Local stack is up:"]
+    # passwords stay in their 0600 files: a banner ends up in terminals, CI logs and screenshots
     if "airflow" in services:
         cred = state["credentials"]["airflow"]
-        lines.append(f"  Airflow UI  {services['airflow']['url']}   user {cred['username']}  password {cred['password']}")
+        lines.append(f"  Airflow UI  {services['airflow']['url']}   user {cred['username']}  "
+                     f"password in {cred['passwords_file']}")
     if "mlflow" in services:
         accounts = state["credentials"]["mlflow"]
         lines.append(f"  MLflow UI   {services['mlflow']['url']}   approver: user {accounts['approver']['username']}  "
-                     f"password {accounts['approver']['password']}")
-        lines.append(f"              read-only: user {accounts['viewer']['username']}  password "
-                     f"{accounts['viewer']['password']}; admin and pipeline service account: "
+                     f"password in {accounts['approver']['file']}")
+        lines.append(f"              read-only: user {accounts['viewer']['username']}  password in "
+                     f"{accounts['viewer']['file']}; admin and pipeline service account: "
                      f"{Path(accounts['admin']['file']).parent}/mlflow-*.json")
         lines.append(f"              serving (read-only; `onerec-fp8 serve --model-uri models:/NAME/VERSION "
                      f"--model-digest D` finds it): {accounts['serving']['file']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,25 @@ def test_the_ports_of_the_last_start_come_back_after_a_down(tmp_path, monkeypatc
     # the environment still decides over the last start
     assert stack._resolve_ports(stack.StackConfig.from_env({stack.PORT_ENV["s3"]: "19999"}, state_dir=tmp_path))["s3"] == 19999
     assert stack._resolve_ports(stack.StackConfig.from_env({}, state_dir=tmp_path, ports={"mlflow": 15555}))["mlflow"] == 15555
+
+
+def test_the_banner_names_the_password_files_and_shows_no_password(tmp_path, capsys):
+    """The banner lands in terminals and CI logs: it says where each password is, never the password."""
+    from ops import mlflow_auth, stack
+
+    cfg = stack.StackConfig.from_env({}, state_dir=tmp_path)
+    airflow_file, airflow_password = stack._airflow_password(cfg)
+    accounts = {role: {**mlflow_auth.credentials(tmp_path, role),
+                       "file": str(mlflow_auth.credentials_file(tmp_path, role))} for role in mlflow_auth.ACCOUNTS}
+    state = {
+        "state_dir": str(tmp_path), "stop_command": "onerec-fp8 stack down",
+        "services": {"airflow": {"url": "http://127.0.0.1:8080"}, "mlflow": {"url": "http://127.0.0.1:5000"}},
+        "credentials": {"airflow": {"username": "admin", "password": airflow_password,
+                                    "passwords_file": str(airflow_file)}, "mlflow": accounts},
+    }
+    stack._print_banner(state)
+    banner = capsys.readouterr().err
+    passwords = [airflow_password, *(a["password"] for a in accounts.values())]
+    assert all(len(p) >= 12 and p not in banner for p in passwords)
+    for path in (airflow_file, accounts["approver"]["file"], accounts["viewer"]["file"]):
+        assert str(path) in banner and stat.S_IMODE(Path(path).stat().st_mode) == 0o600
