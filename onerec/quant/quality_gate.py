@@ -196,7 +196,6 @@ class QualityComparison:
             self.noise_floor = {
                 "compared": "bf16 vs fp32 (the same checkpoint)",
                 "reference_matmuls": "tf32" if tf32 else "ieee fp32",
-                "users": int(len(np.unique(self.users[sample]))),
                 **paired_intervals(fp32_items, bf16_sample, self.targets[sample], self.users[sample], config),
                 f"top{config.k}_overlap": topk_overlap(fp32_items, bf16_sample, config.k),
             }

@@ -72,9 +72,11 @@ def values_files(settings: Settings) -> dict:
     return values
 
 
-def canary_enabled(settings: Settings) -> bool:
-    """Whether the release's values turn on the chart's Argo Rollouts canary (canary.enabled)."""
-    return bool((values_files(settings).get("canary") or {}).get("enabled"))
+def canary_enabled(settings: Settings, values: dict | None = None) -> bool:
+    """Whether the release's values (default: its values files) turn on the chart's Argo Rollouts
+    canary (canary.enabled)."""
+    values = values_files(settings) if values is None else values
+    return bool((values.get("canary") or {}).get("enabled"))
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -137,7 +139,7 @@ def deploy(settings: Settings, model_uri: str, version: str, digest: str | None 
     result = {
         "target": "helm", "engine": "helm-python-sdk", "release": o["release"], "namespace": o["namespace"],
         "revision": revision, "version": version, "model_uri": model_uri, "url": _service_url(o["release"], o["namespace"]),
-        "canary": bool((values.get("canary") or {}).get("enabled")), "rollout": fullname(o["release"]),
+        "canary": canary_enabled(settings, values), "rollout": fullname(o["release"]),
     }
     if o["dry_run"]:
         result.update(dry_run=True, manifest=_without_secret_values(release.get("manifest", "")))

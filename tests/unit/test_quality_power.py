@@ -101,7 +101,7 @@ def test_the_noise_floor_runs_on_a_sample_and_its_power_speaks_for_all_users(mov
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(previous)
-    assert comparison.noise_floor["reference_matmuls"] == "ieee fp32" and comparison.noise_floor["users"] == 300
+    assert comparison.noise_floor["reference_matmuls"] == "ieee fp32"
     floor, power = comparison.noise_floor["recall@10"], comparison.power["recall@10"]
     assert floor["num_users"] == 300 and comparison.num_users == 943
     assert power["num_users"] == 943 and power["measured_users"] == 300
