@@ -58,8 +58,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Starts the stack (idempotent: a running one is reused), runs the demo, then prints the URLs,
-# credentials and the stop command again (`stack up` reuses the running stack and prints them),
+# Starts the stack (idempotent: a running one is reused), runs the demo, then prints the URLs, the
+# files that hold the credentials and the stop command again (`stack up` reuses the running stack and prints them),
 # and leaves the stack running.
 demo: $(STAMP)
 	$(BIN)/onerec-fp8 stack up > /dev/null

@@ -125,6 +125,15 @@ def read_state(state_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def without_passwords(state: dict) -> dict:
+    """The state as `stack up` prints it: each account names its 0600 file, the password stays there
+    (stdout ends up in terminals and CI logs; stack.json, 0600 too, keeps the passwords)."""
+    credentials = {name: ({role: {k: v for k, v in account.items() if k != "password"} for role, account in cred.items()}
+                          if name == "mlflow" else {k: v for k, v in cred.items() if k != "password"})
+                   for name, cred in state["credentials"].items()}
+    return {**state, "credentials": credentials}
+
+
 def stack_env(state: dict) -> dict[str, str]:
     """The configuration env of the local stack (ONEREC_*, MLFLOW_*, AWS_*), as strings."""
     return {str(k): str(v) for k, v in state["env"].items()}
@@ -760,7 +769,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.action == "up":
         state = up(cfg, args.services)
         _print_banner(state)
-        return state
+        return without_passwords(state)
     if args.action == "down":
         return down(cfg, args.services)
     return status(cfg)

@@ -630,7 +630,7 @@ def test_stack_restart_brings_back_the_champion_the_approval_events_and_rollback
     from fixtures.stack import airflow_api, processes_of, stack_cli, start_stack, wait_for
 
     from ops.processes import free_port
-    from ops.stack import SERVICES, stack_env
+    from ops.stack import SERVICES, read_state, stack_env
     from tasks.requantize import run_requantize
     from tasks.rollback import rollback
 
@@ -676,7 +676,7 @@ def test_stack_restart_brings_back_the_champion_the_approval_events_and_rollback
 
         up = stack_cli("up", "--state-dir", str(state_dir), env=stack_up_env)  # no ports given: the same as before
         assert up.returncode == 0 and "Traceback" not in up.stderr, up.stderr[-4000:]
-        state = json.loads(up.stdout)
+        state = read_state(state_dir)
         assert {s: state["services"][s]["port"] for s in SERVICES} == ports
         assert served_version(proxy, history) == v1  # the champion serves again
 

@@ -16,7 +16,7 @@ from fixtures.stack import alive, group_members, process_groups, processes_of, s
 
 from onerec.errors import UserError
 from ops.processes import free_port
-from ops.stack import SERVICES, _port_free, read_state, stack_env
+from ops.stack import SERVICES, _port_free, read_state, stack_env, without_passwords
 
 CONTRACT_VARS = {
     "ONEREC_STATE_DIR", "ONEREC_S3_ENDPOINT_URL", "ONEREC_S3_BUCKET", "ONEREC_S3_PREFIX", "MLFLOW_TRACKING_URI",
@@ -152,9 +152,12 @@ def test_stack_up_status_idempotent_down(tmp_path):
     groups: set[int] = set()
     try:
         assert up.returncode == 0, up.stderr[-4000:]
-        state = json.loads(up.stdout)
+        state = read_state(state_dir)
         pids = stack_pids(state)
-        assert read_state(state_dir) == state  # stack.json is what `up` printed
+        assert json.loads(up.stdout) == without_passwords(state)  # stack.json is what `up` printed, with the passwords
+        passwords = [state["credentials"]["airflow"]["password"],
+                     *(account["password"] for account in state["credentials"]["mlflow"].values())]
+        assert all(len(p) >= 12 and p not in up.stdout for p in passwords)
         env = stack_env(state)
         assert set(env) == CONTRACT_VARS
         assert env["ONEREC_S3_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{ports['s3']}"
@@ -162,9 +165,10 @@ def test_stack_up_status_idempotent_down(tmp_path):
         assert env["ONEREC_STATE_DIR"] == str(state_dir.resolve())
         assert state["services"]["airflow"]["url"] == f"http://127.0.0.1:{ports['airflow']}"
         assert len(state["services"]["airflow"]["pids"]) == 4  # api-server, scheduler, dag-processor, triggerer
-        # The UI credentials and the stop command are printed for the user.
-        assert state["credentials"]["airflow"]["password"] in up.stderr
-        assert state["credentials"]["mlflow"]["approver"]["password"] in up.stderr
+        # The banner names the 0600 files that hold the UI passwords, never the passwords, and the stop command.
+        airflow_cred, approver = state["credentials"]["airflow"], state["credentials"]["mlflow"]["approver"]
+        assert airflow_cred["passwords_file"] in up.stderr and approver["file"] in up.stderr
+        assert airflow_cred["password"] not in up.stderr and approver["password"] not in up.stderr
         assert state["stop_command"] in up.stderr
         check_credentials_are_private_and_required(state)
 
