@@ -268,6 +268,12 @@ def test_a_new_model_version_or_config_changes_the_pod_template():
     c = render({**MODEL, "mlflow": {"trackingUri": "https://other"}})["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert b["metadata"]["annotations"]["onerec.ai/model-version"] == "5" != a["onerec.ai/model-version"]
     assert c["checksum/config"] != a["checksum/config"]
+    # a Secret the chart creates rolls the pods when its data changes; one it references cannot be watched
+    assert "checksum/env-secret" not in a
+    secret_of = lambda data: render({**MODEL, "envSecret": {"create": True, "data": data}})[  # noqa: E731
+        "Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    d, e = secret_of(SECRET_DATA), secret_of({**SECRET_DATA, "AWS_SECRET_ACCESS_KEY": "rotated-key"})
+    assert d["checksum/env-secret"] != e["checksum/env-secret"] and d["checksum/config"] == e["checksum/config"]
 
 
 BAD_VALUES = {
