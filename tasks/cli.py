@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 from pathlib import Path
 
 from onerec.errors import UserError
+from onerec.settings import env_name
 from tasks import requantize
 from tasks.approval import expire_stale
 from tasks.config import PipelineConfig, load_config
@@ -119,11 +121,23 @@ def exit_code(args: argparse.Namespace, result) -> int | None:
     return 0 if args.step == "exec" else None
 
 
+def _require_mounted_state_dir(cfg: PipelineConfig) -> None:
+    """A GPU pod mounts the work volume at its ONEREC_STATE_DIR (the requantize DAG sets it from the
+    DAG processor's environment); a worker configuration that names another folder (an Airflow
+    Variable's state_dir) would read and write outside the volume, where the other steps never look."""
+    mounted = os.environ.get(env_name("state_dir"))
+    if mounted and Path(mounted).resolve() != Path(cfg.state_dir).resolve():
+        raise UserError(f"exec: the configuration's state_dir {cfg.state_dir} is not this pod's work folder {mounted} "
+                        f"({env_name('state_dir')}, where the work volume is mounted): set state_dir in the "
+                        "environment of every Airflow component, not in the Airflow Variable")
+
+
 def run(args: argparse.Namespace, cfg: PipelineConfig) -> dict | None:
     if args.step == "exec":
         if not args.exec_step or args.inputs is None:
             raise UserError("exec needs a step name and --inputs JSON")
         inputs = _json_object("--inputs", args.inputs, "earlier step name -> its result")
+        _require_mounted_state_dir(cfg)
         result = requantize.exec_step(cfg, args.exec_step, inputs)
         if args.xcom_file:
             Path(args.xcom_file).parent.mkdir(parents=True, exist_ok=True)

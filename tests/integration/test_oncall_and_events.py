@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from fixtures.browser import screenshot, sign_in_to_airflow
+from fixtures.browser import trigger_in_airflow_ui
 from fixtures.stack import airflow_api, wait_for
 
 from ops.smtp_sink import read_mail
@@ -65,11 +65,6 @@ def test_rollback_form_input_is_refused_in_one_line(local_stack, chromium, tmp_p
     which shows each field's title and rule, and through the REST trigger the form posts to. The
     trigger is accepted (no raw JSON-schema text), the run's check_form task fails at once without
     a retry, the rollback never starts, and on-call's mail says in one line what to fix."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
     maildir = Path(local_stack["state_dir"]) / "mail"
     dag = "onerec_fp8_rollback"
     bad_version = "version: a registry version number such as 12 (digits only"
@@ -80,21 +75,11 @@ def test_rollback_form_input_is_refused_in_one_line(local_stack, chromium, tmp_p
         try:
             # the form, as on-call fills it in: a version that is not a number
             before, known = len(read_mail(maildir)), set(_run_ids(airflow, dag))
-            sign_in_to_airflow(chromium, local_stack)
-            chromium.get(f"{local_stack['services']['airflow']['url']}/dags/{dag}")
-            # the UI re-renders while it loads: a button found a moment ago may be gone, look again
-            wait = WebDriverWait(chromium, 60, ignored_exceptions=(StaleElementReferenceException,))
-            wait.until(lambda d: _click(_button(d, "Trigger")))
-            reason = wait.until(ec.element_to_be_clickable((By.ID, "element_reason")))
-            dialog = (By.XPATH, "//*[@id='element_reason']/ancestor::*[@role='dialog'][1]")  # the trigger form's
-            form = chromium.find_element(*dialog).text
+            form = trigger_in_airflow_ui(chromium, local_stack, dag, {"reason": "INC-7: p99 doubled", "version": "v2"},
+                                         shot=(tmp_path, "airflow-rollback-form.png"))
             for shown in ("Reason (required)", "at least 3 characters", "Version to restore (optional)",
                           "digits only", "previous-champion"):
                 assert shown in form, form
-            reason.send_keys("INC-7: p99 doubled")
-            chromium.find_element(By.ID, "element_version").send_keys("v2")
-            screenshot(chromium, tmp_path, "airflow-rollback-form.png")
-            wait.until(lambda d: _click(_button(d.find_element(*dialog), "Trigger")))
             [run_id] = wait_for("the run the form started",
                                 lambda: [r for r in _run_ids(airflow, dag) if r not in known], 60)
             _failed_in_check_form(airflow, dag, run_id)
@@ -109,21 +94,6 @@ def test_rollback_form_input_is_refused_in_one_line(local_stack, chromium, tmp_p
             _assert_one_line_mail(maildir, before, dag, bad_reason)
         finally:
             airflow.patch(f"/api/v2/dags/{dag}", json={"is_paused": True})
-
-
-def _button(within, text: str):
-    """The last button labelled `text` in `within` (a page or an element), None while there is none."""
-    from selenium.webdriver.common.by import By
-
-    found = [b for b in within.find_elements(By.TAG_NAME, "button") if b.text.strip() == text]
-    return found[-1] if found else None
-
-
-def _click(button) -> bool:
-    if button is None:
-        return False
-    button.click()
-    return True
 
 
 def _run_ids(airflow, dag: str) -> list[str]:

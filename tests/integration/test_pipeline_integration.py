@@ -622,17 +622,19 @@ def served_version(url: str, history: list[int]) -> str:
 
 
 @pytest.mark.slow
-def test_stack_restart_brings_back_the_champion_the_approval_events_and_rollback(tiny, tmp_path):
+def test_stack_restart_brings_back_the_champion_the_approval_events_and_rollback(tiny, chromium, tmp_path):
     """up -> pipeline -> approve (the relay's event starts the promote DAG) -> down -> up: the same
     ports, the champion answers on the proxy port, the DAGs run unpaused, the next approval starts
-    a promote run, and a rollback restores the previous champion."""
+    a promote run, and on-call's one manual trigger in the Airflow UI (headless Chromium) rolls back
+    to the previous champion."""
     import pandas as pd
+    from fixtures.browser import trigger_in_airflow_ui
     from fixtures.stack import airflow_api, processes_of, stack_cli, start_stack, wait_for
 
     from ops.processes import free_port
     from ops.stack import SERVICES, read_state, stack_env
+    from tasks.registry import client
     from tasks.requantize import run_requantize
-    from tasks.rollback import rollback
 
     state_dir, work = tmp_path / "stack", tmp_path / "work"
     ports = {s: free_port() for s in SERVICES}
@@ -690,10 +692,18 @@ def test_stack_restart_brings_back_the_champion_the_approval_events_and_rollback
                 assert event_runs(airflow) > before
             assert served_version(proxy, history) == v2
 
-            serving = config({"state": state, "work": work}, "restart", state_dir=str(state_dir))
-            restored = rollback(serving, "restart test: back to the first champion", by="test")
-            assert restored["champion"] == v1 and alias(cfg, "champion") == v1
-            assert served_version(proxy, history) == v1
+            # on-call: the rollback DAG's form in the Airflow UI, the reason only (the previous champion)
+            rollback_dag, reason = "onerec_fp8_rollback", "INC-9: p99 doubled after v2"
+            with airflow_api(state) as airflow:
+                known = {r["dag_run_id"] for r in airflow.get(f"/api/v2/dags/{rollback_dag}/dagRuns").json()["dag_runs"]}
+                trigger_in_airflow_ui(chromium, state, rollback_dag, {"reason": reason})
+                [run] = wait_for("the rollback run the form started, ended", lambda: [
+                    r for r in airflow.get(f"/api/v2/dags/{rollback_dag}/dagRuns").json()["dag_runs"]
+                    if r["dag_run_id"] not in known and r["state"] in ("success", "failed")] or None, timeout_s=300)
+            assert run["state"] == "success", run
+            assert alias(cfg, "champion") == v1 and served_version(proxy, history) == v1
+            tags = client(cfg).get_model_version(cfg.model_name, v2).tags
+            assert (tags["rollback_reason"], tags["rolled_back_by"]) == (reason, state["credentials"]["airflow"]["username"])
     finally:
         down = stack_cli("down", "--state-dir", str(state_dir), timeout=180)
     assert down.returncode == 0, down.stderr[-3000:]

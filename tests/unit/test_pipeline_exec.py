@@ -169,6 +169,14 @@ def test_exec_rejects_inputs_that_are_not_the_steps(fetched, tmp_path):
                            "--inputs", json.dumps({"fetch": {**fetched, "surprise": 1}})], capture_output=True,
                           text=True, cwd=REPO, env={**os.environ, "ONEREC_STATE_DIR": str(tmp_path)}, timeout=300)
     assert done.returncode == 1 and "unknown field(s) ['surprise']" in done.stderr
+    # a worker configuration that puts the work folder outside the pod's mount: one line, no step run
+    elsewhere = tmp_path / "elsewhere"
+    done = subprocess.run([sys.executable, "-m", "onerec_fp8.cli", "pipeline", "exec", "quantize",
+                           "--inputs", json.dumps({"fetch": fetched}), "--config", json.dumps({"state_dir": str(elsewhere)})],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "ONEREC_STATE_DIR": str(tmp_path)},
+                          timeout=300)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"state_dir {elsewhere} is not this pod's work folder {tmp_path}" in done.stderr and not elsewhere.exists()
 
 
 POD_SPEC = r"""
