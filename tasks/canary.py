@@ -25,7 +25,8 @@ AnalysisTemplate in Prometheus (helm/onerec-serving, canary.* values), after `he
 returns; `judge_rollout` waits for that verdict (ops/rollout/argo.py, at most
 CanaryConfig.rollout_timeout_s): Healthy passes, aborted, Degraded or no verdict in time rolls
 back with `helm rollback` and is recorded, reported and notified exactly as a failed local step
-(one step, `rollout`, with Argo's message as the reason).
+(one step, `rollout`, with Argo's message as the reason); the report holds the measurements of
+the canary pods' AnalysisRuns and draws them (plot_rollout_analysis).
 """
 
 from __future__ import annotations
@@ -160,17 +161,30 @@ def judge_rollout(cfg, c, version: str, model_uri: str, digest: str | None, cham
             "at": now_iso(), "seconds": argo_verdict["seconds"], "rollout": f"{namespace}/{rollout_name}",
             "argo": argo_verdict["verdict"], "helm_revision": rollout.get("revision")}
     c.set_model_version_tag(name, version, STEP_TAG.format(1), json.dumps(step, sort_keys=True)[:5000])
+    analysis = _rollout_analysis(api, namespace, argo_verdict.get("pod_hash"), before)
     if verdict != "passed":
         _roll_back(cfg, c, version, champion, [step], verdict, step["reasons"], undo=lambda: rollout_api.rollback(cfg),
-                   where=f"the Rollout {namespace}/{rollout_name}")
+                   where=f"the Rollout {namespace}/{rollout_name}", analysis=analysis)
     c.set_model_version_tag(name, version, VERDICT_TAG, "passed")
-    _report(cfg, c, version, champion, [step], "passed")
+    _report(cfg, c, version, champion, [step], "passed", analysis)
     log.info("the Rollout of version %s is healthy: it serves all traffic", version)
     return {**rollout, "canary": {"verdict": "passed", "steps": [step]}}
 
 
+def _rollout_analysis(api, namespace: str, pod_hash: str | None, before: str | None) -> list[dict] | None:
+    """The figures of the Argo analysis of the new pods (argo.analysis_of), None when there are none
+    to read: the new pods never showed up, or the API did not answer (the verdict stands either way)."""
+    if not pod_hash or pod_hash == before:
+        return None
+    try:
+        return argo.analysis_of(api, namespace, pod_hash) or None
+    except Exception as exc:
+        log.warning("could not read the AnalysisRuns of pods %s in %s: %s", pod_hash, namespace, exc)
+        return None
+
+
 def _roll_back(cfg, c, version: str, champion: str, steps: list[dict], verdict: str, reasons: list[str],
-               undo=None, where: str | None = None) -> None:
+               undo=None, where: str | None = None, analysis: list[dict] | None = None) -> None:
     """All traffic back to the champion, the candidate stopped and marked, on-call told; then raise.
     `undo` (helm: its rollback) replaces ending the local canary; if it fails, the reason says so."""
     name = cfg.model_name
@@ -189,7 +203,7 @@ def _roll_back(cfg, c, version: str, champion: str, steps: list[dict], verdict: 
     c.set_model_version_tag(name, version, VERDICT_TAG, verdict)
     c.set_model_version_tag(name, version, REASON_TAG, reason[:5000])
     transition(cfg, c, version, "rolled_back", by="canary", note=reason)
-    report = _report(cfg, c, version, champion, steps, verdict)
+    report = _report(cfg, c, version, champion, steps, verdict, analysis)
     subject = f"[onerec-fp8] canary of {name} version {version} rolled back: {reason}"[:200]
     body = "\n".join([
         f"Model:    {name} version {version} ({serving})",
@@ -205,21 +219,26 @@ def _roll_back(cfg, c, version: str, champion: str, steps: list[dict], verdict: 
     raise StepFailed(f"{name} version {version}: {reason}; rolled back, {serving}")
 
 
-def _report(cfg, c, version: str, champion: str, steps: list[dict], verdict: str) -> str:
+def _report(cfg, c, version: str, champion: str, steps: list[dict], verdict: str,
+            analysis: list[dict] | None = None) -> str:
     """reports/canary.json and reports/canary.png on the version's registering run; the tag
-    canary_report names them. The Argo Rollout's verdict has no figures here (they are in its
-    AnalysisRuns): canary.json only. Best effort: a report that cannot be stored is logged, never
-    hides the verdict."""
+    canary_report names them. The picture: the proxy's figures per step (local), or the Argo
+    analysis's measurements (`analysis`, helm); an Argo verdict without readable AnalysisRuns has
+    canary.json only. Best effort: a report that cannot be stored is logged, never hides the verdict."""
     name = cfg.model_name
     run_id = c.get_model_version(name, version).run_id
     report = {"model": name, "version": version, "champion": champion, "verdict": verdict, "steps": steps,
               "policy": {k: getattr(cfg.canary, k) for k in cfg.canary.__dataclass_fields__}}
+    if analysis is not None:
+        report["analysis"] = analysis
     try:
         with tempfile.TemporaryDirectory(prefix="onerec-canary-") as tmp:
             (Path(tmp) / "canary.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=list) + "\n")
             files = ["canary.json"]
             if all("canary" in s for s in steps):  # the proxy's figures per step
                 files.append(plot_canary(report, Path(tmp) / "canary.png").name)
+            elif analysis:
+                files.append(plot_rollout_analysis(report, Path(tmp) / "canary.png").name)
             for file in files:
                 c.log_artifact(run_id, str(Path(tmp) / file), "reports")
     except Exception as exc:  # the artifact store is down: the tags still say everything
@@ -269,9 +288,51 @@ def plot_canary(report: dict, path: Path) -> Path:
             n = s[counts]["requests" if counts == "canary" else "compared"]
             ax.annotate(f"n={n}", (xi, 0), textcoords="offset points", xytext=(0, 4), fontsize=7, ha="center",
                         xycoords=("data", "axes fraction"))
-    fig.suptitle(f"canary of {report['model']} version {report['version']} beside champion {report['champion']}: "
-                 f"{report['verdict']} (n = candidate requests / mirrored requests compared per step)", fontsize=11)
+    return _save(fig, path, f"canary of {report['model']} version {report['version']} beside champion "
+                            f"{report['champion']}: {report['verdict']} (n = candidate requests / mirrored requests "
+                            "compared per step)")
+
+
+def _save(fig, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+PHASE_COLOURS = {"Successful": "tab:green", "Failed": "tab:red", "Inconclusive": "tab:orange", "Error": "tab:gray"}
+
+
+def plot_rollout_analysis(report: dict, path: Path) -> Path:
+    """The Argo analysis behind a helm canary's verdict: per metric its measurements in order,
+    coloured by phase, the successCondition's limit dashed, and how many measurements passed (no
+    traffic in a window: no point, counted in the title)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    metrics = report["analysis"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        points = metric["measurements"]
+        for phase, colour in PHASE_COLOURS.items():
+            shown = [(i, m["value"]) for i, m in enumerate(points, 1) if m["phase"] == phase and m["value"] is not None]
+            if shown:
+                ax.plot(*zip(*shown, strict=True), "o", color=colour, label=phase)
+        if metric["limit"] is not None:
+            ax.axhline(metric["limit"][1], color="red", linestyle="--", linewidth=1, label=f"{metric['limit'][0]} limit")
+        empty = sum(m["value"] is None for m in points)
+        ax.set_title(f"{metric['name']}: {metric['phase']}\n{metric['successful']} of {metric['count']} passed"
+                     + (f", {empty} without traffic" if empty else ""), fontsize=9)
+        ax.set_xlabel("measurement", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0)  # rates, seconds and shares are >= 0
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _save(fig, path, f"Argo Rollout of {report['model']} version {report['version']} beside champion "
+                            f"{report['champion']}: {report['verdict']} (the canary pods' background analysis)")

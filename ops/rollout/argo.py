@@ -10,6 +10,10 @@ until Argo decides:
     degraded  status.phase Degraded
     timeout   neither within timeout_s
 
+`analysis_of` reads the figures behind the verdict: the background AnalysisRun(s) Argo ran for the
+new pods (labels rollouts-pod-template-hash and rollout-type=Background), each metric's
+measurements with their phases and the limit of its successCondition.
+
 Every function takes the API object (kubernetes.client.CustomObjectsApi, or anything with its
 get_namespaced_custom_object), so a test can pass a fake; `rollouts_api` builds the real one from
 the caller's Settings (kubeconfig, kube_context; in a pod without a kubeconfig: its service account).
@@ -18,12 +22,17 @@ the caller's Settings (kubeconfig, kube_context; in a pod without a kubeconfig: 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import time
 
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "argoproj.io", "v1alpha1", "rollouts"
+ANALYSIS_RUNS = "analysisruns"
+# the limit in the chart's successConditions ("isNaN(result[0]) || result[0] <= 0.01")
+LIMIT = re.compile(r"result\[0\]\s*(<=|>=)\s*([-+0-9.eE]+)")
 PROGRESS_EVERY_S = 60.0  # a log line at least this often while the Rollout walks
 
 
@@ -82,24 +91,64 @@ def verdict_of(rollout: dict | None, previous_hash: str | None) -> tuple[str | N
 def wait_for_verdict(api, namespace: str, name: str, timeout_s: float, poll_s: float = 5.0,
                      previous_hash: str | None = None, clock=time.monotonic, sleep=time.sleep) -> dict:
     """Poll the Rollout until Argo's verdict (module doc) or `timeout_s`; returns {verdict, message,
-    seconds, polls}. An API error while polling is logged and polled again (the timeout bounds it)."""
+    seconds, polls, pod_hash: the new pods' template hash as last read}. An API error while polling is
+    logged and polled again (the timeout bounds it)."""
     started = last_log = clock()
-    said, polls = None, 0
+    said, polls, pod_hash = None, 0, None
     while True:
         polls += 1
         try:
-            verdict, message = verdict_of(read_rollout(api, namespace, name), previous_hash)
+            rollout = read_rollout(api, namespace, name)
+            verdict, message = verdict_of(rollout, previous_hash)
+            pod_hash = ((rollout or {}).get("status") or {}).get("currentPodHash") or pod_hash
         except Exception as exc:
             verdict, message = None, f"the Kubernetes API did not answer: {exc}"
         elapsed = clock() - started
         if verdict is not None:
             log.info("Rollout %s/%s after %.0f s: %s", namespace, name, elapsed, message)
-            return {"verdict": verdict, "message": message, "seconds": round(elapsed, 1), "polls": polls}
+            return {"verdict": verdict, "message": message, "seconds": round(elapsed, 1), "polls": polls,
+                    "pod_hash": pod_hash}
         if elapsed >= timeout_s:
             message = f"no verdict from the Rollout {namespace}/{name} within {timeout_s:.0f} s (last: {message})"
             log.error(message)
-            return {"verdict": "timeout", "message": message, "seconds": round(elapsed, 1), "polls": polls}
+            return {"verdict": "timeout", "message": message, "seconds": round(elapsed, 1), "polls": polls,
+                    "pod_hash": pod_hash}
         if message != said or clock() - last_log >= PROGRESS_EVERY_S:
             log.info("waiting for the Rollout %s/%s (%.0f of %.0f s): %s", namespace, name, elapsed, timeout_s, message)
             said, last_log = message, clock()
         sleep(poll_s)
+
+
+def analysis_of(api, namespace: str, pod_hash: str) -> list[dict]:
+    """Each metric the background AnalysisRun(s) of pods `pod_hash` measured, in run order:
+    {name, phase, count, successful, failed, inconclusive, error, condition, limit: [op, value] or
+    None, measurements: [{at, value (None: NaN, i.e. no traffic), phase}]}."""
+    runs = api.list_namespaced_custom_object(
+        GROUP, VERSION, namespace, ANALYSIS_RUNS,
+        label_selector=f"rollouts-pod-template-hash={pod_hash},rollout-type=Background").get("items") or []
+    runs.sort(key=lambda r: (r.get("metadata") or {}).get("creationTimestamp") or "")
+    metrics = []
+    for run in runs:
+        conditions = {m.get("name"): m.get("successCondition") or "" for m in (run.get("spec") or {}).get("metrics") or []}
+        for result in (run.get("status") or {}).get("metricResults") or []:
+            condition = conditions.get(result.get("name"), "")
+            limit = LIMIT.search(condition)
+            metrics.append({
+                "name": result.get("name"), "phase": result.get("phase"), "condition": condition,
+                "limit": [limit.group(1), float(limit.group(2))] if limit else None,
+                **{k: int(result.get(k) or 0) for k in ("count", "successful", "failed", "inconclusive", "error")},
+                "measurements": [{"at": m.get("finishedAt") or m.get("startedAt"), "value": measured_value(m.get("value")),
+                                  "phase": m.get("phase")} for m in result.get("measurements") or []],
+            })
+    return metrics
+
+
+def measured_value(text: str | None) -> float | None:
+    """A Prometheus measurement as Argo stores it ("0.012", "[0.012]", "[NaN]", "[]"): its first
+    number, None where there is none or it is NaN (no requests in the window)."""
+    first = (text or "").strip().strip("[]").split(",")[0].strip()
+    try:
+        value = float(first)
+    except ValueError:
+        return None
+    return None if math.isnan(value) else value

@@ -5,6 +5,7 @@ the local canary does. The helm upgrade and rollback themselves are tests/unit/t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -141,3 +142,83 @@ def test_a_failed_helm_rollback_is_said_in_the_verdict(promote_env, monkeypatch)
 ])
 def test_one_reading_of_the_rollout(rollout, previous, verdict):
     assert argo.verdict_of(rollout, previous)[0] == verdict
+
+
+def analysis_run(pod_hash: str, error_rates: list[str], error_phases: list[str], created: str = "2026-12-04T10:00:00Z"):
+    """A background AnalysisRun as the Argo controller writes it (argoproj.io/v1alpha1): the chart's
+    metrics with their successConditions, each metric's measurements as strings ("[0.01]", "[NaN]")."""
+    def result(name, values, phases):
+        failed = phases.count("Failed")
+        return {"name": name, "phase": "Failed" if failed else "Successful", "count": len(values),
+                "successful": phases.count("Successful"), "failed": failed,
+                "measurements": [{"phase": p, "value": v, "startedAt": f"2026-12-04T10:0{i}:00Z",
+                                  "finishedAt": f"2026-12-04T10:0{i}:01Z"} for i, (v, p) in enumerate(zip(values, phases, strict=True))]}
+
+    return {"kind": "AnalysisRun", "metadata": {
+        "name": f"recs-onerec-serving-{pod_hash}-1", "creationTimestamp": created,
+        "labels": {"rollouts-pod-template-hash": pod_hash, "rollout-type": "Background"}},
+        "spec": {"metrics": [
+            {"name": "error-rate", "successCondition": "isNaN(result[0]) || result[0] <= 0.01"},
+            {"name": "p99-latency", "successCondition": "isNaN(result[0]) || result[0] <= 0.5"},
+            {"name": "ready", "successCondition": "len(result) > 0 && result[0] >= 1"}]},
+        "status": {"phase": "Failed" if "Failed" in error_phases else "Successful", "metricResults": [
+            result("error-rate", error_rates, error_phases),
+            result("p99-latency", ["[0.21]", "[NaN]", "[0.23]"], ["Successful"] * 3),
+            result("ready", ["[1]", "[1]", "[1]"], ["Successful"] * 3)]}}
+
+
+class FakeRolloutsWithAnalysis(FakeRollouts):
+    """Also lists AnalysisRuns by label selector, as CustomObjectsApi.list_namespaced_custom_object does."""
+
+    def __init__(self, runs, *statuses):
+        super().__init__(*statuses)
+        self.runs, self.selectors = runs, []
+
+    def list_namespaced_custom_object(self, group, version, namespace, plural, label_selector):
+        assert (group, version, namespace, plural) == ("argoproj.io", "v1alpha1", NAMESPACE, "analysisruns")
+        self.selectors.append(label_selector)
+        wanted = dict(pair.split("=") for pair in label_selector.split(","))
+        return {"items": [r for r in self.runs if wanted.items() <= r["metadata"]["labels"].items()]}
+
+
+def test_the_verdict_comes_with_the_analysis_figures_and_their_plot(promote_env, monkeypatch, tmp_path):
+    """The canary pods' AnalysisRun (not the champion's) is read, parsed and drawn; its limits come
+    from the successConditions, NaN (no traffic) is no value."""
+    cfg, c, calls = promote_env
+    stored = {}
+    monkeypatch.setattr(c, "log_artifact", lambda run_id, path, folder: stored.update(
+        {f"{folder}/{path.rsplit('/', 1)[-1]}": Path(path).read_bytes()}))
+    runs = [analysis_run("old", ["[0.5]"], ["Failed"], created="2026-12-01T00:00:00Z"),
+            analysis_run("new", ["[0.002]", "[NaN]", "[0.04]"], ["Successful", "Successful", "Failed"])]
+    api = FakeRolloutsWithAnalysis(runs, status("Healthy", "old"), status("Progressing", "new", stable="old"),
+                                   status("Degraded", "new", stable="old", abort=True,
+                                          message='RolloutAborted: metric "error-rate" assessed Failed'))
+    with pytest.raises(StepFailed, match="error-rate"):
+        canary.judge_rollout(cfg, c, "5", "models:/onerec-v2-fp8/5", None, "4", api=api)
+    assert api.selectors == ["rollouts-pod-template-hash=new,rollout-type=Background"]
+    assert set(stored) == {"reports/canary.json", "reports/canary.png"} and stored["reports/canary.png"][:4] == b"\x89PNG"
+    assert c.tags[canary.REPORT_TAG] == "runs:/run1/reports/canary.png"
+    analysis = {m["name"]: m for m in json.loads(stored["reports/canary.json"])["analysis"]}
+    error = analysis["error-rate"]
+    assert (error["phase"], error["limit"], error["count"], error["failed"]) == ("Failed", ["<=", 0.01], 3, 1)
+    assert [m["value"] for m in error["measurements"]] == [0.002, None, 0.04]
+    assert analysis["ready"]["limit"] == [">=", 1.0] and analysis["p99-latency"]["limit"] == ["<=", 0.5]
+    assert "error-rate" in calls["mail"][0][1]
+
+
+def test_unreadable_analysis_runs_leave_the_verdict_and_its_json(promote_env):
+    cfg, c, calls = promote_env
+
+    class Forbidden(FakeRollouts):
+        def list_namespaced_custom_object(self, *args, **kwargs):
+            raise PermissionError("analysisruns is forbidden")
+
+    api = Forbidden(status("Healthy", "old"), status("Healthy", "new"))
+    assert canary.judge_rollout(cfg, c, "5", "models:/onerec-v2-fp8/5", None, "4", api=api)["canary"]["verdict"] == "passed"
+    assert c.artifacts == ["reports/canary.json"]
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("[0.012]", 0.012), ("0.5", 0.5), ("[NaN]", None), ("[]", None), (None, None), ("[1, 2]", 1.0), ("garbage", None)])
+def test_a_measurement_as_argo_stores_it(text, value):
+    assert argo.measured_value(text) == value
