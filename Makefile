@@ -13,7 +13,7 @@ install: $(STAMP)
 
 # torch goes in first and alone, pinned, so that the resolver never swaps it for another build
 # (GPU users install the CUDA build of torch 2.13.0 into .venv before `make`: see the README).
-$(STAMP): pyproject.toml ops/s3/package-lock.json
+$(STAMP): pyproject.toml ops/s3/package-lock.json tests/promql/package-lock.json
 	@set -e; \
 	if [ ! -x $(BIN)/python ]; then \
 		py=""; \
@@ -35,6 +35,7 @@ $(STAMP): pyproject.toml ops/s3/package-lock.json
 	$(BIN)/pip install -e '.[dev]'
 	@command -v npm >/dev/null 2>&1 || { echo "error: Node.js and npm are required (the local stack's object store)" >&2; exit 1; }
 	npm ci --prefix ops/s3 --no-audit --no-fund
+	npm ci --prefix tests/promql --no-audit --no-fund
 	@$(MAKE) --no-print-directory browser
 	touch $@
 

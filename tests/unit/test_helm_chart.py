@@ -47,7 +47,8 @@ VALUE_SETS = {
     "canary-autoscaled": {
         **MODEL, "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 6},
         "canary": {"enabled": True, "weights": [10, 50, 100], "pauseSeconds": 300,
-                   "analysis": {"maxErrorRate": 0.02, "maxP99LatencySeconds": 0.25, "maxEmptyResultShare": 0.005}},
+                   "analysis": {"maxErrorRateIncrease": 0.02, "maxP99Ratio": 1.25, "minP99IncreaseSeconds": 0.02,
+                                "maxEmptyResultIncrease": 0.005}},
     },
     "env-secret-rendered": {
         **MODEL, "mlflow": {"s3EndpointUrl": "https://s3.internal"},
@@ -241,23 +242,34 @@ def check_canary(m: dict, merged: dict) -> None:
     assert canary["steps"] == [s for w in weights for s in (
         {"setWeight": w}, {"pause": {"duration": f"{merged['canary']['pauseSeconds']}s"}})]
     assert canary["analysis"]["templates"] == [{"templateName": analysis["metadata"]["name"]}]
-    assert canary["analysis"]["args"][0]["valueFrom"] == {"podTemplateHashValue": "Latest"}
+    assert canary["analysis"]["args"] == [{"name": "canary-hash", "valueFrom": {"podTemplateHashValue": "Latest"}},
+                                          {"name": "stable-hash", "valueFrom": {"podTemplateHashValue": "Stable"}}]
     metrics = {metric["name"]: metric for metric in analysis["spec"]["metrics"]}
     assert set(metrics) == {"error-rate", "p99-latency", "empty-results", "ready"}
     limits = merged["canary"]["analysis"]
-    assert metrics["error-rate"]["successCondition"].endswith(f"<= {limits['maxErrorRate']}")
-    assert metrics["p99-latency"]["successCondition"].endswith(f"<= {limits['maxP99LatencySeconds']}")
-    assert metrics["empty-results"]["successCondition"].endswith(f"<= {limits['maxEmptyResultShare']}")
+    query = {name: metric["provider"]["prometheus"]["query"] for name, metric in metrics.items()}
+    canary_pods, stable_pods = (f'{limits["podHashLabel"]}="{{{{args.{arg}}}}}"' for arg in ("canary-hash", "stable-hash"))
+    # the canary pods against the stable pods, as the local canary judges (CanaryConfig)
+    assert metrics["error-rate"]["successCondition"].endswith(f"<= {limits['maxErrorRateIncrease']}")
+    assert metrics["empty-results"]["successCondition"].endswith(f"<= {limits['maxEmptyResultIncrease']}")
+    for name in ("error-rate", "empty-results"):  # canary share minus the stable one (0 without stable traffic)
+        canary_part, stable_part = query[name].split(" - on() ")
+        assert canary_pods in canary_part and stable_pods not in canary_part
+        assert stable_pods in stable_part and stable_part.endswith(">= 0) or on() vector(0))")
+    # p99 over its allowance max(ratio x stable, stable + min increase): at most 1
+    assert metrics["p99-latency"]["successCondition"].endswith("<= 1")
+    canary_p99, allowance = query["p99-latency"].split(" / on() ")
+    assert canary_pods in canary_p99 and stable_pods not in canary_p99
+    assert f"* {limits['maxP99Ratio']})" in allowance and allowance.count(f"+ {limits['minP99IncreaseSeconds']})") == 2
+    assert allowance.count(stable_pods) == 3 and canary_pods not in allowance
     # users answered with no item over users answered (the server's two counters, onerec.serve.app.Metrics)
-    empty_query = metrics["empty-results"]["provider"]["prometheus"]["query"]
-    assert empty_query.startswith("sum(rate(onerec_empty_results_total{")
-    assert ") / sum(rate(onerec_recommended_users_total{" in empty_query
-    for metric in metrics.values():
-        query = metric["provider"]["prometheus"]["query"]
-        assert f'{limits["podHashLabel"]}="{{{{args.canary-hash}}}}"' in query  # the canary pods only
+    assert query["empty-results"].startswith("(sum(rate(onerec_empty_results_total{")
+    assert ") / sum(rate(onerec_recommended_users_total{" in query["empty-results"]
+    assert query["ready"] == f"min(onerec_ready{{{canary_pods}}})"
+    for text in query.values():
         # the series the server exports (onerec.serve.app.Metrics), on the routes it labels
-        assert any(name in query for name in ("onerec_http_responses_total", "onerec_request_duration_seconds_bucket",
-                                              "onerec_empty_results_total", "onerec_ready"))
+        assert any(name in text for name in ("onerec_http_responses_total", "onerec_request_duration_seconds_bucket",
+                                             "onerec_empty_results_total", "onerec_ready"))
     # two backslashes in the PromQL string: the regex gets \{name\}, the literal route label (onerec.serve.app._route)
     assert r'"/v1/recommend|/v2/models/\\{name\\}/infer"' in metrics["error-rate"]["provider"]["prometheus"]["query"]
 
@@ -276,6 +288,34 @@ def test_a_new_model_version_or_config_changes_the_pod_template():
     assert d["checksum/env-secret"] != e["checksum/env-secret"] and d["checksum/config"] == e["checksum/config"]
 
 
+PROMQL_CHECK = Path(__file__).resolve().parents[1] / "promql" / "check.mjs"
+
+
+def promql_syntax_errors(queries: list[str]) -> list[dict | None]:
+    """Each query parsed by Prometheus' own PromQL grammar (@prometheus-io/lezer-promql, installed by
+    `make`): None when it parses, else where the first syntax error is."""
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None or not (PROMQL_CHECK.parent / "node_modules").is_dir():
+        pytest.fail("node and tests/promql/node_modules are needed: run `make install`")
+    done = subprocess.run([node, str(PROMQL_CHECK)], input=json.dumps(queries), capture_output=True, text=True,
+                          timeout=60, check=True)
+    return json.loads(done.stdout)
+
+
+def test_the_canary_analysis_queries_are_valid_promql():
+    """What Argo sends to Prometheus: the rendered queries with the hash args as Argo fills them in."""
+    analysis = render(VALUE_SETS["canary-autoscaled"])["AnalysisTemplate"]
+    queries = [m["provider"]["prometheus"]["query"].replace("{{args.canary-hash}}", "6d4f9c7b8").replace(
+        "{{args.stable-hash}}", "5c8b7a6f4") for m in analysis["spec"]["metrics"]]
+    assert len(queries) == 4 and promql_syntax_errors(queries) == [None] * 4
+    # the check itself sees a broken query: an unbalanced parenthesis, an operator with no operand
+    broken = [queries[0].rsplit(")", 1)[0], queries[1] + " /"]
+    assert all(error is not None for error in promql_syntax_errors(broken))
+
+
 BAD_VALUES = {
     "negative replicas": {"replicaCount": -1},
     "autoscaling on CPU": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 70}},
@@ -283,7 +323,9 @@ BAD_VALUES = {
     "bad namespace name": {"networkPolicy": {"ingressNamespaces": ["Not_A_Namespace"]}},
     "canary weight above 100": {"canary": {"enabled": True, "weights": [50, 150]}},
     "canary prometheus not a URL": {"canary": {"analysis": {"prometheusAddress": "prometheus:9090"}}},
-    "empty-result share above 1": {"canary": {"analysis": {"maxEmptyResultShare": 1.5}}},
+    "empty-result increase above 1": {"canary": {"analysis": {"maxEmptyResultIncrease": 1.5}}},
+    "p99 ratio below 1": {"canary": {"analysis": {"maxP99Ratio": 0.9}}},
+    "an absolute error-rate limit (not a key)": {"canary": {"analysis": {"maxErrorRate": 0.01}}},
     "env secret created without data": {"envSecret": {"create": True}},
     "env secret data not rendered": {"envSecret": {"name": "existing", "data": {"AWS_SECRET_ACCESS_KEY": "x"}}},
     "env secret key not a variable name": {"envSecret": {"create": True, "data": {"AWS-KEY": "x"}}},

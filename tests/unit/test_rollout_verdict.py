@@ -146,7 +146,8 @@ def test_one_reading_of_the_rollout(rollout, previous, verdict):
 
 def analysis_run(pod_hash: str, error_rates: list[str], error_phases: list[str], created: str = "2026-12-04T10:00:00Z"):
     """A background AnalysisRun as the Argo controller writes it (argoproj.io/v1alpha1): the chart's
-    metrics with their successConditions, each metric's measurements as strings ("[0.01]", "[NaN]")."""
+    metrics with their successConditions (error rate over the stable pods', p99 over its allowance),
+    each metric's measurements as strings ("[0.01]", "[NaN]")."""
     def result(name, values, phases):
         failed = phases.count("Failed")
         return {"name": name, "phase": "Failed" if failed else "Successful", "count": len(values),
@@ -159,11 +160,11 @@ def analysis_run(pod_hash: str, error_rates: list[str], error_phases: list[str],
         "labels": {"rollouts-pod-template-hash": pod_hash, "rollout-type": "Background"}},
         "spec": {"metrics": [
             {"name": "error-rate", "successCondition": "isNaN(result[0]) || result[0] <= 0.01"},
-            {"name": "p99-latency", "successCondition": "isNaN(result[0]) || result[0] <= 0.5"},
+            {"name": "p99-latency", "successCondition": "isNaN(result[0]) || result[0] <= 1"},
             {"name": "ready", "successCondition": "len(result) > 0 && result[0] >= 1"}]},
         "status": {"phase": "Failed" if "Failed" in error_phases else "Successful", "metricResults": [
             result("error-rate", error_rates, error_phases),
-            result("p99-latency", ["[0.21]", "[NaN]", "[0.23]"], ["Successful"] * 3),
+            result("p99-latency", ["[0.71]", "[NaN]", "[0.83]"], ["Successful"] * 3),
             result("ready", ["[1]", "[1]", "[1]"], ["Successful"] * 3)]}}
 
 
@@ -202,7 +203,7 @@ def test_the_verdict_comes_with_the_analysis_figures_and_their_plot(promote_env,
     error = analysis["error-rate"]
     assert (error["phase"], error["limit"], error["count"], error["failed"]) == ("Failed", ["<=", 0.01], 3, 1)
     assert [m["value"] for m in error["measurements"]] == [0.002, None, 0.04]
-    assert analysis["ready"]["limit"] == [">=", 1.0] and analysis["p99-latency"]["limit"] == ["<=", 0.5]
+    assert analysis["ready"]["limit"] == [">=", 1.0] and analysis["p99-latency"]["limit"] == ["<=", 1.0]
     assert "error-rate" in calls["mail"][0][1]
 
 
