@@ -126,12 +126,15 @@ def read_state(state_dir: str | Path) -> dict:
 
 
 def without_passwords(state: dict) -> dict:
-    """The state as `stack up` prints it: each account names its 0600 file, the password stays there
-    (stdout ends up in terminals and CI logs; stack.json, 0600 too, keeps the passwords)."""
-    credentials = {name: ({role: {k: v for k, v in account.items() if k != "password"} for role, account in cred.items()}
-                          if name == "mlflow" else {k: v for k, v in cred.items() if k != "password"})
-                   for name, cred in state["credentials"].items()}
-    return {**state, "credentials": credentials}
+    """The state as `stack up` prints it: no "password" key at any depth of its credentials (each
+    account names its 0600 file; stdout ends up in terminals and CI logs; stack.json, 0600 too,
+    keeps the passwords)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "password"}
+        return value
+
+    return {**state, "credentials": strip(state["credentials"])}
 
 
 def stack_env(state: dict) -> dict[str, str]:

@@ -74,3 +74,17 @@ def test_the_banner_names_the_password_files_and_shows_no_password(tmp_path, cap
     assert all(len(p) >= 12 and p not in banner for p in passwords)
     for path in (airflow_file, accounts["approver"]["file"], accounts["viewer"]["file"]):
         assert str(path) in banner and stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+
+
+def test_the_printed_state_holds_no_password_at_any_depth():
+    from ops import stack
+
+    state = {"services": {}, "credentials": {
+        "airflow": {"username": "admin", "password": "a" * 16, "passwords_file": "/s/airflow.json"},
+        "mlflow": {"approver": {"username": "approver", "password": "b" * 16, "file": "/s/approver.json"}},
+        "future": {"nested": {"deeper": {"password": "c" * 16, "file": "/s/f.json"}}}}}
+    printed = stack.without_passwords(state)
+    assert "password" not in str(printed).replace("passwords_file", "")
+    assert printed["credentials"]["mlflow"]["approver"] == {"username": "approver", "file": "/s/approver.json"}
+    assert printed["credentials"]["airflow"]["passwords_file"] == "/s/airflow.json"
+    assert state["credentials"]["airflow"]["password"] == "a" * 16  # the state itself is left as it was
