@@ -60,6 +60,11 @@ def read_rollout(api, namespace: str, name: str) -> dict | None:
         raise
 
 
+def pod_hash_of(rollout: dict | None) -> str | None:
+    """The pod template hash a reading of the Rollout names as current (None: no Rollout or status)."""
+    return ((rollout or {}).get("status") or {}).get("currentPodHash")
+
+
 def current_pod_hash(api, namespace: str, name: str) -> str | None:
     """The pod template hash the Rollout serves now (None: no Rollout yet, or unreadable): read
     before an upgrade so that the verdict is about the new pods, not the old Healthy state."""
@@ -68,7 +73,7 @@ def current_pod_hash(api, namespace: str, name: str) -> str | None:
     except Exception as exc:
         log.warning("could not read the Rollout %s/%s before the upgrade: %s", namespace, name, exc)
         return None
-    return ((rollout or {}).get("status") or {}).get("currentPodHash")
+    return pod_hash_of(rollout)
 
 
 def verdict_of(rollout: dict | None, previous_hash: str | None) -> tuple[str | None, str]:
@@ -82,7 +87,7 @@ def verdict_of(rollout: dict | None, previous_hash: str | None) -> tuple[str | N
         return "aborted", f"the Rollout was aborted ({where})"
     if phase == "Degraded":
         return "degraded", f"the Rollout is degraded ({where})"
-    current = status.get("currentPodHash")
+    current = pod_hash_of(rollout)
     if phase == "Healthy" and current and status.get("stableRS") == current and current != previous_hash:
         return "healthy", f"the Rollout is healthy on pods {current}"
     return None, where
@@ -100,7 +105,7 @@ def wait_for_verdict(api, namespace: str, name: str, timeout_s: float, poll_s: f
         try:
             rollout = read_rollout(api, namespace, name)
             verdict, message = verdict_of(rollout, previous_hash)
-            pod_hash = ((rollout or {}).get("status") or {}).get("currentPodHash") or pod_hash
+            pod_hash = pod_hash_of(rollout) or pod_hash
         except Exception as exc:
             verdict, message = None, f"the Kubernetes API did not answer: {exc}"
         elapsed = clock() - started
